@@ -1,0 +1,54 @@
+"""Typed dependencies shared by the routers."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, UploadFile
+
+from app.context import AppContext
+from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
+from app.services.jobs import JobRunner
+
+CHUNK = 1024 * 1024
+
+
+def get_context(request: Request) -> AppContext:
+    return request.app.state.context  # type: ignore[no-any-return]
+
+
+def get_jobs(request: Request) -> JobRunner:
+    return request.app.state.jobs  # type: ignore[no-any-return]
+
+
+ContextDep = Annotated[AppContext, Depends(get_context)]
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+
+
+async def read_upload(upload: UploadFile, *, limit: int) -> bytes:
+    """The whole upload, refusing more than ``limit`` bytes without reading further."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the file is larger than the {limit}-byte limit (CBIR_MAX_UPLOAD_BYTES)")
+        chunks.append(chunk)
+    if size == 0:
+        raise EmptyUpload(f"the uploaded file {upload.filename!r} is empty")
+    return b"".join(chunks)
+
+
+def parse_metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or raw.strip() == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"metadata must be a JSON object: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"metadata must be a JSON object, not {type(value).__name__}")
+    if len(raw) > 64 * 1024:
+        raise InvalidRequest("metadata must be at most 64 KiB of JSON")
+    return value

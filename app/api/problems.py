@@ -1,0 +1,61 @@
+"""One exception handler: every error becomes ``application/problem+json`` (RFC 9457)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import CbirError
+
+log = logging.getLogger(__name__)
+MEDIA_TYPE = "application/problem+json"
+
+
+def problem(*, status: int, title: str, detail: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(CbirError)
+    async def _cbir(_: Request, exc: CbirError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(status=422, title="Invalid request", detail=_validation_detail(exc), code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not found", 405: "Method not allowed", 413: "Request body too large"}
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return problem(
+            status=exc.status_code,
+            title=titles.get(exc.status_code, "Error"),
+            detail=str(exc.detail),
+            code=codes.get(exc.status_code, "http_error"),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(
+            status=500,
+            title="Internal server error",
+            detail="the server failed to handle this request; it has been logged",
+            code="internal_error",
+        )

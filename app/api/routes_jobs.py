@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+
+from app.api.deps import CHUNK, ContextDep, JobsDep
+from app.api.presenters import job_out
+from app.api.schemas import DatasetImport, JobAccepted, JobOut
+from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
+from app.services import jobs
+from app.services.collections import get_collection
+
+router = APIRouter(tags=["imports"])
+
+IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "zip or tar"}},
+                }
+            },
+            "application/json": {"schema": DatasetImport.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post(
+    "/collections/{name}/imports",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    openapi_extra=IMPORT_BODY,
+)
+async def start_import(name: str, request: Request, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
+    """Bulk import: a zip/tar of images (parent folder = label) or a built-in dataset as JSON."""
+    await run_in_threadpool(get_collection, ctx, name)  # 404 before reading a large body
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = DatasetImport.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise InvalidRequest(f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}') from None
+        source: jobs.Source = jobs.check_dataset(body.dataset, body.split)
+    elif content_type.startswith("multipart/form-data"):
+        source = await _receive_archive(request, ctx.settings.tmp_dir, ctx.settings.max_archive_bytes)
+    else:
+        raise UnsupportedArchive(
+            "send a zip or tar archive as multipart/form-data in the field 'file', "
+            'or JSON {"dataset": "mnist", "split": "train"}'
+        )
+    job_id = await run_in_threadpool(runner.submit_import, collection=name, source=source)
+    return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
+
+
+async def _receive_archive(request: Request, tmp_dir: Path, limit: int) -> jobs.ArchiveSource:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InvalidRequest("the multipart body needs a 'file' field holding a zip or tar archive")
+    filename = upload.filename or "upload"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="import-", suffix=".archive", delete=False)
+    path = Path(handle.name)
+    try:
+        with handle:
+            size = 0
+            while chunk := await upload.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the archive is larger than {limit} bytes (CBIR_MAX_ARCHIVE_BYTES)")
+                handle.write(chunk)
+        if size == 0:
+            raise EmptyUpload(f"the uploaded archive {filename!r} is empty")
+        return await run_in_threadpool(jobs.check_archive, path, filename)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        await upload.close()
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, ctx: ContextDep) -> JobOut:
+    return job_out(jobs.get_job(ctx, job_id))
+
+
+

@@ -1,0 +1,59 @@
+"""Everything a running service (or one CLI command) holds: built from Settings, closed at the end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from app.db import Database
+from app.embedders import EmbedderCache, validate_embedder_name
+from app.imaging import ImageLimits
+from app.indexes import IndexManager
+from app.settings import Settings
+from app.storage import ImageStore
+from models.device import pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    db: Database
+    store: ImageStore
+    embedders: EmbedderCache
+    indexes: IndexManager
+    device: torch.device
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
+
+    def close(self) -> None:
+        self.indexes.stop()
+        self.db.dispose()
+
+
+def open_context(settings: Settings, *, torch_threads: int | None = None) -> AppContext:
+    """Validate settings, create folders, migrate the database to head, choose the device."""
+    validate_embedder_name(settings.default_embedder)
+    try:
+        device = pick_device(settings.device)
+    except ValueError as exc:
+        raise SystemExit(f"CBIR_DEVICE: {exc}") from None
+    torch.set_num_threads(torch_threads or settings.torch_threads)
+    settings.ensure_dirs()
+    db = Database(settings.sqlalchemy_url)
+    db.migrate()
+    context = AppContext(
+        settings=settings,
+        db=db,
+        store=ImageStore(settings.images_dir),
+        embedders=EmbedderCache(settings=settings, device=device),
+        indexes=IndexManager(db=db, index_dir=settings.index_dir),
+        device=device,
+    )
+    context.indexes.start()
+    return context

@@ -1,0 +1,56 @@
+"""Loads each collection's embedder once and keeps it: models are expensive, collections share them."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from app.errors import EmbedderNotReady, UnknownEmbedderName
+from app.records import CheckpointRecord, CollectionRecord
+from app.settings import Settings
+from models import registry
+from models.base import Embedder
+
+
+def validate_embedder_name(name: str) -> None:
+    try:
+        registry.get_spec(name)
+    except registry.UnknownEmbedder as exc:
+        raise UnknownEmbedderName(str(exc.args[0])) from None
+
+
+class EmbedderCache:
+    """Embedders keyed by (name, checkpoint path); created under a lock, loaded lazily."""
+
+    def __init__(self, *, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], Embedder] = {}
+
+    def for_collection(self, collection: CollectionRecord, checkpoint: CheckpointRecord | None) -> Embedder:
+        """The embedder that produced the collection's served vectors (EmbedderNotReady if untrained)."""
+        spec = registry.get_spec(collection.embedder)
+        if spec.trainable and checkpoint is None:
+            raise EmbedderNotReady(
+                f"collection {collection.name!r} uses the trainable embedder {collection.embedder!r} "
+                f"and has no trained checkpoint yet; run `cbir train {collection.embedder} "
+                f"--collection {collection.name}`"
+            )
+        return self.get(collection.embedder, checkpoint)
+
+    def get(self, name: str, checkpoint: CheckpointRecord | None = None) -> Embedder:
+        path = self.settings.data_dir / checkpoint.path if checkpoint is not None else None
+        key = (name, str(path or ""))
+        with self._lock:
+            embedder = self._cache.get(key)
+            if embedder is None:
+                embedder = registry.create(name, checkpoint=path, device=self.device)
+                self._cache[key] = embedder
+        embedder.load()
+        return embedder
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,53 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__
+from app.api import pages, problems, routes_collections, routes_health, routes_images, routes_jobs
+from app.context import open_context
+from app.services.jobs import JobRunner
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context = open_context(settings)
+        runner = JobRunner(context)
+        interrupted = runner.recover()
+        if interrupted:
+            log.warning("%d import job(s) were interrupted by the last shutdown", interrupted)
+        app.state.context = context
+        app.state.jobs = runner
+        try:
+            yield
+        finally:
+            runner.shutdown()
+            context.close()
+
+    app = FastAPI(
+        title="cbir",
+        version=__version__,
+        description="Content-based image retrieval: upload an image, get the most similar images "
+        "of a collection (CNN neural codes or denoising-autoencoder embeddings, FAISS search).",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    for module in (routes_collections, routes_images, routes_jobs, routes_health):
+        app.include_router(module.router, prefix="/api/v1")
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

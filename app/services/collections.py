@@ -1,0 +1,142 @@
+"""Collections: a named set of images with one embedder and one index."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.context import AppContext
+from app.embedders import validate_embedder_name
+from app.errors import CollectionExists, CollectionNotFound, InvalidRequest
+from app.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord
+from models import registry
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    embedder: str
+    embedder_version: str | None
+    dim: int | None
+    checkpoint: dict[str, Any] | None
+    image_count: int
+    embedded_count: int
+    index_size: int
+    index_factory: str
+    ready: bool
+    created_at: datetime
+
+
+def require_collection(session: Session, name: str) -> CollectionRecord:
+    record = session.scalar(select(CollectionRecord).where(CollectionRecord.name == name))
+    if record is None:
+        raise CollectionNotFound(f"there is no collection named {name!r}")
+    return record
+
+
+def checkpoint_of(session: Session, collection: CollectionRecord) -> CheckpointRecord | None:
+    if collection.checkpoint_id is None:
+        return None
+    return session.get(CheckpointRecord, collection.checkpoint_id)
+
+
+def checkpoint_summary(checkpoint: CheckpointRecord | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    return {
+        "id": checkpoint.id,
+        "version": checkpoint.version,
+        "sha256": checkpoint.sha256,
+        "created_at": checkpoint.created_at.isoformat(),
+        "config": checkpoint.config,
+        "metrics": checkpoint.metrics,
+    }
+
+
+def create_collection(ctx: AppContext, *, name: str, embedder: str) -> CollectionInfo:
+    if not NAME_PATTERN.match(name):
+        raise InvalidRequest(
+            f"collection name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    validate_embedder_name(embedder)
+    version = None
+    if not registry.get_spec(embedder).trainable:
+        version = ctx.embedders.get(embedder).version
+    try:
+        with ctx.db.transaction() as session:
+            if session.scalar(select(CollectionRecord.id).where(CollectionRecord.name == name)):
+                raise CollectionExists(f"a collection named {name!r} already exists")
+            session.add(CollectionRecord(name=name, embedder=embedder, embedder_version=version))
+    except IntegrityError:
+        raise CollectionExists(f"a collection named {name!r} already exists") from None
+    return get_collection(ctx, name)
+
+
+def _info(ctx: AppContext, session: Session, record: CollectionRecord) -> CollectionInfo:
+    image_count = session.scalar(
+        select(func.count()).select_from(ImageRecord).where(ImageRecord.collection_id == record.id)
+    )
+    embedded = 0
+    dim = None
+    if record.embedder_version is not None:
+        embedded, dim = session.execute(
+            select(func.count(), func.max(EmbeddingRecord.dim))
+            .select_from(EmbeddingRecord)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(ImageRecord.collection_id == record.id)
+            .where(EmbeddingRecord.embedder_version == record.embedder_version)
+        ).one()
+    index = ctx.indexes.get(record)
+    return CollectionInfo(
+        name=record.name,
+        embedder=record.embedder,
+        embedder_version=record.embedder_version,
+        dim=dim,
+        checkpoint=checkpoint_summary(checkpoint_of(session, record)),
+        image_count=image_count or 0,
+        embedded_count=embedded or 0,
+        index_size=index.ntotal if index is not None else 0,
+        index_factory=record.index_factory,
+        ready=record.embedder_version is not None,
+        created_at=record.created_at,
+    )
+
+
+def get_collection(ctx: AppContext, name: str) -> CollectionInfo:
+    with ctx.db.session() as session:
+        return _info(ctx, session, require_collection(session, name))
+
+
+def list_collections(ctx: AppContext) -> list[CollectionInfo]:
+    with ctx.db.session() as session:
+        records = session.scalars(select(CollectionRecord).order_by(CollectionRecord.name)).all()
+        return [_info(ctx, session, record) for record in records]
+
+
+def delete_collection(ctx: AppContext, name: str) -> None:
+    """Remove a collection, its rows, vectors and index (files shared with others stay)."""
+    with ctx.db.transaction() as session:
+        record = require_collection(session, name)
+        images = session.execute(
+            select(ImageRecord.sha256, ImageRecord.format).where(ImageRecord.collection_id == record.id)
+        ).all()
+        collection_id = record.id
+        session.delete(record)
+    ctx.indexes.drop(collection_id)
+    _delete_unreferenced_files(ctx, images)
+
+
+def _delete_unreferenced_files(ctx: AppContext, images: list[Any]) -> None:
+    with ctx.db.session() as session:
+        for sha, fmt in images:
+            if not session.scalar(select(ImageRecord.id).where(ImageRecord.sha256 == sha).limit(1)):
+                ctx.store.delete(sha, fmt)

@@ -1,0 +1,83 @@
+"""Stored images: look up, serve the file or a thumbnail, delete (row, file and vector together)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.errors import ImageNotFound
+from app.records import CollectionRecord, ImageRecord
+from app.services.collections import _delete_unreferenced_files
+from app.services.ingest import WRITE_LOCK
+from app.storage import EXTENSIONS, MEDIA_TYPES, write_atomic
+
+THUMBNAIL_SIZES = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    record: ImageRecord
+    collection: str
+
+
+def get_image(ctx: AppContext, image_id: int) -> StoredImage:
+    with ctx.db.session() as session:
+        row = session.execute(
+            select(ImageRecord, CollectionRecord.name)
+            .join(CollectionRecord, CollectionRecord.id == ImageRecord.collection_id)
+            .where(ImageRecord.id == image_id)
+        ).first()
+    if row is None:
+        raise ImageNotFound(f"there is no image with id {image_id}")
+    return StoredImage(record=row[0], collection=row[1])
+
+
+def image_file(ctx: AppContext, image_id: int) -> tuple[Path, str]:
+    """Path and true media type of the stored file."""
+    record = get_image(ctx, image_id).record
+    path = ctx.store.path_for(record.sha256, record.format)
+    if not path.exists():
+        raise ImageNotFound(f"the file of image {image_id} is missing from the store")
+    return path, MEDIA_TYPES[record.format]
+
+
+def thumbnail(ctx: AppContext, image_id: int, *, size: int) -> tuple[Path, str]:
+    """A cached thumbnail no larger than ``size`` (the original when it is already small)."""
+    size = min(THUMBNAIL_SIZES, key=lambda s: abs(s - size))
+    record = get_image(ctx, image_id).record
+    if record.width <= size and record.height <= size:
+        return image_file(ctx, image_id)
+    path = ctx.settings.data_dir / "thumbs" / str(size) / record.sha256[:2] / f"{record.sha256}.webp"
+    if not path.exists():
+        source, _ = image_file(ctx, image_id)
+        with Image.open(source) as image:
+            image.draft("RGB", (size, size))
+            image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+            image.thumbnail((size, size))
+            out = io.BytesIO()
+            image.save(out, format="WEBP", quality=80)
+        write_atomic(path, out.getvalue(), fsync=False)  # a cache: rebuilt if lost
+    return path, "image/webp"
+
+
+def delete_image(ctx: AppContext, image_id: int) -> None:
+    with WRITE_LOCK:
+        with ctx.db.transaction() as session:
+            record = session.get(ImageRecord, image_id)
+            if record is None:
+                raise ImageNotFound(f"there is no image with id {image_id}")
+            collection = session.get(CollectionRecord, record.collection_id)
+            file_key = (record.sha256, record.format)
+            session.delete(record)  # embeddings go with it (ON DELETE CASCADE)
+        assert collection is not None
+        ctx.indexes.remove(collection, np.asarray([image_id], dtype=np.int64))
+    _delete_unreferenced_files(ctx, [file_key])
+
+
+__all__ = ["EXTENSIONS", "StoredImage", "delete_image", "get_image", "image_file", "thumbnail"]

@@ -1,0 +1,222 @@
+"""Store images: decode, deduplicate by SHA-256, write file + row + vector, add to the index.
+
+One function, ``ingest_batch``, serves single uploads and bulk imports, so both obey the same
+invariants: a row is committed only after its file is on disk; vectors are committed with their
+rows; the index is updated after the commit (a crash in between is repaired on start, because
+the index is checked against the database).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from app.context import AppContext
+from app.errors import CbirError, EmbedderNotReady
+from app.imaging import DecodedImage, decode_image
+from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.services.collections import checkpoint_of, require_collection
+from app.storage import sha256_hex
+
+# One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
+WRITE_LOCK = threading.RLock()
+
+
+@dataclass
+class Item:
+    """One image to store: raw bytes, a display name and JSON metadata (e.g. {"label": "7"})."""
+
+    name: str | None
+    data: bytes
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ItemResult:
+    name: str | None
+    status: str  # "added", "duplicate" or "rejected"
+    image_id: int | None = None
+    code: str | None = None
+    detail: str | None = None
+    error: CbirError | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Accepted:
+    index: int
+    item: Item
+    decoded: DecodedImage
+    sha256: str
+
+
+def ingest_batch(
+    ctx: AppContext, *, collection: str, items: Sequence[Item], durable: bool = True
+) -> list[ItemResult]:
+    """Store a batch of images in one transaction; returns one result per item, in order.
+
+    ``durable=False`` skips the per-file fsync and syncs once before the commit instead
+    (bulk imports); either way no row is committed before its file is on disk.
+    """
+    results: list[ItemResult | None] = [None] * len(items)
+    accepted: list[_Accepted] = []
+    for position, item in enumerate(items):
+        try:
+            decoded = decode_image(item.data, limits=ctx.limits)
+        except CbirError as exc:
+            results[position] = ItemResult(
+                item.name, "rejected", code=exc.code, detail=exc.detail, error=exc
+            )
+            continue
+        accepted.append(_Accepted(position, item, decoded, sha256_hex(item.data)))
+
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoint = checkpoint_of(session, record)
+    vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
+
+    with WRITE_LOCK:
+        new_ids, new_vectors = _store(
+            ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
+        )
+        if len(new_ids):
+            ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
+    return [result for result in results if result is not None]
+
+
+def _embed(ctx: AppContext, record: CollectionRecord, checkpoint: Any, images: list[DecodedImage]) -> np.ndarray | None:
+    if not images or record.embedder_version is None:
+        return None  # an untrained embedder: rows are stored now, vectors after training
+    try:
+        embedder = ctx.embedders.for_collection(record, checkpoint)
+    except EmbedderNotReady:
+        return None
+    batch_size = ctx.settings.embed_batch_size
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([embedder.preprocess(d.image) for d in images[start : start + batch_size]])
+        chunks.append(embedder.embed_batch(batch))
+    return np.concatenate(chunks)
+
+
+def _store(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    accepted: list[_Accepted],
+    vectors: np.ndarray | None,
+    results: list[ItemResult | None],
+    durable: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    with ctx.db.transaction() as session:
+        shas = list({a.sha256 for a in accepted})
+        existing: dict[str, int] = {}
+        for start in range(0, len(shas), 500):
+            existing.update(
+                (sha, image_id)
+                for sha, image_id in session.execute(
+                    select(ImageRecord.sha256, ImageRecord.id)
+                    .where(ImageRecord.collection_id == record.id)
+                    .where(ImageRecord.sha256.in_(shas[start : start + 500]))
+                )
+            )
+        fresh: list[tuple[_Accepted, int]] = []  # (item, row in vectors)
+        seen: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []  # (item position, position of its first copy)
+        for row, a in enumerate(accepted):
+            if a.sha256 in existing:
+                results[a.index] = ItemResult(a.item.name, "duplicate", image_id=existing[a.sha256])
+            elif a.sha256 in seen:
+                results[a.index] = ItemResult(a.item.name, "duplicate", detail="repeated in this batch")
+                repeats.append((a.index, seen[a.sha256]))
+            else:
+                seen[a.sha256] = a.index
+                fresh.append((a, row))
+        if not fresh:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+
+        for a, _ in fresh:
+            ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.decoded.format, fsync=durable)
+        if not durable:
+            os.sync()  # one flush for the whole batch instead of one fsync per file
+
+        now = utcnow()
+        ids = session.scalars(
+            insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True),
+            [
+                {
+                    "collection_id": record.id,
+                    "sha256": a.sha256,
+                    "byte_size": len(a.item.data),
+                    "format": a.decoded.format,
+                    "width": a.decoded.width,
+                    "height": a.decoded.height,
+                    "original_name": (a.item.name or None) and a.item.name[-512:],
+                    "meta": a.item.metadata,
+                    "created_at": now,
+                }
+                for a, _ in fresh
+            ],
+        ).all()
+        id_array = np.asarray(ids, dtype=np.int64)
+        for (a, _), image_id in zip(fresh, ids, strict=True):
+            results[a.index] = ItemResult(a.item.name, "added", image_id=image_id)
+        for position, first in repeats:
+            results[position].image_id = results[first].image_id  # type: ignore[union-attr]
+
+        if vectors is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        rows = np.asarray([row for _, row in fresh])
+        new_vectors = np.ascontiguousarray(vectors[rows])
+        store_vectors(
+            session,
+            image_ids=id_array,
+            vectors=new_vectors,
+            embedder=record.embedder,
+            embedder_version=record.embedder_version or "",
+        )
+        return id_array, new_vectors
+
+
+def store_vectors(
+    session: Any, *, image_ids: np.ndarray, vectors: np.ndarray, embedder: str, embedder_version: str
+) -> None:
+    """Insert (n, d) float32 unit rows as blobs keyed by image id and embedder version."""
+    now = utcnow()
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    session.execute(
+        insert(EmbeddingRecord),
+        [
+            {
+                "image_id": int(image_id),
+                "embedder": embedder,
+                "embedder_version": embedder_version,
+                "dim": vectors.shape[1],
+                "vector": vectors[i].tobytes(),
+                "created_at": now,
+            }
+            for i, image_id in enumerate(image_ids)
+        ],
+    )
+
+
+def add_image(
+    ctx: AppContext, *, collection: str, data: bytes, name: str | None, metadata: dict[str, Any] | None
+) -> ItemResult:
+    """Store one uploaded image; a rejected one raises its CbirError (a 4xx for the client)."""
+    item = Item(name=name, data=data, metadata=metadata or {})
+    try:
+        (result,) = ingest_batch(ctx, collection=collection, items=[item])
+    except IntegrityError:
+        # The same bytes raced in from another request: the other one won; answer with its id.
+        (result,) = ingest_batch(ctx, collection=collection, items=[item])
+    if result.error is not None:
+        raise result.error
+    return result

@@ -1,0 +1,304 @@
+"""Background import jobs: state in the database, work on one writer thread."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select, update
+
+from app.context import AppContext
+from app.datasets import DATASETS, load_mnist
+from app.errors import InvalidRequest, JobNotFound, UnsupportedArchive
+from app.records import JobRecord, utcnow
+from app.services.collections import require_collection
+from app.services.ingest import Item, ItemResult, ingest_batch
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 512
+MAX_REPORTED_ERRORS = 1000
+SKIPPED_PREFIXES = ("__MACOSX/", ".")
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    path: Path  # a zip or tar file in the data folder's tmp/, deleted when the job ends
+    filename: str
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    dataset: str
+    split: str
+
+
+Source = ArchiveSource | DatasetSource
+
+
+def check_dataset(dataset: str, split: str) -> DatasetSource:
+    if dataset not in DATASETS:
+        raise InvalidRequest(f"unknown dataset {dataset!r}; built-in datasets: {sorted(DATASETS)}")
+    if split not in DATASETS[dataset]:
+        raise InvalidRequest(f"dataset {dataset!r} has splits {list(DATASETS[dataset])}, not {split!r}")
+    return DatasetSource(dataset, split)
+
+
+def check_archive(path: Path, filename: str) -> ArchiveSource:
+    if not (zipfile.is_zipfile(path) or _is_tar(path)):
+        raise UnsupportedArchive(f"{filename!r} is not a zip or tar archive (tar.gz and tar.bz2 are fine)")
+    return ArchiveSource(path, filename)
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        with tarfile.open(path, "r:*"):
+            return True
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
+# -- sources as item streams ----------------------------------------------------------------
+def _label_from(name: str) -> dict[str, Any]:
+    parts = PurePosixPath(name).parts
+    return {"label": parts[-2]} if len(parts) >= 2 else {}
+
+
+def _member_ok(name: str) -> str | None:
+    """None when the member name is acceptable, else a reason code."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        return "unsafe_path"
+    return None
+
+
+def _skipped(name: str) -> bool:
+    base = PurePosixPath(name).name
+    return name.startswith(SKIPPED_PREFIXES) or base.startswith(".") or not base
+
+
+def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[Item | ItemResult]:
+    """Regular-file members as Items (label = parent folder); bad members as rejected results.
+
+    Members are read one by one, never extracted to disk.
+    """
+    if zipfile.is_zipfile(source.path):
+        with zipfile.ZipFile(source.path) as archive:
+            for info in archive.infolist():
+                if info.is_dir() or _skipped(info.filename):
+                    continue
+                if reason := _member_ok(info.filename):
+                    yield ItemResult(info.filename, "rejected", code=reason, detail="path leaves the archive")
+                elif info.file_size > max_member_bytes:
+                    yield ItemResult(info.filename, "rejected", code="image_too_large",
+                                     detail=f"{info.file_size} bytes; the limit is {max_member_bytes}")
+                else:
+                    try:
+                        data = archive.read(info)
+                    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                        yield ItemResult(info.filename, "rejected", code="archive_member_unreadable", detail=str(exc))
+                        continue
+                    yield Item(info.filename, data, _label_from(info.filename))
+        return
+    with tarfile.open(source.path, "r:*") as archive:
+        for member in archive:
+            if member.isdir() or _skipped(member.name):
+                continue
+            if not member.isfile():
+                yield ItemResult(member.name, "rejected", code="not_a_regular_file",
+                                 detail="links and device files are not imported")
+            elif reason := _member_ok(member.name):
+                yield ItemResult(member.name, "rejected", code=reason, detail="path leaves the archive")
+            elif member.size > max_member_bytes:
+                yield ItemResult(member.name, "rejected", code="image_too_large",
+                                 detail=f"{member.size} bytes; the limit is {max_member_bytes}")
+            else:
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                try:
+                    data = handle.read()
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    yield ItemResult(member.name, "rejected", code="archive_member_unreadable", detail=str(exc))
+                    return  # a broken stream cannot be read past
+                yield Item(member.name, data, _label_from(member.name))
+
+
+def count_archive(source: ArchiveSource) -> int | None:
+    try:
+        if zipfile.is_zipfile(source.path):
+            with zipfile.ZipFile(source.path) as archive:
+                return sum(1 for i in archive.infolist() if not i.is_dir() and not _skipped(i.filename))
+        with tarfile.open(source.path, "r:*") as archive:
+            return sum(1 for m in archive if not m.isdir() and not _skipped(m.name))
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError):
+        return None
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def iter_dataset(ctx: AppContext, source: DatasetSource) -> Iterator[Item]:
+    images, labels = load_mnist(
+        source.split, datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets"
+    )
+    for i in range(len(images)):
+        yield Item(
+            f"{source.dataset}-{source.split}-{i:05d}.png",
+            png_bytes(images[i]),
+            {"label": str(int(labels[i])), "dataset": source.dataset, "split": source.split, "index": i},
+        )
+
+
+def dataset_size(ctx: AppContext, source: DatasetSource) -> int:
+    images, _ = load_mnist(
+        source.split, datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets"
+    )
+    return len(images)
+
+
+# -- jobs -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobInfo:
+    record: JobRecord
+    collection: str | None
+    images_per_second: float | None
+
+
+def _source_params(source: Source) -> dict[str, Any]:
+    if isinstance(source, DatasetSource):
+        return {"source": "dataset", "dataset": source.dataset, "split": source.split}
+    return {"source": "archive", "filename": source.filename}
+
+
+class JobRunner:
+    """Runs import jobs one at a time in a background thread; progress is written to the DB."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-job")
+        self._lock = threading.Lock()
+
+    def recover(self) -> int:
+        """Mark jobs that a previous process left running as failed (their stored images are kept)."""
+        with self.ctx.db.transaction() as session:
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.state.in_(("queued", "running")))
+                .values(
+                    state="failed",
+                    finished_at=utcnow(),
+                    error="interrupted by a restart; run the import again: images already stored "
+                    "are recognised by content and skipped as duplicates",
+                )
+            )
+        return result.rowcount or 0
+
+    def submit_import(self, *, collection: str, source: Source) -> str:
+        job_id = uuid.uuid4().hex
+        with self.ctx.db.transaction() as session:
+            record = require_collection(session, collection)
+            session.add(JobRecord(id=job_id, collection_id=record.id, kind="import", params=_source_params(source)))
+        self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
+        return job_id
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def run_import(self, *, job_id: str, collection: str, source: Source) -> None:
+        ctx = self.ctx
+        try:
+            if isinstance(source, DatasetSource):
+                total: int | None = dataset_size(ctx, source)
+                stream: Iterator[Item | ItemResult] = iter_dataset(ctx, source)
+            else:
+                total = count_archive(source)
+                stream = iter_archive(source, max_member_bytes=ctx.settings.max_upload_bytes)
+            self._update(job_id, state="running", started_at=utcnow(), total=total)
+            counts = {"done": 0, "added": 0, "duplicates": 0, "failed": 0}
+            errors: list[dict[str, Any]] = []
+            batch: list[Item] = []
+            pending: list[ItemResult] = []
+
+            def flush() -> None:
+                results = pending + (ingest_batch(ctx, collection=collection, items=batch, durable=False) if batch else [])
+                for result in results:
+                    counts["done"] += 1
+                    if result.status == "added":
+                        counts["added"] += 1
+                    elif result.status == "duplicate":
+                        counts["duplicates"] += 1
+                    else:
+                        counts["failed"] += 1
+                        if len(errors) < MAX_REPORTED_ERRORS:
+                            errors.append({"item": result.name, "code": result.code, "detail": result.detail})
+                batch.clear()
+                pending.clear()
+                self._update(job_id, errors=list(errors), **counts)
+
+            for entry in stream:
+                (batch if isinstance(entry, Item) else pending).append(entry)  # type: ignore[arg-type]
+                if len(batch) + len(pending) >= BATCH_SIZE:
+                    flush()
+            flush()
+            with ctx.db.session() as session:
+                ctx.indexes.flush(require_collection(session, collection).id)
+            self._update(job_id, state="succeeded", finished_at=utcnow(), total=counts["done"])
+        except Exception as exc:
+            log.exception("import job %s failed", job_id)
+            self._update(job_id, state="failed", finished_at=utcnow(), error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if isinstance(source, ArchiveSource):
+                source.path.unlink(missing_ok=True)
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        with self.ctx.db.transaction() as session:
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
+
+
+def get_job(ctx: AppContext, job_id: str) -> JobInfo:
+    from app.records import CollectionRecord
+
+    with ctx.db.session() as session:
+        row = session.execute(
+            select(JobRecord, CollectionRecord.name)
+            .outerjoin(CollectionRecord, CollectionRecord.id == JobRecord.collection_id)
+            .where(JobRecord.id == job_id)
+        ).first()
+    if row is None:
+        raise JobNotFound(f"there is no job with id {job_id!r}")
+    record, name = row
+    rate = None
+    if record.started_at is not None:
+        end = record.finished_at or utcnow()
+        started = record.started_at
+        if started.tzinfo is None:  # SQLite returns naive UTC
+            end = end.replace(tzinfo=None)
+        seconds = max((end - started).total_seconds(), 1e-6)
+        rate = round(record.done / seconds, 1)
+    return JobInfo(record=record, collection=name, images_per_second=rate)
+
+
+def wait_for_job(ctx: AppContext, job_id: str, *, timeout: float = 600.0) -> JobInfo:
+    """Poll until the job ends (CLI and tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = get_job(ctx, job_id)
+        if info.record.state in ("succeeded", "failed") or time.monotonic() > deadline:
+            return info
+        time.sleep(0.1)

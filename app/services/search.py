@@ -1,0 +1,137 @@
+"""Query by example: decode, embed, search the index, fetch the rows; timed per stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
+from app.imaging import decode_image
+from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.services.collections import checkpoint_of, require_collection
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    image_id: int
+    score: float
+    record: ImageRecord
+
+
+@dataclass
+class SearchResult:
+    collection: str
+    k: int
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    query_image_id: int | None = None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self.last) * 1000, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        self.laps["total"] = round((time.perf_counter() - self.start) * 1000, 3)
+        return self.laps
+
+
+def _check_k(ctx: AppContext, k: int) -> None:
+    if not 1 <= k <= ctx.settings.max_k:
+        raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
+
+
+def _served(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
+    with ctx.db.session() as session:
+        record = require_collection(session, name)
+        checkpoint = checkpoint_of(session, record)
+    if record.embedder_version is None:
+        raise EmbedderNotReady(
+            f"collection {name!r} has no trained {record.embedder} checkpoint yet, so it cannot be "
+            f"searched; run `cbir train {record.embedder} --collection {name}`"
+        )
+    return record, checkpoint
+
+
+def search_by_image(ctx: AppContext, *, collection: str, data: bytes, k: int) -> SearchResult:
+    _check_k(ctx, k)
+    clock = _Clock()
+    record, checkpoint = _served(ctx, collection)
+    decoded = decode_image(data, limits=ctx.limits)
+    embedder = ctx.embedders.for_collection(record, checkpoint)
+    tensor = embedder.preprocess(decoded.image)
+    clock.lap("decode")
+    vector = embedder.embed_batch(torch.unsqueeze(tensor, 0))
+    clock.lap("embed")
+    return _search(ctx, record=record, vector=vector, k=k, clock=clock)
+
+
+def similar_to(ctx: AppContext, *, collection: str, image_id: int, k: int) -> SearchResult:
+    """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
+    _check_k(ctx, k)
+    clock = _Clock()
+    record, _ = _served(ctx, collection)
+    with ctx.db.session() as session:
+        blob = session.scalar(
+            select(EmbeddingRecord.vector)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(EmbeddingRecord.image_id == image_id)
+            .where(ImageRecord.collection_id == record.id)
+            .where(EmbeddingRecord.embedder_version == record.embedder_version)
+        )
+    if blob is None:
+        raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
+    vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
+    clock.lap("embed")
+    result = _search(ctx, record=record, vector=vector, k=k, clock=clock, exclude=image_id)
+    result.query_image_id = image_id
+    return result
+
+
+def _search(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    vector: np.ndarray,
+    k: int,
+    clock: _Clock,
+    exclude: int | None = None,
+) -> SearchResult:
+    index = ctx.indexes.get(record)
+    if index is None:
+        raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
+    if index.ntotal == 0:
+        clock.lap("search")
+        return SearchResult(collection=record.name, k=k, hits=[], timings_ms=clock.done())
+    if index.dim != vector.shape[1]:
+        raise IndexMismatch(
+            f"the index of {record.name!r} holds {index.dim}-d vectors but the embedder gives "
+            f"{vector.shape[1]}-d; it is being rebuilt, retry shortly"
+        )
+    scores, ids = index.search(vector, k + (1 if exclude is not None else 0))
+    clock.lap("search")
+    pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][:k]
+    with ctx.db.session() as session:
+        rows = {
+            r.id: r
+            for r in session.scalars(select(ImageRecord).where(ImageRecord.id.in_([i for i, _ in pairs])))
+        }
+    hits = [
+        Hit(rank=rank, image_id=image_id, score=score, record=rows[image_id])
+        for rank, (image_id, score) in enumerate(((i, s) for i, s in pairs if i in rows), start=1)
+    ]
+    clock.lap("fetch")
+    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())

@@ -1,0 +1,206 @@
+"""Train a collection's own embedder (the CDAE) and re-embed the collection with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sqlalchemy import delete, select
+
+from app.context import AppContext
+from app.errors import InvalidRequest
+from app.imaging import decode_image
+from app.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.services.collections import require_collection
+from app.services.ingest import WRITE_LOCK, store_vectors
+from models import cdae
+from models.base import Embedder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def iter_collection_images(
+    ctx: AppContext, *, collection_id: int, batch_size: int = 1024
+) -> Iterator[tuple[list[int], list[Image.Image], list[dict[str, Any]]]]:
+    """Decoded images of a collection in id order, in batches: (ids, images, metadata)."""
+    with ctx.db.session() as session:
+        rows = session.execute(
+            select(ImageRecord.id, ImageRecord.sha256, ImageRecord.format, ImageRecord.meta)
+            .where(ImageRecord.collection_id == collection_id)
+            .order_by(ImageRecord.id)
+        ).all()
+
+    def load(row: Any) -> Image.Image:
+        return decode_image(ctx.store.read(row.sha256, row.format), limits=ctx.limits).image
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            yield [r.id for r in chunk], list(pool.map(load, chunk)), [r.meta for r in chunk]
+
+
+def collection_size(ctx: AppContext, collection_id: int) -> int:
+    from sqlalchemy import func
+
+    with ctx.db.session() as session:
+        return session.scalar(
+            select(func.count()).select_from(ImageRecord).where(ImageRecord.collection_id == collection_id)
+        ) or 0
+
+
+def load_pixels(ctx: AppContext, *, collection: CollectionRecord, size: int, progress: Progress | None = None) -> np.ndarray:
+    """The collection's images as greyscale uint8 (n, size, size), for training."""
+    total = collection_size(ctx, collection.id)
+    out = np.zeros((total, size, size), dtype=np.uint8)
+    done = 0
+    for _, images, _ in iter_collection_images(ctx, collection_id=collection.id):
+        for image in images:
+            grey = image.convert("L")
+            if grey.size != (size, size):
+                grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+            out[done] = np.asarray(grey)
+            done += 1
+        if progress:
+            progress(done, total)
+    return out[:done]
+
+
+def train_cdae(
+    ctx: AppContext,
+    *,
+    collection: str,
+    epochs: int | None = None,
+    preset: str = "default",
+    seed: int = 0,
+    activate: bool = True,
+    load_progress: Progress | None = None,
+    train_progress: Callable[[int, int, int, float], None] | None = None,
+    embed_progress: Progress | None = None,
+) -> CheckpointRecord:
+    """Train the CDAE on the collection's own images, record the checkpoint and (by default)
+    make it the collection's embedder: its codes are recomputed and the index rebuilt."""
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+    if record.embedder != "cdae":
+        raise InvalidRequest(f"collection {collection!r} uses embedder {record.embedder!r}, not 'cdae'")
+    config = cdae.CDAEConfig.preset(preset)
+    epochs = epochs or config.epochs
+    pixels = load_pixels(ctx, collection=record, size=config.image_size, progress=load_progress)
+    if len(pixels) == 0:
+        raise InvalidRequest(f"collection {collection!r} has no images to train on")
+    result = cdae.train_cdae(
+        pixels, config=config, epochs=epochs, device=ctx.device, seed=seed, progress=train_progress
+    )
+    stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+    relative = f"checkpoints/cdae-{collection}-{preset}-{stamp}.pt"
+    sha = cdae.save_checkpoint(
+        ctx.settings.data_dir / relative,
+        result=result,
+        config=config,
+        dataset={"collection": collection, "images": int(len(pixels)), "image_size": config.image_size},
+    )
+    with ctx.db.transaction() as session:
+        checkpoint = CheckpointRecord(
+            collection_id=record.id,
+            embedder="cdae",
+            version=f"cdae-{sha[:12]}",
+            sha256=sha,
+            path=relative,
+            config={**config.to_dict(), "epochs": epochs, "preset": preset, "seed": seed},
+            metrics={"epoch_losses": [float(x) for x in result.losses], "seconds": float(result.seconds)},
+        )
+        session.add(checkpoint)
+    if activate:
+        activate_checkpoint(ctx, collection=collection, checkpoint_id=checkpoint.id, progress=embed_progress)
+    return checkpoint
+
+
+def embed_collection(
+    ctx: AppContext, *, collection: CollectionRecord, embedder: Embedder, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every image of a collection: ((n, d) float32 unit rows, (n,) int64 ids)."""
+    total = collection_size(ctx, collection.id)
+    all_ids: list[int] = []
+    chunks: list[np.ndarray] = []
+    for ids, images, _ in iter_collection_images(ctx, collection_id=collection.id):
+        batch = torch.stack([embedder.preprocess(image) for image in images])
+        chunks.append(embedder.embed_batch(batch))
+        all_ids.extend(ids)
+        if progress:
+            progress(len(all_ids), total)
+    if not chunks:
+        return np.zeros((0, embedder.dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(chunks), np.asarray(all_ids, dtype=np.int64)
+
+
+def activate_checkpoint(
+    ctx: AppContext, *, collection: str, checkpoint_id: int, progress: Progress | None = None
+) -> None:
+    """Re-embed the collection with a checkpoint, then switch search to it and drop old vectors.
+
+    Search keeps serving the previous version until the new vectors are all stored.
+    """
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoint = session.get(CheckpointRecord, checkpoint_id)
+    if checkpoint is None or checkpoint.embedder != record.embedder:
+        raise InvalidRequest(f"checkpoint {checkpoint_id} is not a {record.embedder} checkpoint")
+    embedder = ctx.embedders.get(record.embedder, checkpoint)
+    vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
+    with WRITE_LOCK:
+        with ctx.db.transaction() as session:
+            session.execute(
+                delete(EmbeddingRecord)
+                .where(EmbeddingRecord.embedder_version == embedder.version)
+                .where(EmbeddingRecord.image_id.in_(select(ImageRecord.id).where(ImageRecord.collection_id == record.id)))
+            )
+            for start in range(0, len(ids), 5000):
+                store_vectors(
+                    session,
+                    image_ids=ids[start : start + 5000],
+                    vectors=vectors[start : start + 5000],
+                    embedder=record.embedder,
+                    embedder_version=embedder.version,
+                )
+            _embed_stragglers(ctx, session=session, collection_id=record.id, embedder=embedder)
+            live = session.get(CollectionRecord, record.id)
+            assert live is not None
+            live.embedder_version = embedder.version
+            live.checkpoint_id = checkpoint.id
+            # Older versions' vectors are no longer served.
+            session.execute(
+                delete(EmbeddingRecord)
+                .where(EmbeddingRecord.embedder_version != embedder.version)
+                .where(EmbeddingRecord.image_id.in_(select(ImageRecord.id).where(ImageRecord.collection_id == record.id)))
+            )
+        with ctx.db.session() as session:
+            ctx.indexes.build(require_collection(session, collection))
+
+
+def _embed_stragglers(ctx: AppContext, *, session: Any, collection_id: int, embedder: Embedder) -> None:
+    """Embed images added while the collection was being re-embedded (under the write lock)."""
+    have = select(EmbeddingRecord.image_id).where(EmbeddingRecord.embedder_version == embedder.version)
+    rows = session.execute(
+        select(ImageRecord.id, ImageRecord.sha256, ImageRecord.format)
+        .where(ImageRecord.collection_id == collection_id)
+        .where(ImageRecord.id.not_in(have))
+    ).all()
+    if not rows:
+        return
+    images = [decode_image(ctx.store.read(r.sha256, r.format), limits=ctx.limits).image for r in rows]
+    vectors = embedder.embed(images)
+    store_vectors(
+        session,
+        image_ids=np.asarray([r.id for r in rows], dtype=np.int64),
+        vectors=vectors,
+        embedder=embedder.name,
+        embedder_version=embedder.version,
+    )

@@ -1,0 +1,71 @@
+"""Service settings: one class, read from ``CBIR_*`` environment variables, never at import time."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CBIR_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("./var")
+    # Empty means a SQLite file in data_dir; any SQLAlchemy URL selects another database.
+    database_url: str = ""
+    # Where MNIST (and other datasets) are read from; missing files are downloaded with torchvision.
+    datasets_dir: Path | None = None
+    device: str = "auto"
+    # One torch thread per serving process is the robust choice on small shared machines (FACTS.md).
+    torch_threads: int = Field(1, ge=1)
+    default_embedder: str = "cdae"
+
+    # Input limits, enforced before and during decoding.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_archive_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_side: int = Field(16_384, ge=1)
+    max_k: int = Field(100, ge=1)
+
+    # Demo collection built by `cbir demo` / `make run`.
+    demo_collection: str = "mnist"
+    demo_epochs: int = Field(0, ge=0)  # 0: the CDAE preset's recommended epoch count
+    embed_batch_size: int = Field(256, ge=1)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cbir.sqlite3'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.data_dir, self.images_dir, self.index_dir, self.checkpoints_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,467 @@
+"""A FAISS vector index keyed by database image ids, with atomic, self-checking files.
+
+Vectors are ``(n, d)`` float32 rows of unit L2 norm; the metric is inner product, so
+scores are cosine similarities in ``[-1, 1]``. Ids are non-negative int64 (the
+database's image ids); ``-1`` is FAISS's "no result" sentinel and never a valid id.
+
+File format (version 1), little-endian::
+
+    magic        8 bytes   b"CBIRVIX\\0"
+    version      uint32    1
+    header_len   uint32    length of the JSON header in bytes
+    header_crc   uint32    zlib.crc32 of the JSON header
+    header       JSON      {"dim", "factory", "metric", "meta", "ntotal", "id_checksum",
+                            "payload_len", "payload_sha256"}
+    payload      bytes     faiss.serialize_index(index), exactly payload_len bytes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+__all__ = ["IndexCorrupt", "VectorIndex", "id_checksum"]
+
+MAGIC = b"CBIRVIX\0"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIII")  # magic, version, header_len, header_crc
+_MAX_HEADER_LEN = 16 * 1024 * 1024
+_UNIT_NORM_TOL = 1e-3
+_MASK64 = (1 << 64) - 1
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class IndexCorrupt(Exception):
+    """A file that cannot be read as a cbir vector index (wrong magic, torn, tampered)."""
+
+
+def _mix64(ids: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of int64 ids, as uint64 (array ops wrap silently)."""
+    z = ids.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _mix_parts(ids: np.ndarray) -> tuple[int, int]:
+    """(sum mod 2**64, xor) of mixed ids: the incremental parts of the checksum."""
+    if ids.size == 0:
+        return 0, 0
+    mixed = _mix64(ids)
+    return int(np.add.reduce(mixed, dtype=np.uint64)), int(np.bitwise_xor.reduce(mixed))
+
+
+def _format_checksum(count: int, total: int, xor: int) -> str:
+    return f"{count}:{total & _MASK64:016x}{xor:016x}"
+
+
+def id_checksum(ids: Any) -> str:
+    """Order-independent fingerprint of a set of int64 ids, e.g. ``"3:9f...e1"``.
+
+    The same function backs ``VectorIndex.id_checksum()``, so the service can compute it
+    from the database's ids and compare. ``ids`` must be unique (it is a set fingerprint).
+    """
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    total, xor = _mix_parts(arr)
+    return _format_checksum(arr.size, total, xor)
+
+
+def _as_vectors(vectors: Any, dim: int) -> np.ndarray:
+    arr = np.asarray(vectors)
+    if arr.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (n, {dim}); got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise ValueError(f"vectors have dimension {arr.shape[1]}; this index has {dim}")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"vectors must be floating point; got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        raise ValueError(f"vectors contain NaN or inf (rows {bad[:10].tolist()})")
+    if arr.shape[0]:
+        norms = np.linalg.norm(arr, axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > _UNIT_NORM_TOL)
+        if bad.size:
+            raise ValueError(
+                f"vectors must be L2-normalised; rows {bad[:10].tolist()} have norms "
+                f"{norms[bad[:10]].round(4).tolist()}"
+            )
+    return arr
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be 1-D; got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"ids must be integers; got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX:
+        raise ValueError("ids must fit in int64")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if int(arr.min()) < 0:
+        raise ValueError("ids must be non-negative (-1 is FAISS's 'no result' marker)")
+    return arr
+
+
+def _normalise_factory(factory: str) -> str:
+    factory = factory.strip()
+    return factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
+
+
+class VectorIndex:
+    """FAISS inner-product index over unit-norm float32 vectors, keyed by int64 ids.
+
+    ``factory`` is any FAISS factory string; one that does not start with ``IDMap`` is
+    wrapped as ``IDMap2,<factory>`` so every index takes our ids. ``IDMap2,Flat`` (exact
+    search) is fully supported. An index that needs training (``IVF...``, ``PQ...``) is
+    trained on the first non-empty batch given to ``add``, which must then be large enough
+    for FAISS (else ``ValueError``). ``remove`` raises ``NotImplementedError`` for kinds
+    FAISS cannot remove from (HNSW): rebuild those instead.
+
+    ``meta`` is a JSON-serialisable dict saved with the file (embedder version, ...).
+
+    Thread-safe: one lock serialises every operation. FAISS already spreads one search
+    over its OpenMP threads, and add racing search is unsafe, so a finer scheme buys little.
+    """
+
+    def __init__(
+        self, dim: int, *, factory: str = "IDMap2,Flat", meta: dict[str, Any] | None = None
+    ) -> None:
+        if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer; got {dim!r}")
+        factory = _normalise_factory(factory)
+        try:
+            index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ValueError(f"FAISS cannot build factory {factory!r}: {exc}") from exc
+        self._setup(index=index, factory=factory, meta=meta, ids=np.empty(0, dtype=np.int64))
+
+    def _setup(
+        self, *, index: faiss.Index, factory: str, meta: dict[str, Any] | None, ids: np.ndarray
+    ) -> None:
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta must be a dict; got {type(meta).__name__}")
+        try:
+            self._meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"meta must be JSON-serialisable: {exc}") from exc
+        # Any: FAISS's SWIG stubs miss the numpy overloads (remove_ids(array), ...) and .index.
+        self._index: Any = index
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._ids = np.sort(ids)  # sorted copy of the stored ids, for membership checks
+        self._id_sum, self._id_xor = _mix_parts(ids)
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        vectors: Any,
+        ids: Any,
+        *,
+        factory: str = "IDMap2,Flat",
+        meta: dict[str, Any] | None = None,
+    ) -> VectorIndex:
+        """A new index of dimension d holding ``vectors`` (n, d), unit norm, under ``ids`` (n,)."""
+        arr = np.asarray(vectors)
+        if arr.ndim != 2:
+            raise ValueError(f"vectors must be 2-D (n, d); got shape {arr.shape}")
+        index = cls(int(arr.shape[1]), factory=factory, meta=meta)
+        index.add(arr, ids)
+        return index
+
+    # --- properties -------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def factory(self) -> str:
+        """The FAISS factory string, always starting with ``IDMap``."""
+        return self._factory
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """A fresh copy of the metadata dict."""
+        result: dict[str, Any] = json.loads(self._meta_json)
+        return result
+
+    @property
+    def ntotal(self) -> int:
+        with self._lock:
+            return int(self._index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return f"VectorIndex(dim={self.dim}, factory={self._factory!r}, ntotal={self.ntotal})"
+
+    def contains(self, id: int) -> bool:
+        """Whether ``id`` is stored."""
+        with self._lock:
+            pos = int(np.searchsorted(self._ids, id))
+            return pos < self._ids.size and int(self._ids[pos]) == id
+
+    def ids(self) -> np.ndarray:
+        """The stored ids, sorted ascending, as a (ntotal,) int64 copy."""
+        with self._lock:
+            return self._ids.copy()
+
+    def id_checksum(self) -> str:
+        """Fingerprint of the stored id set; equals ``id_checksum(db_ids)`` iff same set (whp)."""
+        with self._lock:
+            return _format_checksum(self._ids.size, self._id_sum, self._id_xor)
+
+    def memory_bytes(self) -> int:
+        """Rough estimate of resident bytes: codes, graph links and id maps."""
+        with self._lock:
+            n = int(self._index.ntotal)
+            inner = faiss.downcast_index(self._index.index)
+            code = _code_size(inner, self.dim)
+            links = 0
+            hnsw = getattr(inner, "hnsw", None)
+            if hnsw is not None:
+                links = int(hnsw.neighbors.size()) * 4 + int(hnsw.levels.size()) * 4
+            # per id: IDMap2's id_map (8) + its reverse hash map (~32) + our sorted copy (8)
+            return n * (code + 48) + links
+
+    # --- mutation ---------------------------------------------------------------------
+
+    def add(self, vectors: Any, ids: Any) -> None:
+        """Store ``vectors`` (n, d) float-convertible, unit L2 norm, under ``ids`` (n,) int64.
+
+        Raises ``ValueError`` (and stores nothing) on a wrong shape or dimension, non-finite
+        or non-unit rows, negative or duplicate ids, or ids already stored.
+        """
+        arr = _as_vectors(vectors, self.dim)
+        id_arr = _as_ids(ids)
+        if id_arr.size != arr.shape[0]:
+            raise ValueError(f"got {arr.shape[0]} vectors but {id_arr.size} ids")
+        if arr.shape[0] == 0:
+            return
+        uniq, counts = np.unique(id_arr, return_counts=True)
+        if uniq.size != id_arr.size:
+            raise ValueError(f"duplicate ids in batch: {uniq[counts > 1][:10].tolist()}")
+        with self._lock:
+            present = uniq[np.isin(uniq, self._ids, assume_unique=True)]
+            if present.size:
+                raise ValueError(f"ids already in the index: {present[:10].tolist()}")
+            if not self._index.is_trained:
+                try:
+                    self._index.train(arr)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"training {self._factory!r} on the first batch of {arr.shape[0]} "
+                        f"vectors failed: {exc}"
+                    ) from exc
+            self._index.add_with_ids(arr, id_arr)
+            self._ids = np.union1d(self._ids, uniq)
+            total, xor = _mix_parts(uniq)
+            self._id_sum = (self._id_sum + total) & _MASK64
+            self._id_xor ^= xor
+
+    def remove(self, ids: Any) -> int:
+        """Remove ``ids`` (n,) int64; ids not stored are ignored. Returns how many were removed."""
+        id_arr = np.unique(_as_ids(ids))
+        with self._lock:
+            present = id_arr[np.isin(id_arr, self._ids, assume_unique=True)]
+            if present.size == 0:
+                return 0
+            try:
+                removed = int(self._index.remove_ids(present))
+            except RuntimeError as exc:
+                raise NotImplementedError(
+                    f"FAISS cannot remove from {self._factory!r}; rebuild the index instead"
+                ) from exc
+            self._ids = np.setdiff1d(self._ids, present, assume_unique=True)
+            total, xor = _mix_parts(present)
+            self._id_sum = (self._id_sum - total) & _MASK64
+            self._id_xor ^= xor
+            return removed
+
+    # --- search -----------------------------------------------------------------------
+
+    def search(self, vectors: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best stored ids for each query row.
+
+        ``vectors`` is (n, d) float, unit L2 norm. Returns ``(scores, ids)``: scores
+        (n, m) float32 inner products (cosine similarity), best first; ids (n, m) int64,
+        where ``m = min(k, ntotal)``. So an empty index gives (n, 0) arrays. With an exact
+        (Flat) index every slot is filled; an approximate index may leave trailing slots
+        unfilled, and those hold id ``-1`` and score ``-inf``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer; got {k!r}")
+        arr = _as_vectors(vectors, self.dim)
+        with self._lock:
+            m = min(int(k), int(self._index.ntotal))
+            if m == 0 or arr.shape[0] == 0:
+                shape = (arr.shape[0], m)
+                return np.empty(shape, np.float32), np.empty(shape, np.int64)
+            scores, found = self._index.search(arr, m)
+        scores = np.asarray(scores, dtype=np.float32)
+        found = np.asarray(found, dtype=np.int64)
+        scores[found < 0] = -np.inf  # FAISS fills gaps with -FLT_MAX for inner product
+        return scores, found
+
+    # --- persistence ------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically write the index to ``path``: the old file or the new one, never a torn one."""
+        path = Path(path)
+        with self._lock:
+            payload = faiss.serialize_index(self._index)
+            header = {
+                "dim": self.dim,
+                "factory": self._factory,
+                "metric": "inner_product",
+                "meta": json.loads(self._meta_json),
+                "ntotal": int(self._index.ntotal),
+                "id_checksum": _format_checksum(self._ids.size, self._id_sum, self._id_xor),
+                "payload_len": int(payload.nbytes),
+                "payload_sha256": hashlib.sha256(payload.data).hexdigest(),
+            }
+        header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes))
+
+        directory = path.parent if str(path.parent) else Path(".")
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(prefix)
+                f.write(header_bytes)
+                f.write(payload.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        _fsync_dir(directory)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> VectorIndex:
+        """Read a file written by ``save``; ``IndexCorrupt`` if anything about it is off.
+
+        A missing file raises ``FileNotFoundError`` (not corruption: there is nothing yet).
+        """
+        data = Path(path).read_bytes()
+        where = f"{os.fspath(path)!r}"
+        if len(data) < _PREFIX.size:
+            raise IndexCorrupt(f"{where}: {len(data)} bytes is too short to be an index file")
+        magic, version, header_len, header_crc = _PREFIX.unpack_from(data)
+        if magic != MAGIC:
+            raise IndexCorrupt(f"{where}: not a cbir index file (bad magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise IndexCorrupt(
+                f"{where}: format version {version} is not supported (expected {FORMAT_VERSION})"
+            )
+        header_end = _PREFIX.size + header_len
+        if header_len > _MAX_HEADER_LEN or header_end > len(data):
+            raise IndexCorrupt(f"{where}: truncated header ({header_len} bytes declared)")
+        header_bytes = data[_PREFIX.size : header_end]
+        if zlib.crc32(header_bytes) != header_crc:
+            raise IndexCorrupt(f"{where}: header checksum mismatch")
+        header = _parse_header(header_bytes, where=where)
+
+        payload = memoryview(data)[header_end:]
+        if len(payload) != header["payload_len"]:
+            raise IndexCorrupt(
+                f"{where}: payload is {len(payload)} bytes, header says {header['payload_len']}"
+                " (truncated or padded)"
+            )
+        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+            raise IndexCorrupt(f"{where}: payload checksum mismatch")
+        try:
+            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except Exception as exc:  # FAISS reports any read failure as RuntimeError
+            raise IndexCorrupt(f"{where}: FAISS cannot read the payload: {exc}") from exc
+
+        if not isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            kind = type(index).__name__
+            raise IndexCorrupt(f"{where}: payload is {kind}, not an id-mapped index")
+        if index.d != header["dim"]:
+            raise IndexCorrupt(f"{where}: payload dimension {index.d} != header {header['dim']}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexCorrupt(f"{where}: payload metric is not inner product")
+        if index.ntotal != header["ntotal"]:
+            raise IndexCorrupt(f"{where}: payload holds {index.ntotal}, header {header['ntotal']}")
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        if ids.size != index.ntotal or np.unique(ids).size != ids.size:
+            raise IndexCorrupt(f"{where}: id map is inconsistent")
+        if id_checksum(ids) != header["id_checksum"]:
+            raise IndexCorrupt(f"{where}: id checksum mismatch")
+
+        self = cls.__new__(cls)
+        self._setup(index=index, factory=header["factory"], meta=header["meta"], ids=ids)
+        return self
+
+
+def _parse_header(header_bytes: bytes, *, where: str) -> dict[str, Any]:
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IndexCorrupt(f"{where}: header is not valid JSON: {exc}") from exc
+    expected: dict[str, type | tuple[type, ...]] = {
+        "dim": int,
+        "factory": str,
+        "metric": str,
+        "meta": dict,
+        "ntotal": int,
+        "id_checksum": str,
+        "payload_len": int,
+        "payload_sha256": str,
+    }
+    if not isinstance(header, dict):
+        raise IndexCorrupt(f"{where}: header is not a JSON object")
+    for key, kind in expected.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise IndexCorrupt(f"{where}: header field {key!r} missing or of the wrong type")
+    if header["metric"] != "inner_product":
+        raise IndexCorrupt(f"{where}: unsupported metric {header['metric']!r}")
+    return header
+
+
+def _code_size(index: faiss.Index, dim: int) -> int:
+    """Bytes per stored vector, falling back to float32 rows when FAISS cannot say."""
+    try:
+        return int(index.sa_code_size())
+    except RuntimeError:
+        storage = getattr(index, "storage", None)
+        if storage is not None:
+            return _code_size(faiss.downcast_index(storage), dim)
+        return dim * 4
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable; directories cannot be opened for fsync on Windows."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
