@@ -91,7 +91,8 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
         raise ImageRejected(
             f"the file is not a recognisable image; send one of {', '.join(ALLOWED_FORMATS)}"
         ) from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning is an exception where warnings are errors (tests, -W error): still a 413.
         raise ImageTooLarge(str(exc)) from None
     except (OSError, ValueError, struct.error, IndexError, EOFError, SyntaxError, zlib.error) as exc:
         raise ImageRejected(f"the image header could not be read: {exc}") from None
@@ -100,7 +101,9 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
     if width < 1 or height < 1:
         raise ImageRejected(f"the image has an empty size {width}x{height}")
     if width > limits.max_side or height > limits.max_side:
-        raise ImageTooLarge(f"the image is {width}x{height}; each side must be at most {limits.max_side} pixels")
+        raise ImageTooLarge(
+            f"the image is {width}x{height}; each side must be at most {limits.max_side} pixels"
+        )
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
             f"the image has {width * height} pixels ({width}x{height}); the limit is {limits.max_pixels}"
@@ -116,7 +119,17 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
         if "truncated" in str(exc).lower() or "unexpected end" in str(exc).lower():
             raise ImageTruncated("the image data ends early (truncated file)") from None
         raise ImageRejected(f"the image could not be decoded: {exc}") from None
-    except (ValueError, struct.error, IndexError, EOFError, SyntaxError, zlib.error, ZeroDivisionError,
-            OverflowError, NotImplementedError, MemoryError) as exc:
+    except (
+        ValueError,
+        struct.error,
+        IndexError,
+        EOFError,
+        SyntaxError,
+        zlib.error,
+        ZeroDivisionError,
+        OverflowError,
+        NotImplementedError,
+        MemoryError,
+    ) as exc:
         raise ImageRejected(f"the image could not be decoded: {type(exc).__name__}") from None
     return DecodedImage(image=image, format=image_format, width=width, height=height)

@@ -22,9 +22,7 @@ from index import IndexCorrupt, VectorIndex, id_checksum
 log = logging.getLogger(__name__)
 
 
-def load_vectors(
-    db: Database, *, collection_id: int, embedder_version: str
-) -> tuple[np.ndarray, np.ndarray]:
+def load_vectors(db: Database, *, collection_id: int, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
     """All stored vectors of one collection and version: ((n, d) float32 unit rows, (n,) int64 ids)."""
     stmt = (
         select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
@@ -96,10 +94,7 @@ class IndexManager:
         path = self.path_for(collection.id)
         try:
             index = VectorIndex.load(path)
-            if (
-                index.meta.get("embedder_version") == version
-                and index.id_checksum() == id_checksum(ids)
-            ):
+            if index.meta.get("embedder_version") == version and index.id_checksum() == id_checksum(ids):
                 log.info("index of %s loaded from %s (%d vectors)", collection.name, path, index.ntotal)
                 return index
             log.warning("index file of %s is behind the database; rebuilding", collection.name)

@@ -60,9 +60,7 @@ class ImageRecord(Base):
     __table_args__ = (UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    collection_id: Mapped[int] = mapped_column(
-        ForeignKey("collections.id", ondelete="CASCADE"), index=True
-    )
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     byte_size: Mapped[int] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(16))

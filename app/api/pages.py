@@ -19,7 +19,9 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "
 def home(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
     collections = list_collections(ctx)
     names = [c.name for c in collections]
-    selected = collection if collection in names else (names[0] if names else None)
+    searchable = [c.name for c in collections if c.ready]
+    # An explicit choice wins, even a collection that cannot be searched yet (the page says why).
+    selected = collection if collection in names else next(iter(searchable or names), None)
     return templates.TemplateResponse(
         request,
         "index.html",

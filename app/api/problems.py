@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 
 
-def problem(*, status: int, title: str, detail: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def problem(
+    *, status: int, title: str, detail: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
@@ -36,7 +38,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(status=422, title="Invalid request", detail=_validation_detail(exc), code="invalid_request")
+        return problem(
+            status=422, title="Invalid request", detail=_validation_detail(exc), code="invalid_request"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,6 +17,7 @@ def health(ctx: ContextDep) -> Health:
         version=__version__,
         device=ctx.device.type,
         collections=[
-            CollectionHealth(name=c.name, images=c.image_count, indexed=c.index_size) for c in list_collections(ctx)
+            CollectionHealth(name=c.name, images=c.image_count, indexed=c.index_size)
+            for c in list_collections(ctx)
         ],
     )

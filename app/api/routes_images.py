@@ -39,7 +39,9 @@ async def upload_image(
     created = result.status == "added"
     if not created:
         response.status_code = status.HTTP_200_OK
-    return ImageCreated(id=result.image_id, created=created, image=image_out(stored.record, stored.collection))
+    return ImageCreated(
+        id=result.image_id, created=created, image=image_out(stored.record, stored.collection)
+    )
 
 
 @router.get("/images/{image_id}", response_model=ImageOut)
@@ -48,13 +50,17 @@ def get_image(image_id: int, ctx: ContextDep) -> ImageOut:
     return image_out(stored.record, stored.collection)
 
 
-@router.get("/images/{image_id}/file", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
+@router.get(
+    "/images/{image_id}/file", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}}
+)
 def image_file(image_id: int, ctx: ContextDep) -> FileResponse:
     path, media_type = images.image_file(ctx, image_id)
     return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
+@router.get(
+    "/images/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}}
+)
 def image_thumbnail(image_id: int, ctx: ContextDep, size: int = Query(128, ge=16, le=512)) -> FileResponse:
     path, media_type = images.thumbnail(ctx, image_id, size=size)
     return FileResponse(path, media_type=media_type, headers=IMMUTABLE)

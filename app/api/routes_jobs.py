@@ -24,7 +24,9 @@ IMPORT_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "zip or tar"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "zip or tar"}
+                    },
                 }
             },
             "application/json": {"schema": DatasetImport.model_json_schema()},
@@ -47,10 +49,14 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
         try:
             body = DatasetImport.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise InvalidRequest(f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}') from None
+            raise InvalidRequest(
+                f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}'
+            ) from None
         source: jobs.Source = jobs.check_dataset(body.dataset, body.split)
     elif content_type.startswith("multipart/form-data"):
-        source = await _receive_archive(request, ctx.settings.tmp_dir, ctx.settings.max_archive_bytes)
+        source = await _receive_archive(
+            request, tmp_dir=ctx.settings.tmp_dir, limit=ctx.settings.max_archive_bytes
+        )
     else:
         raise UnsupportedArchive(
             "send a zip or tar archive as multipart/form-data in the field 'file', "
@@ -60,22 +66,24 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
-async def _receive_archive(request: Request, tmp_dir: Path, limit: int) -> jobs.ArchiveSource:
+async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jobs.ArchiveSource:
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise InvalidRequest("the multipart body needs a 'file' field holding a zip or tar archive")
     filename = upload.filename or "upload"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="import-", suffix=".archive", delete=False)
-    path = Path(handle.name)
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="import-", suffix=".archive")
+    path = Path(name)
     try:
-        with handle:
+        with open(fd, "wb") as handle:
             size = 0
             while chunk := await upload.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"the archive is larger than {limit} bytes (CBIR_MAX_ARCHIVE_BYTES)")
+                    raise PayloadTooLarge(
+                        f"the archive is larger than {limit} bytes (CBIR_MAX_ARCHIVE_BYTES)"
+                    )
                 handle.write(chunk)
         if size == 0:
             raise EmptyUpload(f"the uploaded archive {filename!r} is empty")
@@ -90,6 +98,3 @@ async def _receive_archive(request: Request, tmp_dir: Path, limit: int) -> jobs.
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, ctx: ContextDep) -> JobOut:
     return job_out(jobs.get_job(ctx, job_id))
-
-
-

@@ -71,9 +71,7 @@ def ingest_batch(
         try:
             decoded = decode_image(item.data, limits=ctx.limits)
         except CbirError as exc:
-            results[position] = ItemResult(
-                item.name, "rejected", code=exc.code, detail=exc.detail, error=exc
-            )
+            results[position] = ItemResult(item.name, "rejected", code=exc.code, detail=exc.detail, error=exc)
             continue
         accepted.append(_Accepted(position, item, decoded, sha256_hex(item.data)))
 
@@ -91,7 +89,9 @@ def ingest_batch(
     return [result for result in results if result is not None]
 
 
-def _embed(ctx: AppContext, record: CollectionRecord, checkpoint: Any, images: list[DecodedImage]) -> np.ndarray | None:
+def _embed(
+    ctx: AppContext, record: CollectionRecord, checkpoint: Any, images: list[DecodedImage]
+) -> np.ndarray | None:
     if not images or record.embedder_version is None:
         return None  # an untrained embedder: rows are stored now, vectors after training
     try:

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -102,13 +102,19 @@ def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[It
                 if reason := _member_ok(info.filename):
                     yield ItemResult(info.filename, "rejected", code=reason, detail="path leaves the archive")
                 elif info.file_size > max_member_bytes:
-                    yield ItemResult(info.filename, "rejected", code="image_too_large",
-                                     detail=f"{info.file_size} bytes; the limit is {max_member_bytes}")
+                    yield ItemResult(
+                        info.filename,
+                        "rejected",
+                        code="image_too_large",
+                        detail=f"{info.file_size} bytes; the limit is {max_member_bytes}",
+                    )
                 else:
                     try:
                         data = archive.read(info)
                     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                        yield ItemResult(info.filename, "rejected", code="archive_member_unreadable", detail=str(exc))
+                        yield ItemResult(
+                            info.filename, "rejected", code="archive_member_unreadable", detail=str(exc)
+                        )
                         continue
                     yield Item(info.filename, data, _label_from(info.filename))
         return
@@ -117,13 +123,21 @@ def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[It
             if member.isdir() or _skipped(member.name):
                 continue
             if not member.isfile():
-                yield ItemResult(member.name, "rejected", code="not_a_regular_file",
-                                 detail="links and device files are not imported")
+                yield ItemResult(
+                    member.name,
+                    "rejected",
+                    code="not_a_regular_file",
+                    detail="links and device files are not imported",
+                )
             elif reason := _member_ok(member.name):
                 yield ItemResult(member.name, "rejected", code=reason, detail="path leaves the archive")
             elif member.size > max_member_bytes:
-                yield ItemResult(member.name, "rejected", code="image_too_large",
-                                 detail=f"{member.size} bytes; the limit is {max_member_bytes}")
+                yield ItemResult(
+                    member.name,
+                    "rejected",
+                    code="image_too_large",
+                    detail=f"{member.size} bytes; the limit is {max_member_bytes}",
+                )
             else:
                 handle = archive.extractfile(member)
                 if handle is None:
@@ -131,7 +145,9 @@ def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[It
                 try:
                     data = handle.read()
                 except (tarfile.TarError, OSError, EOFError) as exc:
-                    yield ItemResult(member.name, "rejected", code="archive_member_unreadable", detail=str(exc))
+                    yield ItemResult(
+                        member.name, "rejected", code="archive_member_unreadable", detail=str(exc)
+                    )
                     return  # a broken stream cannot be read past
                 yield Item(member.name, data, _label_from(member.name))
 
@@ -209,18 +225,32 @@ class JobRunner:
             )
         return result.rowcount or 0
 
-    def submit_import(self, *, collection: str, source: Source) -> str:
+    def create_job(self, *, collection: str, source: Source) -> str:
         job_id = uuid.uuid4().hex
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
-            session.add(JobRecord(id=job_id, collection_id=record.id, kind="import", params=_source_params(source)))
+            session.add(
+                JobRecord(id=job_id, collection_id=record.id, kind="import", params=_source_params(source))
+            )
+        return job_id
+
+    def submit_import(self, *, collection: str, source: Source) -> str:
+        """Record a queued job and run it in the background; returns its id at once."""
+        job_id = self.create_job(collection=collection, source=source)
         self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
         return job_id
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def run_import(self, *, job_id: str, collection: str, source: Source) -> None:
+    def run_import(
+        self,
+        *,
+        job_id: str,
+        collection: str,
+        source: Source,
+        on_progress: Callable[[dict[str, int], int | None], None] | None = None,
+    ) -> None:
         ctx = self.ctx
         try:
             if isinstance(source, DatasetSource):
@@ -236,7 +266,9 @@ class JobRunner:
             pending: list[ItemResult] = []
 
             def flush() -> None:
-                results = pending + (ingest_batch(ctx, collection=collection, items=batch, durable=False) if batch else [])
+                results = pending + (
+                    ingest_batch(ctx, collection=collection, items=batch, durable=False) if batch else []
+                )
                 for result in results:
                     counts["done"] += 1
                     if result.status == "added":
@@ -250,6 +282,8 @@ class JobRunner:
                 batch.clear()
                 pending.clear()
                 self._update(job_id, errors=list(errors), **counts)
+                if on_progress:
+                    on_progress(counts, total)
 
             for entry in stream:
                 (batch if isinstance(entry, Item) else pending).append(entry)  # type: ignore[arg-type]

@@ -123,7 +123,9 @@ def _search(
         )
     scores, ids = index.search(vector, k + (1 if exclude is not None else 0))
     clock.lap("search")
-    pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][:k]
+    pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][
+        :k
+    ]
     with ctx.db.session() as session:
         rows = {
             r.id: r

@@ -51,26 +51,31 @@ def collection_size(ctx: AppContext, collection_id: int) -> int:
     from sqlalchemy import func
 
     with ctx.db.session() as session:
-        return session.scalar(
-            select(func.count()).select_from(ImageRecord).where(ImageRecord.collection_id == collection_id)
-        ) or 0
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(ImageRecord)
+                .where(ImageRecord.collection_id == collection_id)
+            )
+            or 0
+        )
 
 
-def load_pixels(ctx: AppContext, *, collection: CollectionRecord, size: int, progress: Progress | None = None) -> np.ndarray:
-    """The collection's images as greyscale uint8 (n, size, size), for training."""
+def load_pixels(
+    ctx: AppContext,
+    *,
+    collection: CollectionRecord,
+    config: cdae.CDAEConfig,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """The collection's images as uint8 arrays at the CDAE's input size, for training."""
     total = collection_size(ctx, collection.id)
-    out = np.zeros((total, size, size), dtype=np.uint8)
-    done = 0
+    arrays: list[np.ndarray] = []
     for _, images, _ in iter_collection_images(ctx, collection_id=collection.id):
-        for image in images:
-            grey = image.convert("L")
-            if grey.size != (size, size):
-                grey = grey.resize((size, size), Image.Resampling.BILINEAR)
-            out[done] = np.asarray(grey)
-            done += 1
+        arrays.extend(cdae.prepare_image(image, config=config) for image in images)
         if progress:
-            progress(done, total)
-    return out[:done]
+            progress(len(arrays), total)
+    return np.stack(arrays) if arrays else np.zeros((0, config.image_size, config.image_size), np.uint8)
 
 
 def train_cdae(
@@ -93,7 +98,7 @@ def train_cdae(
         raise InvalidRequest(f"collection {collection!r} uses embedder {record.embedder!r}, not 'cdae'")
     config = cdae.CDAEConfig.preset(preset)
     epochs = epochs or config.epochs
-    pixels = load_pixels(ctx, collection=record, size=config.image_size, progress=load_progress)
+    pixels = load_pixels(ctx, collection=record, config=config, progress=load_progress)
     if len(pixels) == 0:
         raise InvalidRequest(f"collection {collection!r} has no images to train on")
     result = cdae.train_cdae(
@@ -115,7 +120,10 @@ def train_cdae(
             sha256=sha,
             path=relative,
             config={**config.to_dict(), "epochs": epochs, "preset": preset, "seed": seed},
-            metrics={"epoch_losses": [float(x) for x in result.losses], "seconds": float(result.seconds)},
+            metrics={
+                "epoch_losses": [float(x) for x in result.losses],
+                "epoch_seconds": [float(x) for x in result.epoch_seconds],
+            },
         )
         session.add(checkpoint)
     if activate:
@@ -160,7 +168,11 @@ def activate_checkpoint(
             session.execute(
                 delete(EmbeddingRecord)
                 .where(EmbeddingRecord.embedder_version == embedder.version)
-                .where(EmbeddingRecord.image_id.in_(select(ImageRecord.id).where(ImageRecord.collection_id == record.id)))
+                .where(
+                    EmbeddingRecord.image_id.in_(
+                        select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
+                    )
+                )
             )
             for start in range(0, len(ids), 5000):
                 store_vectors(
@@ -179,7 +191,11 @@ def activate_checkpoint(
             session.execute(
                 delete(EmbeddingRecord)
                 .where(EmbeddingRecord.embedder_version != embedder.version)
-                .where(EmbeddingRecord.image_id.in_(select(ImageRecord.id).where(ImageRecord.collection_id == record.id)))
+                .where(
+                    EmbeddingRecord.image_id.in_(
+                        select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
+                    )
+                )
             )
         with ctx.db.session() as session:
             ctx.indexes.build(require_collection(session, collection))

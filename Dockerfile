@@ -1,0 +1,23 @@
+# cbir service image: slim Python, CPU torch by default, non-root, data in a volume.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    CBIR_HOST=0.0.0.0 CBIR_PORT=8000 CBIR_DATA_DIR=/data
+
+RUN useradd --create-home --uid 10001 cbir && mkdir /data && chown cbir /data
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY models ./models
+COPY index ./index
+COPY migrations ./migrations
+# Same install as `make run` (the Makefile's `pip install -e .`), from PyPI's CPU wheels by default.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --upgrade pip && pip install --extra-index-url "$TORCH_INDEX" -e .
+
+USER cbir
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=4)" || exit 1
+CMD ["cbir", "serve"]

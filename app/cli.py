@@ -1,0 +1,250 @@
+"""The ``cbir`` command line: serve, build the demo, import, train, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from app.context import AppContext, open_context
+from app.errors import CbirError
+from app.settings import Settings, get_settings
+
+
+def _bar(description: str) -> Callable[[int, int | None], None]:
+    """A progress bar as an ``update(done, total)`` callback; it appears on the first update."""
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int | None) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=description, dynamic_ncols=True, file=sys.stderr)
+        progress = state["bar"]
+        progress.update(done - progress.n)
+        if total is not None and done >= total:
+            progress.close()
+
+    return update
+
+
+def _epoch_bars() -> Callable[[int, int, int, float], None]:
+    """Training progress: one bar per epoch, with the running loss."""
+    bars: dict[int, tqdm] = {}
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        if epoch not in bars:
+            bars[epoch] = tqdm(total=steps, desc=f"epoch {epoch}", dynamic_ncols=True, file=sys.stderr)
+        bar = bars[epoch]
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step >= steps:
+            bar.close()
+
+    return on_step
+
+
+@contextmanager
+def _context(*, threads: int | None = None) -> Iterator[AppContext]:
+    """A service context for one command; domain errors become a clean exit message."""
+    settings = get_settings()
+    context = open_context(settings, torch_threads=threads)
+    try:
+        yield context
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    finally:
+        context.close()
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="log at INFO level")
+def main(verbose: bool) -> None:
+    """cbir: content-based image retrieval. Settings come from CBIR_* environment variables."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option("--host", default=None, help="default: CBIR_HOST (127.0.0.1)")
+@click.option("--port", type=int, default=None, help="default: CBIR_PORT (8000)")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the HTTP service (REST API under /api/v1, web page at /)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings: Settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@main.command()
+@click.option("--name", default=None, help="default: CBIR_DEMO_COLLECTION (mnist)")
+@click.option(
+    "--epochs", type=int, default=None, help="CDAE epochs (default: CBIR_DEMO_EPOCHS or the preset's)"
+)
+def demo(name: str | None, epochs: int | None) -> None:
+    """Build the demo collection when it is missing: MNIST train, a CDAE trained on it, indexed."""
+    from app.services.demo import ensure_demo
+
+    settings = get_settings()
+    with _context(threads=os.cpu_count()) as ctx:
+        ensure_demo(
+            ctx,
+            name=name or settings.demo_collection,
+            epochs=epochs or settings.demo_epochs or None,
+            bar=_bar,
+            epoch_bars=_epoch_bars(),
+            say=lambda text: click.echo(text, err=True),
+        )
+
+
+@main.group()
+def collections() -> None:
+    """List and create collections."""
+
+
+@collections.command("list")
+def collections_list() -> None:
+    from app.services.collections import list_collections
+
+    with _context() as ctx:
+        for info in list_collections(ctx):
+            click.echo(
+                f"{info.name}\t{info.embedder}\t{info.embedder_version or 'untrained'}\t"
+                f"{info.image_count} images\t{info.index_size} indexed"
+            )
+
+
+@collections.command("create")
+@click.argument("name")
+@click.option("--embedder", default=None, help="default: CBIR_DEFAULT_EMBEDDER")
+def collections_create(name: str, embedder: str | None) -> None:
+    from app.services.collections import create_collection
+
+    with _context() as ctx:
+        info = create_collection(ctx, name=name, embedder=embedder or ctx.settings.default_embedder)
+        click.echo(f"created {info.name} ({info.embedder})")
+
+
+@main.command("import")
+@click.argument("source")
+@click.option("--collection", required=True)
+def import_(source: str, collection: str) -> None:
+    """Import SOURCE into a collection: a zip/tar archive of images, or DATASET:SPLIT (mnist:train)."""
+    from app.services import jobs
+
+    with _context(threads=os.cpu_count()) as ctx:
+        if Path(source).is_file():
+            # The job deletes its archive when done: hand it a copy in the data folder.
+            import shutil
+            import tempfile
+
+            fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
+            os.close(fd)
+            shutil.copyfile(source, tmp)
+            parsed: jobs.Source = jobs.check_archive(Path(tmp), Path(source).name)
+        else:
+            dataset, _, split = source.partition(":")
+            parsed = jobs.check_dataset(dataset, split or "train")
+        runner = jobs.JobRunner(ctx)
+        job_id = runner.create_job(collection=collection, source=parsed)
+        update = _bar(f"import {source}")
+        runner.run_import(
+            job_id=job_id,
+            collection=collection,
+            source=parsed,
+            on_progress=lambda c, total: update(c["done"], total),
+        )
+        info = jobs.get_job(ctx, job_id)
+        r = info.record
+        click.echo(
+            f"job {job_id}: {r.state}; {r.added} added, {r.duplicates} duplicates, {r.failed} failed"
+            + (f"; {r.error}" if r.error else "")
+        )
+        if r.state != "succeeded":
+            raise SystemExit(1)
+
+
+@main.group()
+def train() -> None:
+    """Train a collection's own model."""
+
+
+@train.command("cdae")
+@click.option("--collection", required=True)
+@click.option("--epochs", type=int, default=None, help="default: the preset's recommended count")
+@click.option("--preset", type=click.Choice(["default", "tutorial"]), default="default", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--activate/--no-activate",
+    default=True,
+    show_default=True,
+    help="make it the collection's embedder (re-embed + re-index) or only record the checkpoint",
+)
+def train_cdae_command(collection: str, epochs: int | None, preset: str, seed: int, activate: bool) -> None:
+    """Train the denoising autoencoder on the collection's own images (no labels)."""
+    from app.services.training import train_cdae
+
+    with _context(threads=os.cpu_count()) as ctx:
+        checkpoint = train_cdae(
+            ctx,
+            collection=collection,
+            epochs=epochs,
+            preset=preset,
+            seed=seed,
+            activate=activate,
+            load_progress=_bar("read images"),
+            train_progress=_epoch_bars(),
+            embed_progress=_bar("embed + index"),
+        )
+        losses = checkpoint.metrics.get("epoch_losses", [])
+        click.echo(
+            f"checkpoint {checkpoint.id}: {checkpoint.version} ({preset}, {len(losses)} epochs, "
+            f"final loss {losses[-1] if losses else float('nan'):.4f}) -> {checkpoint.path}"
+            + (" [active]" if activate else "")
+        )
+
+
+@main.command("eval")
+@click.option("--collection", required=True)
+@click.option("--queries", default="mnist:test", show_default=True, help="DATASET:SPLIT used as queries")
+@click.option("--compare", multiple=True, help="also evaluate: an embedder name (pixels) or checkpoint:ID")
+@click.option("--limit", type=int, default=None, help="use only the first N queries")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def eval_command(
+    collection: str, queries: str, compare: tuple[str, ...], limit: int | None, as_json: bool
+) -> None:
+    """P@10, mAP@10 and mAP over the full ranking (same label = relevant)."""
+    from app.services.evaluation import evaluate
+
+    with _context(threads=os.cpu_count()) as ctx:
+        rows = evaluate(ctx, collection=collection, queries=queries, compare=compare, limit=limit)
+    header = f"{'embedder':<44} {'queries':>7} {'P@10':>7} {'mAP@10':>7} {'mAP@all':>7} {'seconds':>8}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for row in rows:
+        click.echo(
+            f"{row['embedder']:<44} {row['queries']:>7} {row['p_at_10']:>7.4f} {row['map_at_10']:>7.4f} "
+            f"{row['map_all']:>7.4f} {row['seconds']:>8.1f}"
+        )
+    if as_json:
+        click.echo(json.dumps({"collection": collection, "queries_set": queries, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

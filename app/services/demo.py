@@ -1,0 +1,64 @@
+"""The demo collection: MNIST's 60,000 training digits, a CDAE trained on them, codes indexed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.records import CollectionRecord
+from app.services.collections import create_collection, get_collection
+from app.services.jobs import DatasetSource, JobRunner, dataset_size
+from app.services.training import train_cdae
+
+Step = Callable[[str], None]
+
+
+def ensure_demo(
+    ctx: AppContext,
+    *,
+    name: str,
+    epochs: int | None,
+    bar: Callable[[str], Callable[[int, int | None], None]],
+    epoch_bars: Callable[[int, int, int, float], None] | None = None,
+    say: Step = print,
+) -> None:
+    """Build whatever part of the demo is missing; a complete demo costs a few queries.
+
+    ``bar(description)`` returns an ``update(done, total)`` callback (a progress bar).
+    """
+    with ctx.db.session() as session:
+        exists = session.scalar(select(CollectionRecord.id).where(CollectionRecord.name == name))
+    if not exists:
+        create_collection(ctx, name=name, embedder="cdae")
+        say(f"created collection {name!r} (embedder cdae)")
+    info = get_collection(ctx, name)
+    source = DatasetSource("mnist", "train")
+    expected = dataset_size(ctx, source)
+    if info.image_count < expected:
+        runner = JobRunner(ctx)
+        job_id = runner.create_job(collection=name, source=source)
+        update = bar("import MNIST train")
+        runner.run_import(
+            job_id=job_id,
+            collection=name,
+            source=source,
+            on_progress=lambda counts, total: update(counts["done"], total),
+        )
+        info = get_collection(ctx, name)
+        say(f"stored {info.image_count} images")
+    if info.checkpoint is None:
+        train_cdae(
+            ctx,
+            collection=name,
+            epochs=epochs,
+            load_progress=bar("read images"),
+            train_progress=epoch_bars,
+            embed_progress=bar("embed + index"),
+        )
+        info = get_collection(ctx, name)
+    say(
+        f"collection {name!r}: {info.image_count} images, {info.index_size} indexed, "
+        f"embedder {info.embedder_version}"
+    )
