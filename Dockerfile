@@ -13,7 +13,7 @@ COPY index ./index
 COPY migrations ./migrations
 # Same install as `make run` (the Makefile's `pip install -e .`), from PyPI's CPU wheels by default.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --upgrade pip && pip install --extra-index-url "$TORCH_INDEX" -e .
+RUN pip install --upgrade pip && pip install --extra-index-url "$TORCH_INDEX" -e ".[postgres]"
 
 USER cbir
 VOLUME ["/data"]

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api import pages, problems, routes_collections, routes_health, routes_images, routes_jobs
 from app.context import open_context
+from app.services.collections import list_collections
 from app.services.jobs import JobRunner
 from app.settings import Settings, get_settings
 
@@ -26,6 +27,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context = open_context(settings)
+        # Check every index against the database now, so the first query is fast and a stale
+        # or torn index file is rebuilt before traffic arrives.
+        for info in list_collections(context):
+            log.info("collection %s: %d images, %d indexed", info.name, info.image_count, info.index_size)
         runner = JobRunner(context)
         interrupted = runner.recover()
         if interrupted:

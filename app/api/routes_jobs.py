@@ -70,6 +70,7 @@ async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jo
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
+        await form.close()  # other fields may hold spooled temp files
         raise InvalidRequest("the multipart body needs a 'file' field holding a zip or tar archive")
     filename = upload.filename or "upload"
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jo
         path.unlink(missing_ok=True)
         raise
     finally:
-        await upload.close()
+        await form.close()
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 512
 MAX_REPORTED_ERRORS = 1000
-SKIPPED_PREFIXES = ("__MACOSX/", ".")
+SKIPPED_FOLDER = "__MACOSX"
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,10 @@ def _member_ok(name: str) -> str | None:
 
 
 def _skipped(name: str) -> bool:
-    base = PurePosixPath(name).name
-    return name.startswith(SKIPPED_PREFIXES) or base.startswith(".") or not base
+    """macOS forks and hidden files or folders. Judged per path part, so "./cat/1.png" (tar of
+    ".") is kept and "../evil.png" is left for ``_member_ok`` to reject."""
+    parts = PurePosixPath(name).parts  # "." parts are dropped here, ".." parts kept
+    return not parts or parts[0] == SKIPPED_FOLDER or any(p.startswith(".") and p != ".." for p in parts)
 
 
 def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[Item | ItemResult]:

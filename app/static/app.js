@@ -112,7 +112,9 @@
     const option = selectedOption();
     if (!option) return;
     const d = option.dataset;
-    const parts = [d.version ? `${d.embedder} ${d.version}` : d.embedder];
+    // Versions usually repeat the embedder's name ("tiny-v1"): say it once.
+    const version = d.version && !d.version.startsWith(d.embedder) ? `${d.embedder} ${d.version}` : d.version;
+    const parts = [version || d.embedder];
     if (d.dim) parts.push(`${d.dim}-d`);
     parts.push(`${count(d.indexed)} of ${count(d.images)} images indexed`);
     ui.meta.textContent = parts.join(" · ");
@@ -132,7 +134,7 @@
 
   function showError(error) {
     ui.alert.replaceChildren();
-    if (error.title) ui.alert.append(el("strong", { text: error.title }), " ");
+    if (error.title) ui.alert.append(el("strong", { text: `${error.title}:` }), " ");
     ui.alert.append(error.detail || String(error));
     ui.alert.hidden = false;
   }
@@ -187,6 +189,12 @@
       ...lines.map((line, i) => el("span", { className: i === 0 ? "caption-main" : "caption-sub", text: line })),
     );
     ui.figure.hidden = false;
+    setDropTitle("Drop another image here");
+  }
+
+  function setDropTitle(text) {
+    const title = ui.dropzone.querySelector(".dropzone-title");
+    if (title) title.textContent = text;
   }
 
   function clearQuery() {
@@ -196,6 +204,7 @@
     ui.figure.hidden = true;
     ui.queryImage.removeAttribute("src");
     ui.caption.replaceChildren();
+    setDropTitle("Drop an image here");
   }
 
   function humanBytes(n) {
@@ -318,6 +327,10 @@
     } catch (error) {
       if (error.name === "AbortError") return;
       showError(error);
+      // Old results beside a new query would be misleading.
+      hitsById.clear();
+      ui.results.replaceChildren();
+      ui.timings.hidden = true;
       setStatus("The search failed; see the message above.");
     } finally {
       if (inFlight === controller) {
@@ -342,8 +355,9 @@
       setStatus("No results: this collection has no indexed images yet.");
     } else {
       const what = data.query_image_id != null ? `image #${data.query_image_id}` : "your image";
-      const shown = hits.length < data.k ? `${hits.length} (all there are)` : `top ${hits.length}`;
-      setStatus(`The ${shown} in ${data.collection} for ${what}. Choose one for more like it.`);
+      const n = hits.length;
+      const shown = n < data.k ? `Only ${n} result${n === 1 ? "" : "s"}` : `The top ${n}`;
+      setStatus(`${shown} in ${data.collection} for ${what}. Choose one for more like it.`);
     }
   }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -51,9 +50,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("version", name=op.f("uq_checkpoints_version")),
     )
     with op.batch_alter_table("checkpoints", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_checkpoints_collection_id"), ["collection_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_checkpoints_collection_id"), ["collection_id"], unique=False)
 
     # collections <-> checkpoints reference each other: add this key once both tables exist.
     with op.batch_alter_table("collections", schema=None) as batch_op:
@@ -87,9 +84,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_images_collection_id"), ["collection_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_images_collection_id"), ["collection_id"], unique=False)
 
     op.create_table(
         "jobs",
@@ -139,9 +134,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("image_id", "embedder_version", name="uq_embeddings_image_version"),
     )
     with op.batch_alter_table("embeddings", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_embeddings_version_image", ["embedder_version", "image_id"], unique=False
-        )
+        batch_op.create_index("ix_embeddings_version_image", ["embedder_version", "image_id"], unique=False)
 
 
 def downgrade() -> None:
@@ -162,8 +155,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_checkpoints_collection_id"))
 
     with op.batch_alter_table("collections", schema=None) as batch_op:
-        batch_op.drop_constraint(
-            batch_op.f("fk_collections_checkpoint_id_checkpoints"), type_="foreignkey"
-        )
+        batch_op.drop_constraint(batch_op.f("fk_collections_checkpoint_id_checkpoints"), type_="foreignkey")
     op.drop_table("checkpoints")
     op.drop_table("collections")
