@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from app.context import AppContext, open_context
@@ -53,8 +54,12 @@ def _epoch_bars() -> Callable[[int, int, int, float], None]:
 @contextmanager
 def _context(*, threads: int | None = None) -> Iterator[AppContext]:
     """A service context for one command; domain errors become a clean exit message."""
-    settings = get_settings()
-    context = open_context(settings, torch_threads=threads)
+    try:
+        context = open_context(get_settings(), torch_threads=threads)
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except CbirError as exc:  # e.g. CBIR_DEFAULT_EMBEDDER names no embedder
+        raise click.ClickException(exc.detail) from None
     try:
         yield context
     except CbirError as exc:
@@ -147,9 +152,12 @@ def collections_create(name: str, embedder: str | None) -> None:
 def import_(source: str, collection: str) -> None:
     """Import SOURCE into a collection: a zip/tar archive of images, or DATASET:SPLIT (mnist:train)."""
     from app.services import jobs
+    from app.services.collections import get_collection
 
     with _context(threads=os.cpu_count()) as ctx:
+        get_collection(ctx, collection)  # fail before copying anything
         if Path(source).is_file():
+            jobs.check_archive(Path(source), Path(source).name)
             # The job deletes its archive when done: hand it a copy in the data folder.
             import shutil
             import tempfile

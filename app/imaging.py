@@ -94,7 +94,19 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is an exception where warnings are errors (tests, -W error): still a 413.
         raise ImageTooLarge(str(exc)) from None
-    except (OSError, ValueError, struct.error, IndexError, EOFError, SyntaxError, zlib.error) as exc:
+    except (
+        OSError,
+        ValueError,
+        struct.error,
+        IndexError,
+        EOFError,
+        SyntaxError,
+        zlib.error,
+        ZeroDivisionError,
+        OverflowError,
+        NotImplementedError,
+        MemoryError,
+    ) as exc:
         raise ImageRejected(f"the image header could not be read: {exc}") from None
 
     width, height = image.size
@@ -132,4 +144,5 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
         MemoryError,
     ) as exc:
         raise ImageRejected(f"the image could not be decoded: {type(exc).__name__}") from None
-    return DecodedImage(image=image, format=image_format, width=width, height=height)
+    # EXIF rotation may have swapped the sides: report the size a viewer shows.
+    return DecodedImage(image=image, format=image_format, width=image.width, height=image.height)

@@ -57,7 +57,11 @@ class CollectionRecord(Base):
 
 class ImageRecord(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),)
+    __table_args__ = (
+        UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),
+        # Ids are public (URLs cached for a year): never hand a deleted image's id to another.
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)

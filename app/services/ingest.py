@@ -81,6 +81,8 @@ def ingest_batch(
     vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
 
     with WRITE_LOCK:
+        # Load the index before the commit: a first load after it would already hold the new rows.
+        ctx.indexes.get(record)
         new_ids, new_vectors = _store(
             ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
         )

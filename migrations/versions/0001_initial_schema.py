@@ -82,6 +82,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
         sa.UniqueConstraint("collection_id", "sha256", name="uq_images_collection_sha256"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_images_collection_id"), ["collection_id"], unique=False)

@@ -1,0 +1,76 @@
+"""Alembic migrations: build the schema the models describe, and come down and up again cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, inspect
+
+from app.db import Database, alembic_config
+from app.records import Base
+
+TABLES = {"collections", "images", "embeddings", "checkpoints", "jobs"}
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'migrations.sqlite3'}"
+
+
+@pytest.fixture
+def engine(url: str):
+    engine = create_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def differences(engine: Engine) -> list:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
+        return compare_metadata(context, Base.metadata)
+
+
+def test_there_is_a_single_head():
+    assert len(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()) == 1
+
+
+def test_upgrade_head_on_an_empty_database_creates_every_table(url: str, engine: Engine):
+    command.upgrade(alembic_config(url), "head")
+    assert tables(engine) == TABLES == set(Base.metadata.tables)
+
+
+def test_migrated_schema_matches_the_models(url: str, engine: Engine):
+    command.upgrade(alembic_config(url), "head")
+    assert differences(engine) == []
+
+
+def test_downgrade_to_base_then_upgrade_again(url: str, engine: Engine):
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    command.downgrade(config, "base")
+    assert tables(engine) == set()
+    command.upgrade(config, "head")
+    assert tables(engine) == TABLES
+    assert differences(engine) == []
+
+
+def test_app_migrate_is_idempotent(url: str, engine: Engine):
+    database = Database(url)
+    try:
+        database.migrate()
+        database.migrate()
+    finally:
+        database.dispose()
+    assert tables(engine) == TABLES
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with engine.connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == head
