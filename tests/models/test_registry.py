@@ -1,0 +1,70 @@
+"""Contract of every registered embedder: shape, dtype, unit norm, determinism, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import cdae, registry
+from models.base import Embedder
+
+
+@pytest.fixture(scope="module")
+def cdae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+    config = cdae.CDAEConfig.preset("tutorial")
+    result = cdae.train_cdae(images, config=config, epochs=1, device=torch.device("cpu"))
+    path = tmp_path_factory.mktemp("ckpt") / "cdae.pt"
+    cdae.save_checkpoint(path, result=result, config=config, dataset={"name": "random", "images": 64})
+    return path
+
+
+def build(name: str, checkpoint: Path) -> Embedder:
+    spec = registry.get_spec(name)
+    return registry.create(name, checkpoint=checkpoint if spec.trainable else None)
+
+
+def sample_images() -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8), mode="L"),
+        Image.fromarray(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8), mode="RGB"),
+        Image.new("L", (28, 28), 0),  # all black: must not become NaN
+    ]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_embedder_contract(name: str, cdae_checkpoint: Path) -> None:
+    embedder = build(name, cdae_checkpoint)
+    vectors = embedder.embed(sample_images())
+    assert vectors.shape == (3, embedder.dim)
+    assert vectors.dtype == np.float32
+    assert np.isfinite(vectors).all()
+    norms = np.linalg.norm(vectors, axis=1)
+    assert np.allclose(norms[:2], 1.0, atol=1e-5)
+    assert norms[2] == pytest.approx(1.0, abs=1e-5) or norms[2] == 0.0
+    # Same image, same vector: deterministic in eval mode, batch or single.
+    again = embedder.embed(sample_images()[:1])
+    np.testing.assert_allclose(again[0], vectors[0], atol=1e-5)
+    assert embedder.version and embedder.name == name
+
+
+def test_registry_refuses_duplicate_names() -> None:
+    spec = registry.get_spec("pixels")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(spec)
+
+
+def test_unknown_embedder_lists_the_known_ones() -> None:
+    with pytest.raises(registry.UnknownEmbedder, match="pixels"):
+        registry.get_spec("resnet9000")
+
+
+def test_trainable_embedder_without_checkpoint_is_refused() -> None:
+    with pytest.raises(registry.CheckpointRequired):
+        registry.create("cdae")
