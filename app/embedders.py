@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from app.errors import EmbedderNotReady, UnknownEmbedderName
+from app.errors import EmbedderNotReady, IndexMismatch, UnknownEmbedderName
 from app.records import CheckpointRecord, CollectionRecord
 from app.settings import Settings
 from models import registry
@@ -21,7 +21,7 @@ def validate_embedder_name(name: str) -> None:
 
 
 class EmbedderCache:
-    """Embedders keyed by (name, checkpoint path); created under a lock, loaded lazily."""
+    """Embedders keyed by (name, checkpoint SHA-256); created under a lock, loaded lazily."""
 
     def __init__(self, *, settings: Settings, device: torch.device) -> None:
         self.settings = settings
@@ -42,11 +42,17 @@ class EmbedderCache:
 
     def get(self, name: str, checkpoint: CheckpointRecord | None = None) -> Embedder:
         path = self.settings.data_dir / checkpoint.path if checkpoint is not None else None
-        key = (name, str(path or ""))
+        # Keyed by content, not path: a checkpoint is identified by its SHA-256.
+        key = (name, checkpoint.sha256 if checkpoint is not None else "")
         with self._lock:
             embedder = self._cache.get(key)
             if embedder is None:
                 embedder = registry.create(name, checkpoint=path, device=self.device)
+                if checkpoint is not None and embedder.version != checkpoint.version:
+                    raise IndexMismatch(
+                        f"checkpoint file {checkpoint.path} no longer matches the database "
+                        f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+                    )
                 self._cache[key] = embedder
         embedder.load()
         return embedder

@@ -28,6 +28,21 @@ _FOREIGN_SIGNATURES = {
 }
 
 
+# What Pillow's decoders raise on hostile input besides OSError (Pillow#9814 lists several).
+_DECODER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    struct.error,
+    IndexError,
+    EOFError,
+    SyntaxError,
+    zlib.error,
+    ZeroDivisionError,
+    OverflowError,
+    NotImplementedError,
+    MemoryError,
+)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_pixels: int = 40_000_000
@@ -94,19 +109,7 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is an exception where warnings are errors (tests, -W error): still a 413.
         raise ImageTooLarge(str(exc)) from None
-    except (
-        OSError,
-        ValueError,
-        struct.error,
-        IndexError,
-        EOFError,
-        SyntaxError,
-        zlib.error,
-        ZeroDivisionError,
-        OverflowError,
-        NotImplementedError,
-        MemoryError,
-    ) as exc:
+    except (OSError, *_DECODER_ERRORS) as exc:
         raise ImageRejected(f"the image header could not be read: {exc}") from None
 
     width, height = image.size
@@ -131,18 +134,7 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
         if "truncated" in str(exc).lower() or "unexpected end" in str(exc).lower():
             raise ImageTruncated("the image data ends early (truncated file)") from None
         raise ImageRejected(f"the image could not be decoded: {exc}") from None
-    except (
-        ValueError,
-        struct.error,
-        IndexError,
-        EOFError,
-        SyntaxError,
-        zlib.error,
-        ZeroDivisionError,
-        OverflowError,
-        NotImplementedError,
-        MemoryError,
-    ) as exc:
+    except _DECODER_ERRORS as exc:
         raise ImageRejected(f"the image could not be decoded: {type(exc).__name__}") from None
     # EXIF rotation may have swapped the sides: report the size a viewer shows.
     return DecodedImage(image=image, format=image_format, width=image.width, height=image.height)

@@ -91,25 +91,18 @@ def evaluate(
                 extra.append((spec, ctx.embedders.get(spec)))
     rows = []
     if record.embedder_version is not None:
-        start = time.perf_counter()
-        vectors, ids = load_vectors(ctx.db, collection_id=record.id, embedder_version=record.embedder_version)
+        # The collection's own vectors as served, read back from the database.
         embedder = ctx.embedders.for_collection(record, active_checkpoint)
         label = _checkpoint_label(active_checkpoint) if active_checkpoint else embedder.version
-        rows.append(
-            _score(
-                ctx,
-                label=label,
-                embedder=embedder,
-                query_set=query_set,
-                db_vectors=vectors,
-                db_ids=ids,
-                collection_id=record.id,
-                start=start,
-            )
-        )
-    for label, embedder in extra:
+        extra.insert(0, (label, embedder))
+    for position, (label, embedder) in enumerate(extra):
         start = time.perf_counter()
-        vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
+        if position == 0 and record.embedder_version is not None:
+            vectors, ids = load_vectors(
+                ctx.db, collection_id=record.id, embedder_version=record.embedder_version
+            )
+        else:
+            vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
         rows.append(
             _score(
                 ctx,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -104,8 +105,8 @@ def train_cdae(
     result = cdae.train_cdae(
         pixels, config=config, epochs=epochs, device=ctx.device, seed=seed, progress=train_progress
     )
-    stamp = utcnow().strftime("%Y%m%dT%H%M%S")
-    relative = f"checkpoints/cdae-{collection}-{preset}-{stamp}.pt"
+    # Unique even for two trainings in the same second (the file is never overwritten).
+    relative = f"checkpoints/cdae-{collection}-{preset}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.pt"
     sha = cdae.save_checkpoint(
         ctx.settings.data_dir / relative,
         result=result,
