@@ -1,4 +1,5 @@
 # cbir service image: slim Python, CPU torch by default, non-root, data in a volume.
+# `docker compose up` builds and runs it with PostgreSQL (README, "Deploy").
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -11,13 +12,16 @@ COPY app ./app
 COPY models ./models
 COPY index ./index
 COPY migrations ./migrations
-# Same install as `make run` (the Makefile's `pip install -e .`), from PyPI's CPU wheels by default.
+# The Makefile's two install commands (`make run`), with torch from TORCH_INDEX: CPU wheels by
+# default; the compose `gpu` profile passes PyPI, whose Linux wheels are the CUDA build.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --upgrade pip && pip install --extra-index-url "$TORCH_INDEX" -e ".[postgres]"
+RUN pip install --quiet --upgrade pip \
+ && pip install --extra-index-url "$TORCH_INDEX" -e '.[postgres]'
 
 USER cbir
 VOLUME ["/data"]
 EXPOSE 8000
+# Migrations run on start (the app upgrades the database to head before it serves).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=4)" || exit 1
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=4)" || exit 1
 CMD ["cbir", "serve"]

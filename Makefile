@@ -11,12 +11,20 @@ ifneq ($(wildcard $(SHARED_DATASETS)/mnist),)
 export CBIR_DATASETS_DIR ?= $(SHARED_DATASETS)
 endif
 
+# `make test` runs the suite on SQLite, then again on the PostgreSQL database at CBIR_TEST_PG_URL
+# when one answers there: each test that uses a database, in a fresh schema (the others, and the
+# slow ones, would repeat the SQLite run and are deselected). CBIR_TEST_PG_REQUIRED=1 (CI) makes
+# an unreachable PostgreSQL a failure instead of a skipped run. PYTEST_ARGS go to both runs.
+export CBIR_TEST_PG_URL ?= postgresql+psycopg://cbir:cbir@127.0.0.1:5432/cbir_test
+PYTEST_ARGS ?=
+
 .PHONY: run serve demo test check lint format clean
 
+# The Dockerfile runs these same two pip commands.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e .
+	$(BIN)/pip install -e '.[postgres]'
 	touch $@
 
 $(BIN)/.installed-dev: pyproject.toml
@@ -32,8 +40,20 @@ run: $(BIN)/.installed  ## build the demo collection if missing, then serve on C
 serve: $(BIN)/.installed  ## serve without building the demo
 	exec $(BIN)/cbir serve
 
-test: $(BIN)/.installed-dev  ## the whole test suite
-	$(BIN)/python -m pytest
+test: $(BIN)/.installed-dev  ## the whole test suite on SQLite, then on PostgreSQL when reachable
+	@sqlite=passed; postgres=passed; \
+	echo "== tests on SQLite =="; \
+	CBIR_TEST_DATABASE_URL= $(BIN)/python -m pytest $(PYTEST_ARGS) || sqlite=FAILED; \
+	if where=$$($(BIN)/python -m tests.postgres probe "$$CBIR_TEST_PG_URL"); then \
+	  echo "== tests on PostgreSQL ($$where) =="; \
+	  CBIR_TEST_DATABASE_URL="$$CBIR_TEST_PG_URL" $(BIN)/python -m pytest $(PYTEST_ARGS) || postgres=FAILED; \
+	elif [ -n "$${CBIR_TEST_PG_REQUIRED:-}" ]; then \
+	  postgres="FAILED (not reachable)"; \
+	else \
+	  postgres="skipped (point CBIR_TEST_PG_URL at a PostgreSQL database to run it)"; \
+	fi; \
+	echo "== SQLite: $$sqlite; PostgreSQL: $$postgres =="; \
+	[ "$$sqlite" = passed ] && case "$$postgres" in passed|skipped*) true;; *) false;; esac
 
 lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .

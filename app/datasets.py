@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -44,14 +45,17 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_mnist(split: str, *, datasets_dir: Path | None, download_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist(
+    split: str, *, datasets_dir: str | Path | None, download_dir: str | Path
+) -> tuple[np.ndarray, np.ndarray]:
     """MNIST ``split`` ("train" or "test") as (uint8 (n, 28, 28), uint8 labels (n,))."""
     if split not in MNIST_FILES:
         raise ValueError(f"MNIST has splits {sorted(MNIST_FILES)}, not {split!r}")
     image_stem, label_stem = MNIST_FILES[split]
-    for root in (datasets_dir, download_dir):
-        if root is None:
+    for folder in (datasets_dir, download_dir):
+        if folder is None:
             continue
+        root = Path(folder)
         images, labels = _find(root, image_stem), _find(root, label_stem)
         if images and labels:
             return read_idx(images), read_idx(labels)
@@ -65,3 +69,16 @@ def load_mnist(split: str, *, datasets_dir: Path | None, download_dir: Path) -> 
             f"({exc}); put the IDX .gz files in <CBIR_DATASETS_DIR>/mnist/"
         ) from exc
     return dataset.data.numpy(), dataset.targets.numpy().astype(np.uint8)
+
+
+def keep_local_copy(*, datasets_dir: str | Path | None, download_dir: str | Path) -> None:
+    """Copy the MNIST files found in ``datasets_dir`` into ``download_dir`` (the data folder), so
+    later commands (``cbir eval``) find them without CBIR_DATASETS_DIR, offline."""
+    if datasets_dir is None:
+        return
+    target = Path(download_dir) / "mnist"
+    for stem in (name for pair in MNIST_FILES.values() for name in pair):
+        source = _find(Path(datasets_dir), stem)
+        if source is not None and not (target / source.name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target / source.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -28,7 +30,28 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    # pre_ping: a connection the server dropped while idle in the pool is replaced, not used.
     return create_engine(url, pool_pre_ping=True)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a database error is transient (server unreachable, connection dropped, pool
+    exhausted, a lock not granted): the request may succeed if retried, so it is a 503, not a 500.
+
+    SQLAlchemy invalidates a dropped connection and the pool replaces it, so the next request
+    gets a fresh one.
+    """
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection became free in time
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if isinstance(exc.orig, sqlite3.Error):
+        # SQLite also reports a missing table as an OperationalError; only a busy file is transient.
+        return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
+    # PostgreSQL: connection failures, administrator shutdown, deadlocks, lock and statement timeouts.
+    return isinstance(exc, sa_exc.OperationalError)
 
 
 def alembic_config(url: str) -> Config:

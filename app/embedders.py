@@ -60,3 +60,8 @@ class EmbedderCache:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def embedder_choices() -> list[registry.EmbedderSpec]:
+    """Every registered embedder, by name (what a new collection can use)."""
+    return [registry.get_spec(name) for name in registry.names()]

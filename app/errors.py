@@ -91,3 +91,9 @@ class UnsupportedArchive(CbirError):
 
 class IndexMismatch(CbirError):
     status, code, title = 503, "index_unavailable", "Index not ready"
+
+
+class DatabaseUnavailable(CbirError):
+    """The database could not be reached or dropped the connection; retrying later may work."""
+
+    status, code, title = 503, "database_unavailable", "Database unavailable"

@@ -11,9 +11,18 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.api import pages, problems, routes_collections, routes_health, routes_images, routes_jobs
+from app.api import (
+    pages,
+    problems,
+    routes_collections,
+    routes_evaluation,
+    routes_health,
+    routes_images,
+    routes_jobs,
+)
 from app.context import open_context
 from app.services.collections import list_collections
+from app.services.evaluation import EvaluationRunner
 from app.services.jobs import JobRunner
 from app.settings import Settings, get_settings
 
@@ -37,10 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d import job(s) were interrupted by the last shutdown", interrupted)
         app.state.context = context
         app.state.jobs = runner
+        app.state.evaluations = EvaluationRunner(context)
         try:
             yield
         finally:
             runner.shutdown()
+            app.state.evaluations.wait(timeout=30)
             context.close()
 
     app = FastAPI(
@@ -51,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (routes_collections, routes_images, routes_jobs, routes_health):
+    for module in (routes_collections, routes_images, routes_jobs, routes_evaluation, routes_health):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

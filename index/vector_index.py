@@ -139,9 +139,7 @@ class VectorIndex:
     over its OpenMP threads, and add racing search is unsafe, so a finer scheme buys little.
     """
 
-    def __init__(
-        self, dim: int, *, factory: str = "IDMap2,Flat", meta: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, dim: int, *, factory: str = "IDMap2,Flat", meta: dict[str, Any] | None = None) -> None:
         if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim <= 0:
             raise ValueError(f"dim must be a positive integer; got {dim!r}")
         factory = _normalise_factory(factory)
@@ -300,7 +298,9 @@ class VectorIndex:
 
     # --- search -----------------------------------------------------------------------
 
-    def search(self, vectors: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: Any, k: int, *, allowed_ids: Any | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best stored ids for each query row.
 
         ``vectors`` is (n, d) float, unit L2 norm. Returns ``(scores, ids)``: scores
@@ -308,16 +308,29 @@ class VectorIndex:
         where ``m = min(k, ntotal)``. So an empty index gives (n, 0) arrays. With an exact
         (Flat) index every slot is filled; an approximate index may leave trailing slots
         unfilled, and those hold id ``-1`` and score ``-inf``.
+
+        ``allowed_ids`` (int64, any order) restricts the search to those ids (a FAISS
+        ``IDSelectorBatch``): the best ``k`` among them, exact for a Flat index; then
+        ``m = min(k, ntotal, len(allowed_ids))`` and slots beyond the matches hold ``-1``.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer; got {k!r}")
         arr = _as_vectors(vectors, self.dim)
+        params = None
+        allowed = None
+        if allowed_ids is not None:
+            allowed = _as_ids(allowed_ids)
+            # Kept alive beside params: FAISS holds a raw pointer to the selector.
+            selector = faiss.IDSelectorBatch(allowed)
+            params = _search_parameters(self._index, selector)
         with self._lock:
             m = min(int(k), int(self._index.ntotal))
+            if allowed is not None:
+                m = min(m, int(allowed.size))
             if m == 0 or arr.shape[0] == 0:
                 shape = (arr.shape[0], m)
                 return np.empty(shape, np.float32), np.empty(shape, np.int64)
-            scores, found = self._index.search(arr, m)
+            scores, found = self._index.search(arr, m, params=params)
         scores = np.asarray(scores, dtype=np.float32)
         found = np.asarray(found, dtype=np.int64)
         scores[found < 0] = -np.inf  # FAISS fills gaps with -FLT_MAX for inner product
@@ -415,6 +428,18 @@ class VectorIndex:
         self = cls.__new__(cls)
         self._setup(index=index, factory=header["factory"], meta=header["meta"], ids=ids)
         return self
+
+
+def _search_parameters(index: Any, selector: Any) -> Any:
+    """Search parameters carrying ``selector``, of the type the inner index expects (IVF and
+    HNSW refuse the base class), with that index's own search settings kept."""
+    swig: Any = faiss  # the SWIG stubs miss these keyword constructors
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVF):
+        return swig.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+    if isinstance(inner, faiss.IndexHNSW):
+        return swig.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return swig.SearchParameters(sel=selector)
 
 
 def _parse_header(header_bytes: bytes, *, where: str) -> dict[str, Any]:

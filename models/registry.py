@@ -51,16 +51,12 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(
-    name: str, *, checkpoint: Path | None = None, device: torch.device | None = None
-) -> Embedder:
+def create(name: str, *, checkpoint: Path | None = None, device: torch.device | None = None) -> Embedder:
     """Build an embedder; trainable ones need ``checkpoint`` (never random weights silently)."""
     spec = get_spec(name)
     if spec.trainable:
         if checkpoint is None:
-            raise CheckpointRequired(
-                f"embedder {name!r} has no trained checkpoint yet; train one first"
-            )
+            raise CheckpointRequired(f"embedder {name!r} has no trained checkpoint yet; train one first")
         return spec.factory(checkpoint=checkpoint, device=device)
     return spec.factory(device=device)
 

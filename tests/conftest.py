@@ -1,4 +1,9 @@
-"""Shared fixtures: every test gets its own data folder, SQLite file and index files."""
+"""Shared fixtures: every test gets its own data folder, database and index files.
+
+The database is a SQLite file in the data folder, or, when ``CBIR_TEST_DATABASE_URL`` names a
+PostgreSQL database, a fresh schema in it (``tests/postgres.py``). Tests marked ``pg`` need
+PostgreSQL-only behaviour (concurrent writers, dropped connections) and are skipped on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,97 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import Engine
 
 from app.main import create_app
 from app.settings import Settings
+from tests import postgres
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS_DIR = Path(os.environ.get("CBIR_DATASETS_DIR", SHARED_DATASETS))
+TEST_DATABASE_URL = os.environ.get("CBIR_TEST_DATABASE_URL", "")
+ON_POSTGRES = postgres.is_postgres(TEST_DATABASE_URL)
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_DATABASE_URL and not ON_POSTGRES:
+        raise pytest.UsageError(
+            f"CBIR_TEST_DATABASE_URL must be a postgresql+psycopg:// URL or empty (SQLite), not "
+            f"{postgres.redact(TEST_DATABASE_URL)}"
+        )
+
+
+def pytest_report_header() -> str:
+    if ON_POSTGRES:
+        return (
+            f"cbir test database: PostgreSQL at {postgres.redact(TEST_DATABASE_URL)}, a schema per test; "
+            "tests that use no database, and slow ones, are deselected (the SQLite run covers them)"
+        )
+    return "cbir test database: SQLite, a file per test"
+
+
+def runs_on_postgres(item: pytest.Item) -> bool:
+    """Whether the PostgreSQL run needs a test: one that gets a database (the ``database_url``
+    fixture, through ``settings``, ``client``, ``cli``...) and is not ``slow``.
+
+    The others would repeat the SQLite run: most never see a database (the browser tests serve a
+    SQLite demo of their own); the slow ones spend their minutes training on 60,000 digits, and
+    their database work, bulk imports and checkpoints, is what the MNIST-test import (10,000
+    digits) and the training tests do on PostgreSQL in seconds.
+    """
+    return "database_url" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not ON_POSTGRES:
+        return
+    repeats = [item for item in items if not runs_on_postgres(item)]
+    if repeats:
+        config.hook.pytest_deselected(items=repeats)
+        items[:] = [item for item in items if runs_on_postgres(item)]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("pg") and not ON_POSTGRES:
+        pytest.skip("needs PostgreSQL: set CBIR_TEST_DATABASE_URL (make test does when one is reachable)")
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    """Autocommit connections to the test PostgreSQL database (``pg`` tests and schema set-up)."""
+    if not ON_POSTGRES:
+        pytest.skip("needs PostgreSQL")
+    engine = postgres.admin_engine(TEST_DATABASE_URL)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def pg_schema(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """This test's own PostgreSQL schema (None on SQLite): created empty, dropped afterwards."""
+    if not ON_POSTGRES:
+        yield None
+        return
+    admin: Engine = request.getfixturevalue("pg_admin")
+    schema = postgres.new_schema(admin)
+    yield schema
+    postgres.drop_schema(admin, schema)
+
+
+@pytest.fixture
+def database_url(pg_schema: str | None) -> str:
+    """The test's database: "" (a SQLite file in the data folder) or its PostgreSQL schema's URL."""
+    return postgres.schema_url(TEST_DATABASE_URL, pg_schema) if pg_schema else ""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
-        database_url=os.environ.get("CBIR_TEST_DATABASE_URL", ""),
+        database_url=database_url,
         datasets_dir=DATASETS_DIR,
         default_embedder="tiny",
         max_upload_bytes=2 * 1024 * 1024,

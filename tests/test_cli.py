@@ -17,11 +17,12 @@ from tests.conftest import DATASETS_DIR
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Callable[..., Result]]:
-    """Run ``cbir ARGS`` against a fresh data folder; settings are re-read for every invocation."""
+def cli(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Result]]:
+    """Run ``cbir ARGS`` against a fresh data folder and database; settings are re-read for every
+    invocation."""
     env = {
         "CBIR_DATA_DIR": str(tmp_path / "data"),
-        "CBIR_DATABASE_URL": "",
+        "CBIR_DATABASE_URL": database_url,
         "CBIR_DATASETS_DIR": str(DATASETS_DIR),
         "CBIR_DEFAULT_EMBEDDER": "tiny",
         "CBIR_DEVICE": "cpu",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Query, Request, UploadFile
 
 from app.context import AppContext
 from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
+from app.services.evaluation import EvaluationRunner
+from app.services.filters import ImageFilter, parse_filter
 from app.services.jobs import JobRunner
 
 CHUNK = 1024 * 1024
@@ -22,8 +24,26 @@ def get_jobs(request: Request) -> JobRunner:
     return request.app.state.jobs  # type: ignore[no-any-return]
 
 
+def get_evaluations(request: Request) -> EvaluationRunner:
+    return request.app.state.evaluations  # type: ignore[no-any-return]
+
+
+def get_image_filter(
+    label: Annotated[
+        str | None, Query(max_length=256, description="only images whose metadata label is this")
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        Query(description="KEY:VALUE, repeatable: only images whose metadata KEY has this value (as text)"),
+    ] = None,
+) -> ImageFilter:
+    return parse_filter(label=label, meta=meta or [])
+
+
 ContextDep = Annotated[AppContext, Depends(get_context)]
 JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+EvaluationsDep = Annotated[EvaluationRunner, Depends(get_evaluations)]
+FilterDep = Annotated[ImageFilter, Depends(get_image_filter)]
 
 
 async def read_upload(upload: UploadFile, *, limit: int) -> bytes:

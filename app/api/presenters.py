@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from app.api.schemas import CollectionOut, HitOut, ImageOut, JobError, JobOut, SearchResponse
+from app.api.schemas import (
+    CollectionOut,
+    CompareResponse,
+    CompareSide,
+    EvaluationOut,
+    HitOut,
+    ImageOut,
+    JobError,
+    JobOut,
+    MapOut,
+    MapPointOut,
+    SearchResponse,
+)
 from app.records import ImageRecord
 from app.services.collections import CollectionInfo
+from app.services.compare import Comparison
+from app.services.evaluation import EvaluationStatus
 from app.services.jobs import JobInfo
+from app.services.maps import CollectionMap
 from app.services.search import SearchResult
 
 API = "/api/v1"
@@ -37,7 +52,7 @@ def image_out(record: ImageRecord, collection: str) -> ImageOut:
     )
 
 
-def search_out(result: SearchResult) -> SearchResponse:
+def hits_out(result: SearchResult) -> list[HitOut]:
     hits = []
     for hit in result.hits:
         image_url, thumbnail_url = image_urls(hit.image_id)
@@ -55,16 +70,69 @@ def search_out(result: SearchResult) -> SearchResponse:
                 thumbnail_url=thumbnail_url,
             )
         )
+    return hits
+
+
+def search_out(result: SearchResult) -> SearchResponse:
     return SearchResponse(
         collection=result.collection,
         k=result.k,
         query_image_id=result.query_image_id,
-        hits=hits,
+        hits=hits_out(result),
         timings_ms=result.timings_ms,
     )
 
 
-def job_out(info: JobInfo) -> JobOut:
+def compare_out(comparison: Comparison) -> CompareResponse:
+    return CompareResponse(
+        collection=comparison.collection,
+        k=comparison.k,
+        query_image_id=comparison.query_image_id,
+        sample=comparison.sample,
+        total=comparison.total,
+        sides=[
+            CompareSide(
+                embedder=side.embedder,
+                source=side.source,
+                hits=hits_out(side.result),
+                timings_ms=side.result.timings_ms,
+            )
+            for side in comparison.sides
+        ],
+    )
+
+
+def map_out(result: CollectionMap, *, methods: list[str]) -> MapOut:
+    return MapOut(
+        collection=result.collection,
+        embedder_version=result.embedder_version,
+        method=result.method,
+        methods=methods,
+        sample=len(result.points),
+        total=result.total,
+        explained_variance=result.explained_variance,
+        points=[MapPointOut(id=p.id, x=p.x, y=p.y, label=p.label) for p in result.points],
+    )
+
+
+def evaluation_out(
+    status: EvaluationStatus, *, query_sets: list[str], choices: list[dict[str, str]]
+) -> EvaluationOut:
+    return EvaluationOut.model_validate(
+        {
+            "collection": status.collection,
+            "embedder_version": status.embedder_version,
+            "query_sets": query_sets,
+            "compare_choices": choices,
+            "running": status.running,
+            "latest": status.latest,
+            "failure": status.failure,
+        }
+    )
+
+
+def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
+    """``max_errors`` keeps only the first per-item errors (the list view; ``failed`` counts all)."""
     r = info.record
     return JobOut(
         id=r.id,
@@ -77,10 +145,18 @@ def job_out(info: JobInfo) -> JobOut:
         added=r.added,
         duplicates=r.duplicates,
         failed=r.failed,
-        errors=[JobError(**e) for e in (r.errors or [])],
+        errors=[JobError(**e) for e in (r.errors or [])[:max_errors]],
         error=r.error,
         images_per_second=info.images_per_second,
+        eta_seconds=_eta(info),
         created_at=r.created_at,
         started_at=r.started_at,
         finished_at=r.finished_at,
     )
+
+
+def _eta(info: JobInfo) -> float | None:
+    r = info.record
+    if r.state != "running" or not r.total or not info.images_per_second:
+        return None
+    return round(max(r.total - r.done, 0) / info.images_per_second, 1)

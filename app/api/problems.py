@@ -7,9 +7,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import CbirError
+from app.db import is_unavailable
+from app.errors import CbirError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -30,11 +32,24 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+def _render(exc: CbirError) -> JSONResponse:
+    headers = {"Retry-After": "5"} if exc.status == 503 else None
+    return problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(CbirError)
     async def _cbir(_: Request, exc: CbirError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
-        return problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
+        return _render(exc)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_unavailable(exc):
+            raise exc  # a bug, not an outage: the 500 handler below logs it with its traceback
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return _render(
+            DatabaseUnavailable("the database is unreachable or dropped the connection; retry shortly")
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response, status
-from sqlalchemy import func, select
 
-from app.api.deps import ContextDep
-from app.api.presenters import collection_out, image_out
-from app.api.schemas import CollectionCreate, CollectionList, CollectionOut, ImageOut
-from app.records import ImageRecord
-from app.services import collections
+from app.api.deps import ContextDep, FilterDep
+from app.api.presenters import collection_out, image_out, map_out
+from app.api.schemas import (
+    CollectionCreate,
+    CollectionList,
+    CollectionOut,
+    ImageOut,
+    LabelCount,
+    LabelList,
+    MapOut,
+)
+from app.services import collections, maps
 
 router = APIRouter(tags=["collections"])
 
@@ -38,21 +44,37 @@ def browse_images(
     name: str,
     ctx: ContextDep,
     response: Response,
+    image_filter: FilterDep,
     offset: int = Query(0, ge=0),
     limit: int = Query(50, ge=1, le=500),
 ) -> list[ImageOut]:
-    """A page of the collection's images in insertion order; ``X-Total-Count`` gives the total."""
-    with ctx.db.session() as session:
-        record = collections.require_collection(session, name)
-        total = session.scalar(
-            select(func.count()).select_from(ImageRecord).where(ImageRecord.collection_id == record.id)
-        )
-        rows = session.scalars(
-            select(ImageRecord)
-            .where(ImageRecord.collection_id == record.id)
-            .order_by(ImageRecord.id)
-            .offset(offset)
-            .limit(limit)
-        ).all()
-    response.headers["X-Total-Count"] = str(total or 0)
+    """A page of the collection's images in insertion order; ``X-Total-Count`` gives the total
+    (of the images that pass the filter, when there is one)."""
+    rows, total = collections.browse_images(ctx, name, offset=offset, limit=limit, image_filter=image_filter)
+    response.headers["X-Total-Count"] = str(total)
     return [image_out(row, name) for row in rows]
+
+
+@router.get("/collections/{name}/labels", response_model=LabelList)
+def collection_labels(name: str, ctx: ContextDep, limit: int = Query(100, ge=1, le=1000)) -> LabelList:
+    """The collection's labels (metadata ``label``) with their image counts, most common first."""
+    summary = collections.label_summary(ctx, name, limit=limit)
+    return LabelList(
+        collection=name,
+        total=summary.total,
+        distinct=summary.distinct,
+        unlabelled=summary.unlabelled,
+        labels=[LabelCount(label=label, count=count) for label, count in summary.labels],
+    )
+
+
+@router.get("/collections/{name}/map", response_model=MapOut)
+def collection_map(
+    name: str,
+    ctx: ContextDep,
+    sample: int = Query(5000, ge=1, le=maps.MAX_SAMPLE, description="points, evenly spread by id"),
+    method: str = Query("pca", description="pca, or umap where umap-learn is installed"),
+) -> MapOut:
+    """The collection's stored codes projected to 2-D, with each point's label."""
+    result = maps.collection_map(ctx, collection=name, sample=sample, method=method)
+    return map_out(result, methods=maps.available_methods())

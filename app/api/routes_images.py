@@ -6,10 +6,10 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.api.deps import ContextDep, parse_metadata, read_upload
-from app.api.presenters import image_out, search_out
-from app.api.schemas import ImageCreated, ImageOut, SearchResponse
-from app.services import images, search
+from app.api.deps import ContextDep, FilterDep, parse_metadata, read_upload
+from app.api.presenters import compare_out, image_out, search_out
+from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
+from app.services import compare, images, search
 from app.services.ingest import add_image
 
 router = APIRouter(tags=["images"])
@@ -73,8 +73,12 @@ def delete_image(image_id: int, ctx: ContextDep) -> Response:
 
 
 @router.get("/collections/{name}/images/{image_id}/similar", response_model=SearchResponse)
-def similar(name: str, image_id: int, ctx: ContextDep, k: int = Query(10, ge=1)) -> SearchResponse:
-    return search_out(search.similar_to(ctx, collection=name, image_id=image_id, k=k))
+def similar(
+    name: str, image_id: int, ctx: ContextDep, image_filter: FilterDep, k: int = Query(10, ge=1)
+) -> SearchResponse:
+    return search_out(
+        search.similar_to(ctx, collection=name, image_id=image_id, k=k, image_filter=image_filter)
+    )
 
 
 @router.post("/collections/{name}/search", response_model=SearchResponse, tags=["search"])
@@ -82,8 +86,49 @@ async def search_by_image(
     name: str,
     ctx: ContextDep,
     file: Annotated[UploadFile, File(description="the query image: PNG, JPEG, GIF or WebP")],
+    image_filter: FilterDep,
     k: int = Query(10, ge=1, description="number of hits, at most CBIR_MAX_K (100)"),
 ) -> SearchResponse:
     data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
-    result = await run_in_threadpool(search.search_by_image, ctx, collection=name, data=data, k=k)
+    result = await run_in_threadpool(
+        search.search_by_image, ctx, collection=name, data=data, k=k, image_filter=image_filter
+    )
     return search_out(result)
+
+
+AGAINST = Query(description="the other embedder: a registered one (pixels) or checkpoint:ID")
+SAMPLE = Query(ge=1, le=compare.MAX_SAMPLE, description="images both sides search")
+
+
+@router.post("/collections/{name}/compare", response_model=CompareResponse, tags=["search"])
+async def compare_by_image(
+    name: str,
+    ctx: ContextDep,
+    file: Annotated[UploadFile, File(description="the query image: PNG, JPEG, GIF or WebP")],
+    against: Annotated[str, AGAINST],
+    k: int = Query(10, ge=1),
+    sample: Annotated[int, SAMPLE] = 2000,
+) -> CompareResponse:
+    """The query side by side: the collection's embedder and ``against``, over the same
+    ``sample`` images (evenly spread over the collection); the second side's codes are
+    computed on the fly (cached for the last two samples)."""
+    data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
+    result = await run_in_threadpool(
+        compare.compare, ctx, collection=name, against=against, k=k, sample=sample, data=data
+    )
+    return compare_out(result)
+
+
+@router.get("/collections/{name}/images/{image_id}/compare", response_model=CompareResponse, tags=["search"])
+def compare_stored(
+    name: str,
+    image_id: int,
+    ctx: ContextDep,
+    against: Annotated[str, AGAINST],
+    k: int = Query(10, ge=1),
+    sample: Annotated[int, SAMPLE] = 2000,
+) -> CompareResponse:
+    """Like ``POST /compare`` with a stored image as the query (left out of both sides)."""
+    return compare_out(
+        compare.compare(ctx, collection=name, against=against, k=k, sample=sample, image_id=image_id)
+    )

@@ -3,13 +3,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from app.api.deps import CHUNK, ContextDep, JobsDep
 from app.api.presenters import job_out
-from app.api.schemas import DatasetImport, JobAccepted, JobOut
+from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
 from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.services import jobs
 from app.services.collections import get_collection
@@ -94,6 +94,19 @@ async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jo
         raise
     finally:
         await form.close()
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(
+    ctx: ContextDep,
+    collection: str | None = Query(None, description="only this collection's jobs"),
+    state: str | None = Query(None, description="queued, running, succeeded or failed"),
+    limit: int = Query(20, ge=1, le=200),
+    errors: int = Query(20, ge=0, le=1000, description="per-item errors shown per job (GET /jobs/{id}: all)"),
+) -> JobList:
+    """The newest jobs first."""
+    infos = jobs.list_jobs(ctx, collection=collection, state=state, limit=limit)
+    return JobList(jobs=[job_out(info, max_errors=errors) for info in infos])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -121,9 +121,16 @@ class JobOut(BaseModel):
     errors: list[JobError]
     error: str | None
     images_per_second: float | None
+    eta_seconds: float | None = Field(
+        None, description="while running: seconds left at the current rate (None when unknown)"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
 
 
 class CollectionHealth(BaseModel):
@@ -137,3 +144,110 @@ class Health(BaseModel):
     version: str
     device: str
     collections: list[CollectionHealth]
+
+
+class LabelCount(BaseModel):
+    label: str
+    count: int
+
+
+class LabelList(BaseModel):
+    collection: str
+    total: int = Field(description="images in the collection")
+    distinct: int = Field(description="distinct labels (the list may show fewer)")
+    unlabelled: int
+    labels: list[LabelCount] = Field(description="most common first")
+
+
+class PrecisionRecallCurve(BaseModel):
+    recall: list[float]
+    precision: list[float] = Field(description="interpolated precision, averaged over queries")
+
+
+class EvaluationRow(BaseModel):
+    embedder: str
+    queries: int
+    database: int
+    p_at_10: float
+    map_at_10: float
+    map_all: float
+    pr_curve: PrecisionRecallCurve | None = None
+    seconds: float
+
+
+class EvaluationStart(BaseModel):
+    queries: str = Field("mnist:test", examples=["mnist:test"])
+    limit: int | None = Field(None, ge=1, description="use only the first N queries (None: all)")
+    compare: list[str] = Field(
+        default_factory=list, max_length=4, examples=[["pixels"]], description="pixels or checkpoint:ID"
+    )
+
+
+class EvaluationRun(BaseModel):
+    queries: str
+    limit: int | None
+    compare: list[str]
+
+
+class EvaluationRunning(EvaluationRun):
+    started_at: datetime
+
+
+class EvaluationFailure(EvaluationRun):
+    failed_at: datetime
+    error: str
+
+
+class EvaluationResult(EvaluationRun):
+    computed_at: datetime
+    seconds: float
+    results: list[EvaluationRow]
+
+
+class CompareChoice(BaseModel):
+    spec: str
+    description: str
+
+
+class EvaluationOut(BaseModel):
+    collection: str
+    embedder_version: str | None
+    query_sets: list[str]
+    compare_choices: list[CompareChoice]
+    running: list[EvaluationRunning]
+    latest: EvaluationResult | None = Field(description="the newest result for the served embedder")
+    failure: EvaluationFailure | None = Field(description="the last run, when it failed after `latest`")
+
+
+class MapPointOut(BaseModel):
+    id: int
+    x: float
+    y: float
+    label: str | None
+
+
+class MapOut(BaseModel):
+    collection: str
+    embedder_version: str
+    method: str
+    methods: list[str] = Field(description="methods available on this server (umap needs umap-learn)")
+    sample: int = Field(description="points drawn (evenly spread over the collection by id)")
+    total: int = Field(description="images with a code in the collection")
+    explained_variance: list[float] | None
+    points: list[MapPointOut]
+
+
+class CompareSide(BaseModel):
+    embedder: str
+    source: str = Field(description="'stored codes' or 'computed for this comparison'")
+    hits: list[HitOut]
+    timings_ms: dict[str, float]
+
+
+class CompareResponse(BaseModel):
+    collection: str
+    k: int
+    query_image_id: int | None
+    sample: int = Field(description="images both sides searched (evenly spread over the collection)")
+    total: int
+    sides: list[CompareSide]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from app.context import AppContext
+from app.datasets import keep_local_copy
 from app.records import CollectionRecord
 from app.services.collections import create_collection, get_collection
 from app.services.jobs import DatasetSource, JobRunner, dataset_size
@@ -35,6 +36,7 @@ def ensure_demo(
         say(f"created collection {name!r} (embedder cdae)")
     info = get_collection(ctx, name)
     source = DatasetSource("mnist", "train")
+    keep_local_copy(datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets")
     expected = dataset_size(ctx, source)
     if info.image_count < expected:
         runner = JobRunner(ctx)

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.datasets import DATASETS, load_mnist
 from app.errors import InvalidRequest
 from app.indexes import load_vectors
-from app.records import CheckpointRecord, ImageRecord
+from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
 from app.services.training import Progress, embed_collection
-from index.metrics import evaluate_retrieval
+from app.storage import write_atomic
+from index.metrics import evaluate_retrieval, precision_recall_curve
 from models import registry
 from models.base import Embedder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,19 +86,7 @@ def evaluate(
     with ctx.db.session() as session:
         record = require_collection(session, collection)
         active_checkpoint = checkpoint_of(session, record)
-        extra: list[tuple[str, Embedder]] = []
-        for spec in compare:
-            if spec.startswith("checkpoint:"):
-                checkpoint = session.get(CheckpointRecord, int(spec.split(":", 1)[1]))
-                if checkpoint is None:
-                    raise InvalidRequest(f"there is no checkpoint {spec.split(':', 1)[1]}")
-                extra.append(
-                    (_checkpoint_label(checkpoint), ctx.embedders.get(checkpoint.embedder, checkpoint))
-                )
-            else:
-                if registry.get_spec(spec).trainable:
-                    raise InvalidRequest(f"{spec!r} is trained per collection; compare with checkpoint:ID")
-                extra.append((spec, ctx.embedders.get(spec)))
+        extra = [resolve_compare(ctx, session=session, collection=record, spec=spec) for spec in compare]
     rows = []
     if record.embedder_version is not None:
         # The collection's own vectors as served, read back from the database.
@@ -118,9 +116,55 @@ def evaluate(
     return rows
 
 
+def resolve_compare(
+    ctx: AppContext, *, session: Session, collection: CollectionRecord, spec: str
+) -> tuple[str, Embedder]:
+    """A compare spec as (label, embedder): a registered embedder that needs no training
+    (``pixels``) or ``checkpoint:ID``, a checkpoint of this collection; InvalidRequest if neither."""
+    if spec.startswith("checkpoint:"):
+        raw = spec.split(":", 1)[1]
+        checkpoint = session.get(CheckpointRecord, int(raw)) if raw.isdigit() else None
+        if checkpoint is None or checkpoint.collection_id not in (None, collection.id):
+            raise InvalidRequest(f"collection {collection.name!r} has no checkpoint {raw[:20]!r}")
+        return _checkpoint_label(checkpoint), ctx.embedders.get(checkpoint.embedder, checkpoint)
+    try:
+        trainable = registry.get_spec(spec).trainable
+    except registry.UnknownEmbedder:
+        raise InvalidRequest(
+            f"unknown embedder {spec[:40]!r}; known: {', '.join(registry.names())}"
+        ) from None
+    if trainable:
+        raise InvalidRequest(f"{spec!r} is trained per collection; compare with checkpoint:ID")
+    return spec, ctx.embedders.get(spec)
+
+
+def compare_choices(ctx: AppContext, collection: str) -> list[dict[str, str]]:
+    """What a collection can be compared with: embedders that need no training, and its own
+    checkpoints other than the active one."""
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoints = session.scalars(
+            select(CheckpointRecord)
+            .where(CheckpointRecord.collection_id == record.id)
+            .order_by(CheckpointRecord.id.desc())
+        ).all()
+    choices = [
+        {"spec": name, "description": registry.get_spec(name).description}
+        for name in registry.names()
+        if not registry.get_spec(name).trainable and name != record.embedder
+    ]
+    choices += [
+        {"spec": f"checkpoint:{c.id}", "description": f"checkpoint {c.id}: {_checkpoint_label(c)}"}
+        for c in checkpoints
+        if c.id != record.checkpoint_id
+    ]
+    return choices
+
+
 def _checkpoint_label(checkpoint: CheckpointRecord) -> str:
     config = checkpoint.config or {}
-    return f"{checkpoint.version} ({config.get('preset', '?')}, {config.get('epochs', '?')} epochs)"
+    epochs = config.get("epochs", "?")
+    return f"{checkpoint.version} ({config.get('preset', '?')}, {epochs} epoch{'' if epochs == 1 else 's'})"
 
 
 def _score(
@@ -135,12 +179,26 @@ def _score(
     start: float,
 ) -> dict[str, Any]:
     query_vectors = embedder.embed(query_set.images, batch_size=ctx.settings.embed_batch_size)
+    db_labels = _labels_of(ctx, collection_id=collection_id, ids=db_ids)
+    if len(db_labels) and not np.isin(query_set.labels, db_labels).any():
+        shown = ", ".join(sorted(set(query_set.labels.tolist()))[:10])
+        raise InvalidRequest(
+            f"none of the labels of {query_set.name} ({shown}) occur in this collection, so every "
+            "result would count as wrong; evaluate with queries labelled like the collection"
+        )
     metrics = evaluate_retrieval(
         query_vectors=query_vectors,
         query_labels=query_set.labels,
         db_vectors=db_vectors,
-        db_labels=_labels_of(ctx, collection_id=collection_id, ids=db_ids),
+        db_labels=db_labels,
         k=10,
+    )
+    curve = precision_recall_curve(
+        query_vectors=query_vectors,
+        query_labels=query_set.labels,
+        db_vectors=db_vectors,
+        db_labels=db_labels,
+        levels=11,
     )
     return {
         "embedder": label,
@@ -149,5 +207,158 @@ def _score(
         "p_at_10": round(float(metrics["p_at_10"]), 4),
         "map_at_10": round(float(metrics["map_at_10"]), 4),
         "map_all": round(float(metrics["map_all"]), 4),
+        "pr_curve": {
+            "recall": [round(r, 4) for r in curve["recall"]],
+            "precision": [round(p, 4) for p in curve["precision"]],
+        },
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+# -- in the background, cached -----------------------------------------------------------------
+def query_sets() -> list[str]:
+    return [f"{dataset}:{split}" for dataset, splits in DATASETS.items() for split in reversed(splits)]
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    collection: str
+    queries: str
+    limit: int | None
+    compare: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"queries": self.queries, "limit": self.limit, "compare": list(self.compare)}
+
+
+@dataclass(frozen=True)
+class EvaluationStatus:
+    collection: str
+    embedder_version: str | None
+    running: list[dict[str, Any]]  # requests in progress, with started_at
+    latest: dict[str, Any] | None  # the newest cached result for the served embedder version
+    failure: dict[str, Any] | None  # the last failed run of this collection, if newer than latest
+
+
+class EvaluationRunner:
+    """Runs evaluations on a background thread and caches each result as JSON in the data folder,
+    keyed by (collection, embedder version, query set, limit, compared embedders)."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._lock = threading.Lock()
+        self._running: dict[EvaluationRequest, datetime] = {}
+        self._failures: dict[str, dict[str, Any]] = {}
+        self._threads: list[threading.Thread] = []
+
+    def folder(self, collection: str) -> Path:
+        return self.ctx.settings.data_dir / "evaluations" / collection
+
+    def start(
+        self, *, collection: str, queries: str, limit: int | None, compare: tuple[str, ...]
+    ) -> EvaluationRequest:
+        """Check the request now (404/422 at once), then evaluate in the background; a request
+        already running is not started twice."""
+        if queries not in query_sets():
+            raise InvalidRequest(f"unknown query set {queries[:40]!r}; known: {', '.join(query_sets())}")
+        if limit is not None and limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        with self.ctx.db.session() as session:
+            record = require_collection(session, collection)
+            for spec in compare:
+                resolve_compare(self.ctx, session=session, collection=record, spec=spec)
+        request = EvaluationRequest(collection, queries, limit, tuple(dict.fromkeys(compare)))
+        with self._lock:
+            if request in self._running:
+                return request
+            self._running[request] = utcnow()
+            thread = threading.Thread(
+                target=self._run, args=(request,), name=f"cbir-eval-{collection}", daemon=True
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return request
+
+    def wait(self, timeout: float = 300.0) -> None:
+        """Wait for running evaluations to end (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(self, request: EvaluationRequest) -> None:
+        started = time.perf_counter()
+        try:
+            with self.ctx.db.session() as session:
+                record = require_collection(session, request.collection)
+            version = record.embedder_version
+            rows = evaluate(
+                self.ctx,
+                collection=request.collection,
+                queries=request.queries,
+                compare=request.compare,
+                limit=request.limit,
+            )
+            result = {
+                "collection": request.collection,
+                # A collection deleted and created again under the same name starts afresh.
+                "collection_created_at": record.created_at.isoformat(),
+                "embedder_version": version,
+                **request.describe(),
+                "computed_at": utcnow().isoformat(),
+                "seconds": round(time.perf_counter() - started, 1),
+                "results": rows,
+            }
+            path = self.folder(request.collection) / f"{_cache_key(request, version)}.json"
+            write_atomic(path, json.dumps(result, allow_nan=False).encode("utf-8"), fsync=False)
+            with self._lock:
+                self._failures.pop(request.collection, None)
+        except Exception as exc:  # reported on the page; never kills the service
+            if not isinstance(exc, InvalidRequest):
+                log.exception("evaluation of %s failed", request.collection)
+            detail = exc.detail if isinstance(exc, InvalidRequest) else f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._failures[request.collection] = {
+                    **request.describe(),
+                    "failed_at": utcnow().isoformat(),
+                    "error": detail,
+                }
+        finally:
+            with self._lock:
+                self._running.pop(request, None)
+
+    def status(self, collection: str) -> EvaluationStatus:
+        with self.ctx.db.session() as session:
+            record = require_collection(session, collection)
+        version = record.embedder_version
+        with self._lock:
+            running = [
+                {**r.describe(), "started_at": at.isoformat()}
+                for r, at in self._running.items()
+                if r.collection == collection
+            ]
+            failure = self._failures.get(collection)
+        latest = None
+        for path in (
+            sorted(self.folder(collection).glob("*.json")) if self.folder(collection).is_dir() else []
+        ):
+            try:
+                cached = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # a cache file that cannot be read is simply not shown
+            if (
+                cached.get("embedder_version") != version
+                or cached.get("collection_created_at") != record.created_at.isoformat()
+            ):
+                continue
+            if latest is None or cached.get("computed_at", "") > latest.get("computed_at", ""):
+                latest = cached
+        if failure and latest and failure["failed_at"] < latest["computed_at"]:
+            failure = None
+        return EvaluationStatus(
+            collection=collection, embedder_version=version, running=running, latest=latest, failure=failure
+        )
+
+
+def _cache_key(request: EvaluationRequest, version: str | None) -> str:
+    raw = json.dumps([request.collection, version, request.queries, request.limit, sorted(request.compare)])
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:24]

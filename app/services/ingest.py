@@ -28,6 +28,8 @@ from app.storage import sha256_hex
 
 # One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
 WRITE_LOCK = threading.RLock()
+# Tries of one batch's transaction when other processes store the same bytes at the same time.
+STORE_ATTEMPTS = 3
 
 
 @dataclass
@@ -83,9 +85,18 @@ def ingest_batch(
     with WRITE_LOCK:
         # Load the index before the commit: a first load after it would already hold the new rows.
         ctx.indexes.get(record)
-        new_ids, new_vectors = _store(
-            ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
-        )
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                new_ids, new_vectors = _store(
+                    ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
+                )
+                break
+            except IntegrityError:
+                # Another writer (a second process: `cbir import` beside the server, a second
+                # replica) stored some of these bytes since we looked. The transaction rolled back;
+                # the next attempt finds them and answers with their ids, as duplicates.
+                if attempt == STORE_ATTEMPTS:
+                    raise
         if len(new_ids):
             ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
     return [result for result in results if result is not None]
@@ -214,11 +225,7 @@ def add_image(
 ) -> ItemResult:
     """Store one uploaded image; a rejected one raises its CbirError (a 4xx for the client)."""
     item = Item(name=name, data=data, metadata=metadata or {})
-    try:
-        (result,) = ingest_batch(ctx, collection=collection, items=[item])
-    except IntegrityError:
-        # The same bytes raced in from another request: the other one won; answer with its id.
-        (result,) = ingest_batch(ctx, collection=collection, items=[item])
+    (result,) = ingest_batch(ctx, collection=collection, items=[item])
     if result.error is not None:
         raise result.error
     return result

@@ -307,6 +307,9 @@ class JobRunner:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
 
+JOB_STATES = ("queued", "running", "succeeded", "failed")
+
+
 def get_job(ctx: AppContext, job_id: str) -> JobInfo:
     from app.records import CollectionRecord
 
@@ -318,7 +321,30 @@ def get_job(ctx: AppContext, job_id: str) -> JobInfo:
         ).first()
     if row is None:
         raise JobNotFound(f"there is no job with id {job_id!r}")
-    record, name = row
+    return _job_info(*row)
+
+
+def list_jobs(
+    ctx: AppContext, *, collection: str | None = None, state: str | None = None, limit: int = 20
+) -> list[JobInfo]:
+    """The newest jobs first, optionally of one collection and in one state."""
+    from app.records import CollectionRecord
+
+    if state is not None and state not in JOB_STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(JOB_STATES)}, not {state[:40]!r}")
+    with ctx.db.session() as session:
+        stmt = select(JobRecord, CollectionRecord.name).outerjoin(
+            CollectionRecord, CollectionRecord.id == JobRecord.collection_id
+        )
+        if collection is not None:
+            stmt = stmt.where(JobRecord.collection_id == require_collection(session, collection).id)
+        if state is not None:
+            stmt = stmt.where(JobRecord.state == state)
+        rows = session.execute(stmt.order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit)).all()
+    return [_job_info(record, name) for record, name in rows]
+
+
+def _job_info(record: JobRecord, name: str | None) -> JobInfo:
     rate = None
     if record.started_at is not None:
         end = record.finished_at or utcnow()

@@ -15,6 +15,7 @@ from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRe
 from app.imaging import decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
+from app.services.filters import ImageFilter, matching_ids
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ def _check_k(ctx: AppContext, k: int) -> None:
         raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
 
 
+def served_collection(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
+    """The collection and its active checkpoint; EmbedderNotReady while it cannot be searched."""
+    return _served(ctx, name)
+
+
 def _served(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
     with ctx.db.session() as session:
         record = require_collection(session, name)
@@ -66,7 +72,9 @@ def _served(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
     return record, checkpoint
 
 
-def search_by_image(ctx: AppContext, *, collection: str, data: bytes, k: int) -> SearchResult:
+def search_by_image(
+    ctx: AppContext, *, collection: str, data: bytes, k: int, image_filter: ImageFilter | None = None
+) -> SearchResult:
     _check_k(ctx, k)
     clock = _Clock()
     record, checkpoint = _served(ctx, collection)
@@ -76,10 +84,12 @@ def search_by_image(ctx: AppContext, *, collection: str, data: bytes, k: int) ->
     clock.lap("decode")
     vector = embedder.embed_batch(torch.unsqueeze(tensor, 0))
     clock.lap("embed")
-    return _search(ctx, record=record, vector=vector, k=k, clock=clock)
+    return _search(ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter)
 
 
-def similar_to(ctx: AppContext, *, collection: str, image_id: int, k: int) -> SearchResult:
+def similar_to(
+    ctx: AppContext, *, collection: str, image_id: int, k: int, image_filter: ImageFilter | None = None
+) -> SearchResult:
     """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
     _check_k(ctx, k)
     clock = _Clock()
@@ -96,7 +106,9 @@ def similar_to(ctx: AppContext, *, collection: str, image_id: int, k: int) -> Se
         raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
     clock.lap("embed")
-    result = _search(ctx, record=record, vector=vector, k=k, clock=clock, exclude=image_id)
+    result = _search(
+        ctx, record=record, vector=vector, k=k, clock=clock, exclude=image_id, image_filter=image_filter
+    )
     result.query_image_id = image_id
     return result
 
@@ -109,7 +121,9 @@ def _search(
     k: int,
     clock: _Clock,
     exclude: int | None = None,
+    image_filter: ImageFilter | None = None,
 ) -> SearchResult:
+    """Search the index; with a filter, only among the ids that pass it (a FAISS id selector)."""
     index = ctx.indexes.get(record)
     if index is None:
         raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
@@ -121,7 +135,12 @@ def _search(
             f"the index of {record.name!r} holds {index.dim}-d vectors but the embedder gives "
             f"{vector.shape[1]}-d; it is being rebuilt, retry shortly"
         )
-    scores, ids = index.search(vector, k + (1 if exclude is not None else 0))
+    allowed = None
+    if image_filter:
+        with ctx.db.session() as session:
+            allowed = matching_ids(session, collection_id=record.id, image_filter=image_filter)
+        clock.lap("filter")
+    scores, ids = index.search(vector, k + (1 if exclude is not None else 0), allowed_ids=allowed)
     clock.lap("search")
     pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][
         :k

@@ -1,30 +1,42 @@
 // The search page: plain JavaScript over the REST API, no build step, no inline code (CSP-ready).
 // Anything that comes from data (file names, labels, metadata) reaches the DOM only through
-// textContent or attributes; this file never parses HTML strings.
+// textContent or attributes; this file never parses HTML strings. Helpers live in common.js.
 (function () {
   "use strict";
 
+  const C = window.cbir;
   const root = document.getElementById("app");
-  const picker = document.getElementById("collection");
+  const picker = C && C.collectionPicker();
   if (!root || !picker) return; // the "no collections yet" page has nothing to drive
 
-  const API = root.dataset.api || "/api/v1";
   const MAX_K = Number(root.dataset.maxK) || 100;
   const DEFAULT_K = 10;
-  const STAGES = ["decode", "embed", "search", "fetch", "total"];
+  const STAGES = ["decode", "embed", "filter", "search", "fetch", "total"];
   const ACCEPTED = ["image/png", "image/jpeg", "image/gif", "image/webp"];
   const STORED_IMAGE_URL = /\/api\/v1\/images\/(\d+)\/(?:file|thumbnail)\b/;
+  const byId = C.byId;
+  const el = C.el;
 
   const ui = {
-    alert: byId("alert"),
     k: byId("k"),
     meta: byId("collection-meta"),
-    notReady: byId("not-ready"),
+    labelField: byId("label-field"),
+    labelFilter: byId("label-filter"),
+    metaFilter: byId("meta-filter"),
     file: byId("file"),
     dropzone: byId("dropzone"),
     figure: byId("query-figure"),
+    stage: byId("crop-stage"),
     queryImage: byId("query-image"),
+    cropBox: byId("crop-box"),
     caption: byId("query-caption"),
+    actions: byId("query-actions"),
+    cropStart: byId("crop-start"),
+    cropApply: byId("crop-apply"),
+    cropCancel: byId("crop-cancel"),
+    cropHint: byId("crop-hint"),
+    idForm: byId("id-form"),
+    idInput: byId("image-id"),
     timings: byId("timings"),
     status: byId("status"),
     results: byId("results"),
@@ -35,160 +47,95 @@
   let objectUrl = null;
   let inFlight = null; // AbortController of the running request: a newer query cancels it
   let dragDepth = 0;
+  let labelRequest = 0; // the newest request for the label filter's choices
   const hitsById = new Map();
 
-  function byId(id) {
-    return document.getElementById(id);
-  }
-
-  /** A new element; `text` goes in as textContent, `attrs` as attributes. */
-  function el(tag, { className, text, attrs } = {}, children = []) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    for (const [name, value] of Object.entries(attrs || {})) {
-      if (value !== undefined && value !== null) node.setAttribute(name, String(value));
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
-
-  /** Only same-origin URLs from the API become image sources. */
-  function sameOrigin(url) {
-    try {
-      const parsed = new URL(url, window.location.href);
-      return parsed.origin === window.location.origin ? parsed.href : null;
-    } catch {
-      return null;
-    }
-  }
-
-  function thumbnailSrc(url) {
-    const src = sameOrigin(url);
-    if (!src) return null;
-    const size = window.devicePixelRatio > 1.5 ? 256 : 128;
-    const parsed = new URL(src);
-    parsed.searchParams.set("size", String(size));
-    return parsed.href;
-  }
-
-  // Small images (MNIST is 28x28) are scaled up with crisp pixels; large ones are smoothed.
-  function pixelateWhenUpscaled(img) {
-    const check = () => {
-      if (!img.naturalWidth || !img.naturalHeight) return;
-      // object-fit: contain draws the image at this scale inside its box.
-      const scale = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
-      img.classList.toggle("pixelated", scale > 1);
-    };
-    img.addEventListener("load", check);
-    if (img.complete) check();
-  }
-
-  // ---- collection and k ----------------------------------------------------------------------
-
-  function selectedOption() {
-    return picker.selectedOptions[0] || null;
-  }
-
-  function collectionName() {
-    return picker.value;
-  }
-
-  function isReady() {
-    const option = selectedOption();
-    return Boolean(option && option.dataset.ready === "true");
-  }
+  // ---- collection, k and filters -------------------------------------------------------------
 
   function currentK() {
     const k = Number(ui.k.value);
     return Number.isInteger(k) && k >= 1 ? Math.min(k, MAX_K) : DEFAULT_K;
   }
 
-  function count(n) {
-    return Number(n || 0).toLocaleString("en");
-  }
-
   function describeCollection() {
-    const option = selectedOption();
+    const option = picker.option();
     if (!option) return;
     const d = option.dataset;
     // Versions usually repeat the embedder's name ("tiny-v1"): say it once.
     const version = d.version && !d.version.startsWith(d.embedder) ? `${d.embedder} ${d.version}` : d.version;
     const parts = [version || d.embedder];
     if (d.dim) parts.push(`${d.dim}-d`);
-    parts.push(`${count(d.indexed)} of ${count(d.images)} images indexed`);
+    parts.push(`${C.count(d.indexed)} of ${C.count(d.images)} images indexed`);
     ui.meta.textContent = parts.join(" · ");
 
-    const ready = isReady();
-    ui.notReady.hidden = ready;
-    if (!ready) {
-      const code = ui.notReady.querySelector("code");
-      if (code) code.textContent = `cbir train ${d.embedder} --collection ${option.value}`;
-    }
+    C.describeReadiness(picker);
+    const ready = picker.ready();
     ui.file.disabled = !ready;
+    ui.idInput.disabled = !ready;
+    ui.idForm.querySelector("button").disabled = !ready;
     ui.dropzone.classList.toggle("disabled", !ready);
     ui.dropzone.setAttribute("aria-disabled", String(!ready));
   }
 
+  /** Fill the label filter from the collection's labels (hidden when it has none). `wanted` is
+   * selected at once (so a search can use it before the list arrives). */
+  async function loadLabelChoices(wanted) {
+    const name = picker.name();
+    const request = ++labelRequest;
+    const placeholder = [el("option", { text: "Any label", attrs: { value: "" } })];
+    if (wanted) placeholder.push(el("option", { text: wanted, attrs: { value: wanted } }));
+    ui.labelFilter.replaceChildren(...placeholder);
+    ui.labelFilter.value = wanted || "";
+    if (wanted) ui.labelField.hidden = false;
+    const data = await C.loadLabels(name);
+    if (request !== labelRequest) return;
+    const keep = ui.labelFilter.value;
+    const options = [el("option", { text: "Any label", attrs: { value: "" } })];
+    for (const { label, count } of (data && data.labels) || []) {
+      options.push(el("option", { text: `${label} (${C.count(count)})`, attrs: { value: label } }));
+    }
+    if (keep && !options.some((o) => o.value === keep)) options.push(el("option", { text: keep, attrs: { value: keep } }));
+    ui.labelFilter.replaceChildren(...options);
+    ui.labelFilter.value = keep;
+    ui.labelField.hidden = options.length <= 1;
+  }
+
+  /** The filter as typed, or an error shown to the person (and null). */
+  function currentFilter() {
+    try {
+      return { label: ui.labelFilter.value || null, meta: C.parseMetaFilter(ui.metaFilter.value) };
+    } catch (error) {
+      C.showError(error);
+      ui.metaFilter.focus();
+      return null;
+    }
+  }
+
+  function describeFilter(filter) {
+    const parts = [];
+    if (filter.label) parts.push(`label ${filter.label}`);
+    if (filter.meta) parts.push(filter.meta.replace(":", " = "));
+    return parts.length ? ` with ${parts.join(" and ")}` : "";
+  }
+
   // ---- messages ------------------------------------------------------------------------------
-
-  function showError(error) {
-    ui.alert.replaceChildren();
-    if (error.title) ui.alert.append(el("strong", { text: `${error.title}:` }), " ");
-    ui.alert.append(error.detail || String(error));
-    ui.alert.hidden = false;
-  }
-
-  function clearError() {
-    ui.alert.hidden = true;
-    ui.alert.replaceChildren();
-  }
 
   function setStatus(text) {
     ui.status.textContent = text;
   }
 
-  class ApiError extends Error {
-    constructor(title, detail, status) {
-      super(detail);
-      this.title = title;
-      this.detail = detail;
-      this.status = status;
-    }
-  }
-
-  /** JSON from the API; failures become an ApiError carrying the problem's title and detail. */
-  async function api(path, init = {}) {
-    let response;
-    try {
-      response = await fetch(API + path, { ...init, headers: { accept: "application/json" } });
-    } catch (error) {
-      if (error.name === "AbortError") throw error;
-      throw new ApiError("Network error", "The server could not be reached; is it running?", 0);
-    }
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      body = null;
-    }
-    if (!response.ok) {
-      const title = (body && body.title) || `HTTP ${response.status}`;
-      const detail = (body && body.detail) || response.statusText || "the request failed";
-      throw new ApiError(title, String(detail), response.status);
-    }
-    return body;
-  }
-
   // ---- the query panel -----------------------------------------------------------------------
 
   function showQuery(src, lines) {
+    endCrop();
     ui.queryImage.src = src;
     ui.queryImage.alt = lines[0] ? `Query: ${lines[0]}` : "Query image";
     ui.caption.replaceChildren(
       ...lines.map((line, i) => el("span", { className: i === 0 ? "caption-main" : "caption-sub", text: line })),
     );
     ui.figure.hidden = false;
+    ui.actions.hidden = false;
+    root.classList.add("has-query");
     setDropTitle("Drop another image here");
   }
 
@@ -198,29 +145,26 @@
   }
 
   function clearQuery() {
+    endCrop();
     query = null;
     if (objectUrl) URL.revokeObjectURL(objectUrl);
     objectUrl = null;
     ui.figure.hidden = true;
+    ui.actions.hidden = true;
+    root.classList.remove("has-query");
     ui.queryImage.removeAttribute("src");
     ui.caption.replaceChildren();
     setDropTitle("Drop an image here");
   }
 
-  function humanBytes(n) {
-    if (n < 1024) return `${n} B`;
-    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
-    return `${(n / 1024 / 1024).toFixed(1)} MB`;
-  }
-
-  function useFile(file) {
+  function useFile(file, { push = false } = {}) {
     if (!file) return;
-    if (!isReady()) {
-      showError({ title: "Not searchable", detail: "This collection has no trained checkpoint yet." });
+    if (!picker.ready()) {
+      C.showError({ title: "Not searchable", detail: "This collection has no trained checkpoint yet." });
       return;
     }
     if (file.type && !ACCEPTED.includes(file.type)) {
-      showError({
+      C.showError({
         title: "Unsupported file",
         detail: `${file.name || "That file"} is ${file.type}; use a PNG, JPEG, GIF or WebP image.`,
       });
@@ -229,8 +173,8 @@
     clearQuery();
     objectUrl = URL.createObjectURL(file);
     query = { kind: "file", file };
-    showQuery(objectUrl, [file.name || "pasted image", humanBytes(file.size)]);
-    writeUrl({ push: false });
+    showQuery(objectUrl, [file.name || "pasted image", C.humanBytes(file.size)]);
+    writeUrl({ push });
     runQuery();
   }
 
@@ -246,68 +190,224 @@
   function useStoredImage({ id, imageUrl, lines, push, focusResults }) {
     clearQuery();
     query = { kind: "image", id, imageUrl, lines };
-    const src = sameOrigin(imageUrl);
+    const src = C.sameOrigin(imageUrl);
     if (src) showQuery(src, [...lines, "stored image: more like this"]);
     writeUrl({ push });
     runQuery({ focusResults });
   }
 
-  function moreLikeThis(id, focusResults) {
-    const hit = hitsById.get(id);
-    if (!hit) return;
+  function moreLikeThis(image, focusResults) {
     useStoredImage({
-      id,
-      imageUrl: hit.image_url,
-      lines: imageLines(id, hitLabel(hit), hit.original_name),
+      id: image.id,
+      imageUrl: image.image_url,
+      lines: imageLines(image.id, C.labelOf(image.metadata), image.original_name),
       push: true,
       focusResults,
     });
   }
 
-  /** Deep link ?image=ID (also Back/Forward): the caption comes from GET /images/{id}. */
-  async function openStoredImage(id) {
+  /** Deep link ?image=ID (also Back/Forward and the id field): the caption comes from GET /images/{id}. */
+  async function openStoredImage(id, { push = false } = {}) {
     try {
-      const image = await api(`/images/${encodeURIComponent(id)}`);
+      const image = await C.api(`/images/${encodeURIComponent(id)}`);
       // A link may name an image of another collection: follow the image.
-      const owner = [...picker.options].find((o) => o.value === image.collection);
-      if (owner && picker.value !== owner.value) {
-        picker.value = owner.value;
+      if (picker.name() !== image.collection && picker.has(image.collection)) {
+        picker.element.value = image.collection;
         describeCollection();
+        loadLabelChoices("");
       }
-      const label = image.metadata && image.metadata.label != null ? String(image.metadata.label) : null;
       useStoredImage({
         id: image.id,
         imageUrl: image.image_url,
-        lines: imageLines(image.id, label, image.original_name),
-        push: false,
+        lines: imageLines(image.id, C.labelOf(image.metadata), image.original_name),
+        push,
       });
     } catch (error) {
-      showError(error);
+      C.showError(error);
     }
   }
+
+  // ---- crop ----------------------------------------------------------------------------------
+  // The crop rectangle is kept as fractions of the image (x, y, w, h in 0..1) and drawn over the
+  // part of the box that object-fit: contain gives the image.
+
+  let crop = null;
+  let drag = null;
+
+  function contentRect() {
+    const img = ui.queryImage;
+    const w = img.clientWidth;
+    const h = img.clientHeight;
+    const nw = img.naturalWidth || w;
+    const nh = img.naturalHeight || h;
+    const scale = Math.min(w / nw, h / nh);
+    const cw = nw * scale;
+    const ch = nh * scale;
+    return { left: img.offsetLeft + (w - cw) / 2, top: img.offsetTop + (h - ch) / 2, width: cw, height: ch };
+  }
+
+  function drawCrop() {
+    if (!crop) return;
+    const r = contentRect();
+    const box = ui.cropBox;
+    box.style.left = `${r.left + crop.x * r.width}px`;
+    box.style.top = `${r.top + crop.y * r.height}px`;
+    box.style.width = `${crop.w * r.width}px`;
+    box.style.height = `${crop.h * r.height}px`;
+  }
+
+  function startCrop() {
+    if (!query || !ui.queryImage.naturalWidth) return;
+    crop = { x: 0.1, y: 0.1, w: 0.8, h: 0.8 };
+    root.classList.add("cropping");
+    ui.cropBox.hidden = false;
+    ui.cropStart.hidden = true;
+    ui.cropApply.hidden = false;
+    ui.cropCancel.hidden = false;
+    ui.cropHint.hidden = false;
+    drawCrop();
+    ui.cropBox.focus();
+  }
+
+  function endCrop() {
+    crop = null;
+    drag = null;
+    root.classList.remove("cropping");
+    ui.cropBox.hidden = true;
+    ui.cropStart.hidden = false;
+    ui.cropApply.hidden = true;
+    ui.cropCancel.hidden = true;
+    ui.cropHint.hidden = true;
+  }
+
+  function clamp(value, low, high) {
+    return Math.min(high, Math.max(low, value));
+  }
+
+  function pointerFraction(event) {
+    const r = contentRect();
+    const stage = ui.stage.getBoundingClientRect();
+    return {
+      x: clamp((event.clientX - stage.left - r.left) / r.width, 0, 1),
+      y: clamp((event.clientY - stage.top - r.top) / r.height, 0, 1),
+    };
+  }
+
+  ui.stage.addEventListener("pointerdown", (event) => {
+    if (!crop) return;
+    event.preventDefault();
+    const at = pointerFraction(event);
+    const inside = at.x > crop.x && at.x < crop.x + crop.w && at.y > crop.y && at.y < crop.y + crop.h;
+    drag = inside ? { mode: "move", from: at, start: { ...crop } } : { mode: "draw", from: at };
+    ui.stage.setPointerCapture(event.pointerId);
+  });
+
+  ui.stage.addEventListener("pointermove", (event) => {
+    if (!crop || !drag) return;
+    const at = pointerFraction(event);
+    if (drag.mode === "move") {
+      crop.x = clamp(drag.start.x + at.x - drag.from.x, 0, 1 - crop.w);
+      crop.y = clamp(drag.start.y + at.y - drag.from.y, 0, 1 - crop.h);
+    } else {
+      crop = {
+        x: Math.min(at.x, drag.from.x),
+        y: Math.min(at.y, drag.from.y),
+        w: Math.max(Math.abs(at.x - drag.from.x), 0.02),
+        h: Math.max(Math.abs(at.y - drag.from.y), 0.02),
+      };
+      crop.w = Math.min(crop.w, 1 - crop.x);
+      crop.h = Math.min(crop.h, 1 - crop.y);
+    }
+    drawCrop();
+  });
+
+  ui.stage.addEventListener("pointerup", () => {
+    drag = null;
+  });
+
+  ui.cropBox.addEventListener("keydown", (event) => {
+    if (!crop) return;
+    const step = 0.02;
+    const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    if (event.key === "Enter") {
+      event.preventDefault();
+      applyCrop();
+      return;
+    }
+    if (event.key === "Escape") {
+      event.preventDefault();
+      endCrop();
+      ui.cropStart.focus();
+      return;
+    }
+    const move = moves[event.key];
+    if (!move) return;
+    event.preventDefault();
+    if (event.shiftKey) {
+      crop.w = clamp(crop.w + move[0], 0.04, 1 - crop.x);
+      crop.h = clamp(crop.h + move[1], 0.04, 1 - crop.y);
+    } else {
+      crop.x = clamp(crop.x + move[0], 0, 1 - crop.w);
+      crop.y = clamp(crop.y + move[1], 0, 1 - crop.h);
+    }
+    drawCrop();
+  });
+
+  function applyCrop() {
+    if (!crop || !query) return;
+    const img = ui.queryImage;
+    const sx = Math.round(crop.x * img.naturalWidth);
+    const sy = Math.round(crop.y * img.naturalHeight);
+    const sw = Math.max(1, Math.round(crop.w * img.naturalWidth));
+    const sh = Math.max(1, Math.round(crop.h * img.naturalHeight));
+    const canvas = document.createElement("canvas");
+    canvas.width = sw;
+    canvas.height = sh;
+    canvas.getContext("2d").drawImage(img, sx, sy, sw, sh, 0, 0, sw, sh);
+    const base = query.kind === "file" ? (query.file.name || "image").replace(/\.[^.]*$/, "") : `image-${query.id}`;
+    canvas.toBlob((blob) => {
+      if (!blob) {
+        C.showError({ title: "Crop failed", detail: "The browser could not cut the image." });
+        return;
+      }
+      useFile(new File([blob], `${base} (crop ${sw}×${sh}).png`, { type: "image/png" }), { push: true });
+    }, "image/png");
+  }
+
+  ui.cropStart.addEventListener("click", startCrop);
+  ui.cropApply.addEventListener("click", applyCrop);
+  ui.cropCancel.addEventListener("click", () => {
+    endCrop();
+    ui.cropStart.focus();
+  });
+  window.addEventListener("resize", drawCrop);
 
   // ---- searching -----------------------------------------------------------------------------
 
   async function runQuery({ focusResults = false } = {}) {
-    if (!query) return;
-    if (!isReady()) return;
+    if (!query || !picker.ready()) return;
+    const filter = currentFilter();
+    if (!filter) return;
     if (inFlight) inFlight.abort();
     const controller = new AbortController();
     inFlight = controller;
 
-    const name = encodeURIComponent(collectionName());
+    const name = encodeURIComponent(picker.name());
     const k = currentK();
+    const filterText = C.filterQuery(filter);
     let request;
     if (query.kind === "file") {
       const form = new FormData();
       form.append("file", query.file, query.file.name || "pasted.png");
-      request = api(`/collections/${name}/search?k=${k}`, {
+      request = C.api(`/collections/${name}/search?k=${k}${filterText}`, {
         method: "POST",
         body: form,
         signal: controller.signal,
       });
     } else {
-      request = api(`/collections/${name}/images/${query.id}/similar?k=${k}`, { signal: controller.signal });
+      request = C.api(`/collections/${name}/images/${query.id}/similar?k=${k}${filterText}`, {
+        signal: controller.signal,
+      });
     }
 
     setStatus("Searching…");
@@ -317,8 +417,8 @@
     try {
       const data = await request;
       const roundTrip = performance.now() - started;
-      clearError();
-      renderResults(data);
+      C.clearError();
+      renderResults(data, filter);
       renderTimings(data.timings_ms || {}, roundTrip);
       if (focusResults) {
         const first = ui.results.querySelector("button");
@@ -326,7 +426,7 @@
       }
     } catch (error) {
       if (error.name === "AbortError") return;
-      showError(error);
+      C.showError(error);
       // Old results beside a new query would be misleading.
       hitsById.clear();
       ui.results.replaceChildren();
@@ -346,37 +446,29 @@
     return null;
   }
 
-  function renderResults(data) {
+  function renderResults(data, filter) {
     hitsById.clear();
     const hits = Array.isArray(data.hits) ? data.hits : [];
-    ui.results.replaceChildren(...hits.map(hitItem));
+    const shared = C.sharedKeys(hits.map((h) => h.metadata));
+    ui.results.replaceChildren(...hits.map((hit) => hitItem(hit, shared)));
     for (const hit of hits) hitsById.set(hit.id, hit);
+    const filtered = describeFilter(filter);
     if (hits.length === 0) {
-      setStatus("No results: this collection has no indexed images yet.");
+      setStatus(filtered ? `No image${filtered} in ${data.collection}.` : "No results: this collection has no indexed images yet.");
     } else {
       const what = data.query_image_id != null ? `image #${data.query_image_id}` : "your image";
       const n = hits.length;
       const shown = n < data.k ? `Only ${n} result${n === 1 ? "" : "s"}` : `The top ${n}`;
-      setStatus(`${shown} in ${data.collection} for ${what}. Choose one for more like it.`);
+      setStatus(`${shown}${filtered} in ${data.collection} for ${what}. Choose one to see it and find more like it.`);
     }
   }
 
-  function hitItem(hit) {
+  function hitItem(hit, shared) {
     const label = hitLabel(hit);
     const score = Number(hit.score);
     const scoreText = Number.isFinite(score) ? score.toFixed(3) : "–";
     const describe = label ? `label ${label}` : hit.original_name || `image #${hit.id}`;
-
-    const img = el("img", {
-      className: "thumb",
-      attrs: { alt: `Result ${hit.rank}: ${describe}`, loading: "lazy", decoding: "async", width: 128, height: 128 },
-    });
-    const src = thumbnailSrc(hit.thumbnail_url);
-    if (src) img.src = src;
-    pixelateWhenUpscaled(img);
-
-    const fill = el("span", { className: "bar-fill" });
-    fill.style.width = `${Math.min(1, Math.max(0, Number.isFinite(score) ? score : 0)) * 100}%`;
+    const summary = C.metaSummary(hit.metadata, 2, shared);
 
     const button = el(
       "button",
@@ -385,18 +477,21 @@
         attrs: {
           type: "button",
           "data-id": hit.id,
-          "aria-label": `Result ${hit.rank}, ${describe}, similarity ${scoreText}. More like this.`,
-          title: hit.original_name ? `${hit.original_name} — more like this` : "More like this",
+          "aria-label": `Result ${hit.rank}, ${describe}, similarity ${scoreText}. Open it.`,
+          title: hit.original_name ? `${hit.original_name}: open it` : "Open it",
         },
       },
       [
-        el("span", { className: "thumb-box" }, [img]),
+        el("span", { className: "thumb-box" }, [
+          C.thumbnail(hit.thumbnail_url, `Result ${hit.rank}: ${describe}`),
+        ]),
         el("span", { className: "hit-line" }, [
           el("span", { className: "rank", text: `#${hit.rank}` }),
           el("span", { className: "label", text: label || `#${hit.id}` }),
           el("span", { className: "score", text: scoreText }),
         ]),
-        el("span", { className: "bar", attrs: { "aria-hidden": "true" } }, [fill]),
+        C.scoreBar(score),
+        summary ? el("span", { className: "hit-meta", text: summary, attrs: { title: summary } }) : null,
       ],
     );
     return el("li", { className: "hit" }, [button]);
@@ -412,12 +507,14 @@
     ui.timings.hidden = false;
   }
 
-  // ---- the address bar: ?collection=…&k=…&image=… --------------------------------------------
+  // ---- the address bar: ?collection=…&k=…&image=…&label=…&meta=… -----------------------------
 
   function writeUrl({ push }) {
     const params = new URLSearchParams();
-    params.set("collection", collectionName());
+    params.set("collection", picker.name());
     if (currentK() !== DEFAULT_K) params.set("k", String(currentK()));
+    if (ui.labelFilter.value) params.set("label", ui.labelFilter.value);
+    if (ui.metaFilter.value.trim()) params.set("meta", ui.metaFilter.value.trim());
     if (query && query.kind === "image") params.set("image", String(query.id));
     const url = `${window.location.pathname}?${params}`;
     if (url === `${window.location.pathname}${window.location.search}`) return;
@@ -428,11 +525,13 @@
   function applyUrl() {
     const params = new URLSearchParams(window.location.search);
     const name = params.get("collection");
-    if (name && [...picker.options].some((o) => o.value === name)) picker.value = name;
+    if (name && picker.has(name)) picker.element.value = name;
     const k = params.get("k");
     if (k && [...ui.k.options].some((o) => o.value === k)) ui.k.value = k;
     else ui.k.value = String(DEFAULT_K);
+    ui.metaFilter.value = params.get("meta") || "";
     describeCollection();
+    loadLabelChoices(params.get("label") || "");
     const image = params.get("image");
     if (image && /^\d+$/.test(image)) {
       openStoredImage(image);
@@ -449,7 +548,7 @@
     setStatus("Upload an image to see the most similar images of the collection.");
   }
 
-  // ---- input: chooser, drag and drop, paste --------------------------------------------------
+  // ---- input: chooser, drag and drop, paste, id ----------------------------------------------
 
   function firstImageFile(files) {
     for (const file of files || []) {
@@ -468,17 +567,7 @@
     // A result thumbnail dragged onto the drop zone: search with that stored image.
     const text = transfer.getData("text/uri-list") || transfer.getData("text/plain");
     const match = text && text.match(STORED_IMAGE_URL);
-    if (match && sameOrigin(text.trim())) {
-      const id = Number(match[1]);
-      if (hitsById.has(id)) moreLikeThis(id, false);
-      else openStoredImageAndPush(id);
-    }
-  }
-
-  function openStoredImageAndPush(id) {
-    query = { kind: "image", id };
-    writeUrl({ push: true });
-    openStoredImage(String(id));
+    if (match && C.sameOrigin(text.trim())) openStoredImage(match[1], { push: true });
   }
 
   function hasFiles(event) {
@@ -495,12 +584,12 @@
     if (!hasFiles(event)) return;
     event.preventDefault();
     dragDepth += 1;
-    if (isReady()) ui.dropzone.classList.add("dragging");
+    if (picker.ready()) ui.dropzone.classList.add("dragging");
   });
   document.addEventListener("dragover", (event) => {
     if (!hasFiles(event)) return;
     event.preventDefault();
-    event.dataTransfer.dropEffect = isReady() ? "copy" : "none";
+    event.dataTransfer.dropEffect = picker.ready() ? "copy" : "none";
   });
   document.addEventListener("dragleave", () => {
     dragDepth = Math.max(0, dragDepth - 1);
@@ -531,17 +620,35 @@
     }
   });
 
-  // Results are <button>s, so Enter and Space work like a click.
+  ui.idForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = ui.idInput.value.trim();
+    if (!/^\d+$/.test(id)) {
+      C.showError({ title: "Image id", detail: "An image id is a whole number, for example 1234." });
+      ui.idInput.focus();
+      return;
+    }
+    openStoredImage(id, { push: true });
+  });
+
+  // Results are <button>s, so Enter and Space work like a click: the dialog opens on the image.
   ui.results.addEventListener("click", (event) => {
     const button = event.target.closest("button.hit-button");
     if (!button) return;
+    const id = Number(button.dataset.id);
+    const hit = hitsById.get(id);
     // detail is 0 for keyboard activation: keep keyboard users on the new results.
-    moreLikeThis(Number(button.dataset.id), event.detail === 0);
+    const keyboard = event.detail === 0;
+    C.openImage(id, {
+      hit,
+      actions: [{ label: "More like this", primary: true, onClick: (image) => moreLikeThis(image, keyboard) }],
+    });
   });
 
-  picker.addEventListener("change", () => {
-    clearError();
+  picker.element.addEventListener("change", () => {
+    C.clearError();
     describeCollection();
+    loadLabelChoices("");
     if (query && query.kind === "image") {
       // A stored image belongs to the collection it came from.
       clearQuery();
@@ -551,13 +658,27 @@
     runQuery();
   });
 
-  ui.k.addEventListener("change", () => {
+  for (const control of [ui.k, ui.labelFilter]) {
+    control.addEventListener("change", () => {
+      writeUrl({ push: false });
+      runQuery();
+    });
+  }
+
+  // A typed filter applies on Enter or when the field is left.
+  byId("controls").addEventListener("submit", (event) => {
+    event.preventDefault();
+    writeUrl({ push: false });
+    runQuery();
+  });
+  ui.metaFilter.addEventListener("change", () => {
+    C.clearError();
     writeUrl({ push: false });
     runQuery();
   });
 
   window.addEventListener("popstate", applyUrl);
-  pixelateWhenUpscaled(ui.queryImage);
+  C.pixelateWhenUpscaled(ui.queryImage);
 
   applyUrl();
 })();

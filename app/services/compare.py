@@ -1,0 +1,172 @@
+"""The same query side by side under two embedders, over the same bounded sample of a collection.
+
+Left: the collection's own embedder, with its stored codes. Right: another embedder (``pixels``
+or another checkpoint of the collection) whose codes for the sample are computed on the fly,
+so the sample is bounded and both sides search exactly the same images.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.context import AppContext
+from app.errors import ImageNotFound, InvalidRequest
+from app.imaging import decode_image
+from app.records import CollectionRecord, ImageRecord
+from app.services.evaluation import resolve_compare
+from app.services.images import get_image
+from app.services.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
+from app.services.search import Hit, SearchResult, served_collection
+from index import id_checksum
+from models.base import Embedder
+
+MAX_SAMPLE = 20_000
+_CACHE: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 2  # a 20,000 x 784 float32 sample is 63 MB
+
+
+@dataclass(frozen=True)
+class Side:
+    embedder: str
+    source: str  # "stored codes" or "computed for this comparison"
+    result: SearchResult
+
+
+@dataclass(frozen=True)
+class Comparison:
+    collection: str
+    k: int
+    query_image_id: int | None
+    sample: int
+    total: int
+    sides: list[Side]
+
+
+def compare(
+    ctx: AppContext,
+    *,
+    collection: str,
+    against: str,
+    k: int,
+    sample: int,
+    data: bytes | None = None,
+    image_id: int | None = None,
+) -> Comparison:
+    """Search ``sample`` images of the collection (evenly spread by id) for the query (uploaded
+    ``data`` or stored ``image_id``) with the collection's embedder and with ``against``."""
+    if not 1 <= k <= ctx.settings.max_k:
+        raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
+    if not 1 <= sample <= MAX_SAMPLE:
+        raise InvalidRequest(f"sample must be between 1 and {MAX_SAMPLE}, got {sample}")
+    record, checkpoint = served_collection(ctx, collection)
+    with ctx.db.session() as session:
+        other_label, other = resolve_compare(ctx, session=session, collection=record, spec=against)
+    own = ctx.embedders.for_collection(record, checkpoint)
+
+    all_ids = embedded_ids(ctx, record)
+    ids = sample_ids(all_ids, sample)
+    if data is not None:
+        image = decode_image(data, limits=ctx.limits).image
+        own_query = own.embed_batch(torch.unsqueeze(own.preprocess(image), 0))
+    else:
+        assert image_id is not None
+        stored = get_image(ctx, image_id)
+        if stored.collection != record.name:
+            raise ImageNotFound(f"image {image_id} is not in collection {collection!r}")
+        image = decode_image(
+            ctx.store.read(stored.record.sha256, stored.record.format), limits=ctx.limits
+        ).image
+        own_query = stored_vectors(ctx, record, np.asarray([image_id], dtype=np.int64))
+        if own_query.shape[0] != 1 or own_query.size == 0:
+            raise ImageNotFound(f"image {image_id} has no stored code yet")
+
+    start = time.perf_counter()
+    left = _nearest(
+        ctx, vectors=stored_vectors(ctx, record, ids), ids=ids, query=own_query, k=k, exclude=image_id
+    )
+    left.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
+
+    start = time.perf_counter()
+    other_query = other.embed_batch(torch.unsqueeze(other.preprocess(image), 0))
+    right = _nearest(
+        ctx, vectors=_sample_codes(ctx, record, other, ids), ids=ids, query=other_query, k=k, exclude=image_id
+    )
+    right.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
+
+    own_label = record.embedder_version or record.embedder
+    return Comparison(
+        collection=record.name,
+        k=k,
+        query_image_id=image_id,
+        sample=int(len(ids)),
+        total=int(len(all_ids)),
+        sides=[
+            Side(own_label, "stored codes", _named(left, record.name, image_id)),
+            Side(other_label, "computed for this comparison", _named(right, record.name, image_id)),
+        ],
+    )
+
+
+def _named(result: SearchResult, collection: str, image_id: int | None) -> SearchResult:
+    result.collection = collection
+    result.query_image_id = image_id
+    return result
+
+
+def _nearest(
+    ctx: AppContext, *, vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, exclude: int | None
+) -> SearchResult:
+    """Exact top k of ``query`` (1, d) among ``vectors`` (n, d), ties in id order."""
+    start = time.perf_counter()
+    scores = vectors @ query[0] if len(ids) else np.zeros(0, dtype=np.float32)
+    if exclude is not None:
+        scores = np.where(ids == exclude, -np.inf, scores)
+    order = np.argsort(-scores, kind="stable")[:k]
+    order = order[np.isfinite(scores[order])]
+    search_ms = round((time.perf_counter() - start) * 1000, 3)
+    records = rows_of(ctx, ids[order], ImageRecord)
+    hits = [
+        Hit(rank=rank, image_id=int(ids[i]), score=float(scores[i]), record=records[int(ids[i])][1])
+        for rank, i in enumerate(order, start=1)
+        if int(ids[i]) in records
+    ]
+    return SearchResult(collection="", k=k, hits=hits, timings_ms={"search": search_ms})
+
+
+def _sample_codes(
+    ctx: AppContext, record: CollectionRecord, embedder: Embedder, ids: np.ndarray
+) -> np.ndarray:
+    """``embedder``'s codes of the sample (cached for the last two samples)."""
+    key = (str(ctx.settings.data_dir), record.id, embedder.version, id_checksum(ids))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    rows = rows_of(ctx, ids, ImageRecord.sha256, ImageRecord.format)
+
+    def load(image_id: int) -> torch.Tensor:
+        row = rows[image_id]
+        image = decode_image(ctx.store.read(row.sha256, row.format), limits=ctx.limits).image
+        return embedder.preprocess(image)
+
+    chunks = []
+    batch = ctx.settings.embed_batch_size
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(ids), batch):
+            tensors = list(pool.map(load, [int(i) for i in ids[start : start + batch]]))
+            chunks.append(embedder.embed_batch(torch.stack(tensors)))
+    codes = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)
+    with _CACHE_LOCK:
+        _CACHE[key] = codes
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return codes
