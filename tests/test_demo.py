@@ -19,7 +19,8 @@ from app.main import create_app
 from app.records import CheckpointRecord, JobRecord
 from app.settings import Settings, get_settings
 
-pytestmark = pytest.mark.slow
+# Imports 60,000 images and trains an epoch: about 2 minutes on 2 quiet cores, far more on a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def png(pixels) -> bytes:  # type: ignore[no-untyped-def]
