@@ -12,8 +12,7 @@ export CBIR_DATASETS_DIR ?= $(SHARED_DATASETS)
 endif
 
 # `make test` runs the suite on SQLite, then again on the PostgreSQL database at CBIR_TEST_PG_URL
-# when one answers there: each test that uses a database, in a fresh schema (the others, and the
-# slow ones, would repeat the SQLite run and are deselected). CBIR_TEST_PG_REQUIRED=1 (CI) makes
+# when one answers there: every test again, each in a fresh schema. CBIR_TEST_PG_REQUIRED=1 (CI) makes
 # an unreachable PostgreSQL a failure instead of a skipped run. PYTEST_ARGS go to both runs.
 export CBIR_TEST_PG_URL ?= postgresql+psycopg://cbir:cbir@127.0.0.1:5432/cbir_test
 PYTEST_ARGS ?=

@@ -43,32 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header() -> str:
     if ON_POSTGRES:
-        return (
-            f"cbir test database: PostgreSQL at {postgres.redact(TEST_DATABASE_URL)}, a schema per test; "
-            "tests that use no database, and slow ones, are deselected (the SQLite run covers them)"
-        )
+        return f"cbir test database: PostgreSQL at {postgres.redact(TEST_DATABASE_URL)}, a schema per test"
     return "cbir test database: SQLite, a file per test"
-
-
-def runs_on_postgres(item: pytest.Item) -> bool:
-    """Whether the PostgreSQL run needs a test: one that gets a database (the ``database_url``
-    fixture, through ``settings``, ``client``, ``cli``...) and is not ``slow``.
-
-    The others would repeat the SQLite run: most never see a database (the browser tests serve a
-    SQLite demo of their own); the slow ones spend their minutes training on 60,000 digits, and
-    their database work, bulk imports and checkpoints, is what the MNIST-test import (10,000
-    digits) and the training tests do on PostgreSQL in seconds.
-    """
-    return "database_url" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not ON_POSTGRES:
-        return
-    repeats = [item for item in items if not runs_on_postgres(item)]
-    if repeats:
-        config.hook.pytest_deselected(items=repeats)
-        items[:] = [item for item in items if runs_on_postgres(item)]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
