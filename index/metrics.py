@@ -123,26 +123,18 @@ def _average_precision(
     db_class: np.ndarray,
     c: int,
 ) -> float:
-    """AP of one query from its sorted scores, without materialising the ranking.
-
-    The j-th best relevant row (1-based) sits at rank (rows scoring strictly higher) +
-    (its place among the relevant rows of equal score). Where an irrelevant row ties a
-    relevant one (common in float32), db order decides the places within that score.
-    """
+    """AP of one query from its sorted scores, without materialising the ranking (see ``_ranks``)."""
     if relevant <= 0:
         return 0.0
-    n, m = len(ascending), len(relevant_ascending)
-    values = relevant_ascending[::-1][:relevant]  # best first; a -inf self is cut off
-    above_all = n - np.searchsorted(ascending, values, side="right")
-    equal_all = n - np.searchsorted(ascending, values, side="left") - above_all
-    above_rel = m - np.searchsorted(relevant_ascending, values, side="right")
-    equal_rel = m - np.searchsorted(relevant_ascending, values, side="left") - above_rel
+    ranks = _ranks(
+        row,
+        ascending=ascending,
+        relevant_ascending=relevant_ascending,
+        count=relevant,
+        db_class=db_class,
+        c=c,
+    )
     j = np.arange(1, relevant + 1)
-    ranks = above_all + (j - above_rel)
-    for value in np.unique(values[equal_all != equal_rel]):
-        group = np.flatnonzero(values == value)  # consecutive j's sharing this score
-        tied = np.flatnonzero(row == value)  # every row with this score, in db order
-        ranks[group] = above_all[group] + np.flatnonzero(db_class[tied] == c) + 1
     return float((j / ranks).sum() / relevant)
 
 
@@ -215,18 +207,41 @@ def _relevant_ranks(
     row: np.ndarray, *, ascending: np.ndarray, relevant: np.ndarray, db_class: np.ndarray, c: int
 ) -> np.ndarray:
     """1-based ranks of the relevant db rows of one query, best first (ties in db order)."""
-    n = len(ascending)
     relevant_ascending = np.sort(row[relevant])
-    m = len(relevant_ascending)
-    values = relevant_ascending[::-1]
+    return _ranks(
+        row,
+        ascending=ascending,
+        relevant_ascending=relevant_ascending,
+        count=len(relevant_ascending),
+        db_class=db_class,
+        c=c,
+    )
+
+
+def _ranks(
+    row: np.ndarray,
+    *,
+    ascending: np.ndarray,
+    relevant_ascending: np.ndarray,
+    count: int,
+    db_class: np.ndarray,
+    c: int,
+) -> np.ndarray:
+    """1-based ranks of the ``count`` best relevant rows, best first.
+
+    The j-th best relevant row sits at rank (rows scoring strictly higher) + (its place among
+    the relevant rows of equal score). Where an irrelevant row ties a relevant one (common in
+    float32), db order decides the places within that score.
+    """
+    n, m = len(ascending), len(relevant_ascending)
+    values = relevant_ascending[::-1][:count]  # best first; a -inf self is cut off
     above_all = n - np.searchsorted(ascending, values, side="right")
     equal_all = n - np.searchsorted(ascending, values, side="left") - above_all
     above_rel = m - np.searchsorted(relevant_ascending, values, side="right")
     equal_rel = m - np.searchsorted(relevant_ascending, values, side="left") - above_rel
-    j = np.arange(1, m + 1)
-    ranks = above_all + (j - above_rel)
+    ranks = above_all + (np.arange(1, count + 1) - above_rel)
     for value in np.unique(values[equal_all != equal_rel]):
-        group = np.flatnonzero(values == value)
-        tied = np.flatnonzero(row == value)
+        group = np.flatnonzero(values == value)  # consecutive j's sharing this score
+        tied = np.flatnonzero(row == value)  # every row with this score, in db order
         ranks[group] = above_all[group] + np.flatnonzero(db_class[tied] == c) + 1
     return ranks
