@@ -8,18 +8,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.helpers import assert_problem
+
 API = "/api/v1"
 PROBLEM = "application/problem+json"
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["status"] == status and body["code"] == code
-    assert {"type", "title", "status", "detail", "code"} <= body.keys()
-    assert "Traceback" not in response.text
-    return body
 
 
 def upload(client: TestClient, collection: str, data: bytes, name: str = "a.png") -> httpx.Response:

@@ -15,22 +15,11 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
 from app.settings import Settings
+from tests.api.helpers import assert_problem
 from tests.conftest import encode
 
 API = "/api/v1"
 PROBLEM = "application/problem+json"
-
-
-def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert {"type", "title", "status", "detail", "code"} <= body.keys()
-    assert body["status"] == status
-    if code is not None:
-        assert body["code"] == code, body
-    assert "Traceback" not in response.text
-    return body
 
 
 def upload(

@@ -15,19 +15,10 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests.api.helpers import assert_problem
 
 API = "/api/v1"
 PROBLEM = "application/problem+json"
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert {"type", "title", "status", "detail", "code"} <= body.keys()
-    assert body["status"] == status and body["code"] == code, body
-    assert "Traceback" not in response.text
-    return body
 
 
 def make_zip(members: dict[str, bytes]) -> bytes:

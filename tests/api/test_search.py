@@ -11,20 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.api.helpers import assert_problem
 from tests.conftest import encode
 
 API = "/api/v1"
 PROBLEM = "application/problem+json"
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert {"type", "title", "status", "detail", "code"} <= body.keys()
-    assert body["status"] == status and body["code"] == code, body
-    assert "Traceback" not in response.text
-    return body
 
 
 def upload(client: TestClient, collection: str, data: bytes, *, label: str | None = None) -> int:
