@@ -516,10 +516,7 @@
     if (ui.labelFilter.value) params.set("label", ui.labelFilter.value);
     if (ui.metaFilter.value.trim()) params.set("meta", ui.metaFilter.value.trim());
     if (query && query.kind === "image") params.set("image", String(query.id));
-    const url = `${window.location.pathname}?${params}`;
-    if (url === `${window.location.pathname}${window.location.search}`) return;
-    if (push) window.history.pushState(null, "", url);
-    else window.history.replaceState(null, "", url);
+    C.writeUrl(params, push);
   }
 
   function applyUrl() {

@@ -176,10 +176,7 @@
     if (state.label) params.set("label", state.label);
     if (ui.metaFilter.value.trim()) params.set("meta", ui.metaFilter.value.trim());
     if (perPage() !== 48) params.set("limit", String(perPage()));
-    const url = `${window.location.pathname}?${params}`;
-    if (url === `${window.location.pathname}${window.location.search}`) return;
-    if (push) window.history.pushState(null, "", url);
-    else window.history.replaceState(null, "", url);
+    C.writeUrl(params, push);
   }
 
   function applyUrl() {

@@ -266,6 +266,14 @@
     return shared;
   }
 
+  /** Put a page's state in the address bar: a new history entry with ``push``, else in place. */
+  function writeUrl(params, push) {
+    const url = `${window.location.pathname}?${params}`;
+    if (url === `${window.location.pathname}${window.location.search}`) return;
+    if (push) window.history.pushState(null, "", url);
+    else window.history.replaceState(null, "", url);
+  }
+
   function humanBytes(n) {
     if (n < 1024) return `${n} B`;
     if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
@@ -458,6 +466,7 @@
   }
 
   window.cbir = {
+    writeUrl,
     API,
     ApiError,
     ago,
