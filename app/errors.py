@@ -58,6 +58,17 @@ class UnknownEmbedderName(InvalidRequest):
     title = "Unknown embedder"
 
 
+class InvalidEmbedderOptions(InvalidRequest):
+    code = "invalid_embedder_options"
+    title = "Invalid embedder options"
+
+
+class WeightsMissing(CbirError):
+    """Pretrained weights are not on this machine; the detail says which file to put where."""
+
+    status, code, title = 422, "weights_missing", "Pretrained weights missing"
+
+
 class ImageRejected(CbirError):
     """The bytes are not an image we accept; subclasses say why."""
 

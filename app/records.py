@@ -43,13 +43,15 @@ class CollectionRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    embedder: Mapped[str] = mapped_column(String(64))
+    embedder: Mapped[str] = mapped_column(String(255))  # a spec string, name[:options]
     # The embedder version whose vectors are served; None until a trainable embedder is trained.
     embedder_version: Mapped[str | None] = mapped_column(String(128))
     checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", use_alter=True, ondelete="SET NULL")
     )
     index_factory: Mapped[str] = mapped_column(String(128), default="IDMap2,Flat")
+    # Query-side re-ranking defaults, e.g. {"qe": 2, "qe_alpha": 3.0} (alpha-query expansion).
+    search_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     checkpoint: Mapped[CheckpointRecord | None] = relationship(foreign_keys=[checkpoint_id])
@@ -84,7 +86,7 @@ class EmbeddingRecord(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
-    embedder: Mapped[str] = mapped_column(String(64))
+    embedder: Mapped[str] = mapped_column(String(255))  # a spec string, name[:options]
     embedder_version: Mapped[str] = mapped_column(String(128))
     dim: Mapped[int] = mapped_column(Integer)
     # float32 little-endian, L2-normalised, dim * 4 bytes.
@@ -99,7 +101,7 @@ class CheckpointRecord(Base):
     collection_id: Mapped[int | None] = mapped_column(
         ForeignKey("collections.id", ondelete="SET NULL"), index=True
     )
-    embedder: Mapped[str] = mapped_column(String(64))
+    embedder: Mapped[str] = mapped_column(String(255))  # a spec string, name[:options]
     version: Mapped[str] = mapped_column(String(128), unique=True)
     sha256: Mapped[str] = mapped_column(String(64))
     # Relative to the data folder, so the folder can move.

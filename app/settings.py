@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,12 @@ class Settings(BaseSettings):
     # One torch thread per serving process is the robust choice on small shared machines (FACTS.md).
     torch_threads: int = Field(1, ge=1)
     default_embedder: str = "cdae"
+    # Pretrained CNN weights: looked for here first, then in the torch hub cache, then downloaded.
+    weights_dir: Path | None = None
+    weights_download: bool = True
+    # Where CNN codes are computed on the CPU: torch, onnx (ONNX Runtime, exports cached in
+    # data_dir/onnx, torch when export or check fails) or auto (onnx where measured faster).
+    cnn_runtime: Literal["torch", "onnx", "auto"] = "torch"
 
     # Input limits, enforced before and during decoding.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -56,6 +63,11 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+    @property
+    def onnx_dir(self) -> Path:
+        """ONNX exports of CNN embedders, one file per embedder version (CBIR_CNN_RUNTIME)."""
+        return self.data_dir / "onnx"
 
     @property
     def tmp_dir(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,9 @@ class Embedder(ABC):
         """Load weights; embedders without weights need nothing."""
 
     @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One decoded PIL image -> a (C, H, W) float32 tensor, exactly as at index time."""
+    def preprocess(self, image: Image.Image) -> Any:
+        """One decoded PIL image -> its prepared form, exactly as at index time: a (C, H, W)
+        float32 tensor here; embedders with several views per image return a list of them."""
 
     @abstractmethod
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -63,10 +65,20 @@ class Embedder(ABC):
         codes = l2_normalise(codes.float().reshape(codes.shape[0], -1))
         return codes.cpu().numpy().astype(np.float32, copy=False)
 
+    def collate(self, items: Sequence[Any]) -> torch.Tensor:
+        """Prepared items -> one (n, C, H, W) batch."""
+        return torch.stack(list(items))
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        """What ``preprocess`` returned for n images -> (n, dim) float32, rows L2-normalised."""
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_batch(self.collate(items))
+
     def embed(self, images: Sequence[Image.Image], *, batch_size: int = 256) -> np.ndarray:
         """Decoded images -> (n, dim) float32, rows L2-normalised."""
         out = [
-            self.embed_batch(torch.stack([self.preprocess(im) for im in images[i : i + batch_size]]))
+            self.embed_prepared([self.preprocess(im) for im in images[i : i + batch_size]])
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)

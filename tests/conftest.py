@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine
 
+from app.context import AppContext, open_context
 from app.main import create_app
 from app.settings import Settings
 from tests import postgres
@@ -80,6 +82,57 @@ def database_url(pg_schema: str | None) -> str:
     return postgres.schema_url(TEST_DATABASE_URL, pg_schema) if pg_schema else ""
 
 
+# Big torchvision checkpoints (hundreds of MB, seconds to build): their tests are marked slow.
+BIG_CNNS = frozenset({"alexnet", "vgg16", "resnet152", "inception_v3"})
+
+
+def write_cnn_checkpoint(name: str, folder: Path, *, seed: int = 0) -> Path:
+    """A random-init state dict of torchvision architecture ``name``, saved in ``folder`` under the
+    file name torchvision's pretrained weights have (what ``CBIR_WEIGHTS_DIR`` must hold); the real
+    files' layout, auxiliary classifiers included. Same seed, same bytes."""
+    from torchvision import models as tvm
+
+    from models import cnn
+
+    path = folder / cnn.ARCHS[name].weights().file_name
+    extra = {"init_weights": True} if name in {"googlenet", "inception_v3"} else {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(tvm, name)(weights=None, **extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``cnn_weights("resnet18")`` -> a weights folder holding that architecture's checkpoint
+    (``write_cnn_checkpoint``), written once per session, removed at its end (up to 1.4 GB);
+    efficientnet_lite0 ships its own."""
+    folder = tmp_path_factory.mktemp("cnn-weights")
+
+    def ensure(name: str) -> Path:
+        from models import cnn
+
+        weights = cnn.ARCHS[name].weights()
+        if weights.url is not None and not (folder / weights.file_name).is_file():
+            write_cnn_checkpoint(name, folder)
+        return folder
+
+    yield ensure
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def torch_hub_dir(tmp_path: Path) -> Iterator[Path]:
+    """torch.hub's folder (its ``checkpoints/`` cache) moved to an empty temporary folder, so a
+    weights file cached on this machine cannot hide a missing one."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    yield tmp_path / "torch-hub"
+    torch.hub.set_dir(previous)
+
+
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
@@ -92,6 +145,14 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         max_pixels=4_000_000,
         max_side=4096,
     )
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Iterator[AppContext]:
+    """The service's context without the HTTP layer (what the CLI and the app both build)."""
+    context = open_context(settings)
+    yield context
+    context.close()
 
 
 @pytest.fixture

@@ -1,7 +1,12 @@
-"""Contract of every registered embedder: shape, dtype, unit norm, determinism, metadata."""
+"""Contract of every registered embedder: shape, dtype, unit norm, determinism, metadata.
+
+Pretrained CNNs run on random-init checkpoints written under torchvision's file names
+(``cnn_weights``); never on a download.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,24 +14,35 @@ import pytest
 import torch
 from PIL import Image
 
-from models import cdae, registry
+from models import cdae, lenet, registry
 from models.base import Embedder
+from tests.conftest import BIG_CNNS
 
 
 @pytest.fixture(scope="module")
-def cdae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small trained checkpoint per trainable embedder."""
+    folder = tmp_path_factory.mktemp("ckpt")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
     config = cdae.CDAEConfig.preset("tutorial")
     result = cdae.train_cdae(images, config=config, epochs=1, device=torch.device("cpu"))
-    path = tmp_path_factory.mktemp("ckpt") / "cdae.pt"
-    cdae.save_checkpoint(path, result=result, config=config, dataset={"name": "random", "images": 64})
-    return path
+    cdae.save_checkpoint(
+        folder / "cdae.pt", result=result, config=config, dataset={"name": "random", "images": 64}
+    )
+    labels = np.arange(64) % 4
+    trained = lenet.train_lenet(
+        images, labels, classes=list("abcd"), config=lenet.LeNetConfig(), epochs=1, device=torch.device("cpu")
+    )
+    trained.save(folder / "lenet5.pt", dataset={"name": "random", "images": 64})
+    return {"cdae": folder / "cdae.pt", "lenet5": folder / "lenet5.pt"}
 
 
-def build(name: str, checkpoint: Path) -> Embedder:
+def build(name: str, checkpoints: dict[str, Path], cnn_weights: Callable[[str], Path]) -> Embedder:
     spec = registry.get_spec(name)
-    return registry.create(name, checkpoint=checkpoint if spec.trainable else None)
+    if spec.pretrained:
+        return registry.create(name, weights_dir=cnn_weights(name), download=False)
+    return registry.create(name, checkpoint=checkpoints[name] if spec.trainable else None)
 
 
 def sample_images() -> list[Image.Image]:
@@ -38,9 +54,13 @@ def sample_images() -> list[Image.Image]:
     ]
 
 
-@pytest.mark.parametrize("name", registry.names())
-def test_embedder_contract(name: str, cdae_checkpoint: Path) -> None:
-    embedder = build(name, cdae_checkpoint)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG_CNNS else n for n in registry.names()]
+)
+def test_embedder_contract(
+    name: str, checkpoints: dict[str, Path], cnn_weights: Callable[[str], Path]
+) -> None:
+    embedder = build(name, checkpoints, cnn_weights)
     vectors = embedder.embed(sample_images())
     assert vectors.shape == (3, embedder.dim)
     assert vectors.dtype == np.float32
@@ -52,6 +72,8 @@ def test_embedder_contract(name: str, cdae_checkpoint: Path) -> None:
     again = embedder.embed(sample_images()[:1])
     np.testing.assert_allclose(again[0], vectors[0], atol=1e-5)
     assert embedder.version and embedder.name == name
+    # The version is a function of the weights and options: built again, it is the same.
+    assert build(name, checkpoints, cnn_weights).version == embedder.version
 
 
 def test_registry_refuses_duplicate_names() -> None:
