@@ -52,7 +52,6 @@ Full protocol (10,000 queries):
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import sys
@@ -65,6 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import base_parser, embed_arrays, parse_overrides  # noqa: E402
 from index.metrics import evaluate_retrieval  # noqa: E402
 from models import registry  # noqa: E402
 from models.cdae import (  # noqa: E402
@@ -100,40 +100,9 @@ def load_mnist(root: Path) -> dict[str, np.ndarray]:
     }
 
 
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """["rotate_degrees=15", "consistency=cosine", "code_dim=null"] -> typed values (JSON)."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def embed_arrays(embedder, images: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """uint8 (n, 28, 28) MNIST arrays through the embedder's batch path (= its preprocess)."""
-    x = torch.from_numpy(images)
-    return np.concatenate(
-        [
-            embedder.embed_batch(x[i : i + batch_size].unsqueeze(1).float() / 255.0)
-            for i in range(0, len(x), batch_size)
-        ]
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", choices=["tutorial", "default"])
-    parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--queries", type=int, default=10_000, help="first N test images")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--name", default=None, help="row label")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser = base_parser(__doc__.splitlines()[0], presets=["tutorial", "default"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--save", type=Path, default=None, help="keep the checkpoint here")
     parser.add_argument(
         "--whiten-grid",
         nargs="*",

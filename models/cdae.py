@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import Embedder
+from models.checkpoints import read_checkpoint, write_checkpoint
 from models.registry import EmbedderSpec, register
 
 CHECKPOINT_FORMAT = "cbir-cdae"
@@ -411,12 +409,9 @@ def save_checkpoint(
     The file is written to a temporary name in the same folder, flushed and fsynced, then
     renamed over ``path``: a crash leaves the old file or the new one, never a torn one.
     """
-    path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
         "config": config.to_dict(),
         "dataset": dict(dataset),
         "losses": [float(x) for x in result.losses],
@@ -428,35 +423,13 @@ def save_checkpoint(
             else None
         ),
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(data).hexdigest()
+    return write_checkpoint(path, payload)
 
 
 def _read_checkpoint(data: bytes, *, source: str) -> tuple[CDAE, dict[str, Any]]:
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a torn or foreign file
-        raise ValueError(f"{source} is not a readable CDAE checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} is not a CDAE checkpoint (format {CHECKPOINT_FORMAT!r})")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{source} has CDAE checkpoint version {payload.get('format_version')!r}; "
-            f"this build reads version {CHECKPOINT_VERSION}"
-        )
+    payload = read_checkpoint(
+        data, source=source, kind="CDAE", fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION
+    )
     try:
         config = CDAEConfig.from_dict(payload["config"])
         model = CDAE(config)

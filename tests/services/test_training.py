@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.context import AppContext, open_context
+from app.context import AppContext
 from app.datasets import load_mnist
 from app.errors import EmbedderNotReady, InvalidRequest
 from app.records import EmbeddingRecord
@@ -19,20 +18,12 @@ from app.services.evaluation import evaluate
 from app.services.ingest import Item, add_image, ingest_batch
 from app.services.search import search_by_image
 from app.services.training import activate_checkpoint, train_cdae
-from app.settings import Settings
 
 
 def png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
-
-
-@pytest.fixture
-def ctx(settings: Settings) -> Iterator[AppContext]:
-    context = open_context(settings)
-    yield context
-    context.close()
 
 
 @pytest.fixture

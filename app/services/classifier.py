@@ -1,0 +1,146 @@
+"""Supervised neural codes: train a classifier on a collection's labels, serve its features.
+
+The collection's images and their ``label`` metadata train an arch of ``models.classifier``
+(LeNet-5 today); the checkpoint is recorded and, by default, activated: the collection switches
+to the arch's embedder, its codes are recomputed and the index rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.errors import InvalidRequest
+from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
+from app.services.collections import require_collection
+from app.services.training import Progress, activate_checkpoint, collection_size, iter_collection_images
+from models.classifier import ClassifierArch, get_arch
+
+log = logging.getLogger(__name__)
+
+
+def _label(meta: dict[str, Any] | None) -> str:
+    value = (meta or {}).get("label")
+    return "" if value is None else str(value).strip()
+
+
+def check_labels(ctx: AppContext, *, collection: CollectionRecord) -> list[str]:
+    """The collection's class names, sorted; InvalidRequest when fewer than two classes are
+    labelled (reads metadata only, before any image is decoded)."""
+    with ctx.db.session() as session:
+        metas = session.scalars(
+            select(ImageRecord.meta).where(ImageRecord.collection_id == collection.id)
+        ).all()
+    if not metas:
+        raise InvalidRequest(f"collection {collection.name!r} has no images to train on")
+    classes = sorted({_label(meta) for meta in metas} - {""})
+    if not classes:
+        raise InvalidRequest(
+            f"collection {collection.name!r} has no labels: a classifier trains on the 'label' "
+            "metadata of its images (import an archive with one folder per class, or a labelled dataset)"
+        )
+    if len(classes) < 2:
+        raise InvalidRequest(
+            f"collection {collection.name!r} has one label ({classes[0]!r}); a classifier needs at least two"
+        )
+    return classes
+
+
+def load_labelled_pixels(
+    ctx: AppContext,
+    *,
+    collection: CollectionRecord,
+    arch: ClassifierArch,
+    classes: list[str],
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The labelled images as the arch's uint8 training arrays: (pixels (n, ...), labels (n,)
+    int64 indices into ``classes``, how many unlabelled images were left out)."""
+    index = {name: i for i, name in enumerate(classes)}
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    seen = skipped = 0
+    total = collection_size(ctx, collection.id)
+    for _, images, metas in iter_collection_images(ctx, collection_id=collection.id):
+        for image, meta in zip(images, metas, strict=True):
+            label = _label(meta)
+            if label in index:
+                arrays.append(arch.prepare(image))
+                labels.append(index[label])
+            else:  # unlabelled (or labelled since check_labels ran): embedded, not trained on
+                skipped += 1
+        seen += len(images)
+        if progress:
+            progress(seen, total)
+    return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
+
+
+def train_classifier(
+    ctx: AppContext,
+    *,
+    collection: str,
+    arch: str = "lenet5",
+    epochs: int | None = None,
+    seed: int = 0,
+    activate: bool = True,
+    load_progress: Progress | None = None,
+    train_progress: Callable[[int, int, int, float], None] | None = None,
+    embed_progress: Progress | None = None,
+) -> CheckpointRecord:
+    """Train ``arch`` on the collection's labelled images, record the checkpoint and (by
+    default) make its embedder the collection's: codes recomputed, index rebuilt.
+
+    Images without a ``label`` are left out of training (and still embedded on activation);
+    a collection with fewer than two labels is refused with InvalidRequest.
+    """
+    try:
+        spec = get_arch(arch)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+    classes = check_labels(ctx, collection=record)
+    pixels, labels, unlabelled = load_labelled_pixels(
+        ctx, collection=record, arch=spec, classes=classes, progress=load_progress
+    )
+    if unlabelled:
+        log.warning("%s: %d images have no label and are left out of training", collection, unlabelled)
+    result = spec.train(
+        pixels, labels, classes=classes, epochs=epochs, seed=seed, device=ctx.device, progress=train_progress
+    )
+    # Unique even for two trainings in the same second (the file is never overwritten).
+    stamp = f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    relative = f"checkpoints/{spec.embedder}-{collection}-{spec.preset}-{stamp}.pt"
+    sha = result.save(
+        ctx.settings.data_dir / relative,
+        dataset={"collection": collection, "images": int(len(pixels)), "unlabelled": unlabelled},
+    )
+    epochs_run = len(result.metrics.get("epoch_losses", []))
+    with ctx.db.transaction() as session:
+        checkpoint = CheckpointRecord(
+            collection_id=record.id,
+            embedder=spec.embedder,
+            version=f"{spec.embedder}-{sha[:12]}",
+            sha256=sha,
+            path=relative,
+            config={
+                **result.recipe,
+                "arch": spec.name,
+                "preset": spec.preset,
+                "epochs": epochs_run,
+                "seed": seed,
+                "classes": list(result.classes),
+                "images": int(len(pixels)),
+            },
+            metrics=result.metrics,
+        )
+        session.add(checkpoint)
+    if activate:
+        activate_checkpoint(ctx, collection=collection, checkpoint_id=checkpoint.id, progress=embed_progress)
+    return checkpoint
