@@ -146,17 +146,46 @@ def collections_create(name: str, embedder: str | None) -> None:
         click.echo(f"created {info.name} ({info.embedder})")
 
 
+@collections.command("search-options")
+@click.argument("name")
+@click.option("--qe", type=int, required=True, help="alpha-query-expansion depth (0: off)")
+@click.option("--qe-alpha", type=float, default=3.0, show_default=True)
+def collections_search_options(name: str, qe: int, qe_alpha: float) -> None:
+    """Set the query-side re-ranking every search of the collection uses."""
+    from app.services.tuning import set_search_options
+
+    with _context() as ctx:
+        options = set_search_options(ctx, collection=name, qe=qe, qe_alpha=qe_alpha)
+        click.echo(f"{name}: qe={options.qe} qe_alpha={options.qe_alpha:g}")
+
+
+@collections.command("whiten")
+@click.argument("name")
+@click.option("--dim", type=int, required=True, help="components kept (16 to 512 is typical)")
+@click.option("--shrinkage", type=float, default=0.5, show_default=True, help="0: plain PCA-whitening")
+def collections_whiten(name: str, dim: int, shrinkage: float) -> None:
+    """Fit a PCA-whitening on the collection's codes and serve the whitened codes."""
+    from app.services.tuning import whiten_collection
+
+    with _context(threads=os.cpu_count()) as ctx:
+        saved = whiten_collection(ctx, collection=name, dim=dim, shrinkage=shrinkage, progress=_bar("embed"))
+        click.echo(f"{name}: serving {saved.version} (checkpoint {saved.id})")
+
+
 @main.command("import")
 @click.argument("source")
 @click.option("--collection", required=True)
 def import_(source: str, collection: str) -> None:
-    """Import SOURCE into a collection: a zip/tar archive of images, or DATASET:SPLIT (mnist:train)."""
+    """Import SOURCE into a collection: a folder or a zip/tar archive of images (subfolder names
+    become labels), or DATASET:SPLIT (mnist:train)."""
     from app.services import jobs
     from app.services.collections import get_collection
 
     with _context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
-        if Path(source).is_file():
+        if Path(source).is_dir():
+            parsed: jobs.Source = jobs.check_folder(Path(source))
+        elif Path(source).is_file():
             jobs.check_archive(Path(source), Path(source).name)
             # The job deletes its archive when done: hand it a copy in the data folder.
             import shutil
@@ -165,7 +194,7 @@ def import_(source: str, collection: str) -> None:
             fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
             os.close(fd)
             shutil.copyfile(source, tmp)
-            parsed: jobs.Source = jobs.check_archive(Path(tmp), Path(source).name)
+            parsed = jobs.check_archive(Path(tmp), Path(source).name)
         else:
             dataset, _, split = source.partition(":")
             parsed = jobs.check_dataset(dataset, split or "train")
@@ -186,6 +215,75 @@ def import_(source: str, collection: str) -> None:
         )
         if r.state != "succeeded":
             raise SystemExit(1)
+
+
+@main.group()
+def bench() -> None:
+    """Measure throughput on this machine."""
+
+
+@bench.command("embed")
+@click.option(
+    "--embedder", "spec", required=True, help="a spec string: resnet50, efficientnet_lite0:flip=1 ..."
+)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=8, show_default=True, help="images per forward pass"
+)
+@click.option(
+    "--folder",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="images for the real path (default: CBIR_DATASETS_DIR/inria-holidays-dev/jpg)",
+)
+@click.option(
+    "--seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="per path"
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch threads (CBIR_TORCH_THREADS)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_embed_command(
+    spec: str, batch: int, folder: Path | None, seconds: float, threads: int | None, as_json: bool
+) -> None:
+    """Images/s of the raw forward pass and of decode + preprocess + forward, on the current device."""
+    import torch
+
+    from app.services import bench as service
+    from models.device import pick_device
+
+    try:
+        settings = get_settings()
+        device = pick_device(settings.device)
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"CBIR_DEVICE: {exc}") from None
+    torch.set_num_threads(threads or settings.torch_threads)
+    try:
+        result = service.bench_embed(
+            spec=spec,
+            settings=settings,
+            device=device,
+            batch=batch,
+            folder=folder or service.default_folder(settings),
+            seconds=seconds,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    for line in service.format_table(result):
+        click.echo(line)
+    if as_json:
+        click.echo(json.dumps(result.summary()))
+
+
+def _report_checkpoint(checkpoint: Any, *, label: str, active: bool) -> None:
+    losses = checkpoint.metrics.get("epoch_losses", [])
+    click.echo(
+        f"checkpoint {checkpoint.id}: {checkpoint.version} ({label}, {len(losses)} epochs, "
+        f"final loss {losses[-1] if losses else float('nan'):.4f}) -> {checkpoint.path}"
+        + (" [active]" if active else "")
+    )
 
 
 @main.group()
@@ -220,38 +318,138 @@ def train_cdae_command(collection: str, epochs: int | None, preset: str, seed: i
             train_progress=_epoch_bars(),
             embed_progress=_bar("embed + index"),
         )
-        losses = checkpoint.metrics.get("epoch_losses", [])
-        click.echo(
-            f"checkpoint {checkpoint.id}: {checkpoint.version} ({preset}, {len(losses)} epochs, "
-            f"final loss {losses[-1] if losses else float('nan'):.4f}) -> {checkpoint.path}"
-            + (" [active]" if activate else "")
+        _report_checkpoint(checkpoint, label=preset, active=activate)
+
+
+def _arch_names() -> list[str]:
+    from models.classifier import arch_names
+
+    return arch_names()
+
+
+@train.command("classifier")
+@click.option("--collection", required=True)
+@click.option("--arch", type=click.Choice(_arch_names()), default="lenet5", show_default=True)
+@click.option("--epochs", type=int, default=None, help="default: the arch's recommended count")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--activate/--no-activate",
+    default=True,
+    show_default=True,
+    help="make it the collection's embedder (re-embed + re-index) or only record the checkpoint",
+)
+def train_classifier_command(
+    collection: str, arch: str, epochs: int | None, seed: int, activate: bool
+) -> None:
+    """Train a classifier on the collection's labels (the 'label' metadata); its features become the codes."""
+    _train_classifier(collection=collection, arch=arch, epochs=epochs, seed=seed, activate=activate)
+
+
+@train.command("lenet5")
+@click.option("--collection", required=True)
+@click.option("--epochs", type=int, default=None, help="default: the arch's recommended count")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--activate/--no-activate", default=True, show_default=True)
+def train_lenet5_command(collection: str, epochs: int | None, seed: int, activate: bool) -> None:
+    """Same as `cbir train classifier --arch lenet5` (what the hints for a lenet5 collection say)."""
+    _train_classifier(collection=collection, arch="lenet5", epochs=epochs, seed=seed, activate=activate)
+
+
+def _train_classifier(*, collection: str, arch: str, epochs: int | None, seed: int, activate: bool) -> None:
+    from app.services.classifier import train_classifier
+
+    with _context(threads=os.cpu_count()) as ctx:
+        checkpoint = train_classifier(
+            ctx,
+            collection=collection,
+            arch=arch,
+            epochs=epochs,
+            seed=seed,
+            activate=activate,
+            load_progress=_bar("read images"),
+            train_progress=_epoch_bars(),
+            embed_progress=_bar("embed + index"),
         )
+        _report_checkpoint(checkpoint, label=arch, active=activate)
 
 
 @main.command("eval")
 @click.option("--collection", required=True)
 @click.option("--queries", default="mnist:test", show_default=True, help="DATASET:SPLIT used as queries")
-@click.option("--compare", multiple=True, help="also evaluate: an embedder name (pixels) or checkpoint:ID")
+@click.option(
+    "--groundtruth",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Holidays-style JSON {query file: [relevant files]}: each query image of the collection is "
+    "ranked against the rest of it (instead of --queries)",
+)
+@click.option(
+    "--embedder", "embedders", multiple=True, help="evaluate this embedder spec (repeat for several)"
+)
+@click.option("--compare", multiple=True, help="also evaluate: an embedder spec or checkpoint:ID")
+@click.option("--whiten", multiple=True, type=int, help="with --groundtruth: PCA-whiten to D dims (0: off)")
+@click.option("--qe", multiple=True, type=int, help="with --groundtruth: alpha-QE depth (0: off)")
+@click.option("--qe-alpha", type=float, default=None, help="alpha-QE weight exponent (default: 3)")
 @click.option("--limit", type=int, default=None, help="use only the first N queries")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def eval_command(
-    collection: str, queries: str, compare: tuple[str, ...], limit: int | None, as_json: bool
+    collection: str,
+    queries: str,
+    groundtruth: Path | None,
+    embedders: tuple[str, ...],
+    compare: tuple[str, ...],
+    whiten: tuple[int, ...],
+    qe: tuple[int, ...],
+    qe_alpha: float | None,
+    limit: int | None,
+    as_json: bool,
 ) -> None:
-    """P@10, mAP@10 and mAP over the full ranking (same label = relevant)."""
+    """P@10, mAP@10 and mAP over the full ranking, one row per embedder (and per whitening and
+    query-expansion setting with --groundtruth). Same label = relevant, or the ground truth's lists."""
+    from app.services import groundtruth as gt
     from app.services.evaluation import evaluate
 
     with _context(threads=os.cpu_count()) as ctx:
-        rows = evaluate(ctx, collection=collection, queries=queries, compare=compare, limit=limit)
-    header = f"{'embedder':<44} {'queries':>7} {'P@10':>7} {'mAP@10':>7} {'mAP@all':>7} {'seconds':>8}"
+        if groundtruth is not None:
+            rows = gt.evaluate_with_groundtruth(
+                ctx,
+                collection=collection,
+                groundtruth=gt.read_groundtruth(groundtruth),
+                embedders=embedders + compare,
+                whiten=whiten or (0,),
+                qe=qe,
+                qe_alpha=qe_alpha,
+                progress=_bar("embed"),
+            )
+        else:
+            if whiten or qe:
+                raise click.UsageError("--whiten and --qe need --groundtruth")
+            rows = evaluate(
+                ctx, collection=collection, queries=queries, compare=embedders + compare, limit=limit
+            )
+    width = max([44] + [len(_row_name(row)) for row in rows])
+    header = f"{'embedder':<{width}} {'queries':>7} {'P@10':>7} {'mAP@10':>7} {'mAP@all':>7} "
+    header += f"{'img/s':>7} {'seconds':>8}"
     click.echo(header)
     click.echo("-" * len(header))
     for row in rows:
+        speed = f"{row['embed_img_s']:.1f}" if row.get("embed_img_s") else "-"
         click.echo(
-            f"{row['embedder']:<44} {row['queries']:>7} {row['p_at_10']:>7.4f} {row['map_at_10']:>7.4f} "
-            f"{row['map_all']:>7.4f} {row['seconds']:>8.1f}"
+            f"{_row_name(row):<{width}} {row['queries']:>7} {row['p_at_10']:>7.4f} {row['map_at_10']:>7.4f} "
+            f"{row['map_all']:>7.4f} {speed:>7} {row['seconds']:>8.1f}"
         )
     if as_json:
-        click.echo(json.dumps({"collection": collection, "queries_set": queries, "results": rows}))
+        source = {"groundtruth": str(groundtruth)} if groundtruth else {"queries_set": queries}
+        click.echo(json.dumps({"collection": collection, **source, "results": rows}))
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    name = str(row["embedder"])
+    if row.get("whiten"):
+        name += f" +whiten{row['whiten']}"
+    if row.get("qe"):
+        name += f" +qe{row['qe']}"
+    return name
 
 
 if __name__ == "__main__":

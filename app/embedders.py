@@ -6,18 +6,28 @@ import threading
 
 import torch
 
-from app.errors import EmbedderNotReady, IndexMismatch, UnknownEmbedderName
+from app.errors import (
+    EmbedderNotReady,
+    IndexMismatch,
+    InvalidEmbedderOptions,
+    UnknownEmbedderName,
+    WeightsMissing,
+)
 from app.records import CheckpointRecord, CollectionRecord
 from app.settings import Settings
 from models import registry
 from models.base import Embedder
+from models.whitened import WhitenedEmbedder
 
 
-def validate_embedder_name(name: str) -> None:
+def validate_embedder_name(name: str) -> str:
+    """A spec string (``name[:key=value,...]``) checked and in its canonical spelling."""
     try:
-        registry.get_spec(name)
+        return registry.canonical(name)
     except registry.UnknownEmbedder as exc:
         raise UnknownEmbedderName(str(exc.args[0])) from None
+    except registry.InvalidEmbedderOptions as exc:
+        raise InvalidEmbedderOptions(str(exc)) from None
 
 
 class EmbedderCache:
@@ -46,16 +56,58 @@ class EmbedderCache:
         key = (name, checkpoint.sha256 if checkpoint is not None else "")
         with self._lock:
             embedder = self._cache.get(key)
+            if (
+                embedder is None
+                and checkpoint is not None
+                and (checkpoint.config or {}).get("kind") == "whitening"
+            ):
+                embedder = self._whitened(name, checkpoint)
             if embedder is None:
-                embedder = registry.create(name, checkpoint=path, device=self.device)
+                embedder = registry.create(
+                    name,
+                    checkpoint=path,
+                    device=self.device,
+                    weights_dir=self.settings.weights_dir,
+                    download=self.settings.weights_download,
+                    runtime=self.settings.cnn_runtime,
+                    onnx_dir=self.settings.onnx_dir,
+                )
                 if checkpoint is not None and embedder.version != checkpoint.version:
                     raise IndexMismatch(
                         f"checkpoint file {checkpoint.path} no longer matches the database "
                         f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
                     )
                 self._cache[key] = embedder
-        embedder.load()
+        try:
+            embedder.load()
+        except registry.WeightsMissing as exc:
+            with self._lock:  # a file put in place later is found without a restart
+                self._cache.pop(key, None)
+            raise WeightsMissing(str(exc)) from None
         return embedder
+
+    def _whitened(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
+        """A pretrained embedder followed by the collection's PCA-whitening (called under the lock)."""
+        key = (name, "")
+        base = self._cache.get(key)
+        if base is None:
+            base = registry.create(
+                name,
+                device=self.device,
+                weights_dir=self.settings.weights_dir,
+                download=self.settings.weights_download,
+                runtime=self.settings.cnn_runtime,
+                onnx_dir=self.settings.onnx_dir,
+            )
+            self._cache[key] = base
+        try:
+            base.load()
+            return WhitenedEmbedder(base=base, path=self.settings.data_dir / checkpoint.path)
+        except registry.WeightsMissing as exc:
+            self._cache.pop(key, None)
+            raise WeightsMissing(str(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise IndexMismatch(f"whitening of checkpoint {checkpoint.id} cannot be used: {exc}") from None
 
     def clear(self) -> None:
         with self._lock:

@@ -245,3 +245,54 @@ def _ranks(
         tied = np.flatnonzero(row == value)  # every row with this score, in db order
         ranks[group] = above_all[group] + np.flatnonzero(db_class[tied] == c) + 1
     return ranks
+
+
+def inria_average_precision(relevant_ranks: np.ndarray, *, relevant: int) -> float:
+    """Average precision as INRIA's ``eval_holidays`` (``score_ap_from_ranks_1``) computes it.
+
+    Each retrieved relevant item adds a trapezoid of width 1/R between the precision just before
+    it, hits / (rank - 1) (1 at rank 1), and the precision at it, (hits + 1) / rank.
+    ``relevant_ranks`` are the 1-based ranks of the retrieved relevant items, ascending;
+    ``relevant`` (R) counts every relevant item, so a miss adds nothing.
+    """
+    if relevant <= 0:
+        return 0.0
+    ranks = np.asarray(relevant_ranks, dtype=np.float64)
+    hits_before = np.arange(len(ranks), dtype=np.float64)
+    before = np.where(ranks > 1, hits_before / np.maximum(ranks - 1, 1), 1.0)
+    at = (hits_before + 1) / ranks
+    return float(np.sum((before + at) / 2.0) / relevant)
+
+
+def evaluate_groundtruth(
+    *,
+    scores: np.ndarray,
+    relevant: list[np.ndarray],
+    k: int = 10,
+) -> dict[str, float | int]:
+    """Score rankings against explicit relevance lists (Holidays-style ground truth).
+
+    ``scores`` is (q, n) float: query i's similarity to each db row, with rows that must not be
+    ranked (the query itself) set to -inf. ``relevant[i]`` holds the db rows relevant to query i.
+    Ties are broken by db order. Returns ``p_at_10`` (P@k), ``map_at_10`` (mAP@k, as in
+    ``evaluate_retrieval``), ``map_all`` (INRIA's trapezoid AP over the full ranking, the
+    protocol of the Holidays benchmark) and ``queries``.
+    """
+    p_at_k, ap_at_k, ap_all = [], [], []
+    for row, rel in zip(scores, relevant, strict=True):
+        order = np.argsort(-row, kind="stable")
+        ranked = order[np.isfinite(row[order])]
+        is_rel = np.isin(ranked, rel)
+        ranks = np.flatnonzero(is_rel) + 1
+        total = len(rel)
+        top = is_rel[:k]
+        p_at_k.append(top.sum() / k)
+        cumulative = np.cumsum(top) / np.arange(1, len(top) + 1)
+        ap_at_k.append(float((cumulative * top).sum() / min(k, total)) if total else 0.0)
+        ap_all.append(inria_average_precision(ranks, relevant=total))
+    return {
+        "p_at_10": float(np.mean(p_at_k)) if p_at_k else 0.0,
+        "map_at_10": float(np.mean(ap_at_k)) if ap_at_k else 0.0,
+        "map_all": float(np.mean(ap_all)) if ap_all else 0.0,
+        "queries": len(p_at_k),
+    }

@@ -158,3 +158,102 @@ def test_import_of_an_unknown_dataset_fails_cleanly(cli: Callable[..., Result], 
 def test_import_requires_a_collection(cli: Callable[..., Result]):
     result = cli("import", "mnist:test")
     assert result.exit_code == 2 and "--collection" in result.stderr
+
+
+def labelled_digits_zip(path: Path, count: int) -> Path:
+    """A zip of the first ``count`` real MNIST training digits, one folder per label."""
+    import numpy as np
+    from PIL import Image
+
+    from app.datasets import load_mnist
+
+    images, labels = load_mnist("train", datasets_dir=DATASETS_DIR, download_dir=path.parent)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            out = io.BytesIO()
+            Image.fromarray(np.array(images[i])).save(out, format="PNG")
+            zf.writestr(f"{labels[i]}/{i}.png", out.getvalue())
+    return path
+
+
+def test_train_classifier_switches_the_collection_to_lenet5(cli: Callable[..., Result], tmp_path: Path):
+    cli("collections", "create", "digits", "--embedder", "cdae")
+    archive = labelled_digits_zip(tmp_path / "digits.zip", 200)
+    assert cli("import", str(archive), "--collection", "digits").exit_code == 0
+
+    result = cli("train", "classifier", "--collection", "digits", "--arch", "lenet5", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip()
+    assert line.startswith("checkpoint 1: lenet5-") and "(lenet5, 2 epochs, final loss" in line
+    assert line.endswith("[active]")
+    assert "epoch 2" in result.stderr  # one progress bar per epoch
+    listed = cli("collections", "list").stdout.strip().split("\t")
+    assert listed[:2] == ["digits", "lenet5"] and listed[2].startswith("lenet5-")
+    assert listed[3:] == ["200 images", "200 indexed"]
+
+    recorded = cli("train", "classifier", "--collection", "digits", "--epochs", "1", "--no-activate")
+    assert recorded.exit_code == 0, recorded.output
+    assert recorded.stdout.strip().startswith("checkpoint 2: lenet5-")
+    assert not recorded.stdout.strip().endswith("[active]")
+    assert cli("collections", "list").stdout.strip().split("\t")[2] == listed[2]
+
+
+def test_train_classifier_refuses_unlabelled_collections_and_unknown_archs(
+    cli: Callable[..., Result], tmp_path: Path, make_png: Callable[..., bytes]
+):
+    cli("collections", "create", "plain", "--embedder", "cdae")
+    archive = tmp_path / "flat.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"{i}.png", make_png(i))  # no folder: no label
+    assert cli("import", str(archive), "--collection", "plain").exit_code == 0
+    assert_clean_failure(cli("train", "classifier", "--collection", "plain"), "has no labels")
+
+    unknown = cli("train", "classifier", "--collection", "plain", "--arch", "resnet9000")
+    assert unknown.exit_code == 2 and "Invalid value for '--arch'" in unknown.stderr
+
+
+def test_import_folder_then_eval_with_groundtruth(cli: Callable[..., Result], tmp_path: Path) -> None:
+    import json
+
+    from tests.holidays import holidays_subset
+
+    truth = holidays_subset(tmp_path / "photos")
+    (tmp_path / "gt.json").write_text(json.dumps(truth))
+    assert cli("collections", "create", "holidays", "--embedder", "tiny").exit_code == 0
+    imported = cli("import", str(tmp_path / "photos"), "--collection", "holidays")
+    assert imported.exit_code == 0, imported.output
+    assert "3 duplicates, 0 failed" in imported.stdout
+    result = cli(
+        "eval", "--collection", "holidays", "--groundtruth", str(tmp_path / "gt.json"),
+        "--embedder", "tiny", "--embedder", "pixels", "--qe", "0", "--qe", "1",
+        "--whiten", "0", "--whiten", "8", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "tiny +whiten8 +qe1" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["groundtruth"].endswith("gt.json")
+    rows = report["results"]
+    assert len(rows) == 8 and {r["embedder"] for r in rows} == {"tiny", "pixels"}
+    assert all(r["queries"] == len(truth) and {"p_at_10", "map_at_10", "map_all"} <= r.keys() for r in rows)
+    refused = cli("eval", "--collection", "holidays", "--qe", "1")
+    assert_clean_failure(refused, "--groundtruth")
+
+
+def test_collection_tuning_commands(cli: Callable[..., Result], tmp_path: Path) -> None:
+    from tests.holidays import holidays_subset
+
+    holidays_subset(tmp_path / "photos")
+    cli("collections", "create", "holidays", "--embedder", "tiny")
+    cli("import", str(tmp_path / "photos"), "--collection", "holidays")
+    whitened = cli("collections", "whiten", "holidays", "--dim", "16")
+    assert whitened.exit_code == 0, whitened.output
+    assert "+w16-" in whitened.stdout
+    options = cli("collections", "search-options", "holidays", "--qe", "2")
+    assert options.stdout.strip() == "holidays: qe=2 qe_alpha=3"
+    assert_clean_failure(cli("collections", "search-options", "holidays", "--qe", "99"), "qe must be")
+    assert_clean_failure(cli("collections", "whiten", "holidays", "--dim", "4096"), "needs at least")
+
+
+def test_train_lenet5_is_the_classifier_command_under_the_embedder_name(cli: Callable[..., Result]) -> None:
+    assert_clean_failure(cli("train", "lenet5", "--collection", "missing"), "no collection named 'missing'")

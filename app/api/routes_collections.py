@@ -8,12 +8,17 @@ from app.api.schemas import (
     CollectionCreate,
     CollectionList,
     CollectionOut,
+    EvaluateIn,
+    EvaluateOut,
+    EvaluateRow,
     ImageOut,
     LabelCount,
     LabelList,
     MapOut,
+    SearchOptionsIn,
+    WhiteningIn,
 )
-from app.services import collections, maps
+from app.services import collections, maps, tuning
 
 router = APIRouter(tags=["collections"])
 
@@ -31,6 +36,39 @@ def list_collections(ctx: ContextDep) -> CollectionList:
 @router.get("/collections/{name}", response_model=CollectionOut)
 def get_collection(name: str, ctx: ContextDep) -> CollectionOut:
     return collection_out(collections.get_collection(ctx, name))
+
+
+@router.put("/collections/{name}/search-options", response_model=CollectionOut)
+def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> CollectionOut:
+    """Query-side re-ranking used by every search of the collection (a search's ``qe`` overrides it)."""
+    tuning.set_search_options(ctx, collection=name, qe=body.qe, qe_alpha=body.qe_alpha)
+    return collection_out(collections.get_collection(ctx, name))
+
+
+@router.post("/collections/{name}/whitening", response_model=CollectionOut)
+def whiten(name: str, body: WhiteningIn, ctx: ContextDep) -> CollectionOut:
+    """Fit a PCA-whitening on the collection's codes and serve the whitened codes (pretrained
+    embedders; the index is rebuilt, searches keep using the old codes until it is)."""
+    tuning.whiten_collection(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
+    return collection_out(collections.get_collection(ctx, name))
+
+
+@router.post("/collections/{name}/evaluate", response_model=EvaluateOut, tags=["evaluation"])
+def evaluate(name: str, body: EvaluateIn, ctx: ContextDep) -> EvaluateOut:
+    """P@10, mAP@10 and mAP over the full ranking per embedder (and whitening / QE setting), now:
+    with ``groundtruth`` Holidays-style, or against a labelled ``queries`` set."""
+    rows = tuning.evaluate_request(
+        ctx,
+        collection=name,
+        queries=body.queries,
+        groundtruth=body.groundtruth,
+        embedders=tuple(body.embedders),
+        whiten=tuple(body.whiten),
+        qe=tuple(body.qe),
+        qe_alpha=body.qe_alpha,
+        limit=body.limit,
+    )
+    return EvaluateOut(collection=name, results=[EvaluateRow.model_validate(row) for row in rows])
 
 
 @router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT)

@@ -72,12 +72,20 @@ def delete_image(image_id: int, ctx: ContextDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+QE = Query(None, ge=0, le=20, description="alpha-QE depth for this search (default: the collection's)")
+
+
 @router.get("/collections/{name}/images/{image_id}/similar", response_model=SearchResponse)
 def similar(
-    name: str, image_id: int, ctx: ContextDep, image_filter: FilterDep, k: int = Query(10, ge=1)
+    name: str,
+    image_id: int,
+    ctx: ContextDep,
+    image_filter: FilterDep,
+    k: int = Query(10, ge=1),
+    qe: int | None = QE,
 ) -> SearchResponse:
     return search_out(
-        search.similar_to(ctx, collection=name, image_id=image_id, k=k, image_filter=image_filter)
+        search.similar_to(ctx, collection=name, image_id=image_id, k=k, image_filter=image_filter, qe=qe)
     )
 
 
@@ -88,10 +96,11 @@ async def search_by_image(
     file: Annotated[UploadFile, File(description="the query image: PNG, JPEG, GIF or WebP")],
     image_filter: FilterDep,
     k: int = Query(10, ge=1, description="number of hits, at most CBIR_MAX_K (100)"),
+    qe: int | None = QE,
 ) -> SearchResponse:
     data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
     result = await run_in_threadpool(
-        search.search_by_image, ctx, collection=name, data=data, k=k, image_filter=image_filter
+        search.search_by_image, ctx, collection=name, data=data, k=k, image_filter=image_filter, qe=qe
     )
     return search_out(result)
 

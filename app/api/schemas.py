@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from index.rerank import DEFAULT_SHRINKAGE
+
 
 class Problem(BaseModel):
     """RFC 9457 problem details."""
@@ -20,7 +22,27 @@ class Problem(BaseModel):
 
 class CollectionCreate(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$", examples=["holidays"])
-    embedder: str = Field("cdae", examples=["cdae", "pixels"])
+    embedder: str = Field(
+        "cdae",
+        max_length=255,
+        examples=["cdae", "efficientnet_lite0", "efficientnet_lite0:input=whole,sizes=224+320,flip=1"],
+        description="an embedder spec: a registered name, optionally with options name:key=value,...",
+    )
+
+
+class SearchOptionsIn(BaseModel):
+    qe: int = Field(0, ge=0, le=20, description="alpha-query-expansion depth: 0 is off")
+    qe_alpha: float = Field(3.0, ge=0, le=10, description="weight exponent of the expanded neighbours")
+
+
+class WhiteningIn(BaseModel):
+    dim: int = Field(ge=1, le=4096, examples=[128], description="components kept (Babenko: 16 to 512)")
+    shrinkage: float = Field(
+        DEFAULT_SHRINKAGE,
+        ge=0,
+        le=1,
+        description="blend eigenvalues towards their mean (0: plain PCA-whitening)",
+    )
 
 
 class CheckpointOut(BaseModel):
@@ -42,6 +64,8 @@ class CollectionOut(BaseModel):
     embedded_count: int
     index_size: int
     index_factory: str
+    search_options: SearchOptionsIn
+    whitening: int | None = Field(None, description="dims of the PCA-whitening served, if any")
     ready: bool = Field(description="True when the collection can be searched")
     created_at: datetime
 
@@ -173,6 +197,39 @@ class EvaluationRow(BaseModel):
     map_all: float
     pr_curve: PrecisionRecallCurve | None = None
     seconds: float
+
+
+class EvaluateIn(BaseModel):
+    """Either ``queries`` (a labelled query set) or ``groundtruth`` ({query file: [relevant files]},
+    each query image of the collection ranked against the rest of it)."""
+
+    queries: str | None = Field(None, examples=["mnist:test"])
+    groundtruth: dict[str, list[str]] | None = Field(None, max_length=100_000)
+    embedders: list[str] = Field(default_factory=list, max_length=8, description="embedder specs")
+    whiten: list[int] = Field(default_factory=lambda: [0], max_length=8, description="0: off")
+    qe: list[int] = Field(
+        default_factory=list, max_length=8, description="0: off; empty: the collection's search option"
+    )
+    qe_alpha: float | None = Field(None, ge=0, le=10, description="default: the collection's (3)")
+    limit: int | None = Field(None, ge=1)
+
+
+class EvaluateRow(BaseModel):
+    embedder: str
+    whiten: int = 0
+    qe: int = 0
+    queries: int
+    database: int
+    p_at_10: float
+    map_at_10: float
+    map_all: float
+    embed_img_s: float | None = None
+    seconds: float
+
+
+class EvaluateOut(BaseModel):
+    collection: str
+    results: list[EvaluateRow]
 
 
 class EvaluationStart(BaseModel):

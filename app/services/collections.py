@@ -32,6 +32,8 @@ class CollectionInfo:
     embedded_count: int
     index_size: int
     index_factory: str
+    search_options: dict[str, Any]
+    whitening: int | None
     ready: bool
     created_at: datetime
 
@@ -68,7 +70,7 @@ def create_collection(ctx: AppContext, *, name: str, embedder: str) -> Collectio
             f"collection name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit"
         )
-    validate_embedder_name(embedder)
+    embedder = validate_embedder_name(embedder)
     version = None
     if not registry.get_spec(embedder).trainable:
         version = ctx.embedders.get(embedder).version
@@ -97,16 +99,24 @@ def _info(ctx: AppContext, session: Session, record: CollectionRecord) -> Collec
             .where(EmbeddingRecord.embedder_version == record.embedder_version)
         ).one()
     index = ctx.indexes.get(record)
+    checkpoint = checkpoint_of(session, record)
+    whitening = (
+        (checkpoint.config or {}).get("dim")
+        if checkpoint and (checkpoint.config or {}).get("kind") == "whitening"
+        else None
+    )
     return CollectionInfo(
         name=record.name,
         embedder=record.embedder,
         embedder_version=record.embedder_version,
         dim=dim,
-        checkpoint=checkpoint_summary(checkpoint_of(session, record)),
+        checkpoint=checkpoint_summary(checkpoint),
         image_count=image_count or 0,
         embedded_count=embedded or 0,
         index_size=index.ntotal if index is not None else 0,
         index_factory=record.index_factory,
+        search_options={"qe": 0, "qe_alpha": 3.0, **(record.search_options or {})},
+        whitening=whitening,
         ready=record.embedder_version is not None,
         created_at=record.created_at,
     )

@@ -76,7 +76,7 @@ def compare(
     ids = sample_ids(all_ids, sample)
     if data is not None:
         image = decode_image(data, limits=ctx.limits).image
-        own_query = own.embed_batch(torch.unsqueeze(own.preprocess(image), 0))
+        own_query = own.embed_prepared([own.preprocess(image)])
     else:
         assert image_id is not None
         stored = get_image(ctx, image_id)
@@ -96,7 +96,7 @@ def compare(
     left.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
 
     start = time.perf_counter()
-    other_query = other.embed_batch(torch.unsqueeze(other.preprocess(image), 0))
+    other_query = other.embed_prepared([other.preprocess(image)])
     right = _nearest(
         ctx, vectors=_sample_codes(ctx, record, other, ids), ids=ids, query=other_query, k=k, exclude=image_id
     )
@@ -163,7 +163,7 @@ def _sample_codes(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(ids), batch):
             tensors = list(pool.map(load, [int(i) for i in ids[start : start + batch]]))
-            chunks.append(embedder.embed_batch(torch.stack(tensors)))
+            chunks.append(embedder.embed_prepared(tensors))
     codes = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)
     with _CACHE_LOCK:
         _CACHE[key] = codes

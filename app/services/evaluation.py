@@ -148,10 +148,14 @@ def compare_choices(ctx: AppContext, collection: str) -> list[dict[str, str]]:
             .where(CheckpointRecord.collection_id == record.id)
             .order_by(CheckpointRecord.id.desc())
         ).all()
+    weights_dir = ctx.settings.weights_dir
     choices = [
-        {"spec": name, "description": registry.get_spec(name).description}
-        for name in registry.names()
-        if not registry.get_spec(name).trainable and name != record.embedder
+        {"spec": spec.name, "description": spec.description}
+        for spec in map(registry.get_spec, registry.names())
+        if not spec.trainable
+        and spec.name != record.embedder
+        # pretrained ones only when their weights are here: a choice must not fail when picked
+        and (spec.weights_available is None or spec.weights_available(weights_dir))
     ]
     choices += [
         {"spec": f"checkpoint:{c.id}", "description": f"checkpoint {c.id}: {_checkpoint_label(c)}"}

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.context import AppContext
@@ -83,6 +82,13 @@ def ingest_batch(
     vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
 
     with WRITE_LOCK:
+        with ctx.db.session() as session:
+            live = require_collection(session, collection)
+            if live.embedder_version != record.embedder_version:
+                # A training or whitening switched the served version while we embedded (it holds
+                # this lock when it switches): embed again, or these images would have no vector.
+                record, checkpoint = live, checkpoint_of(session, live)
+                vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
         # Load the index before the commit: a first load after it would already hold the new rows.
         ctx.indexes.get(record)
         for attempt in range(1, STORE_ATTEMPTS + 1):
@@ -114,8 +120,8 @@ def _embed(
     batch_size = ctx.settings.embed_batch_size
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([embedder.preprocess(d.image) for d in images[start : start + batch_size]])
-        chunks.append(embedder.embed_batch(batch))
+        prepared = [embedder.preprocess(d.image) for d in images[start : start + batch_size]]
+        chunks.append(embedder.embed_prepared(prepared))
     return np.concatenate(chunks)
 
 
@@ -130,28 +136,41 @@ def _store(
 ) -> tuple[np.ndarray, np.ndarray]:
     with ctx.db.transaction() as session:
         shas = list({a.sha256 for a in accepted})
-        existing: dict[str, int] = {}
+        existing: dict[str, tuple[int, str | None]] = {}
         for start in range(0, len(shas), 500):
             existing.update(
-                (sha, image_id)
-                for sha, image_id in session.execute(
-                    select(ImageRecord.sha256, ImageRecord.id)
+                (sha, (image_id, name))
+                for sha, image_id, name in session.execute(
+                    select(ImageRecord.sha256, ImageRecord.id, ImageRecord.original_name)
                     .where(ImageRecord.collection_id == record.id)
                     .where(ImageRecord.sha256.in_(shas[start : start + 500]))
                 )
             )
         fresh: list[tuple[_Accepted, int]] = []  # (item, row in vectors)
-        seen: dict[str, int] = {}
+        seen: dict[str, _Accepted] = {}
         repeats: list[tuple[int, int]] = []  # (item position, position of its first copy)
+        # Other names of a stored image (the same bytes under another file name): kept as
+        # metadata "aliases" so that name-based ground truth still finds every file.
+        new_aliases: dict[int, set[str]] = {}  # existing image id -> names
+        batch_aliases: dict[int, set[str]] = {}  # position of a first copy -> names
         for row, a in enumerate(accepted):
+            name = (a.item.name or None) and a.item.name[-512:]
             if a.sha256 in existing:
-                results[a.index] = ItemResult(a.item.name, "duplicate", image_id=existing[a.sha256])
+                image_id, stored_name = existing[a.sha256]
+                results[a.index] = ItemResult(a.item.name, "duplicate", image_id=image_id)
+                if name and name != stored_name:
+                    new_aliases.setdefault(image_id, set()).add(name)
             elif a.sha256 in seen:
+                original = seen[a.sha256]
                 results[a.index] = ItemResult(a.item.name, "duplicate", detail="repeated in this batch")
-                repeats.append((a.index, seen[a.sha256]))
+                repeats.append((a.index, original.index))
+                if name and name != original.item.name:
+                    batch_aliases.setdefault(original.index, set()).add(name)
             else:
-                seen[a.sha256] = a.index
+                seen[a.sha256] = a
                 fresh.append((a, row))
+        if new_aliases:
+            _add_aliases(session, new_aliases)
         if not fresh:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
 
@@ -172,7 +191,7 @@ def _store(
                     "width": a.decoded.width,
                     "height": a.decoded.height,
                     "original_name": (a.item.name or None) and a.item.name[-512:],
-                    "meta": a.item.metadata,
+                    "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
                     "created_at": now,
                 }
                 for a, _ in fresh
@@ -196,6 +215,27 @@ def _store(
             embedder_version=record.embedder_version or "",
         )
         return id_array, new_vectors
+
+
+MAX_ALIASES = 64
+
+
+def _with_aliases(meta: dict[str, Any] | None, names: set[str] | None) -> dict[str, Any]:
+    meta = dict(meta or {})
+    if names:
+        known = meta.get("aliases") if isinstance(meta.get("aliases"), list) else []
+        meta["aliases"] = sorted(set(known) | names)[:MAX_ALIASES]
+    return meta
+
+
+def _add_aliases(session: Any, aliases: dict[int, set[str]]) -> None:
+    rows = session.execute(
+        select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.id.in_(list(aliases)))
+    ).all()
+    for image_id, meta in rows:
+        merged = _with_aliases(meta, aliases[image_id])
+        if merged != (meta or {}):
+            session.execute(update(ImageRecord).where(ImageRecord.id == image_id).values(meta=merged))
 
 
 def store_vectors(

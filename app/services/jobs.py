@@ -45,7 +45,18 @@ class DatasetSource:
     split: str
 
 
-Source = ArchiveSource | DatasetSource
+@dataclass(frozen=True)
+class FolderSource:
+    path: Path  # a resolved folder on this machine; subfolder names become labels
+
+
+Source = ArchiveSource | DatasetSource | FolderSource
+
+
+def check_folder(path: Path) -> FolderSource:
+    if not path.is_dir():
+        raise InvalidRequest(f"{str(path)[:200]!r} is not a folder")
+    return FolderSource(path.resolve())
 
 
 def check_dataset(dataset: str, split: str) -> DatasetSource:
@@ -154,6 +165,40 @@ def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[It
                 yield Item(member.name, data, _label_from(member.name))
 
 
+def _folder_files(source: FolderSource) -> Iterator[tuple[str, Path]]:
+    """(relative name, path) of the folder's files in name order; hidden entries skipped, and
+    links that lead outside the folder never followed."""
+    for path in sorted(source.path.rglob("*")):
+        name = path.relative_to(source.path).as_posix()
+        if _skipped(name) or path.is_dir():
+            continue
+        yield name, path
+
+
+def iter_folder(source: FolderSource, *, max_member_bytes: int) -> Iterator[Item | ItemResult]:
+    """The folder's files as Items (label = parent folder, relative path as name)."""
+    for name, path in _folder_files(source):
+        try:
+            real = path.resolve(strict=True)
+            if not real.is_relative_to(source.path) or not real.is_file():
+                yield ItemResult(name, "rejected", code="not_a_regular_file", detail="link out of the folder")
+                continue
+            size = real.stat().st_size
+            if size > max_member_bytes:
+                yield ItemResult(
+                    name,
+                    "rejected",
+                    code="image_too_large",
+                    detail=f"{size} bytes; the limit is {max_member_bytes}",
+                )
+                continue
+            data = real.read_bytes()
+        except OSError as exc:
+            yield ItemResult(name, "rejected", code="file_unreadable", detail=str(exc))
+            continue
+        yield Item(name, data, _label_from(name))
+
+
 def count_archive(source: ArchiveSource) -> int | None:
     try:
         if zipfile.is_zipfile(source.path):
@@ -201,6 +246,8 @@ class JobInfo:
 def _source_params(source: Source) -> dict[str, Any]:
     if isinstance(source, DatasetSource):
         return {"source": "dataset", "dataset": source.dataset, "split": source.split}
+    if isinstance(source, FolderSource):
+        return {"source": "folder", "path": str(source.path)}
     return {"source": "archive", "filename": source.filename}
 
 
@@ -258,6 +305,9 @@ class JobRunner:
             if isinstance(source, DatasetSource):
                 total: int | None = dataset_size(ctx, source)
                 stream: Iterator[Item | ItemResult] = iter_dataset(ctx, source)
+            elif isinstance(source, FolderSource):
+                total = sum(1 for _ in _folder_files(source))
+                stream = iter_folder(source, max_member_bytes=ctx.settings.max_upload_bytes)
             else:
                 total = count_archive(source)
                 stream = iter_archive(source, max_member_bytes=ctx.settings.max_upload_bytes)

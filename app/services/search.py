@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from sqlalchemy import select
 
 from app.context import AppContext
@@ -16,6 +15,8 @@ from app.imaging import decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
 from app.services.filters import ImageFilter, matching_ids
+from app.services.tuning import SearchOptions
+from index.rerank import expand_queries
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,13 @@ def _served(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
 
 
 def search_by_image(
-    ctx: AppContext, *, collection: str, data: bytes, k: int, image_filter: ImageFilter | None = None
+    ctx: AppContext,
+    *,
+    collection: str,
+    data: bytes,
+    k: int,
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
 ) -> SearchResult:
     _check_k(ctx, k)
     clock = _Clock()
@@ -82,13 +89,19 @@ def search_by_image(
     embedder = ctx.embedders.for_collection(record, checkpoint)
     tensor = embedder.preprocess(decoded.image)
     clock.lap("decode")
-    vector = embedder.embed_batch(torch.unsqueeze(tensor, 0))
+    vector = embedder.embed_prepared([tensor])
     clock.lap("embed")
-    return _search(ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter)
+    return _search(ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe)
 
 
 def similar_to(
-    ctx: AppContext, *, collection: str, image_id: int, k: int, image_filter: ImageFilter | None = None
+    ctx: AppContext,
+    *,
+    collection: str,
+    image_id: int,
+    k: int,
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
 ) -> SearchResult:
     """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
     _check_k(ctx, k)
@@ -107,7 +120,14 @@ def similar_to(
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
     clock.lap("embed")
     result = _search(
-        ctx, record=record, vector=vector, k=k, clock=clock, exclude=image_id, image_filter=image_filter
+        ctx,
+        record=record,
+        vector=vector,
+        k=k,
+        clock=clock,
+        exclude=image_id,
+        image_filter=image_filter,
+        qe=qe,
     )
     result.query_image_id = image_id
     return result
@@ -122,8 +142,13 @@ def _search(
     clock: _Clock,
     exclude: int | None = None,
     image_filter: ImageFilter | None = None,
+    qe: int | None = None,
+    qe_alpha: float = 3.0,
 ) -> SearchResult:
-    """Search the index; with a filter, only among the ids that pass it (a FAISS id selector)."""
+    """Search the index; with a filter, only among the ids that pass it (a FAISS id selector).
+
+    With query expansion (the collection's ``qe`` option, or ``qe`` here) the query is averaged
+    with its first results' stored codes, weighted by similarity^alpha, and searched again."""
     index = ctx.indexes.get(record)
     if index is None:
         raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
@@ -140,11 +165,20 @@ def _search(
         with ctx.db.session() as session:
             allowed = matching_ids(session, collection_id=record.id, image_filter=image_filter)
         clock.lap("filter")
-    scores, ids = index.search(vector, k + (1 if exclude is not None else 0), allowed_ids=allowed)
+    extra = 1 if exclude is not None else 0
+    scores, ids = index.search(vector, k + extra, allowed_ids=allowed)
     clock.lap("search")
     pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][
         :k
     ]
+    options = SearchOptions.of(record) if qe is None else SearchOptions(qe=qe, qe_alpha=qe_alpha)
+    if options.qe and pairs:
+        expanded = _expand(ctx, record=record, vector=vector, top=pairs[: options.qe], alpha=options.qe_alpha)
+        scores, ids = index.search(expanded, k + extra, allowed_ids=allowed)
+        pairs = [
+            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude
+        ][:k]
+        clock.lap("expand")
     with ctx.db.session() as session:
         rows = {
             r.id: r
@@ -156,3 +190,33 @@ def _search(
     ]
     clock.lap("fetch")
     return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
+
+
+def _expand(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    vector: np.ndarray,
+    top: list[tuple[int, float]],
+    alpha: float,
+) -> np.ndarray:
+    """alpha-QE with the stored codes of the first results (read from the database, so it works
+    the same whatever the index kind)."""
+    with ctx.db.session() as session:
+        blobs = dict(
+            session.execute(
+                select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
+                .where(EmbeddingRecord.image_id.in_([i for i, _ in top]))
+                .where(EmbeddingRecord.embedder_version == record.embedder_version)
+            ).all()
+        )
+    found = [(i, s) for i, s in top if i in blobs]
+    if not found:
+        return vector
+    neighbours = np.stack([np.frombuffer(blobs[i], dtype="<f4") for i, _ in found]).astype(np.float32)
+    return expand_queries(
+        queries=vector,
+        neighbours=neighbours[None],
+        scores=np.asarray([[s for _, s in found]], dtype=np.float32),
+        alpha=alpha,
+    )

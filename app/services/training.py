@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from sqlalchemy import delete, select
 
@@ -20,7 +19,7 @@ from app.imaging import decode_image
 from app.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import WRITE_LOCK, store_vectors
-from models import cdae
+from models import cdae, registry
 from models.base import Embedder
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,8 @@ def train_cdae(
     make it the collection's embedder: its codes are recomputed and the index rebuilt."""
     with ctx.db.session() as session:
         record = require_collection(session, collection)
-    if record.embedder != "cdae":
+    # A collection serving another trained embedder (LeNet-5) may switch back; a fixed one may not.
+    if record.embedder != "cdae" and not registry.get_spec(record.embedder).trainable:
         raise InvalidRequest(f"collection {collection!r} uses embedder {record.embedder!r}, not 'cdae'")
     config = cdae.CDAEConfig.preset(preset)
     epochs = epochs or config.epochs
@@ -140,8 +140,7 @@ def embed_collection(
     all_ids: list[int] = []
     chunks: list[np.ndarray] = []
     for ids, images, _ in iter_collection_images(ctx, collection_id=collection.id):
-        batch = torch.stack([embedder.preprocess(image) for image in images])
-        chunks.append(embedder.embed_batch(batch))
+        chunks.append(embedder.embed_prepared([embedder.preprocess(image) for image in images]))
         all_ids.extend(ids)
         if progress:
             progress(len(all_ids), total)
@@ -151,19 +150,30 @@ def embed_collection(
 
 
 def activate_checkpoint(
-    ctx: AppContext, *, collection: str, checkpoint_id: int, progress: Progress | None = None
+    ctx: AppContext,
+    *,
+    collection: str,
+    checkpoint_id: int,
+    progress: Progress | None = None,
+    computed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Re-embed the collection with a checkpoint, then switch search to it and drop old vectors.
 
-    Search keeps serving the previous version until the new vectors are all stored.
+    The checkpoint may be of another trained embedder than the one served (a LeNet-5 checkpoint
+    for a CDAE collection): the collection then switches embedder too. ``computed`` (codes, ids)
+    skips the embedding when the caller has the codes already. Search keeps serving the
+    previous version until the new vectors are all stored.
     """
     with ctx.db.session() as session:
         record = require_collection(session, collection)
         checkpoint = session.get(CheckpointRecord, checkpoint_id)
-    if checkpoint is None or checkpoint.embedder != record.embedder:
-        raise InvalidRequest(f"checkpoint {checkpoint_id} is not a {record.embedder} checkpoint")
-    embedder = ctx.embedders.get(record.embedder, checkpoint)
-    vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
+    if checkpoint is None or checkpoint.collection_id not in (None, record.id):
+        raise InvalidRequest(f"collection {collection!r} has no checkpoint {checkpoint_id}")
+    embedder = ctx.embedders.get(checkpoint.embedder, checkpoint)
+    if computed is not None:  # the caller has the codes already (whitened ones), as (vectors, ids)
+        vectors, ids = computed
+    else:
+        vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
     with WRITE_LOCK:
         with ctx.db.transaction() as session:
             session.execute(
@@ -180,12 +190,13 @@ def activate_checkpoint(
                     session,
                     image_ids=ids[start : start + 5000],
                     vectors=vectors[start : start + 5000],
-                    embedder=record.embedder,
+                    embedder=checkpoint.embedder,
                     embedder_version=embedder.version,
                 )
             _embed_stragglers(ctx, session=session, collection_id=record.id, embedder=embedder)
             live = session.get(CollectionRecord, record.id)
             assert live is not None
+            live.embedder = checkpoint.embedder
             live.embedder_version = embedder.version
             live.checkpoint_id = checkpoint.id
             # Older versions' vectors are no longer served.
