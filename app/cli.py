@@ -332,6 +332,7 @@ def _arch_names() -> list[str]:
 @click.option("--arch", type=click.Choice(_arch_names()), default="lenet5", show_default=True)
 @click.option("--epochs", type=int, default=None, help="default: the arch's recommended count")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dim", type=int, default=None, help="--arch head: the code's dimensions (default 128)")
 @click.option(
     "--activate/--no-activate",
     default=True,
@@ -339,10 +340,13 @@ def _arch_names() -> list[str]:
     help="make it the collection's embedder (re-embed + re-index) or only record the checkpoint",
 )
 def train_classifier_command(
-    collection: str, arch: str, epochs: int | None, seed: int, activate: bool
+    collection: str, arch: str, epochs: int | None, seed: int, dim: int | None, activate: bool
 ) -> None:
-    """Train a classifier on the collection's labels (the 'label' metadata); its features become the codes."""
-    _train_classifier(collection=collection, arch=arch, epochs=epochs, seed=seed, activate=activate)
+    """Train a classifier on the collection's labels (the 'label' metadata); its features become the codes.
+
+    --arch head keeps a pretrained CNN collection's backbone frozen and trains a projection with
+    a cosine-margin classifier on its codes; the projection becomes the codes."""
+    _train_classifier(collection=collection, arch=arch, epochs=epochs, seed=seed, activate=activate, dim=dim)
 
 
 @train.command("lenet5")
@@ -355,7 +359,9 @@ def train_lenet5_command(collection: str, epochs: int | None, seed: int, activat
     _train_classifier(collection=collection, arch="lenet5", epochs=epochs, seed=seed, activate=activate)
 
 
-def _train_classifier(*, collection: str, arch: str, epochs: int | None, seed: int, activate: bool) -> None:
+def _train_classifier(
+    *, collection: str, arch: str, epochs: int | None, seed: int, activate: bool, dim: int | None = None
+) -> None:
     from app.services.classifier import train_classifier
 
     with _context(threads=os.cpu_count()) as ctx:
@@ -365,6 +371,7 @@ def _train_classifier(*, collection: str, arch: str, epochs: int | None, seed: i
             arch=arch,
             epochs=epochs,
             seed=seed,
+            dim=dim,
             activate=activate,
             load_progress=_bar("read images"),
             train_progress=_epoch_bars(),

@@ -62,6 +62,8 @@ class EmbedderCache:
                 and (checkpoint.config or {}).get("kind") == "whitening"
             ):
                 embedder = self._whitened(name, checkpoint)
+            elif embedder is None and checkpoint is not None and (checkpoint.config or {}).get("base"):
+                embedder = self._on_base(name, checkpoint)
             if embedder is None:
                 embedder = registry.create(
                     name,
@@ -86,8 +88,8 @@ class EmbedderCache:
             raise WeightsMissing(str(exc)) from None
         return embedder
 
-    def _whitened(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
-        """A pretrained embedder followed by the collection's PCA-whitening (called under the lock)."""
+    def _pretrained(self, name: str) -> Embedder:
+        """The pretrained embedder ``name``, cached and loaded (called under the lock)."""
         key = (name, "")
         base = self._cache.get(key)
         if base is None:
@@ -102,12 +104,38 @@ class EmbedderCache:
             self._cache[key] = base
         try:
             base.load()
-            return WhitenedEmbedder(base=base, path=self.settings.data_dir / checkpoint.path)
         except registry.WeightsMissing as exc:
             self._cache.pop(key, None)
             raise WeightsMissing(str(exc)) from None
+        return base
+
+    def _whitened(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
+        """A pretrained embedder followed by the collection's PCA-whitening (called under the lock)."""
+        base = self._pretrained(name)
+        try:
+            return WhitenedEmbedder(base=base, path=self.settings.data_dir / checkpoint.path)
         except (OSError, ValueError) as exc:
             raise IndexMismatch(f"whitening of checkpoint {checkpoint.id} cannot be used: {exc}") from None
+
+    def _on_base(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
+        """A trained embedder over a frozen pretrained one (``cnn_head``): the base is built with this
+        service's weights settings, then handed to the trained embedder's factory (under the lock)."""
+        base = self._pretrained(str(checkpoint.config["base"]))
+        try:
+            embedder = registry.get_spec(name).factory(
+                checkpoint=self.settings.data_dir / checkpoint.path, device=self.device, base=base
+            )
+        except (OSError, ValueError) as exc:
+            raise IndexMismatch(
+                f"checkpoint {checkpoint.id} ({checkpoint.path}) cannot be used: {exc}"
+            ) from None
+        if embedder.version != checkpoint.version:
+            raise IndexMismatch(
+                f"checkpoint file {checkpoint.path} no longer matches the database "
+                f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+            )
+        self._cache[(name, checkpoint.sha256)] = embedder
+        return embedder
 
     def clear(self) -> None:
         with self._lock:

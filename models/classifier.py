@@ -2,8 +2,9 @@
 
 An arch turns labelled images into a checkpoint of one trainable embedder (``embedder``), whose
 codes become the collection's vectors. LeNet-5 from scratch (``models/lenet.py``) is the first;
-a pretrained backbone whose head is fine-tuned registers the same way: its own ``prepare``
-(the embedder's preprocessing, as a uint8 array), ``train`` and result with ``save``.
+an arch from pixels registers its own ``prepare`` (the embedder's preprocessing, as a uint8
+array), ``train`` and result with ``save``. ``head`` (``models/head.py``) trains on a frozen
+pretrained CNN's codes instead (``on_codes``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class ClassifierArch:
     # (images (n, ...) uint8, labels (n,) int indices into classes, *, classes, epochs (None: the
     # recipe's), seed, device, progress(epoch, step, steps, loss)) -> a TrainedClassifier
     train: Callable[..., TrainedClassifier]
+    # True: the arch trains on a pretrained embedder's codes instead of pixels (``prepare`` is not
+    # used): ``train(codes (n, d) float32, labels, *, classes, base_spec, base_version, dim,
+    # epochs, seed, device, progress)``, and its result has ``project(codes)`` -> the new codes
+    on_codes: bool = False
 
 
 _ARCHS: dict[str, ClassifierArch] = {}
@@ -70,4 +75,5 @@ def get_arch(name: str) -> ClassifierArch:
 
 def _ensure_builtins() -> None:
     # Imported for their register_arch() side effects (they import this module, not the reverse).
+    import models.head  # noqa: F401
     import models.lenet  # noqa: F401

@@ -162,5 +162,6 @@ def _ensure_builtins() -> None:
     # Imported for their register() side effects; kept here so importing the registry is cheap.
     import models.cdae  # noqa: F401
     import models.cnn  # noqa: F401
+    import models.head  # noqa: F401
     import models.lenet  # noqa: F401
     import models.pixels  # noqa: F401

@@ -1,8 +1,9 @@
 """Supervised neural codes: train a classifier on a collection's labels, serve its features.
 
 The collection's images and their ``label`` metadata train an arch of ``models.classifier``
-(LeNet-5 today); the checkpoint is recorded and, by default, activated: the collection switches
-to the arch's embedder, its codes are recomputed and the index rebuilt.
+(LeNet-5 from pixels, or a head on a frozen pretrained CNN's codes); the checkpoint is
+recorded and, by default, activated: the collection switches to the arch's embedder, its codes
+are recomputed and the index rebuilt.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from sqlalchemy import select
 
 from app.context import AppContext
 from app.errors import InvalidRequest
+from app.indexes import load_vectors
 from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
 from app.services.collections import require_collection
-from app.services.training import Progress, activate_checkpoint, collection_size, iter_collection_images
+from app.services.training import (
+    Progress,
+    activate_checkpoint,
+    collection_size,
+    embed_collection,
+    iter_collection_images,
+)
+from models import registry
 from models.classifier import ClassifierArch, get_arch
 
 log = logging.getLogger(__name__)
@@ -88,6 +97,7 @@ def train_classifier(
     arch: str = "lenet5",
     epochs: int | None = None,
     seed: int = 0,
+    dim: int | None = None,
     activate: bool = True,
     load_progress: Progress | None = None,
     train_progress: Callable[[int, int, int, float], None] | None = None,
@@ -97,29 +107,68 @@ def train_classifier(
     default) make its embedder the collection's: codes recomputed, index rebuilt.
 
     Images without a ``label`` are left out of training (and still embedded on activation);
-    a collection with fewer than two labels is refused with InvalidRequest.
+    a collection with fewer than two labels is refused with InvalidRequest. ``dim`` (the code's
+    dimensions) applies to archs on codes (``head``: a pretrained CNN collection only).
     """
     try:
         spec = get_arch(arch)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    if dim is not None and (not spec.on_codes or dim < 1):
+        raise InvalidRequest(
+            f"--dim applies to an arch on pretrained codes (a positive count), not {spec.name!r}"
+            if not spec.on_codes
+            else f"--dim must be positive, got {dim}"
+        )
     with ctx.db.session() as session:
         record = require_collection(session, collection)
-    classes = check_labels(ctx, collection=record)
-    pixels, labels, unlabelled = load_labelled_pixels(
-        ctx, collection=record, arch=spec, classes=classes, progress=load_progress
-    )
-    if unlabelled:
-        log.warning("%s: %d images have no label and are left out of training", collection, unlabelled)
-    result = spec.train(
-        pixels, labels, classes=classes, epochs=epochs, seed=seed, device=ctx.device, progress=train_progress
-    )
+    computed: tuple[np.ndarray, np.ndarray] | None = None
+    if spec.on_codes:
+        base_spec = pretrained_base(ctx, collection=record, arch=spec)
+        classes = check_labels(ctx, collection=record)
+        base_version, codes, ids, labels, unlabelled = load_labelled_codes(
+            ctx, collection=record, base_spec=base_spec, classes=classes, progress=load_progress
+        )
+        labelled = labels >= 0
+        if unlabelled:
+            log.warning("%s: %d images have no label and are left out of training", collection, unlabelled)
+        result = spec.train(
+            codes[labelled],
+            labels[labelled],
+            classes=classes,
+            base_spec=base_spec,
+            base_version=base_version,
+            dim=dim,
+            epochs=epochs,
+            seed=seed,
+            device=ctx.device,
+            progress=train_progress,
+        )
+        computed = (result.project(codes), ids)  # type: ignore[attr-defined]
+        trained = int(labelled.sum())
+    else:
+        classes = check_labels(ctx, collection=record)
+        pixels, labels, unlabelled = load_labelled_pixels(
+            ctx, collection=record, arch=spec, classes=classes, progress=load_progress
+        )
+        if unlabelled:
+            log.warning("%s: %d images have no label and are left out of training", collection, unlabelled)
+        result = spec.train(
+            pixels,
+            labels,
+            classes=classes,
+            epochs=epochs,
+            seed=seed,
+            device=ctx.device,
+            progress=train_progress,
+        )
+        trained = int(len(pixels))
     # Unique even for two trainings in the same second (the file is never overwritten).
     stamp = f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     relative = f"checkpoints/{spec.embedder}-{collection}-{spec.preset}-{stamp}.pt"
     sha = result.save(
         ctx.settings.data_dir / relative,
-        dataset={"collection": collection, "images": int(len(pixels)), "unlabelled": unlabelled},
+        dataset={"collection": collection, "images": trained, "unlabelled": unlabelled},
     )
     epochs_run = len(result.metrics.get("epoch_losses", []))
     with ctx.db.transaction() as session:
@@ -136,11 +185,65 @@ def train_classifier(
                 "epochs": epochs_run,
                 "seed": seed,
                 "classes": list(result.classes),
-                "images": int(len(pixels)),
+                "images": trained,
             },
             metrics=result.metrics,
         )
         session.add(checkpoint)
     if activate:
-        activate_checkpoint(ctx, collection=collection, checkpoint_id=checkpoint.id, progress=embed_progress)
+        activate_checkpoint(
+            ctx,
+            collection=collection,
+            checkpoint_id=checkpoint.id,
+            progress=embed_progress,
+            computed=computed,
+        )
     return checkpoint
+
+
+def pretrained_base(ctx: AppContext, *, collection: CollectionRecord, arch: ClassifierArch) -> str:
+    """The pretrained CNN spec whose codes an arch on codes trains on: the collection's embedder,
+    or, for a collection already serving that arch's embedder, the base its checkpoint records."""
+    if collection.embedder == arch.embedder and collection.checkpoint_id is not None:
+        with ctx.db.session() as session:
+            active = session.get(CheckpointRecord, collection.checkpoint_id)
+        base = (active.config or {}).get("base") if active is not None else None
+        if base:
+            return str(base)
+    if not registry.get_spec(collection.embedder).pretrained:
+        raise InvalidRequest(
+            f"collection {collection.name!r} uses embedder {collection.embedder!r}; --arch {arch.name} "
+            "trains a head on a pretrained CNN's codes: use it on a collection whose embedder is a "
+            "pretrained CNN (e.g. efficientnet_lite0)"
+        )
+    return collection.embedder
+
+
+def load_labelled_codes(
+    ctx: AppContext,
+    *,
+    collection: CollectionRecord,
+    base_spec: str,
+    classes: list[str],
+    progress: Progress | None = None,
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Every image's pretrained code: (base version, codes (n, d) float32, ids (n,), labels (n,)
+    int64 indices into ``classes``, -1 for unlabelled, how many are unlabelled).
+
+    The collection's stored vectors are used when they are the base embedder's raw codes (same
+    version) for every image; otherwise the collection is embedded with the base embedder."""
+    base = ctx.embedders.get(base_spec)
+    codes, ids = load_vectors(ctx.db, collection_id=collection.id, embedder_version=base.version)
+    if len(ids) != collection_size(ctx, collection.id):
+        codes, ids = embed_collection(ctx, collection=collection, embedder=base, progress=progress)
+    elif progress:
+        progress(len(ids), len(ids))
+    with ctx.db.session() as session:
+        metas: dict[int, dict[str, Any] | None] = dict(
+            session.execute(
+                select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.collection_id == collection.id)
+            ).all()
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.asarray([index.get(_label(metas.get(int(i))), -1) for i in ids], dtype=np.int64)
+    return base.version, np.ascontiguousarray(codes, dtype=np.float32), ids, labels, int((labels < 0).sum())

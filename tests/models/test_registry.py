@@ -14,14 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from models import cdae, lenet, registry
+from models import cdae, head, lenet, registry
 from models.base import Embedder
 from tests.conftest import BIG_CNNS
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One small trained checkpoint per trainable embedder."""
+def checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, cnn_weights: Callable[[str], Path]
+) -> dict[str, Path]:
+    """One small trained checkpoint per trainable embedder (cnn_head: on efficientnet_lite0's
+    packaged weights, the base its factory finds on its own)."""
     folder = tmp_path_factory.mktemp("ckpt")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
@@ -35,7 +38,20 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         images, labels, classes=list("abcd"), config=lenet.LeNetConfig(), epochs=1, device=torch.device("cpu")
     )
     trained.save(folder / "lenet5.pt", dataset={"name": "random", "images": 64})
-    return {"cdae": folder / "cdae.pt", "lenet5": folder / "lenet5.pt"}
+    base_spec = "efficientnet_lite0:input=whole,sizes=128"
+    base = registry.create(base_spec, weights_dir=cnn_weights("efficientnet_lite0"), download=False)
+    codes = rng.standard_normal((64, base.dim)).astype(np.float32)
+    fitted = head.train_head(
+        codes,
+        labels,
+        classes=list("abcd"),
+        base_spec=base_spec,
+        base_version=base.version,
+        config=head.HeadConfig(dim=16),
+        epochs=1,
+    )
+    fitted.save(folder / "cnn_head.pt", dataset={"name": "random", "images": 64})
+    return {"cdae": folder / "cdae.pt", "lenet5": folder / "lenet5.pt", "cnn_head": folder / "cnn_head.pt"}
 
 
 def build(name: str, checkpoints: dict[str, Path], cnn_weights: Callable[[str], Path]) -> Embedder:
