@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from app.storage import sha256_hex
 
 # One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
 WRITE_LOCK = threading.RLock()
+_DECODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cbir-decode")
 # Tries of one batch's transaction when other processes store the same bytes at the same time.
 STORE_ATTEMPTS = 3
 
@@ -68,13 +70,23 @@ def ingest_batch(
     """
     results: list[ItemResult | None] = [None] * len(items)
     accepted: list[_Accepted] = []
-    for position, item in enumerate(items):
+
+    def decode(item: Item) -> DecodedImage | CbirError:
         try:
-            decoded = decode_image(item.data, limits=ctx.limits)
+            return decode_image(item.data, limits=ctx.limits)
         except CbirError as exc:
-            results[position] = ItemResult(item.name, "rejected", code=exc.code, detail=exc.detail, error=exc)
+            return exc
+
+    # Pillow releases the GIL while decoding: a batch decodes on several threads, so a GPU embedder
+    # does not wait on one core's worth of JPEG decoding.
+    outcomes = _DECODERS.map(decode, items) if len(items) > 1 else map(decode, items)
+    for position, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if isinstance(outcome, CbirError):
+            results[position] = ItemResult(
+                item.name, "rejected", code=outcome.code, detail=outcome.detail, error=outcome
+            )
             continue
-        accepted.append(_Accepted(position, item, decoded, sha256_hex(item.data)))
+        accepted.append(_Accepted(position, item, outcome, sha256_hex(item.data)))
 
     with ctx.db.session() as session:
         record = require_collection(session, collection)
