@@ -69,6 +69,10 @@ class WeightsMissing(CbirError):
     status, code, title = 422, "weights_missing", "Pretrained weights missing"
 
 
+class FolderNotAllowed(CbirError):
+    status, code, title = 403, "folder_not_allowed", "Folder not allowed"
+
+
 class ImageRejected(CbirError):
     """The bytes are not an image we accept; subclasses say why."""
 

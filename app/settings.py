@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     # One torch thread per serving process is the robust choice on small shared machines (FACTS.md).
     torch_threads: int = Field(1, ge=1)
     default_embedder: str = "cdae"
+    # Server folders that POST /collections/{name}/imports {"folder": ...} may read, separated by
+    # os.pathsep (":" on Linux); empty turns folder imports over HTTP off.
+    import_roots: str = ""
     # Pretrained CNN weights: looked for here first, then in the torch hub cache, then downloaded.
     weights_dir: Path | None = None
     weights_download: bool = True
@@ -51,6 +55,10 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'cbir.sqlite3'}"
+
+    @property
+    def import_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.import_roots.split(os.pathsep) if p.strip()]
 
     @property
     def images_dir(self) -> Path:

@@ -90,6 +90,7 @@ def import_page(request: Request, ctx: ContextDep, collection: str | None = None
         embedders=embedder_choices(),
         default_embedder=ctx.settings.default_embedder,
         datasets=DATASETS,
+        import_roots=[str(root) for root in ctx.settings.import_root_paths],
     )
 
 

@@ -42,7 +42,8 @@ IMPORT_BODY = {
     openapi_extra=IMPORT_BODY,
 )
 async def start_import(name: str, request: Request, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
-    """Bulk import: a zip/tar of images (parent folder = label) or a built-in dataset as JSON."""
+    """Bulk import: a zip/tar of images (parent folder = label), or as JSON a built-in dataset or a
+    server folder under CBIR_IMPORT_ROOTS (subfolder = label; links out of the folder skipped)."""
     await run_in_threadpool(get_collection, ctx, name)  # 404 before reading a large body
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
@@ -52,7 +53,15 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             raise InvalidRequest(
                 f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}'
             ) from None
-        source: jobs.Source = jobs.check_dataset(body.dataset, body.split)
+        if (body.dataset is None) == (body.folder is None):
+            raise InvalidRequest('give either "dataset" or "folder"')
+        if body.folder is not None:
+            source: jobs.Source = await run_in_threadpool(
+                jobs.check_folder, Path(body.folder), roots=ctx.settings.import_root_paths
+            )
+        else:
+            assert body.dataset is not None
+            source = jobs.check_dataset(body.dataset, body.split)
     elif content_type.startswith("multipart/form-data"):
         source = await _receive_archive(
             request, tmp_dir=ctx.settings.tmp_dir, limit=ctx.settings.max_archive_bytes
@@ -60,7 +69,7 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
     else:
         raise UnsupportedArchive(
             "send a zip or tar archive as multipart/form-data in the field 'file', "
-            'or JSON {"dataset": "mnist", "split": "train"}'
+            'or JSON {"dataset": "mnist", "split": "train"} or {"folder": "/path/under/an/import/root"}'
         )
     job_id = await run_in_threadpool(runner.submit_import, collection=name, source=source)
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")

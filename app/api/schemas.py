@@ -115,8 +115,11 @@ class SearchResponse(BaseModel):
 
 
 class DatasetImport(BaseModel):
-    dataset: str = Field(examples=["mnist"])
+    """A built-in dataset, or a folder on the server under one of CBIR_IMPORT_ROOTS."""
+
+    dataset: str | None = Field(None, examples=["mnist"])
     split: str = Field("train", examples=["train", "test"])
+    folder: str | None = Field(None, max_length=4096, examples=["/srv/photos/holidays"])
 
 
 class JobAccepted(BaseModel):

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from app.context import AppContext
 from app.datasets import DATASETS, load_mnist
-from app.errors import InvalidRequest, JobNotFound, UnsupportedArchive
+from app.errors import FolderNotAllowed, InvalidRequest, JobNotFound, UnsupportedArchive
 from app.records import JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import Item, ItemResult, ingest_batch
@@ -53,7 +53,24 @@ class FolderSource:
 Source = ArchiveSource | DatasetSource | FolderSource
 
 
-def check_folder(path: Path) -> FolderSource:
+def check_folder(path: Path, *, roots: list[Path] | None = None) -> FolderSource:
+    """A folder to import; with ``roots`` (imports over HTTP) it must lie inside one of them once
+    links are resolved, so neither ``..`` nor a symlink can reach outside."""
+    if roots is not None:
+        if not roots:
+            raise FolderNotAllowed("importing server folders is off: set CBIR_IMPORT_ROOTS to allow some")
+        if not path.is_absolute():
+            raise InvalidRequest(f"give an absolute folder path under {', '.join(map(str, roots))}")
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            resolved = None
+        if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+            # the same answer whether it exists or not: the API does not probe the file system
+            raise FolderNotAllowed(
+                f"{str(path)[:200]!r} is not a folder under the allowed roots ({', '.join(map(str, roots))})"
+            )
+        path = resolved
     if not path.is_dir():
         raise InvalidRequest(f"{str(path)[:200]!r} is not a folder")
     return FolderSource(path.resolve())

@@ -17,6 +17,8 @@
     archiveFields: byId("archive-fields"),
     archive: byId("archive"),
     datasetFields: byId("dataset-fields"),
+    folderFields: byId("folder-fields"),
+    folder: byId("folder"),
     dataset: byId("dataset"),
     start: byId("start"),
     all: byId("all-collections"),
@@ -41,6 +43,7 @@
     ui.newFields.hidden = ui.collection.value !== "";
     ui.archiveFields.hidden = source() !== "archive";
     ui.datasetFields.hidden = source() !== "dataset";
+    if (ui.folderFields) ui.folderFields.hidden = source() !== "folder";
   }
 
   async function ensureCollection() {
@@ -78,6 +81,8 @@
       const form = new FormData();
       form.append("file", file, file.name);
       request = { method: "POST", body: form };
+    } else if (source() === "folder") {
+      request = { method: "POST", json: { folder: ui.folder.value.trim() } };
     } else {
       const [dataset, split] = ui.dataset.value.split(":");
       request = { method: "POST", json: { dataset, split } };
@@ -107,6 +112,7 @@
     if (!params) return "import";
     if (params.source === "dataset") return `${params.dataset} ${params.split}`;
     if (params.source === "archive") return params.filename || "archive";
+    if (params.source === "folder") return params.path || "folder";
     return params.source || "import";
   }
 

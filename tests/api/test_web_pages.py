@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api.pages import NAV, templates
+from app.main import create_app
+from app.settings import Settings
 from tests.api.test_pages import HTML_SINKS, PAYLOAD, STATIC, Tags
 
 PAGES = ["/", "/browse", "/import", "/evaluate", "/map"]
@@ -132,7 +135,16 @@ def test_import_page_offers_every_embedder_and_dataset(client: TestClient, colle
 
     values = {attrs.get("value") for tag, attrs in page.tags if tag == "option"}
     assert {"cdae", "pixels", "tiny", "mnist:train", "mnist:test", collection, ""} <= values
-    assert "CBIR_IMPORT_ROOTS" in client.get("/import").text  # says server folders are not there yet
+    assert "CBIR_IMPORT_ROOTS" in client.get("/import").text  # says how to turn server folders on
+    assert 'value="folder"' not in client.get("/import").text
+
+
+def test_import_page_offers_server_folders_under_the_roots(settings: Settings, tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    with TestClient(create_app(settings.model_copy(update={"import_roots": str(root)}))) as client:
+        html = client.get("/import").text
+    assert 'value="folder"' in html and f'value="{root}"' in html
 
 
 def test_templates_escape_collection_data() -> None:

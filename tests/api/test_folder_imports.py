@@ -1,0 +1,83 @@
+"""Server-folder imports over HTTP: only under CBIR_IMPORT_ROOTS, links never lead outside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.api.helpers import assert_problem
+from tests.api.test_imports import wait_for_job
+
+API = "/api/v1"
+
+
+@pytest.fixture
+def root(tmp_path: Path, make_png: Callable[..., bytes]) -> Path:
+    """An allowed root holding photos/{cat,dog}/*.png, and a secret folder beside it."""
+    base = tmp_path / "root"
+    for label, seeds in (("cat", (1, 2, 3)), ("dog", (4, 5))):
+        folder = base / "photos" / label
+        folder.mkdir(parents=True)
+        for seed in seeds:
+            (folder / f"{seed}.png").write_bytes(make_png(seed))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "private.png").write_bytes(make_png(99))
+    return base
+
+
+@pytest.fixture
+def rooted(settings: Settings, root: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"import_roots": str(root)}))) as client:
+        assert client.post(f"{API}/collections", json={"name": "pets", "embedder": "tiny"}).status_code == 201
+        yield client
+
+
+def test_a_folder_under_a_root_is_imported_with_labels(rooted: TestClient, root: Path) -> None:
+    response = rooted.post(f"{API}/collections/pets/imports", json={"folder": str(root / "photos")})
+    assert response.status_code == 202, response.text
+    job = wait_for_job(rooted, response.json()["job_id"])
+    assert (job["state"], job["added"], job["failed"]) == ("succeeded", 5, 0)
+    labels = {i["metadata"]["label"] for i in rooted.get(f"{API}/collections/pets/images").json()}
+    assert labels == {"cat", "dog"}
+    again = wait_for_job(
+        rooted,
+        rooted.post(f"{API}/collections/pets/imports", json={"folder": str(root / "photos")}).json()[
+            "job_id"
+        ],
+    )
+    assert (again["added"], again["duplicates"]) == (0, 5)
+
+
+def test_folders_outside_the_roots_are_refused(rooted: TestClient, root: Path, tmp_path: Path) -> None:
+    url = f"{API}/collections/pets/imports"
+    for folder in (tmp_path / "secret", root / ".." / "secret", tmp_path / "missing", Path("/")):
+        assert_problem(rooted.post(url, json={"folder": str(folder)}), 403, "folder_not_allowed")
+    (root / "escape").symlink_to(tmp_path / "secret")
+    assert_problem(rooted.post(url, json={"folder": str(root / "escape")}), 403, "folder_not_allowed")
+    assert_problem(rooted.post(url, json={"folder": "photos"}), 422)  # relative
+    assert_problem(rooted.post(url, json={"folder": str(root), "dataset": "mnist"}), 422)
+
+
+def test_a_link_inside_the_folder_to_a_file_outside_is_rejected_per_item(
+    rooted: TestClient, root: Path, tmp_path: Path
+) -> None:
+    (root / "photos" / "cat" / "leak.png").symlink_to(tmp_path / "secret" / "private.png")
+    job = wait_for_job(
+        rooted,
+        rooted.post(f"{API}/collections/pets/imports", json={"folder": str(root / "photos")}).json()[
+            "job_id"
+        ],
+    )
+    assert (job["state"], job["added"], job["failed"]) == ("succeeded", 5, 1)
+    assert job["errors"][0]["code"] == "not_a_regular_file"
+
+
+def test_folder_imports_are_off_without_roots(client: TestClient, collection: str, root: Path) -> None:
+    response = client.post(f"{API}/collections/{collection}/imports", json={"folder": str(root / "photos")})
+    assert "CBIR_IMPORT_ROOTS" in assert_problem(response, 403, "folder_not_allowed")["detail"]
