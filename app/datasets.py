@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.errors import CbirError
+
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -16,8 +18,10 @@ MNIST_FILES = {
 DATASETS = {"mnist": tuple(MNIST_FILES)}
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(CbirError):
     """The dataset is neither on disk nor downloadable."""
+
+    status, code, title = 503, "dataset_unavailable", "Dataset unavailable"
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -48,7 +48,16 @@ class EmbedderCache:
                 f"and has no trained checkpoint yet; run `cbir train {collection.embedder} "
                 f"--collection {collection.name}`"
             )
-        return self.get(collection.embedder, checkpoint)
+        embedder = self.get(collection.embedder, checkpoint)
+        if collection.embedder_version is not None and embedder.version != collection.embedder_version:
+            # the weights or preprocessing changed under the stored vectors: searching them with the
+            # new codes would be silently wrong
+            raise IndexMismatch(
+                f"collection {collection.name!r} stores {collection.embedder_version} vectors but "
+                f"{collection.embedder!r} now gives {embedder.version} (its weights file changed?); "
+                "restore the weights or re-create the collection"
+            )
+        return embedder
 
     def get(self, name: str, checkpoint: CheckpointRecord | None = None) -> Embedder:
         path = self.settings.data_dir / checkpoint.path if checkpoint is not None else None
@@ -65,21 +74,29 @@ class EmbedderCache:
             elif embedder is None and checkpoint is not None and (checkpoint.config or {}).get("base"):
                 embedder = self._on_base(name, checkpoint)
             if embedder is None:
-                embedder = registry.create(
-                    name,
-                    checkpoint=path,
-                    device=self.device,
-                    weights_dir=self.settings.weights_dir,
-                    download=self.settings.weights_download,
-                    runtime=self.settings.cnn_runtime,
-                    onnx_dir=self.settings.onnx_dir,
-                )
-                if checkpoint is not None and embedder.version != checkpoint.version:
-                    raise IndexMismatch(
-                        f"checkpoint file {checkpoint.path} no longer matches the database "
-                        f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+                try:
+                    embedder = registry.create(
+                        name,
+                        checkpoint=path,
+                        device=self.device,
+                        weights_dir=self.settings.weights_dir,
+                        download=self.settings.weights_download,
+                        runtime=self.settings.cnn_runtime,
+                        onnx_dir=self.settings.onnx_dir,
                     )
-                self._cache[key] = embedder
+                except registry.InvalidEmbedderOptions as exc:
+                    raise InvalidEmbedderOptions(str(exc)) from None
+                except (OSError, ValueError) as exc:  # a checkpoint file missing or torn
+                    raise IndexMismatch(
+                        f"checkpoint file {checkpoint.path if checkpoint else '?'} cannot be used: {exc}; "
+                        "restore it or retrain"
+                    ) from None
+            if checkpoint is not None and embedder.version != checkpoint.version:
+                raise IndexMismatch(
+                    f"checkpoint file {checkpoint.path} no longer matches the database "
+                    f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+                )
+            self._cache[key] = embedder
         try:
             embedder.load()
         except registry.WeightsMissing as exc:

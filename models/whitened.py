@@ -20,14 +20,16 @@ from index.rerank import Whitening
 from models.base import Embedder
 
 
-def save_whitening(path: Path, *, whitening: Whitening, base_version: str) -> str:
-    """Write the artefact atomically; returns its SHA-256."""
+def save_whitening(path: Path, *, whitening: Whitening, base_version: str, fit_id: str) -> str:
+    """Write the artefact atomically; returns its SHA-256. ``fit_id`` names this fit, so two fits of
+    the same codes (another collection, a refit) are distinct artefacts with distinct versions."""
     buffer = io.BytesIO()
     np.savez(
         buffer,
         mean=whitening.mean,
         projection=whitening.projection,
         base_version=np.asarray(base_version),
+        fit_id=np.asarray(fit_id),
     )
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -209,8 +209,10 @@ class EvaluateIn(BaseModel):
     queries: str | None = Field(None, examples=["mnist:test"])
     groundtruth: dict[str, list[str]] | None = Field(None, max_length=100_000)
     embedders: list[str] = Field(default_factory=list, max_length=8, description="embedder specs")
-    whiten: list[int] = Field(default_factory=lambda: [0], max_length=8, description="0: off")
-    qe: list[int] = Field(
+    whiten: list[Annotated[int, Field(ge=0, le=4096)]] = Field(
+        default_factory=lambda: [0], max_length=8, description="0: off"
+    )
+    qe: list[Annotated[int, Field(ge=0, le=20)]] = Field(
         default_factory=list, max_length=8, description="0: off; empty: the collection's search option"
     )
     qe_alpha: float | None = Field(None, ge=0, le=10, description="default: the collection's (3)")

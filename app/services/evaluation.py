@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.datasets import DATASETS, load_mnist
-from app.errors import InvalidRequest
+from app.embedders import validate_embedder_name
+from app.errors import InvalidRequest, UnknownEmbedderName
 from app.indexes import load_vectors
 from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
@@ -123,13 +124,14 @@ def resolve_compare(
     (``pixels``) or ``checkpoint:ID``, a checkpoint of this collection; InvalidRequest if neither."""
     if spec.startswith("checkpoint:"):
         raw = spec.split(":", 1)[1]
-        checkpoint = session.get(CheckpointRecord, int(raw)) if raw.isdigit() else None
+        checkpoint = session.get(CheckpointRecord, int(raw)) if raw.isascii() and raw.isdigit() else None
         if checkpoint is None or checkpoint.collection_id not in (None, collection.id):
             raise InvalidRequest(f"collection {collection.name!r} has no checkpoint {raw[:20]!r}")
         return _checkpoint_label(checkpoint), ctx.embedders.get(checkpoint.embedder, checkpoint)
     try:
+        spec = validate_embedder_name(spec)
         trainable = registry.get_spec(spec).trainable
-    except registry.UnknownEmbedder:
+    except UnknownEmbedderName:
         raise InvalidRequest(
             f"unknown embedder {spec[:40]!r}; known: {', '.join(registry.names())}"
         ) from None

@@ -97,16 +97,20 @@ def match_groundtruth(
         candidates = base.get(PurePosixPath(name).name, [])
         return candidates[0] if len(candidates) == 1 else None
 
-    queries, relevant, unmatched = [], [], 0
+    queries: list[int] = []
+    relevant: list[np.ndarray] = []
+    unmatched = 0
     for query, names_relevant in data.items():
         q = find(query)
         if q is None:
             continue
-        found = [p for p in (find(r) for r in names_relevant) if p is not None]
-        unmatched += len(names_relevant) - len(found)
+        # each relevant entry once, the query itself never (INRIA skips it)
+        found = list(dict.fromkeys(p for p in (find(r) for r in names_relevant) if p is not None and p != q))
+        missing = sum(1 for r in names_relevant if find(r) is None)
+        unmatched += missing
         queries.append(q)
         # a miss stays in the denominator: AP counts every relevant name, found or not
-        relevant.append(np.asarray(found + [-1] * (len(names_relevant) - len(found)), dtype=np.int64))
+        relevant.append(np.asarray(found + [-1] * missing, dtype=np.int64))
     if not queries:
         raise InvalidRequest(
             "none of the ground truth's query names matches an image of the collection by original "
@@ -171,6 +175,8 @@ def evaluate_with_groundtruth(
         truth = match_groundtruth(ctx, collection_id=record.id, ids=ids, data=groundtruth)
         for dim in whiten:
             started = time.perf_counter()
+            if dim < 0:
+                raise InvalidRequest(f"whiten must be 0 (off) or a number of dims, got {dim}")
             if dim:
                 if dim > min(vectors.shape):
                     raise InvalidRequest(

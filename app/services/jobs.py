@@ -63,7 +63,7 @@ def check_folder(path: Path, *, roots: list[Path] | None = None) -> FolderSource
             raise InvalidRequest(f"give an absolute folder path under {', '.join(map(str, roots))}")
         try:
             resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte
             resolved = None
         if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
             # the same answer whether it exists or not: the API does not probe the file system

@@ -143,7 +143,6 @@ def _search(
     exclude: int | None = None,
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
-    qe_alpha: float = 3.0,
 ) -> SearchResult:
     """Search the index; with a filter, only among the ids that pass it (a FAISS id selector).
 
@@ -171,7 +170,9 @@ def _search(
     pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][
         :k
     ]
-    options = SearchOptions.of(record) if qe is None else SearchOptions(qe=qe, qe_alpha=qe_alpha)
+    options = SearchOptions.of(record)
+    if qe is not None:  # this search's depth, the collection's alpha
+        options = SearchOptions(qe=qe, qe_alpha=options.qe_alpha)
     if options.qe and pairs:
         expanded = _expand(ctx, record=record, vector=vector, top=pairs[: options.qe], alpha=options.qe_alpha)
         scores, ids = index.search(expanded, k + extra, allowed_ids=allowed)

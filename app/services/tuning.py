@@ -84,8 +84,11 @@ def whiten_collection(
         )
     sample = raw[:: max(1, len(raw) // WHITENING_SAMPLE)]
     whitening = fit_whitening(sample, dim=dim, shrinkage=shrinkage)
-    relative = f"checkpoints/whiten-{record.name}-{dim}-{uuid.uuid4().hex[:8]}.npz"
-    sha = save_whitening(ctx.settings.data_dir / relative, whitening=whitening, base_version=base.version)
+    fit_id = uuid.uuid4().hex
+    relative = f"checkpoints/whiten-{record.name}-{dim}-{fit_id[:8]}.npz"
+    sha = save_whitening(
+        ctx.settings.data_dir / relative, whitening=whitening, base_version=base.version, fit_id=fit_id
+    )
     with ctx.db.transaction() as session:
         saved = CheckpointRecord(
             collection_id=record.id,

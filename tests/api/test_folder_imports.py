@@ -81,3 +81,8 @@ def test_a_link_inside_the_folder_to_a_file_outside_is_rejected_per_item(
 def test_folder_imports_are_off_without_roots(client: TestClient, collection: str, root: Path) -> None:
     response = client.post(f"{API}/collections/{collection}/imports", json={"folder": str(root / "photos")})
     assert "CBIR_IMPORT_ROOTS" in assert_problem(response, 403, "folder_not_allowed")["detail"]
+
+
+def test_a_folder_path_with_a_nul_byte_is_refused_not_a_crash(rooted: TestClient, root: Path) -> None:
+    response = rooted.post(f"{API}/collections/pets/imports", json={"folder": str(root) + "/\u0000x"})
+    assert_problem(response, 403, "folder_not_allowed")

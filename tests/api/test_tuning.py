@@ -102,3 +102,30 @@ def test_evaluate_endpoint_rejects_bad_requests(client: TestClient, collection: 
     options = client.post(url, json={"groundtruth": {"a.jpg": []}, "embedders": ["resnet18:pooling=foo"]})
     assert_problem(options, 422, "invalid_embedder_options")
     assert_problem(client.post("/api/v1/collections/missing/evaluate", json={"groundtruth": {"a": []}}), 404)
+
+
+def test_refitting_the_same_whitening_twice_is_a_new_artefact_not_a_conflict(
+    client: TestClient, collection: str, make_png: Callable[..., bytes]
+) -> None:
+    for seed in range(12):
+        client.post(
+            f"/api/v1/collections/{collection}/images", files={"file": (f"{seed}.png", make_png(seed))}
+        )
+    versions = []
+    for dim in (8, 4, 8):
+        response = client.post(f"/api/v1/collections/{collection}/whitening", json={"dim": dim})
+        assert response.status_code == 200, response.text
+        versions.append(response.json()["embedder_version"])
+    assert len(set(versions)) == 3
+
+
+def test_evaluate_bounds_and_specs_are_checked_before_any_work(client: TestClient, collection: str) -> None:
+    url = f"/api/v1/collections/{collection}/evaluate"
+    truth = {"a.jpg": ["b.jpg"]}
+    assert_problem(client.post(url, json={"groundtruth": truth, "whiten": [-1]}), 422)
+    assert_problem(client.post(url, json={"groundtruth": truth, "qe": [99]}), 422)
+    bad = client.post(url, json={"queries": "mnist:test", "embedders": ["efficientnet_lite0:foo=1"]})
+    assert_problem(bad, 422, "invalid_embedder_options")
+    assert_problem(client.post(url, json={"queries": "mnist:test", "embedders": ["checkpoint:²"]}), 422)
+    compare = client.get(f"/api/v1/collections/{collection}/images/1/compare?against=tiny:nope=1")
+    assert compare.status_code in (404, 422), compare.text  # never a 500
