@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from models.base import Embedder
 from models.checkpoints import read_checkpoint, write_checkpoint
 from models.classifier import ClassifierArch, register_arch
-from models.lenet import CosineClassifier
+from models.lenet import CosineClassifier, train_epochs
 from models.registry import EmbedderSpec, register
 
 EMBEDDER_NAME = "cnn_head"
@@ -167,30 +165,17 @@ def train_head(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = math.ceil(len(data) / config.batch_size)
     shuffle_gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    accuracy: list[float] = []
-    seconds: list[float] = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(len(data), generator=shuffle_gen)
-        running, correct = 0.0, 0
-        for step in range(1, steps + 1):
-            batch = order[(step - 1) * config.batch_size : step * config.batch_size]
-            x, y = data[batch], targets[batch]
-            logits = model(x, y)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.item()
-            running += value
-            correct += int((logits.argmax(1) == y).sum())
-            if progress is not None:
-                progress(epoch, step, steps, value)
-        losses.append(running / steps)
-        accuracy.append(correct / len(data))
-        seconds.append(time.perf_counter() - started)
+    losses, accuracy, seconds = train_epochs(
+        model,
+        data=data,
+        targets=targets,
+        epochs=epochs,
+        steps=steps,
+        batch_size=config.batch_size,
+        opt=opt,
+        shuffle=shuffle_gen,
+        progress=progress,
+    )
     model.eval()
     return HeadResult(
         model=model,

@@ -291,6 +291,55 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
+def train_epochs(
+    model: nn.Module,
+    *,
+    data: torch.Tensor,
+    targets: torch.Tensor,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    opt: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    shuffle: torch.Generator,
+    inputs: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    label_smoothing: float = 0.0,
+    progress: Callable[[int, int, int, float], None] | None = None,
+) -> tuple[list[float], list[float], list[float]]:
+    """The classifier loop LeNet-5 and the CNN head share: ``model(x, y)`` gives margin logits.
+
+    Each epoch visits ``steps`` batches of a fresh permutation; returns per-epoch mean loss, train
+    accuracy and seconds."""
+    losses: list[float] = []
+    accuracy: list[float] = []
+    seconds: list[float] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(data), generator=shuffle).to(data.device)
+        running, correct = 0.0, 0
+        for step in range(1, steps + 1):
+            batch = order[(step - 1) * batch_size : step * batch_size]
+            x, y = inputs(data[batch]), targets[batch]
+            logits = model(x, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            value = loss.item()
+            running += value
+            correct += int((logits.argmax(1) == y).sum())
+            if progress is not None:
+                progress(epoch, step, steps, value)
+        losses.append(running / steps)
+        accuracy.append(correct / len(data))
+        seconds.append(time.perf_counter() - started)
+    model.eval()
+    return losses, accuracy, seconds
+
+
 def train_lenet(
     images: np.ndarray,
     labels: np.ndarray,
@@ -353,34 +402,20 @@ def train_lenet(
     shuffle_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
-    losses: list[float] = []
-    accuracy: list[float] = []
-    epoch_seconds: list[float] = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(len(data), generator=shuffle_gen).to(device)
-        running, correct = 0.0, 0
-        for step in range(1, steps + 1):
-            batch = order[(step - 1) * config.batch_size : step * config.batch_size]
-            x = random_affine(_as_batch(data[batch]), config=config, generator=augment_gen)
-            y = targets[batch]
-            logits = model(x, y)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            value = loss.item()
-            running += value
-            correct += int((logits.argmax(1) == y).sum())
-            if progress is not None:
-                progress(epoch, step, steps, value)
-        losses.append(running / steps)
-        accuracy.append(correct / len(data))
-        epoch_seconds.append(time.perf_counter() - started)
-
+    losses, accuracy, epoch_seconds = train_epochs(
+        model,
+        data=data,
+        targets=targets,
+        epochs=epochs,
+        steps=steps,
+        batch_size=config.batch_size,
+        opt=opt,
+        scheduler=scheduler,
+        shuffle=shuffle_gen,
+        inputs=lambda x: random_affine(_as_batch(x), config=config, generator=augment_gen),
+        label_smoothing=config.label_smoothing,
+        progress=progress,
+    )
     model.eval()
     return TrainResult(
         model=model,
