@@ -39,6 +39,10 @@ class Conflict(CbirError):
     status, code, title = 409, "conflict", "Conflict"
 
 
+class JobFinished(Conflict):
+    code = "job_finished"
+
+
 class CollectionExists(Conflict):
     code = "collection_exists"
     title = "Collection already exists"

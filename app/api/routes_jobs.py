@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.api.deps import CHUNK, ContextDep, JobsDep
@@ -121,3 +124,56 @@ def list_jobs(
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, ctx: ContextDep) -> JobOut:
     return job_out(jobs.get_job(ctx, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, ctx: ContextDep, runner: JobsDep) -> JobOut:
+    """Stop a queued or running import after its current batch (what it stored stays); 409 when it
+    has already ended."""
+    return job_out(runner.cancel(job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/report",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+def job_report(job_id: str, ctx: ContextDep) -> Response:
+    """Every file the job has handled so far, one JSON object per line: item, status (added,
+    duplicate, rejected), code (the reason of a rejection), detail, image_id."""
+    jobs.get_job(ctx, job_id)  # 404 for an unknown job
+    path = jobs.report_path(ctx, job_id)
+    if not path.is_file():
+        return Response(content=b"", media_type="application/x-ndjson")
+    return FileResponse(path, media_type="application/x-ndjson", filename=f"import-{job_id}.jsonl")
+
+
+@router.get("/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, ctx: ContextDep, request: Request) -> StreamingResponse:
+    """Server-sent events: a ``progress`` event (the job as JSON) whenever it changes, then ``end``
+    when it finishes."""
+    await run_in_threadpool(jobs.get_job, ctx, job_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while True:
+            info = await run_in_threadpool(jobs.get_job, ctx, job_id)
+            body = job_out(info).model_dump_json()
+            if body != last:
+                last = body
+                yield f"event: progress\ndata: {body}\n\n"
+            if info.record.state in jobs.FINAL_STATES:
+                yield f"event: end\ndata: {body}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENT_INTERVAL_S)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+EVENT_INTERVAL_S = 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 import threading
@@ -21,7 +22,7 @@ from sqlalchemy import select, update
 
 from app.context import AppContext
 from app.datasets import DATASETS, load_mnist
-from app.errors import FolderNotAllowed, InvalidRequest, JobNotFound, UnsupportedArchive
+from app.errors import FolderNotAllowed, InvalidRequest, JobFinished, JobNotFound, UnsupportedArchive
 from app.records import JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import Item, ItemResult, ingest_batch
@@ -216,6 +217,24 @@ def iter_folder(source: FolderSource, *, max_member_bytes: int) -> Iterator[Item
         yield Item(name, data, _label_from(name))
 
 
+def report_path(ctx: AppContext, job_id: str) -> Path:
+    """The job's per-file report: one JSON object per line (item, status, code, detail, image_id)."""
+    return ctx.settings.data_dir / "reports" / f"{job_id}.jsonl"
+
+
+def _append_report(path: Path, results: list[ItemResult]) -> None:
+    lines = [
+        json.dumps(
+            {"item": r.name, "status": r.status, "code": r.code, "detail": r.detail, "image_id": r.image_id},
+            ensure_ascii=False,
+        )
+        for r in results
+    ]
+    if lines:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 def count_archive(source: ArchiveSource) -> int | None:
     try:
         if zipfile.is_zipfile(source.path):
@@ -275,6 +294,7 @@ class JobRunner:
         self.ctx = ctx
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-job")
         self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
 
     def recover(self) -> int:
         """Mark jobs that a previous process left running as failed (their stored images are kept)."""
@@ -318,6 +338,10 @@ class JobRunner:
         on_progress: Callable[[dict[str, int], int | None], None] | None = None,
     ) -> None:
         ctx = self.ctx
+        if self._cancel_requested(job_id):  # cancelled while queued
+            if isinstance(source, ArchiveSource):
+                source.path.unlink(missing_ok=True)
+            return
         try:
             if isinstance(source, DatasetSource):
                 total: int | None = dataset_size(ctx, source)
@@ -334,10 +358,14 @@ class JobRunner:
             batch: list[Item] = []
             pending: list[ItemResult] = []
 
+            report = report_path(ctx, job_id)
+            report.parent.mkdir(parents=True, exist_ok=True)
+
             def flush() -> None:
                 results = pending + (
                     ingest_batch(ctx, collection=collection, items=batch, durable=False) if batch else []
                 )
+                _append_report(report, results)
                 for result in results:
                     counts["done"] += 1
                     if result.status == "added":
@@ -358,7 +386,15 @@ class JobRunner:
                 (batch if isinstance(entry, Item) else pending).append(entry)  # type: ignore[arg-type]
                 if len(batch) + len(pending) >= BATCH_SIZE:
                     flush()
-            flush()
+                    if self._cancel_requested(job_id):
+                        break
+            else:
+                flush()
+            if self._cancel_requested(job_id):
+                with ctx.db.session() as session:
+                    ctx.indexes.flush(require_collection(session, collection).id)
+                self._update(job_id, state="cancelled", finished_at=utcnow())
+                return
             with ctx.db.session() as session:
                 ctx.indexes.flush(require_collection(session, collection).id)
             self._update(job_id, state="succeeded", finished_at=utcnow(), total=counts["done"])
@@ -369,12 +405,28 @@ class JobRunner:
             if isinstance(source, ArchiveSource):
                 source.path.unlink(missing_ok=True)
 
+    def cancel(self, job_id: str) -> JobInfo:
+        """Ask a queued or running job to stop after its current batch; what it stored stays."""
+        info = get_job(self.ctx, job_id)
+        if info.record.state in FINAL_STATES:
+            raise JobFinished(f"job {job_id} has already {info.record.state}; there is nothing to cancel")
+        with self._lock:
+            self._cancelled.add(job_id)
+        if info.record.state == "queued":  # it may never start: mark it now, the worker skips it
+            self._update(job_id, state="cancelled", finished_at=utcnow())
+        return get_job(self.ctx, job_id)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
     def _update(self, job_id: str, **values: Any) -> None:
         with self.ctx.db.transaction() as session:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
 
-JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 def get_job(ctx: AppContext, job_id: str) -> JobInfo:
