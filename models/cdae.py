@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import Embedder
-from models.checkpoints import read_checkpoint, write_checkpoint
+from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoint
 from models.registry import EmbedderSpec, register
 
 CHECKPOINT_FORMAT = "cbir-cdae"
@@ -96,14 +96,10 @@ class CDAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CDAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown CDAE config keys: {sorted(unknown)}")
         values = dict(data)
         if "encoder_channels" in values:
             values["encoder_channels"] = tuple(int(c) for c in values["encoder_channels"])
-        return cls(**values)
+        return config_from_dict(cls, values, what="CDAE")
 
 
 # cbir's default, chosen by the ablation in benchmarks/cdae_mnist.py (table in its docstring).

@@ -6,13 +6,14 @@ config, metrics, weights). Its SHA-256 is the identity an embedder version is de
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -62,3 +63,14 @@ def read_checkpoint(data: bytes, *, source: str, kind: str, fmt: str, version: i
             f"this build reads version {version}"
         )
     return payload
+
+
+T = TypeVar("T")
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], *, what: str) -> T:
+    """A config dataclass from its ``asdict`` form; keys it does not have are an error, not ignored."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+    return cls(**data)

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import Embedder
-from models.checkpoints import read_checkpoint, write_checkpoint
+from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoint
 from models.classifier import ClassifierArch, register_arch
 from models.lenet import CosineClassifier, train_epochs
 from models.registry import EmbedderSpec, register
@@ -50,11 +50,7 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeadConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown head config keys: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, what="head")
 
 
 class ProjectionHead(nn.Module):

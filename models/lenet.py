@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import Embedder
-from models.checkpoints import read_checkpoint, write_checkpoint
+from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoint
 from models.classifier import ClassifierArch, register_arch
 from models.registry import EmbedderSpec, register
 
@@ -92,11 +92,7 @@ class LeNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LeNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LeNet-5 config keys: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, what="LeNet-5")
 
 
 # cbir's default, chosen by the measurements in benchmarks/lenet_mnist.py (table in its docstring).
