@@ -241,6 +241,12 @@ def _vgg16() -> Arch:
     )
 
 
+def _inception_trunk(model: Any, names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The named stages in order, after the input transform the pretrained Inception weights expect."""
+    body = nn.Sequential(*(getattr(model, n) for n in names))
+    return lambda x: body(model._transform_input(x))
+
+
 def _googlenet() -> Arch:
     def build() -> nn.Module:
         from torchvision import models as tvm
@@ -253,8 +259,7 @@ def _googlenet() -> Arch:
         names += ["inception4a", "inception4b", "inception4c", "inception4d", "inception4e"]
         if layer == "inception5b":
             names += ["maxpool4", "inception5a", "inception5b"]
-        body = nn.Sequential(*(getattr(model, n) for n in names))
-        return lambda x: body(model._transform_input(x))
+        return _inception_trunk(model, names)
 
     return Arch(
         name="googlenet",
@@ -281,8 +286,7 @@ def _inception_v3() -> Arch:
         names += ["Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
         if layer == "mixed7c":
             names += ["Mixed_7a", "Mixed_7b", "Mixed_7c"]
-        body = nn.Sequential(*(getattr(model, n) for n in names))
-        return lambda x: body(model._transform_input(x))
+        return _inception_trunk(model, names)
 
     return Arch(
         name="inception_v3",

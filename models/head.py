@@ -172,7 +172,6 @@ def train_head(
         shuffle=shuffle_gen,
         progress=progress,
     )
-    model.eval()
     return HeadResult(
         model=model,
         config=config,

@@ -412,7 +412,6 @@ def train_lenet(
         label_smoothing=config.label_smoothing,
         progress=progress,
     )
-    model.eval()
     return TrainResult(
         model=model,
         config=config,
