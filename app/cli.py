@@ -277,6 +277,67 @@ def bench_embed_command(
         click.echo(json.dumps(result.summary()))
 
 
+@bench.command("index")
+@click.option("--n", "n", type=click.IntRange(min=1000), default=100_000, show_default=True, help="vectors")
+@click.option("--dim", type=click.IntRange(min=4, max=4096), default=128, show_default=True)
+@click.option(
+    "--codes",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="real codes (rows, dim) as .npy to tile (default: CDAE codes of MNIST, cached)",
+)
+@click.option(
+    "--factory", "factories", multiple=True, help="a FAISS factory string (repeatable; default: all kinds)"
+)
+@click.option("--queries", type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="FAISS threads (default: all cores)"
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="per QPS figure",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_index_command(
+    n: int,
+    dim: int,
+    codes: Path | None,
+    factories: tuple[str, ...],
+    queries: int,
+    threads: int | None,
+    seconds: float,
+    as_json: bool,
+) -> None:
+    """Build time, bytes per vector, QPS and recall@10 of each index kind on tiled real codes."""
+    from app.services import bench_index as service
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    settings.ensure_dirs()
+    try:
+        result = service.bench_index(
+            settings,
+            n=n,
+            dim=dim,
+            codes_file=codes,
+            factories=list(factories) or None,
+            queries=queries,
+            threads=threads,
+            seconds=seconds,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(service.table(result))
+    if as_json:
+        click.echo(json.dumps(result.summary()))
+
+
 def _report_checkpoint(checkpoint: Any, *, label: str, active: bool) -> None:
     losses = checkpoint.metrics.get("epoch_losses", [])
     click.echo(

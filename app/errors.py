@@ -104,12 +104,25 @@ class EmptyUpload(CbirError):
     status, code, title = 400, "empty_upload", "Empty upload"
 
 
+class BadMultipart(CbirError):
+    """A multipart body with fields repeated or missing."""
+
+    status, code, title = 400, "bad_multipart", "Bad multipart body"
+
+
 class UnsupportedArchive(CbirError):
     status, code, title = 415, "unsupported_archive", "Unsupported archive"
 
 
 class IndexMismatch(CbirError):
     status, code, title = 503, "index_unavailable", "Index not ready"
+
+
+class IndexRebuilding(IndexMismatch):
+    """The collection's index is being built from the database; answered 503 with Retry-After."""
+
+    code = "index_rebuilding"
+    title = "Index rebuilding"
 
 
 class DatabaseUnavailable(CbirError):

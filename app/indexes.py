@@ -1,25 +1,64 @@
 """Keeps each collection's FAISS index in memory, checked against the database, saved atomically.
 
 The database is the source of truth: an index file is a cache. On load it must carry the
-collection's embedder version and exactly the database's id set (count and checksum), else it
-is rebuilt from the embeddings table. Writes mark the index dirty; a saver thread checkpoints
-dirty indexes at most every ``save_interval`` seconds, and ``flush`` saves at once.
+collection's embedder version; its ids are compared with the database's (ids only, one query):
+what the file lacks is replayed from the embeddings table and what the database no longer holds is
+removed, unless the difference is too large, or the file is missing, torn or of another version:
+then the index is rebuilt from the database. A small collection is rebuilt at once; a large one
+in the background, and meanwhile its searches answer 503 (``IndexRebuilding``), never an empty
+result. Rebuilding into another kind (``rebuild``) runs in the background while the old index keeps
+serving; writes that arrive meanwhile go to both, and the new index takes over when it is ready.
+
+Writes mark the index dirty; a saver thread checkpoints dirty indexes (atomically, with the
+high-water mark of the ids they hold) at most every ``save_interval`` seconds, or less often when
+saving takes long, and ``flush`` saves at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
 
 from app.db import Database
+from app.errors import IndexRebuilding
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
-from index import IndexCorrupt, VectorIndex, id_checksum
+from index import IndexCorrupt, VectorIndex
+from index.kinds import AUTO, auto_factory, build_index, default_knobs, recall_at_k, servable_factory
+from index.vector_index import SearchKnobs, normalise_factory
 
 log = logging.getLogger(__name__)
+
+CHUNK = 5000  # ids per IN (...) list, well under SQLite's bound-parameter limit
+RECALL_QUERIES = 200
+# A loaded file may lack this share of the database's rows and still be caught up by replaying
+# them (beyond it, rebuilding from the database reads no more and gives a freshly trained index).
+REPLAY_MAX_SHARE = 0.5
+# Deleted vectors a graph index may carry as tombstones before it is rebuilt without them.
+TOMBSTONE_SHARE = 0.1
+
+
+def _served_rows(collection_id: int, embedder_version: str) -> Any:
+    return (
+        select(EmbeddingRecord.image_id)
+        .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+        .where(ImageRecord.collection_id == collection_id)
+        .where(EmbeddingRecord.embedder_version == embedder_version)
+    )
+
+
+def load_ids(db: Database, *, collection_id: int, embedder_version: str) -> np.ndarray:
+    """Ids (int64, ascending) of the collection's images with a vector of this version; no vectors."""
+    with db.session() as session:
+        ids = session.execute(_served_rows(collection_id, embedder_version)).scalars().all()
+    return np.sort(np.fromiter(ids, dtype=np.int64, count=len(ids)))
 
 
 def load_vectors(db: Database, *, collection_id: int, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,14 +79,97 @@ def load_vectors(db: Database, *, collection_id: int, embedder_version: str) -> 
     return vectors, ids
 
 
+def vectors_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stored vectors of ``ids`` of one version: ((m, d) float32, (m,) int64 ascending ids);
+    ids without such a vector are left out."""
+    found: dict[int, bytes] = {}
+    with db.session() as session:
+        for start in range(0, len(ids), CHUNK):
+            chunk = [int(i) for i in ids[start : start + CHUNK]]
+            found.update(
+                session.execute(
+                    select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
+                    .where(EmbeddingRecord.image_id.in_(chunk))
+                    .where(EmbeddingRecord.embedder_version == embedder_version)
+                ).all()
+            )
+    if not found:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    keys = np.asarray(sorted(found), dtype=np.int64)
+    vectors = np.frombuffer(b"".join(found[int(i)] for i in keys), dtype="<f4").reshape(len(keys), -1)
+    return vectors.astype(np.float32), keys
+
+
+def knobs_of(collection: CollectionRecord) -> SearchKnobs:
+    params = collection.index_params or {}
+    return SearchKnobs(**{k: params[k] for k in ("ef_search", "nprobe", "k_factor") if k in params})
+
+
+def target_factory(collection: CollectionRecord, *, n: int, dim: int) -> str:
+    """The factory the collection's index should have now (``auto`` resolved by size), normalised."""
+    requested = collection.index_factory or AUTO
+    return servable_factory(normalise_factory(auto_factory(n, dim) if requested == AUTO else requested), n)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Build:
+    """A background build: the writes that arrive while it reads the database are replayed on it."""
+
+    version: str
+    factory: str | None  # None: the collection's own (auto resolved by size when it runs)
+    reason: str
+    started_at: str = field(default_factory=_now)
+    pending: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """What ``GET /collections/{name}/index`` shows."""
+
+    state: str  # "ready", "rebuilding" (an old index serves), "building" (none serves: 503), "none"
+    factory: str  # the collection's setting: "auto" or a factory string
+    kind: str | None  # the served index's factory, e.g. "HNSW32"
+    ntotal: int
+    dim: int | None
+    memory_bytes: int
+    tombstones: int
+    high_water_mark: int
+    params: dict[str, Any]
+    recall_at_10: float | None
+    recall_measured_at: str | None
+    built_at: str | None
+    build_seconds: float | None
+    rebuild: dict[str, Any] | None  # the build in progress: target, reason, started_at
+    last_error: str | None
+
+
 class IndexManager:
-    def __init__(self, *, db: Database, index_dir: Path, save_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        index_dir: Path,
+        save_interval: float = 2.0,
+        sync_rebuild_max: int = 50_000,
+    ) -> None:
         self.db = db
         self.index_dir = index_dir
         self.save_interval = save_interval
+        # Rebuilds of at most this many vectors run in the caller (well under a second for exact
+        # search); larger ones in the background, with 503s meanwhile.
+        self.sync_rebuild_max = sync_rebuild_max
         self._lock = threading.RLock()
         self._indexes: dict[int, VectorIndex] = {}
+        self._builds: dict[int, _Build] = {}
+        self._errors: dict[int, str] = {}
         self._dirty: set[int] = set()
+        self._save_cost: dict[int, float] = {}
+        self._last_save: dict[int, float] = {}
         self._stop = threading.Event()
         self._saver: threading.Thread | None = None
 
@@ -57,6 +179,7 @@ class IndexManager:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         if self._saver is None:
+            self._stop.clear()
             self._saver = threading.Thread(target=self._save_loop, name="index-saver", daemon=True)
             self._saver.start()
 
@@ -65,7 +188,9 @@ class IndexManager:
         if self._saver is not None:
             self._saver.join(timeout=10)
             self._saver = None
-        self.flush_all()
+        for build in list(self._builds.values()):
+            build.done.wait(timeout=1)  # a build notices the stop between its phases
+        self.flush_all(force=True)
 
     def _save_loop(self) -> None:
         while not self._stop.wait(self.save_interval):
@@ -76,95 +201,358 @@ class IndexManager:
 
     # -- access ----------------------------------------------------------------------------
     def get(self, collection: CollectionRecord) -> VectorIndex | None:
-        """The served index of a collection (None while it has no embedder version)."""
+        """The served index of a collection: None while it has no embedder version, or while its
+        only index is being built in the background (``serving`` raises then)."""
         if collection.embedder_version is None:
             return None
         with self._lock:
             index = self._indexes.get(collection.id)
             if index is not None and index.meta.get("embedder_version") == collection.embedder_version:
                 return index
-            index = self._load_or_rebuild(collection)
-            self._indexes[collection.id] = index
+            build = self._builds.get(collection.id)
+            if build is not None and build.version == collection.embedder_version:
+                return None
+            index = self._open(collection)
+            if index is not None:
+                self._indexes[collection.id] = index
+            else:
+                self._indexes.pop(collection.id, None)
             return index
 
-    def _load_or_rebuild(self, collection: CollectionRecord) -> VectorIndex:
-        version = collection.embedder_version
-        assert version is not None
-        vectors, ids = load_vectors(self.db, collection_id=collection.id, embedder_version=version)
-        path = self.path_for(collection.id)
-        try:
-            index = VectorIndex.load(path)
-            if index.meta.get("embedder_version") == version and index.id_checksum() == id_checksum(ids):
-                log.info("index of %s loaded from %s (%d vectors)", collection.name, path, index.ntotal)
-                return index
-            log.warning("index file of %s is behind the database; rebuilding", collection.name)
-        except FileNotFoundError:
-            log.info("no index file for %s; building from the database", collection.name)
-        except IndexCorrupt as exc:
-            log.warning("index file of %s is unreadable (%s); rebuilding", collection.name, exc)
-            path.replace(path.with_suffix(".corrupt"))
-        index = VectorIndex(
-            vectors.shape[1] if len(ids) else 1,
-            factory=collection.index_factory,
-            meta={"collection": collection.name, "embedder_version": version},
-        )
-        if len(ids):
-            index.add(vectors, ids)
-        index.save(path)
+    def serving(self, collection: CollectionRecord) -> VectorIndex | None:
+        """The index searches use; ``IndexRebuilding`` (503) while none can serve yet, None when
+        the collection has no embedder version."""
+        index = self.get(collection)
+        if index is None and collection.embedder_version is not None:
+            build = self._builds.get(collection.id)
+            detail = f"the index of {collection.name!r} is being built from the database"
+            if build is not None:
+                detail += f" (since {build.started_at}: {build.reason})"
+            raise IndexRebuilding(f"{detail}; retry shortly")
         return index
 
+    def _open(self, collection: CollectionRecord) -> VectorIndex | None:
+        """Load the file and catch it up with the database, or rebuild (here when small, else in
+        the background, returning None). Called under the lock."""
+        version = collection.embedder_version
+        assert version is not None
+        started = time.perf_counter()
+        db_ids = load_ids(self.db, collection_id=collection.id, embedder_version=version)
+        path = self.path_for(collection.id)
+        reason = ""
+        try:
+            index = VectorIndex.load(path)
+            if index.meta.get("embedder_version") != version:
+                reason = f"the file holds embedder version {index.meta.get('embedder_version')!r}"
+            else:
+                caught_up = self._catch_up(collection, index, db_ids)
+                if caught_up:
+                    log.info(
+                        "index of %s loaded from %s (%d vectors, %.2f s)",
+                        collection.name,
+                        path,
+                        index.ntotal,
+                        time.perf_counter() - started,
+                    )
+                    self._maybe_grow(collection, index)
+                    return index
+                reason = "the file is too far behind the database"
+        except FileNotFoundError:
+            reason = "there is no index file"
+        except IndexCorrupt as exc:
+            reason = f"the index file is unreadable ({exc})"
+            path.replace(path.with_suffix(".corrupt"))
+        level = logging.WARNING if len(db_ids) else logging.INFO
+        log.log(level, "index of %s: %s; building from the database", collection.name, reason)
+        if len(db_ids) <= self.sync_rebuild_max:
+            return self._build_now(collection, reason=reason)
+        self._start_build(collection, factory=None, reason=reason)
+        return None
+
+    def _catch_up(self, collection: CollectionRecord, index: VectorIndex, db_ids: np.ndarray) -> bool:
+        """Replay into ``index`` the database's rows it lacks and drop the ones the database no
+        longer has; False when that is too much to be worth it (rebuild instead)."""
+        have = index.ids()
+        missing = np.setdiff1d(db_ids, have, assume_unique=True)
+        extra = np.setdiff1d(have, db_ids, assume_unique=True)
+        if not missing.size and not extra.size:
+            return True
+        if missing.size > max(1000, REPLAY_MAX_SHARE * len(db_ids)):
+            return False
+        version = collection.embedder_version
+        assert version is not None
+        if extra.size:
+            index.remove(extra)
+        if missing.size:
+            vectors, ids = vectors_of(self.db, ids=missing, embedder_version=version)
+            if len(ids) and vectors.shape[1] != index.dim:
+                return False
+            if len(ids):
+                index.add(vectors, ids)
+        log.info(
+            "index of %s caught up with the database: %d replayed above high-water mark %d, %d removed",
+            collection.name,
+            missing.size,
+            index.high_water_mark,
+            extra.size,
+        )
+        self._dirty.add(collection.id)
+        return True
+
+    def _fresh(self, collection: CollectionRecord, *, factory: str | None) -> tuple[VectorIndex, float]:
+        """A new index of the collection's vectors as the database holds them now, recall measured."""
+        version = collection.embedder_version
+        assert version is not None
+        started = time.perf_counter()
+        vectors, ids = load_vectors(self.db, collection_id=collection.id, embedder_version=version)
+        dim = int(vectors.shape[1]) if len(ids) else 1
+        chosen = normalise_factory(factory) if factory else target_factory(collection, n=len(ids), dim=dim)
+        if self._stop.is_set():
+            raise _Stopped
+        meta = {"collection": collection.name, "embedder_version": version}
+        try:
+            index = build_index(vectors, ids, factory=chosen, meta=meta, knobs=knobs_of(collection))
+        except ValueError as exc:
+            if chosen == normalise_factory("Flat"):
+                raise
+            # A kind FAISS cannot build for these vectors (PQ m not dividing d, ...): serve exact
+            # search rather than nothing, and say why.
+            log.error("index of %s cannot be built as %s (%s); serving Flat", collection.name, chosen, exc)
+            self._errors[collection.id] = f"cannot build {chosen[7:]}: {exc}; serving Flat"
+            index = build_index(vectors, ids, factory="Flat", meta=meta)
+        seconds = time.perf_counter() - started
+        index.update_meta(built_at=_now(), build_seconds=round(seconds, 3))
+        self._measure(index, vectors, ids)
+        return index, seconds
+
+    def _measure(self, index: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> float:
+        if index.kind == "Flat" or len(ids) == 0:
+            recall = 1.0  # exact search is its own ground truth
+        else:
+            recall = recall_at_k(index, vectors, ids, k=10, queries=RECALL_QUERIES)
+        index.update_meta(recall_at_10=round(recall, 4), recall_measured_at=_now())
+        return recall
+
+    def _build_now(self, collection: CollectionRecord, *, reason: str) -> VectorIndex:
+        index, seconds = self._fresh(collection, factory=None)
+        index.save(self.path_for(collection.id))
+        self._dirty.discard(collection.id)
+        log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
+        return index
+
+    # -- background builds -----------------------------------------------------------------
+    def rebuild(
+        self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"
+    ) -> bool:
+        """Rebuild in the background (into ``factory``, else the collection's kind) while the
+        current index keeps serving; False when a build is already running."""
+        if collection.embedder_version is None:
+            return False
+        with self._lock:
+            if collection.id in self._builds:
+                return False
+            self._start_build(collection, factory=factory, reason=reason)
+            return True
+
+    def _start_build(self, collection: CollectionRecord, *, factory: str | None, reason: str) -> None:
+        assert collection.embedder_version is not None
+        build = _Build(version=collection.embedder_version, factory=factory, reason=reason)
+        self._builds[collection.id] = build
+        self._errors.pop(collection.id, None)
+        thread = threading.Thread(
+            target=self._run_build, args=(collection, build), name=f"index-build-{collection.id}", daemon=True
+        )
+        thread.start()
+
+    def _run_build(self, collection: CollectionRecord, build: _Build) -> None:
+        try:
+            index, seconds = self._fresh(collection, factory=build.factory)
+            with self._lock:
+                current = self._builds.get(collection.id)
+                if current is not build:
+                    return  # dropped or superseded meanwhile
+                for op, ids, vectors in build.pending:
+                    if op == "add" and vectors is not None:
+                        keep = ~np.isin(ids, index.ids())
+                        if keep.any():
+                            index.add(vectors[keep], ids[keep])
+                    elif op == "remove":
+                        index.remove(ids)
+                self._indexes[collection.id] = index
+                del self._builds[collection.id]
+                self._dirty.add(collection.id)
+            log.info(
+                "index of %s rebuilt as %s in the background (%s; %d vectors, %.1f s)",
+                collection.name,
+                index.kind,
+                build.reason,
+                index.ntotal,
+                seconds,
+            )
+            self.flush(collection.id)
+        except _Stopped:
+            with self._lock:
+                if self._builds.get(collection.id) is build:
+                    del self._builds[collection.id]
+        except Exception as exc:
+            log.exception("background index build of %s failed", collection.name)
+            with self._lock:
+                if self._builds.get(collection.id) is build:
+                    del self._builds[collection.id]
+                self._errors[collection.id] = f"{type(exc).__name__}: {exc}"
+        finally:
+            build.done.set()
+
+    def wait_for_build(self, collection_id: int, timeout: float | None = None) -> bool:
+        """Block until the collection's background build (if any) ends; False on timeout."""
+        build = self._builds.get(collection_id)
+        return True if build is None else build.done.wait(timeout)
+
+    def _maybe_grow(self, collection: CollectionRecord, index: VectorIndex) -> None:
+        """Rebuild in the background when ``auto`` now calls for another kind, or when tombstones
+        pile up. Called under the lock."""
+        if collection.id in self._builds or index.ntotal == 0:
+            return
+        wanted = target_factory(collection, n=index.ntotal, dim=index.dim)
+        if wanted != index.factory:
+            self._start_build(collection, factory=None, reason=f"{index.ntotal} vectors: {wanted[7:]} is due")
+            return
+        if index.tombstones > max(1000, TOMBSTONE_SHARE * index.ntotal):
+            self._start_build(collection, factory=None, reason=f"{index.tombstones} deleted vectors to drop")
+
+    # -- writes ----------------------------------------------------------------------------
     def build(self, collection: CollectionRecord) -> VectorIndex:
         """Rebuild from the database now (after a re-embed or version switch) and save."""
         with self._lock:
-            self._indexes.pop(collection.id, None)
-            self.path_for(collection.id).unlink(missing_ok=True)
-            index = self._load_or_rebuild(collection)
+            self._builds.pop(collection.id, None)  # a background build of the old state is moot
+            index = self._build_now(collection, reason="rebuild requested")
             self._indexes[collection.id] = index
-            self._dirty.discard(collection.id)
             return index
 
     def add(self, collection: CollectionRecord, *, vectors: np.ndarray, ids: np.ndarray) -> None:
-        index = self.get(collection)
-        if index is None or len(ids) == 0:
+        if len(ids) == 0 or collection.embedder_version is None:
             return
-        if index.ntotal == 0 and index.dim != vectors.shape[1]:
-            # An empty index is created before the dimension is known; recreate it with the right one.
-            with self._lock:
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            build = self._builds.get(collection.id)
+            if build is not None:
+                build.pending.append(("add", ids.copy(), np.array(vectors, dtype=np.float32)))
+            index = self.get(collection)
+            if index is None:
+                return  # the build in progress reads these rows or replays them from pending
+            keep = ~np.isin(ids, index.ids())  # a first load after the commit already holds them
+            if not keep.any():
+                return
+            if index.ntotal == 0 and index.dim != vectors.shape[1]:
+                # An empty index is created before the dimension is known; recreate it with the right one.
                 index = VectorIndex(vectors.shape[1], factory=index.factory, meta=index.meta)
                 self._indexes[collection.id] = index
-        index.add(vectors, ids)
-        with self._lock:
+            index.add(vectors[keep], ids[keep])
             self._dirty.add(collection.id)
+            self._maybe_grow(collection, index)
 
     def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
-        index = self.get(collection)
-        if index is None:
-            return
-        if index.remove(ids):
-            with self._lock:
+        with self._lock:
+            build = self._builds.get(collection.id)
+            if build is not None:
+                build.pending.append(("remove", np.asarray(ids, dtype=np.int64), None))
+            index = self.get(collection)
+            if index is not None and index.remove(ids):
                 self._dirty.add(collection.id)
+                self._maybe_grow(collection, index)
 
     def drop(self, collection_id: int) -> None:
         with self._lock:
             self._indexes.pop(collection_id, None)
+            self._builds.pop(collection_id, None)
             self._dirty.discard(collection_id)
             self.path_for(collection_id).unlink(missing_ok=True)
 
-    def flush(self, collection_id: int) -> None:
+    def set_knobs(self, collection: CollectionRecord) -> None:
+        """Apply the collection's stored search parameters to its served index."""
+        index = self.get(collection)
+        if index is not None:
+            index.set_search_knobs(default_knobs(index.kind).merged(knobs_of(collection)))
+            with self._lock:
+                self._dirty.add(collection.id)
+
+    def measure_recall(self, collection: CollectionRecord) -> float | None:
+        """Recall@10 of the served index against exact search over the stored vectors, now."""
+        index = self.serving(collection)
+        if index is None or collection.embedder_version is None:
+            return None
+        vectors, ids = load_vectors(
+            self.db, collection_id=collection.id, embedder_version=collection.embedder_version
+        )
+        live = np.isin(ids, index.ids())  # rows committed but not yet added are not the index's fault
+        recall = self._measure(index, vectors[live], ids[live])
+        with self._lock:
+            self._dirty.add(collection.id)
+        return recall
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def flush(self, collection_id: int, *, force: bool = True) -> None:
         with self._lock:
             if collection_id not in self._dirty:
                 return
+            if not force:
+                # Saving a big index takes seconds: never spend more than a fifth of the time on it.
+                wait = max(self.save_interval, 5 * self._save_cost.get(collection_id, 0.0))
+                if time.monotonic() - self._last_save.get(collection_id, 0.0) < wait:
+                    return
             self._dirty.discard(collection_id)
             index = self._indexes.get(collection_id)
         if index is not None:
+            started = time.perf_counter()
             index.save(self.path_for(collection_id))
+            self._save_cost[collection_id] = time.perf_counter() - started
+            self._last_save[collection_id] = time.monotonic()
 
-    def flush_all(self) -> None:
+    def flush_all(self, *, force: bool = False) -> None:
         with self._lock:
             dirty = list(self._dirty)
         for collection_id in dirty:
-            self.flush(collection_id)
+            self.flush(collection_id, force=force)
 
+    # -- reporting -------------------------------------------------------------------------
     def size(self, collection: CollectionRecord) -> int:
         index = self._indexes.get(collection.id)
         return index.ntotal if index is not None else 0
+
+    def status(self, collection: CollectionRecord) -> IndexStatus:
+        index = self.get(collection)
+        build = self._builds.get(collection.id)
+        meta = index.meta if index is not None else {}
+        if build is not None:
+            state = "rebuilding" if index is not None else "building"
+        else:
+            state = "ready" if index is not None else "none"
+        return IndexStatus(
+            state=state,
+            factory=collection.index_factory or AUTO,
+            kind=index.kind if index is not None else None,
+            ntotal=index.ntotal if index is not None else 0,
+            dim=index.dim if index is not None and index.ntotal else None,
+            memory_bytes=index.memory_bytes() if index is not None else 0,
+            tombstones=index.tombstones if index is not None else 0,
+            high_water_mark=index.high_water_mark if index is not None else -1,
+            params=index.search_knobs().as_dict() if index is not None else {},
+            recall_at_10=meta.get("recall_at_10"),
+            recall_measured_at=meta.get("recall_measured_at"),
+            built_at=meta.get("built_at"),
+            build_seconds=meta.get("build_seconds"),
+            rebuild=(
+                {
+                    "target": build.factory or collection.index_factory,
+                    "reason": build.reason,
+                    "started_at": build.started_at,
+                }
+                if build is not None
+                else None
+            ),
+            last_error=self._errors.get(collection.id),
+        )
+
+
+class _Stopped(Exception):
+    """The manager is stopping: a background build gives up between its phases."""

@@ -49,7 +49,10 @@ class CollectionRecord(Base):
     checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", use_alter=True, ondelete="SET NULL")
     )
-    index_factory: Mapped[str] = mapped_column(String(128), default="IDMap2,Flat")
+    # A FAISS factory string (Flat, HNSW32, IVF1024,PQ32, ...) or "auto": chosen by size.
+    index_factory: Mapped[str] = mapped_column(String(128), default="auto")
+    # Search parameters of the index, e.g. {"ef_search": 64, "nprobe": 16, "k_factor": 8}.
+    index_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Query-side re-ranking defaults, e.g. {"qe": 2, "qe_alpha": 3.0} (alpha-query expansion).
     search_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -129,6 +132,11 @@ class JobRecord(Base):
     # First per-item errors: [{"item": name, "code": code, "detail": text}, ...] (capped).
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
+    # High-water mark: source entries 0..cursor-1 are committed, with the counters above, in the
+    # same transaction as their rows; an interrupted job resumes from here.
+    cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -41,11 +41,20 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_side: int = Field(16_384, ge=1)
     max_k: int = Field(100, ge=1)
+    # Index rebuilds of at most this many vectors run in the request that needs them (exact
+    # search builds in well under a second); larger ones run in the background, with 503s
+    # (Retry-After) from that collection's searches until the new index serves.
+    index_sync_rebuild_max: int = Field(50_000, ge=0)
 
     # Demo collection built by `cbir demo` / `make run`.
     demo_collection: str = "mnist"
     demo_epochs: int = Field(0, ge=0)  # 0: the CDAE preset's recommended epoch count
     embed_batch_size: int = Field(256, ge=1)
+    # Bulk imports: images per committed batch, decoding threads, and how many chunks may wait
+    # between stages (bounded queues keep memory flat whatever the archive size).
+    import_batch_size: int = Field(256, ge=1, le=10_000)
+    import_workers: int = Field(0, ge=0, le=64)  # 0: one per core, at most 4
+    import_queue_depth: int = Field(2, ge=1, le=64)
 
     @field_validator("data_dir")
     @classmethod
@@ -76,6 +85,16 @@ class Settings(BaseSettings):
     def onnx_dir(self) -> Path:
         """ONNX exports of CNN embedders, one file per embedder version (CBIR_CNN_RUNTIME)."""
         return self.data_dir / "onnx"
+
+    @property
+    def journal_dir(self) -> Path:
+        """Each process's journal of image files written ahead of their commit."""
+        return self.data_dir / "journal"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Archives and manifests of import jobs, kept until the job ends so it can resume."""
+        return self.data_dir / "uploads"
 
     @property
     def tmp_dir(self) -> Path:

@@ -30,14 +30,19 @@ def get_evaluations(request: Request) -> EvaluationRunner:
 
 def get_image_filter(
     label: Annotated[
-        str | None, Query(max_length=256, description="only images whose metadata label is this")
+        list[str] | None,
+        Query(description="only images whose metadata label is this; repeated: is one of these"),
     ] = None,
     meta: Annotated[
         list[str] | None,
         Query(description="KEY:VALUE, repeatable: only images whose metadata KEY has this value (as text)"),
     ] = None,
+    created_after: Annotated[
+        str | None,
+        Query(max_length=40, description="only images stored after this ISO 8601 date or date-time (UTC)"),
+    ] = None,
 ) -> ImageFilter:
-    return parse_filter(label=label, meta=meta or [])
+    return parse_filter(label=label, meta=meta or [], created_after=created_after)
 
 
 ContextDep = Annotated[AppContext, Depends(get_context)]

@@ -12,13 +12,16 @@ from app.api.schemas import (
     EvaluateOut,
     EvaluateRow,
     ImageOut,
+    IndexConfigIn,
+    IndexOut,
     LabelCount,
     LabelList,
     MapOut,
     SearchOptionsIn,
     WhiteningIn,
 )
-from app.services import collections, maps, tuning
+from app.indexes import IndexStatus
+from app.services import collections, index_admin, maps, tuning
 
 router = APIRouter(tags=["collections"])
 
@@ -116,3 +119,36 @@ def collection_map(
     """The collection's stored codes projected to 2-D, with each point's label."""
     result = maps.collection_map(ctx, collection=name, sample=sample, method=method)
     return map_out(result, methods=maps.available_methods())
+
+
+def _index_out(name: str, status_: IndexStatus) -> IndexOut:
+    return IndexOut.model_validate({"collection": name, **vars(status_)})
+
+
+@router.get("/collections/{name}/index", response_model=IndexOut, tags=["index"])
+def get_index(name: str, ctx: ContextDep) -> IndexOut:
+    """The index serving the collection: kind, size, bytes in memory, search parameters, the
+    recall@10 measured against exact search (and when), and any rebuild in progress."""
+    return _index_out(name, index_admin.index_status(ctx, name))
+
+
+@router.put(
+    "/collections/{name}/index",
+    response_model=IndexOut,
+    tags=["index"],
+    responses={202: {"description": "a new kind is being built in the background; the old index serves"}},
+)
+def configure_index(name: str, body: IndexConfigIn, ctx: ContextDep, response: Response) -> IndexOut:
+    """Choose the index kind (``auto`` or a FAISS factory string) and search parameters."""
+    result, started = index_admin.configure_index(
+        ctx, name=name, factory=body.factory, params=body.model_dump(exclude_unset=True, exclude={"factory"})
+    )
+    if started:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return _index_out(name, result)
+
+
+@router.post("/collections/{name}/index/recall", response_model=IndexOut, tags=["index"])
+def measure_recall(name: str, ctx: ContextDep) -> IndexOut:
+    """Measure recall@10 of the index against exact search on a sample of stored vectors, now."""
+    return _index_out(name, index_admin.measure_recall(ctx, name))

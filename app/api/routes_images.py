@@ -11,6 +11,7 @@ from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
 from app.services import compare, images, search
 from app.services.ingest import add_image
+from index.vector_index import SearchKnobs
 
 router = APIRouter(tags=["images"])
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
@@ -73,6 +74,16 @@ def delete_image(image_id: int, ctx: ContextDep) -> Response:
 
 
 QE = Query(None, ge=0, le=20, description="alpha-QE depth for this search (default: the collection's)")
+EF_SEARCH = Query(None, ge=1, le=4096, description="HNSW candidates for this search (default: the index's)")
+NPROBE = Query(None, ge=1, le=65536, description="IVF lists visited by this search (default: the index's)")
+K_FACTOR = Query(
+    None, ge=1, le=100, description="re-ranked kinds: candidates = k x this (default: the index's)"
+)
+
+
+def _knobs(ef_search: int | None, nprobe: int | None, k_factor: float | None) -> SearchKnobs | None:
+    knobs = SearchKnobs(ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
+    return knobs or None
 
 
 @router.get("/collections/{name}/images/{image_id}/similar", response_model=SearchResponse)
@@ -83,9 +94,20 @@ def similar(
     image_filter: FilterDep,
     k: int = Query(10, ge=1),
     qe: int | None = QE,
+    ef_search: int | None = EF_SEARCH,
+    nprobe: int | None = NPROBE,
+    k_factor: float | None = K_FACTOR,
 ) -> SearchResponse:
     return search_out(
-        search.similar_to(ctx, collection=name, image_id=image_id, k=k, image_filter=image_filter, qe=qe)
+        search.similar_to(
+            ctx,
+            collection=name,
+            image_id=image_id,
+            k=k,
+            image_filter=image_filter,
+            qe=qe,
+            knobs=_knobs(ef_search, nprobe, k_factor),
+        )
     )
 
 
@@ -97,10 +119,20 @@ async def search_by_image(
     image_filter: FilterDep,
     k: int = Query(10, ge=1, description="number of hits, at most CBIR_MAX_K (100)"),
     qe: int | None = QE,
+    ef_search: int | None = EF_SEARCH,
+    nprobe: int | None = NPROBE,
+    k_factor: float | None = K_FACTOR,
 ) -> SearchResponse:
     data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
     result = await run_in_threadpool(
-        search.search_by_image, ctx, collection=name, data=data, k=k, image_filter=image_filter, qe=qe
+        search.search_by_image,
+        ctx,
+        collection=name,
+        data=data,
+        k=k,
+        image_filter=image_filter,
+        qe=qe,
+        knobs=_knobs(ef_search, nprobe, k_factor),
     )
     return search_out(result)
 

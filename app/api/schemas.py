@@ -115,11 +115,26 @@ class SearchResponse(BaseModel):
 
 
 class DatasetImport(BaseModel):
-    """A built-in dataset, or a folder on the server under one of CBIR_IMPORT_ROOTS."""
+    """Exactly one of: a built-in dataset; a folder on the server under one of CBIR_IMPORT_ROOTS
+    (image folder, MNIST-format IDX files or a Holidays-style folder); a manifest file there."""
+
+    model_config = {"extra": "forbid"}
 
     dataset: str | None = Field(None, examples=["mnist"])
-    split: str = Field("train", examples=["train", "test"])
+    split: str = Field("train", examples=["train", "test", "all"])
     folder: str | None = Field(None, max_length=4096, examples=["/srv/photos/holidays"])
+    layout: str = Field(
+        "auto",
+        description="for a folder: images (subfolder names are labels), idx (MNIST-format IDX files), "
+        "holidays (groundtruth.json beside the images) or auto",
+        examples=["auto", "images", "idx", "holidays"],
+    )
+    manifest: str | None = Field(
+        None,
+        max_length=4096,
+        description="a CSV (path, label, other columns as metadata) or JSON-lines file under the roots",
+        examples=["/srv/photos/manifest.csv"],
+    )
 
 
 class JobAccepted(BaseModel):
@@ -313,3 +328,37 @@ class CompareResponse(BaseModel):
     sample: int = Field(description="images both sides searched (evenly spread over the collection)")
     total: int
     sides: list[CompareSide]
+
+
+class IndexConfigIn(BaseModel):
+    """The collection's index kind and search parameters; a field left out is unchanged, a
+    parameter set to null goes back to the kind's default."""
+
+    factory: str | None = Field(
+        None,
+        max_length=120,
+        examples=["auto", "Flat", "HNSW32", "IVF1024,PQ32", "OPQ32,IVF1024,PQ32", "IVF1024,PQ32,RFlat"],
+        description="auto (exact while small, then a graph, then re-ranked IVF-PQ) or a FAISS factory string",
+    )
+    ef_search: int | None = Field(None, ge=1, le=4096, description="HNSW: candidates kept while searching")
+    nprobe: int | None = Field(None, ge=1, le=65536, description="IVF: inverted lists visited")
+    k_factor: float | None = Field(None, ge=1, le=100, description="re-ranked kinds: k x this candidates")
+
+
+class IndexOut(BaseModel):
+    collection: str
+    state: str = Field(description="ready, rebuilding (the old index serves), building (503 meanwhile), none")
+    factory: str = Field(description="the collection's setting: auto or a FAISS factory string")
+    kind: str | None = Field(description="the FAISS factory of the index serving now")
+    ntotal: int
+    dim: int | None
+    memory_bytes: int
+    tombstones: int = Field(description="deleted vectors excluded from search until the next rebuild")
+    high_water_mark: int = Field(description="the largest image id the index holds (-1: none)")
+    params: dict[str, Any] = Field(description="search parameters: ef_search, nprobe, k_factor")
+    recall_at_10: float | None = Field(description="measured against exact search on stored vectors")
+    recall_measured_at: str | None
+    built_at: str | None
+    build_seconds: float | None
+    rebuild: dict[str, Any] | None = Field(description="the background build in progress, if any")
+    last_error: str | None

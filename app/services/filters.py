@@ -1,8 +1,10 @@
-"""Filters by label or metadata (``label=7``, ``meta=split:train``) for browse, search and similar.
+"""Filters for browse, search and similar: ``label=7`` (label equals), ``label=3&label=5`` (label
+in a list), ``meta=split:train`` (any metadata key equals a value), ``created_after=2026-01-31``.
 
 Values are compared as text with the stored metadata value (a number matches its decimal text)
 and only ever reach SQL as bound parameters: the key through SQLAlchemy's JSON path parameter,
-the value as a bound comparison value.
+the value as a bound comparison value, the date as a bound timestamp. The syntax is validated
+here (keys by pattern, values by length, dates by ISO 8601); nothing is spliced into SQL text.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -22,26 +25,61 @@ from app.records import ImageRecord
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_VALUE_CHARS = 256
 MAX_CONDITIONS = 8
+MAX_LABELS = 100
 
 
 @dataclass(frozen=True)
 class ImageFilter:
-    """Metadata ``key == value`` conditions, all of which must hold (``label`` is one key)."""
+    """Conditions that must all hold: metadata ``key == value`` (``label`` is one key), the label
+    one of ``labels`` (when given), and created after ``created_after`` (UTC)."""
 
     conditions: tuple[tuple[str, str], ...] = ()
+    labels: tuple[str, ...] = ()
+    created_after: datetime | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.conditions)
+        return bool(self.conditions or self.labels or self.created_after)
 
-    def describe(self) -> dict[str, str]:
-        return dict(self.conditions)
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.conditions)
+        if self.labels:
+            out["label"] = list(self.labels)
+        if self.created_after is not None:
+            out["created_after"] = self.created_after.isoformat()
+        return out
 
 
-def parse_filter(*, label: str | None = None, meta: Sequence[str] = ()) -> ImageFilter:
-    """Validate ``label`` and ``meta`` (each ``KEY:VALUE``) into a filter; InvalidRequest if bad."""
+def parse_date(value: str) -> datetime:
+    """An ISO 8601 date or date-time (``2026-01-31``, ``2026-01-31T12:00:00+02:00``) as aware UTC;
+    one without a zone is UTC. InvalidRequest otherwise."""
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        raise InvalidRequest(
+            f"created_after {value[:40]!r} is not an ISO 8601 date or date-time, e.g. 2026-01-31 "
+            "or 2026-01-31T12:00:00Z"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def parse_filter(
+    *,
+    label: str | Sequence[str] | None = None,
+    meta: Sequence[str] = (),
+    created_after: str | None = None,
+) -> ImageFilter:
+    """Validate ``label`` (one value, or several: any of them), ``meta`` (each ``KEY:VALUE``) and
+    ``created_after`` (ISO 8601) into a filter; InvalidRequest if bad."""
     conditions: list[tuple[str, str]] = []
-    if label is not None:
-        conditions.append(("label", _value(label, "label")))
+    labels: tuple[str, ...] = ()
+    values = [label] if isinstance(label, str) else list(label or [])
+    if len(values) > MAX_LABELS:
+        raise InvalidRequest(f"at most {MAX_LABELS} labels in one filter, got {len(values)}")
+    if len(values) == 1:
+        conditions.append(("label", _value(values[0], "label")))
+    elif values:
+        labels = tuple(dict.fromkeys(_value(v, "label") for v in values))
     for item in meta:
         key, sep, value = item.partition(":")
         if not sep:
@@ -53,7 +91,8 @@ def parse_filter(*, label: str | None = None, meta: Sequence[str] = ()) -> Image
         conditions.append((key, _value(value, f"meta {key}")))
     if len(conditions) > MAX_CONDITIONS:
         raise InvalidRequest(f"at most {MAX_CONDITIONS} filter conditions, got {len(conditions)}")
-    return ImageFilter(tuple(conditions))
+    after = parse_date(created_after) if created_after is not None else None
+    return ImageFilter(tuple(conditions), labels=labels, created_after=after)
 
 
 def _value(value: str, what: str) -> str:
@@ -73,7 +112,13 @@ def where(image_filter: ImageFilter) -> ColumnElement[bool] | None:
     """One SQL condition for the filter, or None when it is empty."""
     if not image_filter:
         return None
-    return and_(*(meta_text(key) == value for key, value in image_filter.conditions))
+    parts: list[ColumnElement[bool]] = [meta_text(key) == value for key, value in image_filter.conditions]
+    if image_filter.labels:
+        parts.append(meta_text("label").in_(image_filter.labels))
+    if image_filter.created_after is not None:
+        # Aware UTC: PostgreSQL compares instants; SQLite stores (and binds) the UTC wall-clock.
+        parts.append(ImageRecord.created_at > image_filter.created_after)
+    return and_(*parts)
 
 
 def matching_ids(session: Session, *, collection_id: int, image_filter: ImageFilter) -> np.ndarray:

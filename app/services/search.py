@@ -12,11 +12,18 @@ from sqlalchemy import select
 from app.context import AppContext
 from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
 from app.imaging import decode_image
+from app.indexes import vectors_of
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
 from app.services.filters import ImageFilter, matching_ids
 from app.services.tuning import SearchOptions
 from index.rerank import expand_queries
+from index.vector_index import SearchKnobs
+
+# A filter that leaves at most this many images is answered by an exact pass over their stored
+# vectors (a few milliseconds), whatever the index kind: a graph or IVF search restricted by an id
+# selector to a small set misses most of it.
+EXACT_PASS_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ def search_by_image(
     k: int,
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
+    knobs: SearchKnobs | None = None,
 ) -> SearchResult:
     _check_k(ctx, k)
     clock = _Clock()
@@ -91,7 +99,9 @@ def search_by_image(
     clock.lap("decode")
     vector = embedder.embed_prepared([tensor])
     clock.lap("embed")
-    return _search(ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe)
+    return _search(
+        ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe, knobs=knobs
+    )
 
 
 def similar_to(
@@ -102,6 +112,7 @@ def similar_to(
     k: int,
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
+    knobs: SearchKnobs | None = None,
 ) -> SearchResult:
     """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
     _check_k(ctx, k)
@@ -128,6 +139,7 @@ def similar_to(
         exclude=image_id,
         image_filter=image_filter,
         qe=qe,
+        knobs=knobs,
     )
     result.query_image_id = image_id
     return result
@@ -143,12 +155,15 @@ def _search(
     exclude: int | None = None,
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
+    knobs: SearchKnobs | None = None,
 ) -> SearchResult:
-    """Search the index; with a filter, only among the ids that pass it (a FAISS id selector).
+    """Search the index; with a filter, only among the ids that pass it: an exact pass over their
+    stored vectors when they are few, else the index with a FAISS id selector.
 
     With query expansion (the collection's ``qe`` option, or ``qe`` here) the query is averaged
-    with its first results' stored codes, weighted by similarity^alpha, and searched again."""
-    index = ctx.indexes.get(record)
+    with its first results' stored codes, weighted by similarity^alpha, and searched again.
+    ``knobs`` (efSearch, nprobe, k_factor) override the index's search parameters for this search."""
+    index = ctx.indexes.serving(record)
     if index is None:
         raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
     if index.ntotal == 0:
@@ -160,25 +175,33 @@ def _search(
             f"{vector.shape[1]}-d; it is being rebuilt, retry shortly"
         )
     allowed = None
+    exact: tuple[np.ndarray, np.ndarray] | None = None  # (vectors, ids) of a small filtered set
     if image_filter:
         with ctx.db.session() as session:
             allowed = matching_ids(session, collection_id=record.id, image_filter=image_filter)
+        if len(allowed) <= EXACT_PASS_MAX:
+            assert record.embedder_version is not None
+            exact = vectors_of(ctx.db, ids=allowed, embedder_version=record.embedder_version)
         clock.lap("filter")
     extra = 1 if exclude is not None else 0
-    scores, ids = index.search(vector, k + extra, allowed_ids=allowed)
+
+    def search(query: np.ndarray) -> list[tuple[int, float]]:
+        if exact is not None:
+            scores, ids = exact_top(query, exact, k + extra)
+        else:
+            scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
+        return [
+            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude
+        ][:k]
+
+    pairs = search(vector)
     clock.lap("search")
-    pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude][
-        :k
-    ]
     options = SearchOptions.of(record)
     if qe is not None:  # this search's depth, the collection's alpha
         options = SearchOptions(qe=qe, qe_alpha=options.qe_alpha)
     if options.qe and pairs:
         expanded = _expand(ctx, record=record, vector=vector, top=pairs[: options.qe], alpha=options.qe_alpha)
-        scores, ids = index.search(expanded, k + extra, allowed_ids=allowed)
-        pairs = [
-            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude
-        ][:k]
+        pairs = search(expanded)
         clock.lap("expand")
     with ctx.db.session() as session:
         rows = {
@@ -191,6 +214,19 @@ def _search(
     ]
     clock.lap("fetch")
     return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
+
+
+def exact_top(
+    query: np.ndarray, exact: tuple[np.ndarray, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``k`` best of ``exact`` ((m, d) vectors, (m,) ids) for a (1, d) query, as
+    ``VectorIndex.search`` answers: ((1, j) scores best first, (1, j) ids), j = min(k, m)."""
+    vectors, ids = exact
+    if len(ids) == 0:
+        return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
+    scores = vectors @ query[0].astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order][None].astype(np.float32), ids[order][None]
 
 
 def _expand(

@@ -26,7 +26,7 @@ def test_create_collection_returns_201_with_description(client: TestClient):
     assert body["embedder_version"] == "tiny-v1"
     assert body["ready"] is True
     assert body["image_count"] == body["embedded_count"] == body["index_size"] == 0
-    assert body["index_factory"] == "IDMap2,Flat"
+    assert body["index_factory"] == "auto"  # exact while small (GET ./index says which kind serves)
 
 
 def test_trainable_embedder_collection_is_created_but_not_ready(client: TestClient):

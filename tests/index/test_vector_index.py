@@ -245,8 +245,18 @@ def test_ivf_factory_trains_on_first_batch_and_finds_itself():
     assert (found[:, 0] == np.arange(10)).mean() >= 0.5  # nprobe=1: approximate
 
 
-def test_hnsw_remove_says_to_rebuild():
-    index = VectorIndex.build(unit_vectors(20), np.arange(20), factory="HNSW8")
-    with pytest.raises(NotImplementedError, match="rebuild"):
-        index.remove([3])
-    assert index.ntotal == 20 and index.contains(3)
+def test_hnsw_remove_buries_the_id_so_no_search_returns_it(tmp_path: Path):
+    vectors = unit_vectors(20)
+    index = VectorIndex.build(vectors, np.arange(20), factory="HNSW8")
+    assert index.remove([3, 99]) == 1
+    assert index.ntotal == 19 and not index.contains(3) and index.tombstones == 1
+    _, found = index.search(vectors, 19)
+    assert 3 not in found
+    _, found = index.search(vectors[3:4], 5, allowed_ids=[3, 4])
+    assert found[0].tolist()[:1] == [4] and 3 not in found
+    with pytest.raises(ValueError, match="rebuild"):
+        index.add(vectors[3:4], [3])
+    index.save(tmp_path / "h.cbidx")
+    loaded = VectorIndex.load(tmp_path / "h.cbidx")
+    assert loaded.tombstones == 1 and loaded.id_checksum() == id_checksum(np.setdiff1d(np.arange(20), [3]))
+    assert 3 not in loaded.search(vectors, 19)[1]

@@ -1,0 +1,209 @@
+"""Index kinds as FAISS factory strings, the automatic choice by size, and measured recall.
+
+Kinds (all inner product over unit rows, ids through ``IDMap2``):
+
+- exact: ``Flat``;
+- graph: ``HNSW{M}`` (``HNSW32``): no training, cannot remove (deletes become tombstones);
+- inverted lists with product quantisation: ``IVF{nlist},PQ{m}``, optionally ``OPQ{m},`` in front
+  (a learned rotation) and ``,RFlat`` behind (the candidates re-ranked exactly: high recall, but
+  the full vectors are kept too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.vector_index import SearchKnobs, VectorIndex, normalise_factory
+
+__all__ = [
+    "AUTO",
+    "EXACT_MAX",
+    "auto_factory",
+    "configure_construction",
+    "default_knobs",
+    "exact_knn",
+    "ivf_pq_factory",
+    "min_vectors",
+    "servable_factory",
+    "recall_at_k",
+    "validate_factory",
+]
+
+AUTO = "auto"
+# Exact search is memory-bandwidth bound: about 6 ms a query over 100k x 128 (FACTS.md), so a
+# collection stays exact until it is bigger than that.
+EXACT_MAX = 100_000
+GRAPH_MAX = 5_000_000  # beyond: HNSW's memory (full vectors + links) is the limit; IVF-PQ codes
+_HNSW_EF_SEARCH = 64
+_IVF_NPROBE = 16
+_REFINE_K_FACTOR = 8.0
+_HNSW_EF_CONSTRUCTION = 40
+
+_FACTORY = re.compile(r"^[A-Za-z0-9_,.()]+$")
+
+
+def ivf_nlist(n: int) -> int:
+    """Inverted lists for ``n`` vectors: about sqrt(n), a power of two, 16 to 65536 (so that
+    k-means trains in seconds on 64 vectors per list, and nprobe 16 visits a few per cent)."""
+    return int(min(65536, max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))))
+
+
+def ivf_pq_factory(n: int, dim: int, *, bytes_per_code: int | None = None, refine: bool = False) -> str:
+    """``IVF{nlist},PQ{m}`` for ``n`` vectors of ``dim``: m sub-quantisers of 8 bits (m divides dim;
+    by default dim / 4, i.e. 32 bytes for 128-d), ``,RFlat`` with ``refine``."""
+    m = bytes_per_code or max(1, dim // 4)
+    while dim % m:
+        m -= 1
+    factory = f"IVF{ivf_nlist(n)},PQ{m}"
+    return f"{factory},RFlat" if refine else factory
+
+
+def auto_factory(n: int, dim: int) -> str:
+    """The kind a collection of ``n`` vectors gets when it asks for ``auto``: exact while small,
+    then a graph (best recall per query time), then re-ranked IVF-PQ."""
+    if n <= EXACT_MAX:
+        return "Flat"
+    if n <= GRAPH_MAX:
+        return "HNSW32"
+    return ivf_pq_factory(n, dim, refine=True)
+
+
+def min_vectors(factory: str) -> int:
+    """How many vectors ``factory`` needs to train on: its IVF lists, and 256 per PQ codebook."""
+    match = re.search(r"IVF(\d+)", factory)
+    need = int(match.group(1)) if match else 0
+    if "PQ" in factory.upper():
+        need = max(need, 256)
+    return need
+
+
+def servable_factory(factory: str, n: int) -> str:
+    """``factory``, or ``Flat`` while ``n`` vectors are too few to train it on."""
+    return factory if n >= min_vectors(factory) else normalise_factory("Flat")
+
+
+def validate_factory(factory: str, *, dim: int) -> str:
+    """The normalised factory (``IDMap2,...``), or ``ValueError`` with FAISS's reason."""
+    cleaned = "".join(factory.split())
+    if not cleaned or len(cleaned) > 120 or not _FACTORY.match(cleaned):
+        raise ValueError(f"{factory[:80]!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,PQ32)")
+    normalised = normalise_factory(cleaned)
+    try:
+        faiss.index_factory(int(dim), normalised, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown"
+        raise ValueError(f"FAISS cannot build {cleaned!r} for {dim}-d vectors: {reason}") from None
+    return normalised
+
+
+def default_knobs(factory: str) -> SearchKnobs:
+    """Search parameters a new index of ``factory`` starts with (tuned on CDAE codes)."""
+    kind = factory.upper()
+    return SearchKnobs(
+        ef_search=_HNSW_EF_SEARCH if "HNSW" in kind else None,
+        nprobe=_IVF_NPROBE if "IVF" in kind else None,
+        k_factor=_REFINE_K_FACTOR if "RFLAT" in kind or "REFINE" in kind else None,
+    )
+
+
+def new_index(dim: int, *, factory: str, meta: dict[str, Any] | None = None) -> VectorIndex:
+    """An empty ``VectorIndex`` of ``factory`` with the default knobs and construction settings."""
+    index = VectorIndex(dim, factory=factory, meta=meta)
+    _set_construction(index)
+    index.set_search_knobs(default_knobs(factory))
+    return index
+
+
+def build_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    factory: str,
+    meta: dict[str, Any] | None = None,
+    knobs: SearchKnobs | None = None,
+    train_size: int = 65_536,
+) -> VectorIndex:
+    """``VectorIndex.build`` with the default knobs (then ``knobs`` on top) and construction settings."""
+    if len(ids) == 0:  # the dimension is not known yet: an empty exact index, replaced on the first add
+        return new_index(
+            int(vectors.shape[1]) if vectors.ndim == 2 and vectors.shape[1] else 1, factory="Flat", meta=meta
+        )
+    index = new_index(int(vectors.shape[1]), factory=factory, meta=meta)
+    if not index.is_trained:
+        index.train(vectors, sample=max(train_size, 64 * _nlist_of(index)))
+    index.add(vectors, ids)
+    if knobs:
+        index.set_search_knobs(knobs)
+    return index
+
+
+def _nlist_of(index: VectorIndex) -> int:
+    match = re.search(r"IVF(\d+)", index.factory)
+    return int(match.group(1)) if match else 0
+
+
+def _set_construction(index: VectorIndex) -> None:
+    configure_construction(index._index.index)
+
+
+def configure_construction(index: Any) -> None:
+    """Build-time settings of a FAISS index (and those nested in it), chosen for 2-core machines:
+    no polysemous training, HNSW efConstruction 40 (FAISS's default), OPQ 20 iterations on at most
+    32k vectors (FAISS's 50 on 65k took minutes)."""
+    inner: Any = faiss.downcast_index(index)
+    if hasattr(inner, "do_polysemous_training"):
+        # Polysemous code reordering (simulated annealing) was most of PQ's training time, 15 s on
+        # 4,000 vectors, and only speeds up Hamming-filtered search, which cbir does not use.
+        inner.do_polysemous_training = False
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+    elif isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            transform = faiss.downcast_VectorTransform(inner.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = 20
+                transform.max_train_points = 32768
+        configure_construction(inner.index)
+    elif isinstance(inner, faiss.IndexRefine):
+        configure_construction(inner.base_index)
+
+
+def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Ids (positions in ``vectors``) of the exact ``k`` best inner products per query: (q, k) int64."""
+    _, found = faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
+    return np.asarray(found, dtype=np.int64)
+
+
+def recall_at_k(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    k: int = 10,
+    queries: int = 200,
+    seed: int = 0,
+    knobs: SearchKnobs | None = None,
+) -> float:
+    """Recall@k of ``index`` against exact search over ``vectors`` (n, d) unit rows stored under
+    ``ids`` (n,), with a seeded sample of ``queries`` stored vectors as the queries: the mean share
+    of each query's exact top k that the index returns in its top k."""
+    n = len(ids)
+    if n == 0:
+        return 1.0
+    k = min(k, n)
+    rows = np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False)
+    sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    truth = np.asarray(ids, dtype=np.int64)[exact_knn(sample, vectors, k)]
+    _, found = index.search(sample, k, knobs=knobs)
+    hits = sum(len(np.intersect1d(t, f[f >= 0])) for t, f in zip(truth, found, strict=True))
+    return float(hits / (len(rows) * k))
