@@ -12,7 +12,7 @@ from app.embedders import EmbedderCache, validate_embedder_name
 from app.imaging import ImageLimits
 from app.indexes import IndexManager
 from app.settings import Settings
-from app.storage import ImageStore
+from app.storage import FileJournal, ImageStore
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class AppContext:
 
     def close(self) -> None:
         self.indexes.stop()
+        self.store.journal.close()
         self.db.dispose()
 
 
@@ -50,10 +51,22 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
     context = AppContext(
         settings=settings,
         db=db,
-        store=ImageStore(settings.images_dir),
+        store=ImageStore(settings.images_dir, journal=FileJournal.open(settings.journal_dir)),
         embedders=EmbedderCache(settings=settings, device=device),
         indexes=IndexManager(db=db, index_dir=settings.index_dir),
         device=device,
     )
+    _remove_unfinished_writes(context)
     context.indexes.start()
     return context
+
+
+def _remove_unfinished_writes(context: AppContext) -> None:
+    """Files that processes killed before their commit left behind (see FileJournal)."""
+    from app.services.ingest import remove_unreferenced_files
+
+    for journal in FileJournal.orphaned(context.settings.journal_dir):
+        removed = remove_unreferenced_files(context, journal)
+        if removed:
+            log.warning("removed %d image files that a killed process wrote but never committed", removed)
+        journal.close(remove=not journal.entries())

@@ -104,6 +104,12 @@ class EmptyUpload(CbirError):
     status, code, title = 400, "empty_upload", "Empty upload"
 
 
+class BadMultipart(CbirError):
+    """A multipart body with fields repeated or missing."""
+
+    status, code, title = 400, "bad_multipart", "Bad multipart body"
+
+
 class UnsupportedArchive(CbirError):
     status, code, title = 415, "unsupported_archive", "Unsupported archive"
 

@@ -129,6 +129,11 @@ class JobRecord(Base):
     # First per-item errors: [{"item": name, "code": code, "detail": text}, ...] (capped).
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
+    # High-water mark: source entries 0..cursor-1 are committed, with the counters above, in the
+    # same transaction as their rows; an interrupted job resumes from here.
+    cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

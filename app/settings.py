@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     demo_collection: str = "mnist"
     demo_epochs: int = Field(0, ge=0)  # 0: the CDAE preset's recommended epoch count
     embed_batch_size: int = Field(256, ge=1)
+    # Bulk imports: images per committed batch, decoding threads, and how many chunks may wait
+    # between stages (bounded queues keep memory flat whatever the archive size).
+    import_batch_size: int = Field(256, ge=1, le=10_000)
+    import_workers: int = Field(0, ge=0, le=64)  # 0: one per core, at most 4
+    import_queue_depth: int = Field(2, ge=1, le=64)
 
     @field_validator("data_dir")
     @classmethod
@@ -76,6 +81,16 @@ class Settings(BaseSettings):
     def onnx_dir(self) -> Path:
         """ONNX exports of CNN embedders, one file per embedder version (CBIR_CNN_RUNTIME)."""
         return self.data_dir / "onnx"
+
+    @property
+    def journal_dir(self) -> Path:
+        """Each process's journal of image files written ahead of their commit."""
+        return self.data_dir / "journal"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Archives and manifests of import jobs, kept until the job ends so it can resume."""
+        return self.data_dir / "uploads"
 
     @property
     def tmp_dir(self) -> Path:

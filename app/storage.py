@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp"}
@@ -31,11 +33,77 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
+class FileJournal:
+    """Names the image files a writer is about to store before the rows that refer to them commit.
+
+    Each process writes its own journal and holds an exclusive lock on it while it lives; the
+    kernel drops the lock when the process dies, however it dies. On start, a journal whose lock
+    can be taken belonged to a dead process: its files are checked against the database and
+    those without a row removed, so a kill -9 mid-import leaves no orphan file behind.
+    """
+
+    def __init__(self, path: Path, *, handle: int | None = None) -> None:
+        self.path = path
+        self._fd = handle
+
+    @classmethod
+    def open(cls, folder: Path) -> FileJournal:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.journal"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return cls(path, handle=fd)
+
+    @staticmethod
+    def orphaned(folder: Path) -> list[FileJournal]:
+        """Journals of processes that are gone (their lock is free); each is now locked by us."""
+        found = []
+        for path in sorted(folder.glob("*.journal")) if folder.is_dir() else []:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live process holds it
+                os.close(fd)
+                continue
+            found.append(FileJournal(path, handle=fd))
+        return found
+
+    def note(self, entries: list[tuple[str, str]]) -> None:
+        """Record (sha256, format) pairs durably before their files are written."""
+        if self._fd is None or not entries:
+            return
+        os.write(self._fd, "".join(f"{sha} {fmt}\n" for sha, fmt in entries).encode())
+        os.fsync(self._fd)
+
+    def entries(self) -> list[tuple[str, str]]:
+        if self._fd is None:
+            return []
+        with open(self.path, encoding="ascii", errors="replace") as handle:
+            pairs = [line.split() for line in handle]
+        return [(p[0], p[1]) for p in pairs if len(p) == 2 and p[1] in EXTENSIONS]
+
+    def clear(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+
+    def close(self, *, remove: bool = True) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
 class ImageStore:
     """Stores each distinct image once, named by its SHA-256; collections may share a file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, journal: FileJournal | None = None) -> None:
         self.root = root
+        self.journal = journal or FileJournal(root / "unjournalled")  # a no-op journal
 
     def path_for(self, sha256: str, image_format: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.{EXTENSIONS[image_format]}"
@@ -51,3 +119,14 @@ class ImageStore:
 
     def delete(self, sha256: str, image_format: str) -> None:
         self.path_for(sha256, image_format).unlink(missing_ok=True)
+
+    def discard(self, sha256: str, image_format: str) -> int:
+        """Remove a file and any temporary file a killed write left beside it; 1 if the file was there."""
+        path = self.path_for(sha256, image_format)
+        for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+        try:
+            path.unlink()
+            return 1
+        except FileNotFoundError:
+            return 0

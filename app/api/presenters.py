@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.api.schemas import (
     CollectionOut,
     CompareResponse,
@@ -139,7 +141,7 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
         kind=r.kind,
         collection=info.collection,
         state=r.state,
-        params=r.params or {},
+        params=_public_params(r.params or {}),
         total=r.total,
         done=r.done,
         added=r.added,
@@ -153,6 +155,16 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
         started_at=r.started_at,
         finished_at=r.finished_at,
     )
+
+
+def _public_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's source as clients see it: an upload's place in the data folder stays private."""
+    if params.get("source") != "archive":
+        return params
+    public = {"source": "archive", "filename": params.get("filename")}
+    if params.get("manifest"):
+        public["manifest"] = True
+    return public
 
 
 def _eta(info: JobInfo) -> float | None:

@@ -4,6 +4,7 @@ import asyncio
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -13,9 +14,11 @@ from pydantic import ValidationError
 from app.api.deps import CHUNK, ContextDep, JobsDep
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
-from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
+from app.context import AppContext
+from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.services import jobs
 from app.services.collections import get_collection
+from app.services.sources import MAX_MANIFEST_BYTES
 
 router = APIRouter(tags=["imports"])
 
@@ -28,7 +31,13 @@ IMPORT_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "zip or tar"}
+                        "file": {"type": "string", "format": "binary", "description": "zip or tar"},
+                        "manifest": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "optional CSV or JSON lines naming members and their metadata "
+                            "(else manifest.csv or manifest.jsonl inside the archive, if any)",
+                        },
                     },
                 }
             },
@@ -56,19 +65,21 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             raise InvalidRequest(
                 f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}'
             ) from None
-        if (body.dataset is None) == (body.folder is None):
-            raise InvalidRequest('give either "dataset" or "folder"')
+        given = [k for k in ("dataset", "folder", "manifest") if getattr(body, k) is not None]
+        if len(given) != 1:
+            raise InvalidRequest('give exactly one of "dataset", "folder" or "manifest"')
+        roots = ctx.settings.import_root_paths
         if body.folder is not None:
             source: jobs.Source = await run_in_threadpool(
-                jobs.check_folder, Path(body.folder), roots=ctx.settings.import_root_paths
+                jobs.check_folder, Path(body.folder), roots=roots, layout=body.layout
             )
+        elif body.manifest is not None:
+            source = await run_in_threadpool(jobs.check_manifest, Path(body.manifest), roots=roots)
         else:
             assert body.dataset is not None
             source = jobs.check_dataset(body.dataset, body.split)
     elif content_type.startswith("multipart/form-data"):
-        source = await _receive_archive(
-            request, tmp_dir=ctx.settings.tmp_dir, limit=ctx.settings.max_archive_bytes
-        )
+        source = await _receive_archive(request, ctx)
     else:
         raise UnsupportedArchive(
             "send a zip or tar archive as multipart/form-data in the field 'file', "
@@ -78,15 +89,41 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
-async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jobs.ArchiveSource:
-    form = await request.form(max_files=1, max_fields=10)
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        await form.close()  # other fields may hold spooled temp files
-        raise InvalidRequest("the multipart body needs a 'file' field holding a zip or tar archive")
-    filename = upload.filename or "upload"
+async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSource:
+    """Stream the multipart archive (and optional manifest) to disk, never whole in memory, and
+    keep them in the uploads folder until the job ends (so an interrupted job can resume)."""
+    limit = ctx.settings.max_archive_bytes
+    form = await request.form(max_files=2, max_fields=10)
+    kept: list[Path] = []
+    try:
+        if len(form.getlist("file")) > 1 or len(form.getlist("manifest")) > 1:
+            raise BadMultipart("send one archive in 'file' (and at most one 'manifest')")
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InvalidRequest("the multipart body needs a 'file' field holding a zip or tar archive")
+        filename = upload.filename or "upload"
+        archive = await _save(upload, ctx, limit=limit, what=f"the archive {filename!r}", suffix=".archive")
+        kept.append(archive)
+        manifest = None
+        extra = form.get("manifest")
+        if extra is not None and not isinstance(extra, str):
+            manifest = await _save(
+                extra, ctx, limit=MAX_MANIFEST_BYTES, what="the manifest", suffix=".manifest"
+            )
+            kept.append(manifest)
+        return await run_in_threadpool(jobs.check_archive, archive, filename, manifest=manifest)
+    except BaseException:
+        for path in kept:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        await form.close()
+
+
+async def _save(upload: Any, ctx: AppContext, *, limit: int, what: str, suffix: str) -> Path:
+    tmp_dir = ctx.settings.tmp_dir
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="import-", suffix=".archive")
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="import-", suffix=suffix)
     path = Path(name)
     try:
         with open(fd, "wb") as handle:
@@ -94,18 +131,14 @@ async def _receive_archive(request: Request, *, tmp_dir: Path, limit: int) -> jo
             while chunk := await upload.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(
-                        f"the archive is larger than {limit} bytes (CBIR_MAX_ARCHIVE_BYTES)"
-                    )
+                    raise PayloadTooLarge(f"{what} is larger than {limit} bytes")
                 handle.write(chunk)
         if size == 0:
-            raise EmptyUpload(f"the uploaded archive {filename!r} is empty")
-        return await run_in_threadpool(jobs.check_archive, path, filename)
+            raise EmptyUpload(f"{what} is empty")
+        return jobs.keep_upload(ctx, path, suffix=suffix)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    finally:
-        await form.close()
 
 
 @router.get("/jobs", response_model=JobList)

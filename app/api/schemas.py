@@ -115,11 +115,26 @@ class SearchResponse(BaseModel):
 
 
 class DatasetImport(BaseModel):
-    """A built-in dataset, or a folder on the server under one of CBIR_IMPORT_ROOTS."""
+    """Exactly one of: a built-in dataset; a folder on the server under one of CBIR_IMPORT_ROOTS
+    (image folder, MNIST-format IDX files or a Holidays-style folder); a manifest file there."""
+
+    model_config = {"extra": "forbid"}
 
     dataset: str | None = Field(None, examples=["mnist"])
-    split: str = Field("train", examples=["train", "test"])
+    split: str = Field("train", examples=["train", "test", "all"])
     folder: str | None = Field(None, max_length=4096, examples=["/srv/photos/holidays"])
+    layout: str = Field(
+        "auto",
+        description="for a folder: images (subfolder names are labels), idx (MNIST-format IDX files), "
+        "holidays (groundtruth.json beside the images) or auto",
+        examples=["auto", "images", "idx", "holidays"],
+    )
+    manifest: str | None = Field(
+        None,
+        max_length=4096,
+        description="a CSV (path, label, other columns as metadata) or JSON-lines file under the roots",
+        examples=["/srv/photos/manifest.csv"],
+    )
 
 
 class JobAccepted(BaseModel):

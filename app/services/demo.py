@@ -10,7 +10,8 @@ from app.context import AppContext
 from app.datasets import keep_local_copy
 from app.records import CollectionRecord
 from app.services.collections import create_collection, get_collection
-from app.services.jobs import DatasetSource, JobRunner, dataset_size
+from app.services.jobs import JobRunner
+from app.services.sources import DatasetSource, count_members
 from app.services.training import train_cdae
 
 Step = Callable[[str], None]
@@ -37,8 +38,8 @@ def ensure_demo(
     info = get_collection(ctx, name)
     source = DatasetSource("mnist", "train")
     keep_local_copy(datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets")
-    expected = dataset_size(ctx, source)
-    if info.image_count < expected:
+    expected = count_members(source, datasets_dir=ctx.settings.datasets_dir, data_dir=ctx.settings.data_dir)
+    if expected is None or info.image_count < expected:
         runner = JobRunner(ctx)
         job_id = runner.create_job(collection=name, source=source)
         update = bar("import MNIST train")

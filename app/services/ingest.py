@@ -8,9 +8,10 @@ the index is checked against the database).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,9 @@ from app.errors import CbirError, EmbedderNotReady
 from app.imaging import DecodedImage, decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
-from app.storage import sha256_hex
+from app.storage import FileJournal, sha256_hex
+
+log = logging.getLogger(__name__)
 
 # One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
 WRITE_LOCK = threading.RLock()
@@ -53,11 +56,15 @@ class ItemResult:
 
 
 @dataclass
-class _Accepted:
+class Accepted:
+    """A decoded image ready to store: its position in the batch's results and what the row needs."""
+
     index: int
     item: Item
-    decoded: DecodedImage
     sha256: str
+    format: str
+    width: int
+    height: int
 
 
 def ingest_batch(
@@ -69,7 +76,8 @@ def ingest_batch(
     (bulk imports); either way no row is committed before its file is on disk.
     """
     results: list[ItemResult | None] = [None] * len(items)
-    accepted: list[_Accepted] = []
+    accepted: list[Accepted] = []
+    images: list[DecodedImage] = []
 
     def decode(item: Item) -> DecodedImage | CbirError:
         try:
@@ -86,12 +94,15 @@ def ingest_batch(
                 item.name, "rejected", code=outcome.code, detail=outcome.detail, error=outcome
             )
             continue
-        accepted.append(_Accepted(position, item, outcome, sha256_hex(item.data)))
+        accepted.append(
+            Accepted(position, item, sha256_hex(item.data), outcome.format, outcome.width, outcome.height)
+        )
+        images.append(outcome)
 
     with ctx.db.session() as session:
         record = require_collection(session, collection)
         checkpoint = checkpoint_of(session, record)
-    vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
+    vectors = _embed(ctx, record, checkpoint, images)
 
     with WRITE_LOCK:
         with ctx.db.session() as session:
@@ -100,24 +111,81 @@ def ingest_batch(
                 # A training or whitening switched the served version while we embedded (it holds
                 # this lock when it switches): embed again, or these images would have no vector.
                 record, checkpoint = live, checkpoint_of(session, live)
-                vectors = _embed(ctx, record, checkpoint, [a.decoded for a in accepted])
-        # Load the index before the commit: a first load after it would already hold the new rows.
-        ctx.indexes.get(record)
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                new_ids, new_vectors = _store(
-                    ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
-                )
-                break
-            except IntegrityError:
-                # Another writer (a second process: `cbir import` beside the server, a second
-                # replica) stored some of these bytes since we looked. The transaction rolled back;
-                # the next attempt finds them and answers with their ids, as duplicates.
-                if attempt == STORE_ATTEMPTS:
-                    raise
-        if len(new_ids):
-            ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
+                vectors = _embed(ctx, record, checkpoint, images)
+        store_accepted(
+            ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
+        )
     return [result for result in results if result is not None]
+
+
+def store_accepted(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    accepted: list[Accepted],
+    vectors: np.ndarray | None,
+    results: list[ItemResult | None],
+    durable: bool,
+    in_transaction: Callable[[Any], None] | None = None,
+) -> None:
+    """Write files, rows and vectors of ``accepted`` in one transaction (the caller holds
+    WRITE_LOCK), then add the new vectors to the index. ``in_transaction(session)`` runs last,
+    inside the transaction, once every result is filled in (an import job's counters and
+    high-water mark commit with its rows)."""
+    # Load the index before the commit: a first load after it would already hold the new rows.
+    ctx.indexes.get(record)
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with ctx.db.transaction() as session:
+                new_ids, new_vectors = _store(
+                    ctx,
+                    session,
+                    record=record,
+                    accepted=accepted,
+                    vectors=vectors,
+                    results=results,
+                    durable=durable,
+                )
+                if in_transaction is not None:
+                    in_transaction(session)
+            ctx.store.journal.clear()
+            break
+        except IntegrityError:
+            # Another writer (a second process: `cbir import` beside the server, a second
+            # replica) stored some of these bytes since we looked. The transaction rolled back;
+            # the next attempt finds them and answers with their ids, as duplicates.
+            if attempt == STORE_ATTEMPTS:
+                remove_unreferenced_files(ctx)
+                raise
+        except BaseException:
+            remove_unreferenced_files(ctx)
+            raise
+    if len(new_ids):
+        ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
+
+
+def remove_unreferenced_files(ctx: AppContext, journal: FileJournal | None = None) -> int:
+    """Delete the files a journal names that no image row refers to (the files of a transaction
+    that rolled back, or of a process killed before its commit); returns how many went."""
+    journal = journal or ctx.store.journal
+    entries = journal.entries()
+    if not entries:
+        return 0
+    removed = 0
+    try:
+        with ctx.db.session() as session:
+            shas = [sha for sha, _ in entries]
+            kept = set(
+                session.scalars(select(ImageRecord.sha256).where(ImageRecord.sha256.in_(shas)).distinct())
+            )
+    except Exception:  # the database is away: keep the journal for the next start
+        log.warning("could not check %d journalled files against the database", len(entries))
+        return 0
+    for sha, image_format in entries:
+        if sha not in kept:
+            removed += ctx.store.discard(sha, image_format)
+    journal.clear()
+    return removed
 
 
 def _embed(
@@ -139,94 +207,97 @@ def _embed(
 
 def _store(
     ctx: AppContext,
+    session: Any,
     *,
     record: CollectionRecord,
-    accepted: list[_Accepted],
+    accepted: list[Accepted],
     vectors: np.ndarray | None,
     results: list[ItemResult | None],
     durable: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    with ctx.db.transaction() as session:
-        shas = list({a.sha256 for a in accepted})
-        existing: dict[str, tuple[int, str | None]] = {}
-        for start in range(0, len(shas), 500):
-            existing.update(
-                (sha, (image_id, name))
-                for sha, image_id, name in session.execute(
-                    select(ImageRecord.sha256, ImageRecord.id, ImageRecord.original_name)
-                    .where(ImageRecord.collection_id == record.id)
-                    .where(ImageRecord.sha256.in_(shas[start : start + 500]))
-                )
+    shas = list({a.sha256 for a in accepted})
+    existing: dict[str, tuple[int, str | None]] = {}
+    for start in range(0, len(shas), 500):
+        existing.update(
+            (sha, (image_id, name))
+            for sha, image_id, name in session.execute(
+                select(ImageRecord.sha256, ImageRecord.id, ImageRecord.original_name)
+                .where(ImageRecord.collection_id == record.id)
+                .where(ImageRecord.sha256.in_(shas[start : start + 500]))
             )
-        fresh: list[tuple[_Accepted, int]] = []  # (item, row in vectors)
-        seen: dict[str, _Accepted] = {}
-        repeats: list[tuple[int, int]] = []  # (item position, position of its first copy)
-        # Other names of a stored image (the same bytes under another file name): kept as
-        # metadata "aliases" so that name-based ground truth still finds every file.
-        new_aliases: dict[int, set[str]] = {}  # existing image id -> names
-        batch_aliases: dict[int, set[str]] = {}  # position of a first copy -> names
-        for row, a in enumerate(accepted):
-            name = (a.item.name or None) and a.item.name[-512:]
-            if a.sha256 in existing:
-                image_id, stored_name = existing[a.sha256]
-                results[a.index] = ItemResult(a.item.name, "duplicate", image_id=image_id)
-                if name and name != stored_name:
-                    new_aliases.setdefault(image_id, set()).add(name)
-            elif a.sha256 in seen:
-                original = seen[a.sha256]
-                results[a.index] = ItemResult(a.item.name, "duplicate", detail="repeated in this batch")
-                repeats.append((a.index, original.index))
-                if name and name != original.item.name:
-                    batch_aliases.setdefault(original.index, set()).add(name)
-            else:
-                seen[a.sha256] = a
-                fresh.append((a, row))
-        if new_aliases:
-            _add_aliases(session, new_aliases)
-        if not fresh:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-
-        for a, _ in fresh:
-            ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.decoded.format, fsync=durable)
-        if not durable:
-            os.sync()  # one flush for the whole batch instead of one fsync per file
-
-        now = utcnow()
-        ids = session.scalars(
-            insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True),
-            [
-                {
-                    "collection_id": record.id,
-                    "sha256": a.sha256,
-                    "byte_size": len(a.item.data),
-                    "format": a.decoded.format,
-                    "width": a.decoded.width,
-                    "height": a.decoded.height,
-                    "original_name": (a.item.name or None) and a.item.name[-512:],
-                    "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
-                    "created_at": now,
-                }
-                for a, _ in fresh
-            ],
-        ).all()
-        id_array = np.asarray(ids, dtype=np.int64)
-        for (a, _), image_id in zip(fresh, ids, strict=True):
-            results[a.index] = ItemResult(a.item.name, "added", image_id=image_id)
-        for position, first in repeats:
-            results[position].image_id = results[first].image_id  # type: ignore[union-attr]
-
-        if vectors is None:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-        rows = np.asarray([row for _, row in fresh])
-        new_vectors = np.ascontiguousarray(vectors[rows])
-        store_vectors(
-            session,
-            image_ids=id_array,
-            vectors=new_vectors,
-            embedder=record.embedder,
-            embedder_version=record.embedder_version or "",
         )
-        return id_array, new_vectors
+    fresh: list[tuple[Accepted, int]] = []  # (item, row in vectors)
+    seen: dict[str, Accepted] = {}
+    repeats: list[tuple[int, int]] = []  # (item position, position of its first copy)
+    # Other names of a stored image (the same bytes under another file name): kept as
+    # metadata "aliases" so that name-based ground truth still finds every file.
+    new_aliases: dict[int, set[str]] = {}  # existing image id -> names
+    batch_aliases: dict[int, set[str]] = {}  # position of a first copy -> names
+    for row, a in enumerate(accepted):
+        name = (a.item.name or None) and a.item.name[-512:]
+        if a.sha256 in existing:
+            image_id, stored_name = existing[a.sha256]
+            results[a.index] = ItemResult(a.item.name, "duplicate", image_id=image_id)
+            if name and name != stored_name:
+                new_aliases.setdefault(image_id, set()).add(name)
+        elif a.sha256 in seen:
+            original = seen[a.sha256]
+            results[a.index] = ItemResult(a.item.name, "duplicate", detail="repeated in this batch")
+            repeats.append((a.index, original.index))
+            if name and name != original.item.name:
+                batch_aliases.setdefault(original.index, set()).add(name)
+        else:
+            seen[a.sha256] = a
+            fresh.append((a, row))
+    if new_aliases:
+        _add_aliases(session, new_aliases)
+    if not fresh:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+
+    # Named in the journal first: if the transaction never commits (a crash, a kill -9), the next
+    # start finds these files and removes those no row refers to.
+    ctx.store.journal.note([(a.sha256, a.format) for a, _ in fresh])
+    for a, _ in fresh:
+        ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.format, fsync=durable)
+    if not durable:
+        os.sync()  # one flush for the whole batch instead of one fsync per file
+
+    now = utcnow()
+    ids = session.scalars(
+        insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True),
+        [
+            {
+                "collection_id": record.id,
+                "sha256": a.sha256,
+                "byte_size": len(a.item.data),
+                "format": a.format,
+                "width": a.width,
+                "height": a.height,
+                "original_name": (a.item.name or None) and a.item.name[-512:],
+                "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
+                "created_at": now,
+            }
+            for a, _ in fresh
+        ],
+    ).all()
+    id_array = np.asarray(ids, dtype=np.int64)
+    for (a, _), image_id in zip(fresh, ids, strict=True):
+        results[a.index] = ItemResult(a.item.name, "added", image_id=image_id)
+    for position, first in repeats:
+        results[position].image_id = results[first].image_id  # type: ignore[union-attr]
+
+    if vectors is None:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    rows = np.asarray([row for _, row in fresh])
+    new_vectors = np.ascontiguousarray(vectors[rows])
+    store_vectors(
+        session,
+        image_ids=id_array,
+        vectors=new_vectors,
+        embedder=record.embedder,
+        embedder_version=record.embedder_version or "",
+    )
+    return id_array, new_vectors
 
 
 MAX_ALIASES = 64

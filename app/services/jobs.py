@@ -1,220 +1,68 @@
-"""Background import jobs: state in the database, work on one writer thread."""
+"""Background import jobs: state in the database, work in the staged pipeline, resumable.
+
+A job's row holds its source (enough to open it again), its counters and a high-water mark
+(``cursor``) that commits with every batch of rows. A job that a crash or restart interrupted is
+picked up on the next start and resumes at its cursor, so nothing is read twice and nothing is
+added twice; its per-file report is cut back to the cursor and continued.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
+import os
 import threading
 import time
 import uuid
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from sqlalchemy import select, update
 
 from app.context import AppContext
-from app.datasets import DATASETS, load_mnist
-from app.errors import FolderNotAllowed, InvalidRequest, JobFinished, JobNotFound, UnsupportedArchive
+from app.errors import InvalidRequest, JobFinished, JobNotFound
 from app.records import JobRecord, utcnow
 from app.services.collections import require_collection
-from app.services.ingest import Item, ItemResult, ingest_batch
+from app.services.ingest import ItemResult
+from app.services.pipeline import Pipeline
+from app.services.sources import (
+    ArchiveSource,
+    DatasetSource,
+    FolderSource,
+    HolidaysSource,
+    IdxSource,
+    ManifestSource,
+    Source,
+    check_archive,
+    check_dataset,
+    check_folder,
+    check_manifest,
+    count_members,
+    describe,
+    from_params,
+    iter_members,
+)
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 512
 MAX_REPORTED_ERRORS = 1000
-SKIPPED_FOLDER = "__MACOSX"
 
-
-@dataclass(frozen=True)
-class ArchiveSource:
-    path: Path  # a zip or tar file in the data folder's tmp/, deleted when the job ends
-    filename: str
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    dataset: str
-    split: str
-
-
-@dataclass(frozen=True)
-class FolderSource:
-    path: Path  # a resolved folder on this machine; subfolder names become labels
-
-
-Source = ArchiveSource | DatasetSource | FolderSource
-
-
-def check_folder(path: Path, *, roots: list[Path] | None = None) -> FolderSource:
-    """A folder to import; with ``roots`` (imports over HTTP) it must lie inside one of them once
-    links are resolved, so neither ``..`` nor a symlink can reach outside."""
-    if roots is not None:
-        if not roots:
-            raise FolderNotAllowed("importing server folders is off: set CBIR_IMPORT_ROOTS to allow some")
-        if not path.is_absolute():
-            raise InvalidRequest(f"give an absolute folder path under {', '.join(map(str, roots))}")
-        try:
-            resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte
-            resolved = None
-        if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
-            # the same answer whether it exists or not: the API does not probe the file system
-            raise FolderNotAllowed(
-                f"{str(path)[:200]!r} is not a folder under the allowed roots ({', '.join(map(str, roots))})"
-            )
-        path = resolved
-    if not path.is_dir():
-        raise InvalidRequest(f"{str(path)[:200]!r} is not a folder")
-    return FolderSource(path.resolve())
-
-
-def check_dataset(dataset: str, split: str) -> DatasetSource:
-    if dataset not in DATASETS:
-        raise InvalidRequest(f"unknown dataset {dataset!r}; built-in datasets: {sorted(DATASETS)}")
-    if split not in DATASETS[dataset]:
-        raise InvalidRequest(f"dataset {dataset!r} has splits {list(DATASETS[dataset])}, not {split!r}")
-    return DatasetSource(dataset, split)
-
-
-def check_archive(path: Path, filename: str) -> ArchiveSource:
-    if not (zipfile.is_zipfile(path) or _is_tar(path)):
-        raise UnsupportedArchive(f"{filename!r} is not a zip or tar archive (tar.gz and tar.bz2 are fine)")
-    return ArchiveSource(path, filename)
-
-
-def _is_tar(path: Path) -> bool:
-    try:
-        with tarfile.open(path, "r:*"):
-            return True
-    except (tarfile.TarError, OSError, EOFError):
-        return False
-
-
-# -- sources as item streams ----------------------------------------------------------------
-def _label_from(name: str) -> dict[str, Any]:
-    parts = PurePosixPath(name).parts
-    return {"label": parts[-2]} if len(parts) >= 2 else {}
-
-
-def _member_ok(name: str) -> str | None:
-    """None when the member name is acceptable, else a reason code."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts:
-        return "unsafe_path"
-    return None
-
-
-def _skipped(name: str) -> bool:
-    """macOS forks and hidden files or folders. Judged per path part, so "./cat/1.png" (tar of
-    ".") is kept and "../evil.png" is left for ``_member_ok`` to reject."""
-    parts = PurePosixPath(name).parts  # "." parts are dropped here, ".." parts kept
-    return not parts or parts[0] == SKIPPED_FOLDER or any(p.startswith(".") and p != ".." for p in parts)
-
-
-def iter_archive(source: ArchiveSource, *, max_member_bytes: int) -> Iterator[Item | ItemResult]:
-    """Regular-file members as Items (label = parent folder); bad members as rejected results.
-
-    Members are read one by one, never extracted to disk.
-    """
-    if zipfile.is_zipfile(source.path):
-        with zipfile.ZipFile(source.path) as archive:
-            for info in archive.infolist():
-                if info.is_dir() or _skipped(info.filename):
-                    continue
-                if reason := _member_ok(info.filename):
-                    yield ItemResult(info.filename, "rejected", code=reason, detail="path leaves the archive")
-                elif info.file_size > max_member_bytes:
-                    yield ItemResult(
-                        info.filename,
-                        "rejected",
-                        code="image_too_large",
-                        detail=f"{info.file_size} bytes; the limit is {max_member_bytes}",
-                    )
-                else:
-                    try:
-                        data = archive.read(info)
-                    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                        yield ItemResult(
-                            info.filename, "rejected", code="archive_member_unreadable", detail=str(exc)
-                        )
-                        continue
-                    yield Item(info.filename, data, _label_from(info.filename))
-        return
-    with tarfile.open(source.path, "r:*") as archive:
-        for member in archive:
-            if member.isdir() or _skipped(member.name):
-                continue
-            if not member.isfile():
-                yield ItemResult(
-                    member.name,
-                    "rejected",
-                    code="not_a_regular_file",
-                    detail="links and device files are not imported",
-                )
-            elif reason := _member_ok(member.name):
-                yield ItemResult(member.name, "rejected", code=reason, detail="path leaves the archive")
-            elif member.size > max_member_bytes:
-                yield ItemResult(
-                    member.name,
-                    "rejected",
-                    code="image_too_large",
-                    detail=f"{member.size} bytes; the limit is {max_member_bytes}",
-                )
-            else:
-                handle = archive.extractfile(member)
-                if handle is None:
-                    continue
-                try:
-                    data = handle.read()
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    yield ItemResult(
-                        member.name, "rejected", code="archive_member_unreadable", detail=str(exc)
-                    )
-                    return  # a broken stream cannot be read past
-                yield Item(member.name, data, _label_from(member.name))
-
-
-def _folder_files(source: FolderSource) -> Iterator[tuple[str, Path]]:
-    """(relative name, path) of the folder's files in name order; hidden entries skipped, and
-    links that lead outside the folder never followed."""
-    for path in sorted(source.path.rglob("*")):
-        name = path.relative_to(source.path).as_posix()
-        if _skipped(name) or path.is_dir():
-            continue
-        yield name, path
-
-
-def iter_folder(source: FolderSource, *, max_member_bytes: int) -> Iterator[Item | ItemResult]:
-    """The folder's files as Items (label = parent folder, relative path as name)."""
-    for name, path in _folder_files(source):
-        try:
-            real = path.resolve(strict=True)
-            if not real.is_relative_to(source.path) or not real.is_file():
-                yield ItemResult(name, "rejected", code="not_a_regular_file", detail="link out of the folder")
-                continue
-            size = real.stat().st_size
-            if size > max_member_bytes:
-                yield ItemResult(
-                    name,
-                    "rejected",
-                    code="image_too_large",
-                    detail=f"{size} bytes; the limit is {max_member_bytes}",
-                )
-                continue
-            data = real.read_bytes()
-        except OSError as exc:
-            yield ItemResult(name, "rejected", code="file_unreadable", detail=str(exc))
-            continue
-        yield Item(name, data, _label_from(name))
+__all__ = [
+    "ArchiveSource",
+    "DatasetSource",
+    "FolderSource",
+    "HolidaysSource",
+    "IdxSource",
+    "ManifestSource",
+    "Source",
+    "check_archive",
+    "check_dataset",
+    "check_folder",
+    "check_manifest",
+]
 
 
 def report_path(ctx: AppContext, job_id: str) -> Path:
@@ -222,53 +70,46 @@ def report_path(ctx: AppContext, job_id: str) -> Path:
     return ctx.settings.data_dir / "reports" / f"{job_id}.jsonl"
 
 
-def _append_report(path: Path, results: list[ItemResult]) -> None:
-    lines = [
+def _report_lines(results: list[ItemResult]) -> bytes:
+    return "".join(
         json.dumps(
             {"item": r.name, "status": r.status, "code": r.code, "detail": r.detail, "image_id": r.image_id},
             ensure_ascii=False,
         )
+        + "\n"
         for r in results
-    ]
-    if lines:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+    ).encode("utf-8")
 
 
-def count_archive(source: ArchiveSource) -> int | None:
-    try:
-        if zipfile.is_zipfile(source.path):
-            with zipfile.ZipFile(source.path) as archive:
-                return sum(1 for i in archive.infolist() if not i.is_dir() and not _skipped(i.filename))
-        with tarfile.open(source.path, "r:*") as archive:
-            return sum(1 for m in archive if not m.isdir() and not _skipped(m.name))
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError):
-        return None
+def _cut_report(path: Path, lines: int) -> None:
+    """Keep the first ``lines`` lines: those of committed members (a killed job may have written
+    the lines of a batch whose transaction never committed)."""
+    if not path.exists():
+        return
+    kept = 0
+    offset = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if kept == lines or not line.endswith(b"\n"):
+                break
+            kept += 1
+            offset += len(line)
+    with path.open("r+b") as handle:
+        handle.truncate(offset)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+def keep_upload(ctx: AppContext, path: Path, *, suffix: str) -> Path:
+    """Move an uploaded file into the uploads folder, where it stays until its job ends."""
+    ctx.settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    target = ctx.settings.uploads_dir / f"{uuid.uuid4().hex}{suffix}"
+    os.replace(path, target)
+    return target
 
 
-def iter_dataset(ctx: AppContext, source: DatasetSource) -> Iterator[Item]:
-    images, labels = load_mnist(
-        source.split, datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets"
-    )
-    for i in range(len(images)):
-        yield Item(
-            f"{source.dataset}-{source.split}-{i:05d}.png",
-            png_bytes(images[i]),
-            {"label": str(int(labels[i])), "dataset": source.dataset, "split": source.split, "index": i},
-        )
-
-
-def dataset_size(ctx: AppContext, source: DatasetSource) -> int:
-    images, _ = load_mnist(
-        source.split, datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets"
-    )
-    return len(images)
+def _uploads(source: Source) -> list[Path]:
+    if isinstance(source, ArchiveSource):
+        return [source.path] + ([source.manifest] if source.manifest else [])
+    return []
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -279,14 +120,6 @@ class JobInfo:
     images_per_second: float | None
 
 
-def _source_params(source: Source) -> dict[str, Any]:
-    if isinstance(source, DatasetSource):
-        return {"source": "dataset", "dataset": source.dataset, "split": source.split}
-    if isinstance(source, FolderSource):
-        return {"source": "folder", "path": str(source.path)}
-    return {"source": "archive", "filename": source.filename}
-
-
 class JobRunner:
     """Runs import jobs one at a time in a background thread; progress is written to the DB."""
 
@@ -295,28 +128,82 @@ class JobRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-job")
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
+        self._pipelines: dict[str, Pipeline] = {}
 
     def recover(self) -> int:
-        """Mark jobs that a previous process left running as failed (their stored images are kept)."""
-        with self.ctx.db.transaction() as session:
-            result = session.execute(
-                update(JobRecord)
+        """Queue again the jobs a previous process left queued or running; they resume at their
+        high-water mark. A job whose source is gone (an upload deleted by hand) is marked failed.
+        Returns how many were resumed."""
+        with self.ctx.db.session() as session:
+            rows = session.execute(
+                select(JobRecord.id, JobRecord.params, JobRecord.collection_id)
+                .where(JobRecord.kind == "import")
                 .where(JobRecord.state.in_(("queued", "running")))
-                .values(
+                .order_by(JobRecord.created_at, JobRecord.id)
+            ).all()
+        resumed = 0
+        for job_id, params, collection_id in rows:
+            name = self._collection_name(collection_id)
+            try:
+                source = from_params(params or {}, data_dir=self.ctx.settings.data_dir)
+                missing = [p for p in _uploads(source) if not p.exists()]
+            except (KeyError, TypeError, ValueError) as exc:
+                missing, source = [Path(str(exc))], None  # type: ignore[assignment]
+            if name is None or source is None or missing:
+                self._update(
+                    job_id,
                     state="failed",
                     finished_at=utcnow(),
-                    error="interrupted by a restart; run the import again: images already stored "
-                    "are recognised by content and skipped as duplicates",
+                    error="interrupted by a restart and its source is gone; images already stored "
+                    "are kept and recognised as duplicates when imported again",
                 )
-            )
-        return result.rowcount or 0
+                continue
+            with self.ctx.db.transaction() as session:
+                session.execute(
+                    update(JobRecord).where(JobRecord.id == job_id).values(resumes=JobRecord.resumes + 1)
+                )
+            log.warning("resuming import job %s into %s", job_id, name)
+            self._executor.submit(self.run_import, job_id=job_id, collection=name, source=source)
+            resumed += 1
+        self._remove_stray_uploads()
+        return resumed
+
+    def _collection_name(self, collection_id: int | None) -> str | None:
+        from app.records import CollectionRecord
+
+        if collection_id is None:
+            return None
+        with self.ctx.db.session() as session:
+            return session.scalar(select(CollectionRecord.name).where(CollectionRecord.id == collection_id))
+
+    def _remove_stray_uploads(self) -> None:
+        """Uploads no live job refers to (a crash between receiving a file and queueing its job)."""
+        folder = self.ctx.settings.uploads_dir
+        if not folder.is_dir():
+            return
+        with self.ctx.db.session() as session:
+            live = session.scalars(select(JobRecord.params).where(JobRecord.state.in_(("queued", "running"))))
+            referenced = {
+                str(self.ctx.settings.data_dir / v)
+                for params in live
+                for key, v in (params or {}).items()
+                if key in ("path", "manifest") and v
+            }
+        for path in folder.iterdir():
+            if str(path) not in referenced:
+                path.unlink(missing_ok=True)
 
     def create_job(self, *, collection: str, source: Source) -> str:
         job_id = uuid.uuid4().hex
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
             session.add(
-                JobRecord(id=job_id, collection_id=record.id, kind="import", params=_source_params(source))
+                JobRecord(
+                    id=job_id,
+                    collection_id=record.id,
+                    kind="import",
+                    params=describe(source, data_dir=self.ctx.settings.data_dir),
+                )
             )
         return job_id
 
@@ -327,6 +214,10 @@ class JobRunner:
         return job_id
 
     def shutdown(self) -> None:
+        with self._lock:
+            pipelines = list(self._pipelines.values())
+        for pipeline in pipelines:  # stop after the batch being written; the job stays resumable
+            pipeline.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def run_import(
@@ -339,71 +230,107 @@ class JobRunner:
     ) -> None:
         ctx = self.ctx
         if self._cancel_requested(job_id):  # cancelled while queued
-            if isinstance(source, ArchiveSource):
-                source.path.unlink(missing_ok=True)
+            self._discard_uploads(source)
             return
         try:
-            if isinstance(source, DatasetSource):
-                total: int | None = dataset_size(ctx, source)
-                stream: Iterator[Item | ItemResult] = iter_dataset(ctx, source)
-            elif isinstance(source, FolderSource):
-                total = sum(1 for _ in _folder_files(source))
-                stream = iter_folder(source, max_member_bytes=ctx.settings.max_upload_bytes)
-            else:
-                total = count_archive(source)
-                stream = iter_archive(source, max_member_bytes=ctx.settings.max_upload_bytes)
-            self._update(job_id, state="running", started_at=utcnow(), total=total)
-            counts = {"done": 0, "added": 0, "duplicates": 0, "failed": 0}
-            errors: list[dict[str, Any]] = []
-            batch: list[Item] = []
-            pending: list[ItemResult] = []
-
+            record = get_job(ctx, job_id).record
+            if record.state in FINAL_STATES:
+                return
+            counts = {k: getattr(record, k) for k in ("done", "added", "duplicates", "failed")}
+            errors: list[dict[str, Any]] = list(record.errors or [])
+            start = record.cursor
             report = report_path(ctx, job_id)
             report.parent.mkdir(parents=True, exist_ok=True)
+            _cut_report(report, start)
+            settings = ctx.settings
+            total = count_members(source, datasets_dir=settings.datasets_dir, data_dir=settings.data_dir)
+            now = utcnow()
+            started = record.started_at
+            if started is not None and record.updated_at is not None:
+                # Resumed: keep the time it has worked, not the time it lay interrupted.
+                started = now - (_aware(record.updated_at) - _aware(started))
+            self._update(job_id, state="running", started_at=started or now, total=total, updated_at=now)
+            members = iter_members(
+                source,
+                max_bytes=settings.max_upload_bytes,
+                datasets_dir=settings.datasets_dir,
+                data_dir=settings.data_dir,
+            )
+            pipeline = Pipeline(ctx, collection)
+            with self._lock:
+                self._pipelines[job_id] = pipeline
 
-            def flush() -> None:
-                results = pending + (
-                    ingest_batch(ctx, collection=collection, items=batch, durable=False) if batch else []
-                )
-                _append_report(report, results)
+            committed = {"report_bytes": report.stat().st_size if report.exists() else 0}
+            staged: dict[str, Any] = {}
+
+            def in_transaction(session: Any, results: list[ItemResult], end: int) -> None:
+                # Runs again if the transaction is retried: work on copies, adopt them after commit.
+                new_counts, new_errors = dict(counts), list(errors)
                 for result in results:
-                    counts["done"] += 1
+                    new_counts["done"] += 1
                     if result.status == "added":
-                        counts["added"] += 1
+                        new_counts["added"] += 1
                     elif result.status == "duplicate":
-                        counts["duplicates"] += 1
+                        new_counts["duplicates"] += 1
                     else:
-                        counts["failed"] += 1
-                        if len(errors) < MAX_REPORTED_ERRORS:
-                            errors.append({"item": result.name, "code": result.code, "detail": result.detail})
-                batch.clear()
-                pending.clear()
-                self._update(job_id, errors=list(errors), **counts)
+                        new_counts["failed"] += 1
+                        if len(new_errors) < MAX_REPORTED_ERRORS:
+                            new_errors.append(
+                                {"item": result.name, "code": result.code, "detail": result.detail}
+                            )
+                # The report's lines go to disk before the commit; a restart cuts them back to the
+                # cursor, so the report lists each committed member exactly once.
+                with report.open("ab") as handle:
+                    handle.truncate(committed["report_bytes"])
+                    handle.write(_report_lines(results))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    staged.update(counts=new_counts, errors=new_errors, report_bytes=handle.tell())
+                session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id)
+                    .values(cursor=end, errors=new_errors, updated_at=utcnow(), **new_counts)
+                )
+
+            def after_commit(results: list[ItemResult], end: int) -> None:
+                counts.update(staged["counts"])
+                errors[:] = staged["errors"]
+                committed["report_bytes"] = staged["report_bytes"]
                 if on_progress:
                     on_progress(counts, total)
 
-            for entry in stream:
-                (batch if isinstance(entry, Item) else pending).append(entry)  # type: ignore[arg-type]
-                if len(batch) + len(pending) >= BATCH_SIZE:
-                    flush()
-                    if self._cancel_requested(job_id):
-                        break
-            else:
-                flush()
-            if self._cancel_requested(job_id):
-                with ctx.db.session() as session:
-                    ctx.indexes.flush(require_collection(session, collection).id)
-                self._update(job_id, state="cancelled", finished_at=utcnow())
-                return
+            try:
+                finished = pipeline.run(
+                    members,
+                    start=start,
+                    in_transaction=in_transaction,
+                    after_commit=after_commit,
+                    should_stop=lambda: self._cancel_requested(job_id) or pipeline.stopping,
+                )
+            except BaseException:
+                # A failed transaction may have written report lines: cut them back.
+                _cut_report(report, get_job(ctx, job_id).record.cursor)
+                raise
+            finally:
+                with self._lock:
+                    self._pipelines.pop(job_id, None)
             with ctx.db.session() as session:
                 ctx.indexes.flush(require_collection(session, collection).id)
-            self._update(job_id, state="succeeded", finished_at=utcnow(), total=counts["done"])
+            if self._cancel_requested(job_id):
+                self._update(job_id, state="cancelled", finished_at=utcnow())
+            elif finished:
+                self._update(job_id, state="succeeded", finished_at=utcnow(), total=counts["done"])
+            else:
+                return  # the service is shutting down: the job stays running and resumes on start
         except Exception as exc:
             log.exception("import job %s failed", job_id)
             self._update(job_id, state="failed", finished_at=utcnow(), error=f"{type(exc).__name__}: {exc}")
-        finally:
-            if isinstance(source, ArchiveSource):
-                source.path.unlink(missing_ok=True)
+        self._discard_uploads(source)
+
+    @staticmethod
+    def _discard_uploads(source: Source) -> None:
+        for path in _uploads(source):
+            path.unlink(missing_ok=True)
 
     def cancel(self, job_id: str) -> JobInfo:
         """Ask a queued or running job to stop after its current batch; what it stored stays."""
@@ -463,6 +390,13 @@ def list_jobs(
     return [_job_info(record, name) for record, name in rows]
 
 
+def _aware(moment: Any) -> Any:
+    """SQLite returns naive UTC datetimes, PostgreSQL aware ones."""
+    from datetime import UTC
+
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _job_info(record: JobRecord, name: str | None) -> JobInfo:
     rate = None
     if record.started_at is not None:
@@ -480,6 +414,6 @@ def wait_for_job(ctx: AppContext, job_id: str, *, timeout: float = 600.0) -> Job
     deadline = time.monotonic() + timeout
     while True:
         info = get_job(ctx, job_id)
-        if info.record.state in ("succeeded", "failed") or time.monotonic() > deadline:
+        if info.record.state in FINAL_STATES or time.monotonic() > deadline:
             return info
         time.sleep(0.1)

@@ -68,7 +68,8 @@ def test_cancel_stops_a_running_import_after_its_batch_and_keeps_what_it_stored(
 ) -> None:
     folder = tmp_path / "many"
     folder.mkdir()
-    for seed in range(jobs.BATCH_SIZE + 40):
+    batch = ctx.settings.import_batch_size
+    for seed in range(batch + 40):
         (folder / f"{seed:04d}.png").write_bytes(make_png(seed, size=(8, 8)))
     create_collection(ctx, name="many", embedder="tiny")
     runner = jobs.JobRunner(ctx)
@@ -81,9 +82,9 @@ def test_cancel_stops_a_running_import_after_its_batch_and_keeps_what_it_stored(
         on_progress=lambda counts, total: runner.cancel(job_id),
     )
     record = jobs.get_job(ctx, job_id).record
-    assert record.state == "cancelled" and record.done == jobs.BATCH_SIZE
+    assert record.state == "cancelled" and record.done == batch
     info = get_collection(ctx, "many")
-    assert info.image_count == info.index_size == jobs.BATCH_SIZE
+    assert info.image_count == info.index_size == batch
 
 
 def test_a_queued_job_cancelled_never_runs(

@@ -1,0 +1,402 @@
+"""The bulk-import pipeline: read -> decode -> embed -> write, each stage on its own thread.
+
+```
+ reader thread        decode pool           embed thread        writer (caller's thread)
+ bytes, SHA-256,  ->  decode, validate, ->  one forward pass ->  files, rows, vectors and the
+ known-duplicate      preprocess            per chunk            job's high-water mark in one
+ check per chunk      (GIL released)                             transaction; then the index
+```
+
+Chunks of consecutive members travel through bounded queues, so at most a few chunks are in
+memory whatever the size of the source. Order is kept end to end: the writer commits members in
+source order, and a job's cursor after a commit says exactly which members are done. Members
+already stored (same SHA-256 in the collection) skip decoding and embedding. Each stage can also
+run alone on prepared input (``cbir bench import`` measures them side by side).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.errors import CbirError, EmbedderNotReady
+from app.imaging import decode_image
+from app.records import CollectionRecord, ImageRecord
+from app.services.collections import checkpoint_of, require_collection
+from app.services.ingest import WRITE_LOCK, Accepted, Item, ItemResult, store_accepted
+from app.services.sources import Member
+from app.storage import sha256_hex
+from models.base import Embedder
+
+CHUNK_ITEMS = 64
+CHUNK_BYTES = 16 * 1024 * 1024
+COMMIT_BYTES = 64 * 1024 * 1024
+_PUT_WAIT_S = 0.2
+
+
+@dataclass
+class Staged:
+    """One member on its way through the stages."""
+
+    position: int
+    item: Item
+    sha256: str | None = None
+    result: ItemResult | None = None  # decided before the writer: rejected
+    known: bool = False  # its bytes were already stored when it was read
+    format: str | None = None
+    width: int = 0
+    height: int = 0
+    prepared: Any = None
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class Chunk:
+    items: list[Staged]
+    end: int  # the position after its last member
+    nbytes: int
+    decoding: list[Future[None]] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """The collection being written and the embedder of its served version (None: untrained)."""
+
+    record: CollectionRecord
+    checkpoint: Any
+    embedder: Embedder | None
+
+
+def resolve_target(ctx: AppContext, collection: str) -> Target:
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoint = checkpoint_of(session, record)
+    embedder = None
+    if record.embedder_version is not None:
+        try:
+            embedder = ctx.embedders.for_collection(record, checkpoint)
+        except EmbedderNotReady:
+            embedder = None
+    return Target(record, checkpoint, embedder)
+
+
+def default_workers(ctx: AppContext) -> int:
+    return ctx.settings.import_workers or min(4, os.cpu_count() or 1)
+
+
+def _stack(vectors: list[np.ndarray | None]) -> np.ndarray | None:
+    """Rows aligned with the accepted members; members known as stored (duplicates, never
+    written) get zeros, which nothing reads."""
+    dims = {v.shape[0] for v in vectors if v is not None}
+    if not dims:
+        return None
+    (dim,) = dims
+    out = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, vector in enumerate(vectors):
+        if vector is not None:
+            out[i] = vector
+    return out
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+class Pipeline:
+    """One import's stages; ``run`` drives them and returns when the source is exhausted or
+    ``should_stop`` says so (after the batch being written)."""
+
+    def __init__(self, ctx: AppContext, collection: str, *, workers: int | None = None) -> None:
+        self.ctx = ctx
+        self.collection = collection
+        self.target = resolve_target(ctx, collection)
+        self.batch_size = ctx.settings.import_batch_size
+        self.depth = ctx.settings.import_queue_depth
+        self.workers = workers or default_workers(ctx)
+        self._stop = threading.Event()
+        # Seconds each stage spent working (not waiting), for progress reports and benchmarks.
+        self.busy: dict[str, float] = {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0}
+        self._busy_lock = threading.Lock()
+
+    def _count(self, stage: str, seconds: float) -> None:
+        with self._busy_lock:
+            self.busy[stage] += seconds
+
+    # -- stage 1: read ---------------------------------------------------------------------
+    def read(self, members: Iterable[Member], *, start: int = 0) -> Iterator[Chunk]:
+        """Members from ``start`` on, read and hashed, in chunks; stored bytes flagged ``known``."""
+        items: list[Staged] = []
+        nbytes = 0
+        position = -1
+        began = time.perf_counter()
+        for position, member in enumerate(members):
+            if self._stop.is_set():
+                return
+            if position < start:
+                continue  # committed before a restart: never read again
+            staged = Staged(position, Item(member.name, b"", member.metadata))
+            if member.reject is not None:
+                staged.result = ItemResult(
+                    member.name, "rejected", code=member.reject[0], detail=member.reject[1]
+                )
+            else:
+                assert member.read is not None
+                try:
+                    data = member.read()
+                except Exception as exc:  # a broken member is that member's problem only
+                    staged.result = ItemResult(
+                        member.name, "rejected", code="archive_member_unreadable", detail=str(exc)[:300]
+                    )
+                else:
+                    staged.item.data = data
+                    staged.sha256 = sha256_hex(data)
+                    nbytes += len(data)
+            items.append(staged)
+            if len(items) >= CHUNK_ITEMS or nbytes >= CHUNK_BYTES:
+                self._mark_known(items)
+                self._count("read", time.perf_counter() - began)
+                yield Chunk(items, position + 1, nbytes)
+                items, nbytes = [], 0
+                began = time.perf_counter()
+        if items:
+            self._mark_known(items)
+            self._count("read", time.perf_counter() - began)
+            yield Chunk(items, position + 1, nbytes)
+
+    def _mark_known(self, items: list[Staged]) -> None:
+        shas = [s.sha256 for s in items if s.sha256 is not None]
+        if not shas:
+            return
+        with self.ctx.db.session() as session:
+            known = set(
+                session.scalars(
+                    select(ImageRecord.sha256)
+                    .where(ImageRecord.collection_id == self.target.record.id)
+                    .where(ImageRecord.sha256.in_(shas))
+                )
+            )
+        for staged in items:
+            if staged.sha256 in known:
+                staged.known = True
+
+    # -- stage 2: decode -------------------------------------------------------------------
+    def decode_one(self, staged: Staged) -> None:
+        """Decode, validate and preprocess one member (runs on the worker pool)."""
+        if staged.result is not None or staged.known:
+            return
+        began = time.perf_counter()
+        try:
+            decoded = decode_image(staged.item.data, limits=self.ctx.limits)
+        except CbirError as exc:
+            staged.result = ItemResult(staged.item.name, "rejected", code=exc.code, detail=exc.detail)
+        else:
+            staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
+            if self.target.embedder is not None:
+                staged.prepared = self.target.embedder.preprocess(decoded.image)
+        self._count("decode", time.perf_counter() - began)
+
+    def decode(self, chunk: Chunk, pool: ThreadPoolExecutor) -> Chunk:
+        chunk.decoding = [pool.submit(self.decode_one, staged) for staged in chunk.items]
+        return chunk
+
+    # -- stage 3: embed --------------------------------------------------------------------
+    def embed(self, chunk: Chunk) -> Chunk:
+        for future in chunk.decoding:
+            future.result()
+        chunk.decoding = []
+        ready = [s for s in chunk.items if s.prepared is not None]
+        if ready and self.target.embedder is not None:
+            began = time.perf_counter()
+            step = self.ctx.settings.embed_batch_size
+            for first in range(0, len(ready), step):
+                part = ready[first : first + step]
+                vectors = self.target.embedder.embed_prepared([s.prepared for s in part])
+                for staged, vector in zip(part, vectors, strict=True):
+                    staged.vector, staged.prepared = vector, None
+            self._count("embed", time.perf_counter() - began)
+        return chunk
+
+    # -- stage 4: write --------------------------------------------------------------------
+    def write(
+        self, chunks: list[Chunk], *, in_transaction: Callable[[Any, list[ItemResult], int], None] | None
+    ) -> list[ItemResult]:
+        """Store consecutive chunks in one transaction; ``in_transaction(session, results, end)``
+        runs inside it (a job's counters and cursor)."""
+        began = time.perf_counter()
+        staged = [s for chunk in chunks for s in chunk.items]
+        end = chunks[-1].end
+        with WRITE_LOCK:
+            self._refresh(staged)
+            results: list[ItemResult | None] = [s.result for s in staged]
+            accepted: list[Accepted] = []
+            vectors: list[np.ndarray | None] = []
+            for i, s in enumerate(staged):
+                if s.result is None:
+                    assert s.sha256 is not None and s.format is not None
+                    accepted.append(Accepted(i, s.item, s.sha256, s.format, s.width, s.height))
+                    vectors.append(s.vector)
+            matrix = _stack(vectors) if self.target.embedder is not None else None
+
+            def hook(session: Any) -> None:
+                if in_transaction is not None:
+                    in_transaction(session, [r for r in results if r is not None], end)
+
+            store_accepted(
+                self.ctx,
+                record=self.target.record,
+                accepted=accepted,
+                vectors=matrix,
+                results=results,
+                durable=False,
+                in_transaction=hook,
+            )
+        self._count("write", time.perf_counter() - began)
+        return [r for r in results if r is not None]
+
+    def _refresh(self, staged: list[Staged]) -> None:
+        """Under the write lock: if another writer switched the served version since we embedded
+        (a training), embed again with it; a member flagged ``known`` whose image was deleted since
+        is decoded and embedded now."""
+        with self.ctx.db.session() as session:
+            live = require_collection(session, self.collection)
+            switched = live.embedder_version != self.target.record.embedder_version
+            if switched:
+                embedder = None
+                checkpoint = checkpoint_of(session, live)
+                if live.embedder_version is not None:
+                    try:
+                        embedder = self.ctx.embedders.for_collection(live, checkpoint)
+                    except EmbedderNotReady:
+                        embedder = None
+                self.target = Target(live, checkpoint, embedder)
+            known = [s.sha256 for s in staged if s.known]
+            stored = (
+                set(
+                    session.scalars(
+                        select(ImageRecord.sha256)
+                        .where(ImageRecord.collection_id == live.id)
+                        .where(ImageRecord.sha256.in_(known))
+                    )
+                )
+                if known
+                else set()
+            )
+        redo = [s for s in staged if s.result is None and ((s.known and s.sha256 not in stored) or switched)]
+        for s in redo:
+            s.known = False
+            s.vector = None
+            self.decode_one(s)
+        if redo:
+            self.embed(Chunk(redo, 0, 0))
+        for s in staged:
+            if s.known and s.result is None and s.format is None:
+                # Still stored: the writer answers it as a duplicate; the row needs no decode.
+                s.format, s.width, s.height = "PNG", 0, 0
+
+    # -- the whole pipeline ----------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(
+        self,
+        members: Iterable[Member],
+        *,
+        start: int = 0,
+        in_transaction: Callable[[Any, list[ItemResult], int], None] | None = None,
+        after_commit: Callable[[list[ItemResult], int], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Import every member from ``start`` on; True when the source was exhausted, False when
+        ``should_stop`` ended it early (after a commit)."""
+        decoded: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        embedded: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+
+        def put(q: queue.Queue[Any], value: Any) -> bool:
+            while not self._stop.is_set():
+                try:
+                    q.put(value, timeout=_PUT_WAIT_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read_and_decode(pool: ThreadPoolExecutor) -> None:
+            try:
+                for chunk in self.read(members, start=start):
+                    if not put(decoded, self.decode(chunk, pool)):
+                        return
+                put(decoded, _END)
+            except BaseException as exc:
+                put(decoded, _Failed(exc))
+
+        def embed_stage() -> None:
+            try:
+                while not self._stop.is_set():
+                    try:
+                        chunk = decoded.get(timeout=_PUT_WAIT_S)
+                    except queue.Empty:
+                        continue
+                    if chunk is _END or isinstance(chunk, _Failed):
+                        put(embedded, chunk)
+                        return
+                    if not put(embedded, self.embed(chunk)):
+                        return
+            except BaseException as exc:
+                put(embedded, _Failed(exc))
+
+        finished = False
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="cbir-decode") as pool:
+            threads = [
+                threading.Thread(target=read_and_decode, args=(pool,), name="cbir-read", daemon=True),
+                threading.Thread(target=embed_stage, name="cbir-embed", daemon=True),
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                batch: list[Chunk] = []
+                while True:
+                    try:
+                        chunk = embedded.get(timeout=_PUT_WAIT_S)
+                    except queue.Empty:
+                        if self._stop.is_set():
+                            break  # shutting down: what was not committed is read again on resume
+                        continue
+                    if isinstance(chunk, _Failed):
+                        raise chunk.exc
+                    if chunk is not _END:
+                        batch.append(chunk)
+                    size = sum(len(c.items) for c in batch)
+                    nbytes = sum(c.nbytes for c in batch)
+                    if batch and (chunk is _END or size >= self.batch_size or nbytes >= COMMIT_BYTES):
+                        results = self.write(batch, in_transaction=in_transaction)
+                        if after_commit is not None:
+                            after_commit(results, batch[-1].end)
+                        batch = []
+                        if should_stop():
+                            break
+                    if chunk is _END:
+                        finished = True
+                        break
+            finally:
+                self._stop.set()
+                for thread in threads:
+                    thread.join()
+        return finished
