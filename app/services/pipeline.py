@@ -73,26 +73,40 @@ class Chunk:
     todo: list[Staged] = field(default_factory=list)  # sent to a worker process
 
 
+_UNSET: Any = object()
+
+
 @dataclass
 class Target:
-    """The collection being written and the embedder of its served version (None: untrained)."""
+    """The collection being written and its served version's embedder, loaded on first use (in
+    worker-process mode this process never needs it: the workers embed)."""
 
+    ctx: AppContext
     record: CollectionRecord
     checkpoint: Any
-    embedder: Embedder | None
+    _embedder: Any = _UNSET
+
+    @property
+    def trained(self) -> bool:
+        return self.record.embedder_version is not None
+
+    @property
+    def embedder(self) -> Embedder | None:
+        if self._embedder is _UNSET:
+            self._embedder = None
+            if self.trained:
+                try:
+                    self._embedder = self.ctx.embedders.for_collection(self.record, self.checkpoint)
+                except EmbedderNotReady:
+                    self._embedder = None
+        return self._embedder
 
 
 def resolve_target(ctx: AppContext, collection: str) -> Target:
     with ctx.db.session() as session:
         record = require_collection(session, collection)
         checkpoint = checkpoint_of(session, record)
-    embedder = None
-    if record.embedder_version is not None:
-        try:
-            embedder = ctx.embedders.for_collection(record, checkpoint)
-        except EmbedderNotReady:
-            embedder = None
-    return Target(record, checkpoint, embedder)
+    return Target(ctx, record, checkpoint)
 
 
 def use_processes(ctx: AppContext) -> bool:
@@ -414,7 +428,7 @@ class Pipeline:
                     assert s.sha256 is not None and s.format is not None
                     accepted.append(Accepted(i, s.item, s.sha256, s.format, s.width, s.height))
                     vectors.append(s.vector)
-            matrix = _stack(vectors) if self.target.embedder is not None else None
+            matrix = _stack(vectors) if self.target.trained else None
 
             def hook(session: Any) -> None:
                 if in_transaction is not None:
@@ -440,14 +454,7 @@ class Pipeline:
             live = require_collection(session, self.collection)
             switched = live.embedder_version != self.target.record.embedder_version
             if switched:
-                embedder = None
-                checkpoint = checkpoint_of(session, live)
-                if live.embedder_version is not None:
-                    try:
-                        embedder = self.ctx.embedders.for_collection(live, checkpoint)
-                    except EmbedderNotReady:
-                        embedder = None
-                self.target = Target(live, checkpoint, embedder)
+                self.target = Target(self.ctx, live, checkpoint_of(session, live))
             known = [s.sha256 for s in staged if s.known]
             stored = (
                 set(

@@ -518,7 +518,10 @@ def _folder_members(folder: Path, *, max_bytes: int) -> Iterator[Member]:
 def _read_groundtruth(folder: Path) -> dict[str, list[str]]:
     from app.services.groundtruth import read_groundtruth
 
-    return read_groundtruth(folder / GROUNDTRUTH_NAME)
+    path = (folder / GROUNDTRUTH_NAME).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise InvalidRequest(f"{GROUNDTRUTH_NAME} is a link out of the folder")
+    return read_groundtruth(path)
 
 
 def _holidays_files(folder: Path) -> Iterator[tuple[str, Path]]:
