@@ -175,26 +175,53 @@ def collections_whiten(name: str, dim: int, shrinkage: float) -> None:
 @main.command("import")
 @click.argument("source")
 @click.option("--collection", required=True)
-def import_(source: str, collection: str) -> None:
-    """Import SOURCE into a collection: a folder or a zip/tar archive of images (subfolder names
-    become labels), or DATASET:SPLIT (mnist:train)."""
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "images", "idx", "holidays"]),
+    default="auto",
+    show_default=True,
+    help="for a folder: subfolder labels, MNIST-format IDX files, or groundtruth.json beside the images",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="with an archive: a CSV or JSON-lines file naming its members and their metadata",
+)
+def import_(source: str, collection: str, layout: str, manifest: Path | None) -> None:
+    """Import SOURCE into a collection through the same pipeline as the API: a folder, a zip/tar
+    archive, a manifest (.csv or .jsonl: path, label, metadata columns) or DATASET:SPLIT (mnist:all).
+
+    The job is recorded like the API's: if this command is killed, the server (or the next
+    `cbir serve`) resumes it."""
+    import shutil
+    import tempfile
+
     from app.services import jobs
     from app.services.collections import get_collection
 
     with _context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
-        if Path(source).is_dir():
-            parsed: jobs.Source = jobs.check_folder(Path(source))
-        elif Path(source).is_file():
-            jobs.check_archive(Path(source), Path(source).name)
+        path = Path(source)
+        if path.is_dir():
+            parsed: jobs.Source = jobs.check_folder(path, layout=layout)
+        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+            parsed = jobs.check_manifest(path)
+        elif path.is_file():
+            jobs.check_archive(path, path.name)
             # The job deletes its archive when done: hand it a copy in the data folder.
-            import shutil
-            import tempfile
-
+            ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
             os.close(fd)
-            shutil.copyfile(source, tmp)
-            parsed = jobs.check_archive(Path(tmp), Path(source).name)
+            shutil.copyfile(path, tmp)
+            kept = jobs.keep_upload(ctx, Path(tmp), suffix=".archive")
+            copy = None
+            if manifest is not None:
+                fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
+                os.close(fd)
+                shutil.copyfile(manifest, tmp)
+                copy = jobs.keep_upload(ctx, Path(tmp), suffix=".manifest")
+            parsed = jobs.check_archive(kept, path.name, manifest=copy)
         else:
             dataset, _, split = source.partition(":")
             parsed = jobs.check_dataset(dataset, split or "train")
@@ -211,6 +238,7 @@ def import_(source: str, collection: str) -> None:
         r = info.record
         click.echo(
             f"job {job_id}: {r.state}; {r.added} added, {r.duplicates} duplicates, {r.failed} failed"
+            f" ({info.images_per_second or 0:.0f} images/s; report: {jobs.report_path(ctx, job_id)})"
             + (f"; {r.error}" if r.error else "")
         )
         if r.state != "succeeded":
@@ -336,6 +364,39 @@ def bench_index_command(
     click.echo(service.table(result))
     if as_json:
         click.echo(json.dumps(result.summary()))
+
+
+@bench.command("import")
+@click.option(
+    "--workload",
+    "workloads",
+    type=click.Choice(["mnist", "holidays"]),
+    multiple=True,
+    help="repeat for several (default: both)",
+)
+@click.option(
+    "--images", type=click.IntRange(min=1), default=10_000, show_default=True, help="MNIST digits imported"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_import_command(workloads: tuple[str, ...], images: int, as_json: bool) -> None:
+    """End-to-end import images/s against each stage alone (read, decode, embed, write), in one run."""
+    from app.services import bench_import as service
+
+    try:
+        settings = get_settings()
+        results = service.run_bench(
+            settings,
+            workloads=workloads or service.WORKLOADS,
+            images=images,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(service.format_table(results))
+    if as_json:
+        click.echo(json.dumps({"workloads": [r.as_json() for r in results]}))
 
 
 def _report_checkpoint(checkpoint: Any, *, label: str, active: bool) -> None:

@@ -32,6 +32,9 @@ class AppContext:
         return ImageLimits(max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
 
     def close(self) -> None:
+        from app.services.pipeline import shutdown_worker_pools
+
+        shutdown_worker_pools()
         self.indexes.stop()
         self.store.journal.close()
         self.db.dispose()

@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     # Bulk imports: images per committed batch, decoding threads, and how many chunks may wait
     # between stages (bounded queues keep memory flat whatever the archive size).
     import_batch_size: int = Field(256, ge=1, le=10_000)
-    import_workers: int = Field(0, ge=0, le=64)  # 0: one per core, at most 4
+    import_workers: int = Field(0, ge=0, le=64)  # 0: processes: cores - 1; threads: cores, at most 4
+    # Decode and embed imports in worker processes on the CPU (threads when off, or on a GPU).
+    import_processes: bool = True
     import_queue_depth: int = Field(2, ge=1, le=64)
 
     @field_validator("data_dir")

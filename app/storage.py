@@ -1,4 +1,4 @@
-"""Content-addressed image files: ``images/ab/cd/<sha256>.<ext>`` under the data folder."""
+"""Content-addressed image files: ``images/ab/<sha256>.<ext>`` under the data folder."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, fsync: bool = True, make_parent: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename: readers never see a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -104,29 +105,56 @@ class ImageStore:
     def __init__(self, root: Path, *, journal: FileJournal | None = None) -> None:
         self.root = root
         self.journal = journal or FileJournal(root / "unjournalled")  # a no-op journal
+        # Folders known to exist: a mkdir per file cost as much as writing the file (bulk imports).
+        self._folders: set[Path] = set()
 
     def path_for(self, sha256: str, image_format: str) -> Path:
+        """Where the file is: ``ab/<sha256>.<ext>`` (256 folders), or the two-level layout of
+        data folders written before it (``ab/cd/<sha256>.<ext>``)."""
+        path = self._path(sha256, image_format)
+        if not path.exists():
+            old = self._old_path(sha256, image_format)
+            if old.exists():
+                return old
+        return path
+
+    def _path(self, sha256: str, image_format: str) -> Path:
+        # One level of 256 folders: a folder per file pair (65,536 of them) made each new file
+        # cost a mkdir as well, doubling the file system work of a bulk import.
+        return self.root / sha256[:2] / f"{sha256}.{EXTENSIONS[image_format]}"
+
+    def _old_path(self, sha256: str, image_format: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.{EXTENSIONS[image_format]}"
 
     def put(self, data: bytes, *, sha256: str, image_format: str, fsync: bool = True) -> Path:
-        path = self.path_for(sha256, image_format)
-        if not path.exists():
-            write_atomic(path, data, fsync=fsync)
+        path = self._path(sha256, image_format)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
+        if not path.exists() and not self._old_path(sha256, image_format).exists():
+            try:
+                write_atomic(path, data, fsync=fsync, make_parent=False)
+            except FileNotFoundError:  # the folder was removed behind our back
+                self._folders.discard(path.parent)
+                write_atomic(path, data, fsync=fsync)
         return path
 
     def read(self, sha256: str, image_format: str) -> bytes:
         return self.path_for(sha256, image_format).read_bytes()
 
     def delete(self, sha256: str, image_format: str) -> None:
-        self.path_for(sha256, image_format).unlink(missing_ok=True)
+        self._path(sha256, image_format).unlink(missing_ok=True)
+        self._old_path(sha256, image_format).unlink(missing_ok=True)
 
     def discard(self, sha256: str, image_format: str) -> int:
         """Remove a file and any temporary file a killed write left beside it; 1 if the file was there."""
-        path = self.path_for(sha256, image_format)
-        for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
-            tmp.unlink(missing_ok=True)
-        try:
-            path.unlink()
-            return 1
-        except FileNotFoundError:
-            return 0
+        removed = 0
+        for path in (self._path(sha256, image_format), self._old_path(sha256, image_format)):
+            for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+                tmp.unlink(missing_ok=True)
+            try:
+                path.unlink()
+                removed = 1
+            except FileNotFoundError:
+                pass
+        return removed

@@ -144,6 +144,10 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         max_archive_bytes=20 * 1024 * 1024,
         max_pixels=4_000_000,
         max_side=4096,
+        # Imports decode in threads here: a fresh data folder per test would start fresh worker
+        # processes per test. tests/services/test_pipeline_processes.py and the kill -9 test (a real
+        # server) run the worker processes.
+        import_processes=False,
     )
 
 

@@ -27,7 +27,18 @@ def test_sha256_hex_is_the_hex_digest():
 )
 def test_path_is_fanned_out_by_hash_prefix(tmp_path: Path, image_format: str, ext: str):
     store = ImageStore(tmp_path)
-    assert store.path_for(SHA, image_format) == tmp_path / SHA[:2] / SHA[2:4] / f"{SHA}.{ext}"
+    assert store.path_for(SHA, image_format) == tmp_path / SHA[:2] / f"{SHA}.{ext}"
+
+
+def test_files_of_the_older_two_level_layout_are_still_found_and_deleted(tmp_path: Path):
+    old = tmp_path / SHA[:2] / SHA[2:4] / f"{SHA}.png"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(DATA)
+    store = ImageStore(tmp_path)
+    assert store.path_for(SHA, "PNG") == old and store.read(SHA, "PNG") == DATA
+    assert store.put(DATA, sha256=SHA, image_format="PNG") and files_under(tmp_path) == [old]  # not twice
+    store.delete(SHA, "PNG")
+    assert files_under(tmp_path) == []
 
 
 def test_put_writes_the_bytes_at_their_content_address(tmp_path: Path):

@@ -159,6 +159,8 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
 
 def _public_params(params: dict[str, Any]) -> dict[str, Any]:
     """A job's source as clients see it: an upload's place in the data folder stays private."""
+    if params.get("source") == "manifest":
+        return {k: v for k, v in params.items() if k != "roots"}
     if params.get("source") != "archive":
         return params
     public = {"source": "archive", "filename": params.get("filename")}

@@ -10,15 +10,16 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import CHUNK, ContextDep, JobsDep
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
-from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.context import AppContext
+from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.services import jobs
-from app.services.sources import MAX_MANIFEST_BYTES
 from app.services.collections import get_collection
+from app.services.sources import MAX_MANIFEST_BYTES
 
 router = APIRouter(tags=["imports"])
 
@@ -93,7 +94,10 @@ async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSou
     """Stream the multipart archive (and optional manifest) to disk, never whole in memory, and
     keep them in the uploads folder until the job ends (so an interrupted job can resume)."""
     limit = ctx.settings.max_archive_bytes
-    form = await request.form(max_files=2, max_fields=10)
+    try:
+        form = await request.form(max_files=2, max_fields=10)
+    except StarletteHTTPException as exc:  # a malformed body, or more parts than allowed
+        raise BadMultipart(f"{exc.detail}; send one archive in 'file' (and at most one 'manifest')") from None
     kept: list[Path] = []
     try:
         if len(form.getlist("file")) > 1 or len(form.getlist("manifest")) > 1:

@@ -16,25 +16,29 @@ run alone on prepared input (``cbir bench import`` measures them side by side).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 from sqlalchemy import select
 
 from app.context import AppContext
 from app.errors import CbirError, EmbedderNotReady
-from app.imaging import decode_image
+from app.imaging import ImageLimits, decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
 from app.services.ingest import WRITE_LOCK, Accepted, Item, ItemResult, store_accepted
 from app.services.sources import Member
+from app.settings import Settings
 from app.storage import sha256_hex
 from models.base import Embedder
 
@@ -65,33 +69,168 @@ class Chunk:
     items: list[Staged]
     end: int  # the position after its last member
     nbytes: int
-    decoding: list[Future[None]] = field(default_factory=list)
+    decoding: list[Future[Any]] = field(default_factory=list)
+    todo: list[Staged] = field(default_factory=list)  # sent to a worker process
+
+
+_UNSET: Any = object()
 
 
 @dataclass
 class Target:
-    """The collection being written and the embedder of its served version (None: untrained)."""
+    """The collection being written and its served version's embedder, loaded on first use (in
+    worker-process mode this process never needs it: the workers embed)."""
 
+    ctx: AppContext
     record: CollectionRecord
     checkpoint: Any
-    embedder: Embedder | None
+    _embedder: Any = _UNSET
+
+    @property
+    def trained(self) -> bool:
+        return self.record.embedder_version is not None
+
+    @property
+    def embedder(self) -> Embedder | None:
+        if self._embedder is _UNSET:
+            self._embedder = None
+            if self.trained:
+                try:
+                    self._embedder = self.ctx.embedders.for_collection(self.record, self.checkpoint)
+                except EmbedderNotReady:
+                    self._embedder = None
+        return self._embedder
 
 
 def resolve_target(ctx: AppContext, collection: str) -> Target:
     with ctx.db.session() as session:
         record = require_collection(session, collection)
         checkpoint = checkpoint_of(session, record)
+    return Target(ctx, record, checkpoint)
+
+
+def use_processes(ctx: AppContext) -> bool:
+    """Decode and embed in worker processes: on the CPU with two cores or more (a GPU embeds in
+    this process, fed by decoding threads), unless CBIR_IMPORT_PROCESSES=0."""
+    return ctx.settings.import_processes and ctx.device.type == "cpu" and (os.cpu_count() or 1) >= 2
+
+
+def default_workers(ctx: AppContext, *, processes: bool) -> int:
+    if ctx.settings.import_workers:
+        return ctx.settings.import_workers
+    cores = os.cpu_count() or 1
+    # Processes leave one core to this process (reading, writing); threads share the GIL anyway.
+    return max(1, cores - 1) if processes else min(4, cores)
+
+
+# -- worker processes -------------------------------------------------------------------------
+# Decoding a small image is mostly Python (Pillow's plug-in code), so decoding threads hold the
+# GIL against the writer; worker processes decode, preprocess and embed a chunk each, and hand
+# back only sizes and vectors. Each keeps one embedder, built like the service's.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(
+    settings_json: str, spec: str, checkpoint: dict[str, Any] | None, version: str | None
+) -> None:
+    from app.embedders import EmbedderCache
+
+    _exit_with_parent()
+    torch.set_num_threads(1)
+    settings = Settings.model_validate_json(settings_json)
     embedder = None
-    if record.embedder_version is not None:
+    if version is not None:
+        cache = EmbedderCache(settings=settings, device=torch.device("cpu"))
+        embedder = cache.get(spec, SimpleNamespace(**checkpoint) if checkpoint else None)  # type: ignore[arg-type]
+        if embedder.version != version:
+            raise RuntimeError(f"worker built {embedder.version}, the collection serves {version}")
+    _WORKER.update(
+        embedder=embedder, limits=ImageLimits(max_pixels=settings.max_pixels, max_side=settings.max_side)
+    )
+
+
+def _exit_with_parent() -> None:
+    """A worker outlives a parent killed with SIGKILL (its queue never closes): watch the parent
+    and leave when it is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="cbir-parent-watch", daemon=True).start()
+
+
+def _decode_and_embed(blobs: list[bytes]) -> list[tuple[Any, ...]]:
+    """Per blob: ("ok", format, width, height, vector or None) or ("rejected", code, detail)."""
+    embedder: Embedder | None = _WORKER["embedder"]
+    out: list[tuple[Any, ...]] = []
+    prepared: list[Any] = []
+    rows: list[int] = []
+    for i, data in enumerate(blobs):
         try:
-            embedder = ctx.embedders.for_collection(record, checkpoint)
-        except EmbedderNotReady:
-            embedder = None
-    return Target(record, checkpoint, embedder)
+            decoded = decode_image(data, limits=_WORKER["limits"])
+        except CbirError as exc:
+            out.append(("rejected", exc.code, exc.detail))
+            continue
+        out.append(("ok", decoded.format, decoded.width, decoded.height, None))
+        if embedder is not None:
+            prepared.append(embedder.preprocess(decoded.image))
+            rows.append(i)
+    if prepared:
+        assert embedder is not None
+        step = 256
+        vectors = np.concatenate(
+            [embedder.embed_prepared(prepared[k : k + step]) for k in range(0, len(prepared), step)]
+        )
+        for row, vector in zip(rows, vectors, strict=True):
+            out[row] = (*out[row][:4], vector)
+    return out
 
 
-def default_workers(ctx: AppContext) -> int:
-    return ctx.settings.import_workers or min(4, os.cpu_count() or 1)
+_POOLS: dict[tuple[Any, ...], ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def worker_pool(ctx: AppContext, target: Target, workers: int) -> ProcessPoolExecutor:
+    """The warm worker processes for this embedder version (started once, kept for later jobs;
+    one set at a time)."""
+    record, checkpoint = target.record, target.checkpoint
+    fields = None
+    if checkpoint is not None:
+        fields = {k: getattr(checkpoint, k) for k in ("id", "path", "sha256", "config", "version")}
+    key = (str(ctx.settings.data_dir), record.embedder, record.embedder_version, workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            for old in _POOLS.values():
+                old.shutdown(wait=False, cancel_futures=True)
+            _POOLS.clear()
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),  # never fork a threaded server
+                initializer=_worker_init,
+                initargs=(ctx.settings.model_dump_json(), record.embedder, fields, record.embedder_version),
+            )
+            _POOLS[key] = pool
+        return pool
+
+
+def forget_worker_pool(_: Any = None) -> None:
+    """Drop broken pools; the next chunk starts a new one."""
+    with _POOLS_LOCK:
+        for key, pool in list(_POOLS.items()):
+            if getattr(pool, "_broken", False):
+                pool.shutdown(wait=False, cancel_futures=True)
+                del _POOLS[key]
+
+
+def shutdown_worker_pools() -> None:
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        _POOLS.clear()
 
 
 def _stack(vectors: list[np.ndarray | None]) -> np.ndarray | None:
@@ -126,7 +265,8 @@ class Pipeline:
         self.target = resolve_target(ctx, collection)
         self.batch_size = ctx.settings.import_batch_size
         self.depth = ctx.settings.import_queue_depth
-        self.workers = workers or default_workers(ctx)
+        self.processes = use_processes(ctx)
+        self.workers = workers or default_workers(ctx, processes=self.processes)
         self._stop = threading.Event()
         # Seconds each stage spent working (not waiting), for progress reports and benchmarks.
         self.busy: dict[str, float] = {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0}
@@ -209,12 +349,51 @@ class Pipeline:
                 staged.prepared = self.target.embedder.preprocess(decoded.image)
         self._count("decode", time.perf_counter() - began)
 
-    def decode(self, chunk: Chunk, pool: ThreadPoolExecutor) -> Chunk:
+    def decode(self, chunk: Chunk, pool: Executor) -> Chunk:
+        if isinstance(pool, ProcessPoolExecutor):
+            todo = [s for s in chunk.items if s.result is None and not s.known]
+            if todo:
+                future = pool.submit(_decode_and_embed, [s.item.data for s in todo])
+                chunk.decoding = [future]
+                chunk.todo = todo
+            return chunk
         chunk.decoding = [pool.submit(self.decode_one, staged) for staged in chunk.items]
         return chunk
 
+    def warm(self) -> Executor:
+        """The executor ``run`` decodes on; worker processes are started and ready on return."""
+        if not self.processes:
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="cbir-decode")
+        pool = worker_pool(self.ctx, self.target, self.workers)
+        for future in [pool.submit(_decode_and_embed, []) for _ in range(self.workers)]:
+            future.result()
+        return pool
+
     # -- stage 3: embed --------------------------------------------------------------------
     def embed(self, chunk: Chunk) -> Chunk:
+        if chunk.todo:  # decoded and embedded by a worker process
+            (future,) = chunk.decoding
+            began = time.perf_counter()
+            try:
+                outcomes = future.result()
+            except BrokenExecutor:
+                # A worker died (killed, out of memory): start fresh ones for the next chunks and
+                # do this one here.
+                forget_worker_pool(future)
+                for staged in chunk.todo:
+                    self.decode_one(staged)
+                chunk.decoding, chunk.todo = [], []
+                return self.embed(chunk)
+            for staged, outcome in zip(chunk.todo, outcomes, strict=True):
+                if outcome[0] == "rejected":
+                    staged.result = ItemResult(
+                        staged.item.name, "rejected", code=outcome[1], detail=outcome[2]
+                    )
+                else:
+                    staged.format, staged.width, staged.height, staged.vector = outcome[1:]
+            chunk.decoding, chunk.todo = [], []
+            self._count("embed", time.perf_counter() - began)
+            return chunk
         for future in chunk.decoding:
             future.result()
         chunk.decoding = []
@@ -249,7 +428,7 @@ class Pipeline:
                     assert s.sha256 is not None and s.format is not None
                     accepted.append(Accepted(i, s.item, s.sha256, s.format, s.width, s.height))
                     vectors.append(s.vector)
-            matrix = _stack(vectors) if self.target.embedder is not None else None
+            matrix = _stack(vectors) if self.target.trained else None
 
             def hook(session: Any) -> None:
                 if in_transaction is not None:
@@ -275,14 +454,7 @@ class Pipeline:
             live = require_collection(session, self.collection)
             switched = live.embedder_version != self.target.record.embedder_version
             if switched:
-                embedder = None
-                checkpoint = checkpoint_of(session, live)
-                if live.embedder_version is not None:
-                    try:
-                        embedder = self.ctx.embedders.for_collection(live, checkpoint)
-                    except EmbedderNotReady:
-                        embedder = None
-                self.target = Target(live, checkpoint, embedder)
+                self.target = Target(self.ctx, live, checkpoint_of(session, live))
             known = [s.sha256 for s in staged if s.known]
             stored = (
                 set(
@@ -363,7 +535,8 @@ class Pipeline:
                 put(embedded, _Failed(exc))
 
         finished = False
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="cbir-decode") as pool:
+        pool = self.warm()
+        try:
             threads = [
                 threading.Thread(target=read_and_decode, args=(pool,), name="cbir-read", daemon=True),
                 threading.Thread(target=embed_stage, name="cbir-embed", daemon=True),
@@ -399,4 +572,7 @@ class Pipeline:
                 self._stop.set()
                 for thread in threads:
                     thread.join()
+        finally:
+            if isinstance(pool, ThreadPoolExecutor):
+                pool.shutdown(wait=True)
         return finished

@@ -161,20 +161,26 @@ IDX_IMAGES = re.compile(r"^(?P<stem>.*?)[-.]?images?[-.]idx3[-.]ubyte(\.gz)?$")
 
 def find_idx(folder: Path) -> IdxSource | None:
     """The IDX image files of a folder (``*-images-idx3-ubyte[.gz]``, MNIST's names), each paired
-    with its ``*-labels-idx1-ubyte[.gz]`` when present; None when there are none."""
+    with its ``*-labels-idx1-ubyte[.gz]`` when present; None when there are none. Links that lead
+    out of the folder are ignored, as in every folder import."""
+    folder = folder.resolve()
+
+    def usable(path: Path) -> bool:
+        return path.is_file() and path.resolve().is_relative_to(folder)
+
     images: list[Path] = []
     labels: list[Path | None] = []
     seen: set[str] = set()
     for path in sorted(folder.iterdir()):
         match = IDX_IMAGES.match(path.name)
-        if not match or not path.is_file():
+        if not match or not usable(path):
             continue
         plain = path.name.removesuffix(".gz")
         if plain in seen:  # both the .gz and the plain file: import one
             continue
         seen.add(plain)
         label_name = plain.replace("images", "labels").replace("idx3", "idx1")
-        label = next((folder / n for n in (label_name, f"{label_name}.gz") if (folder / n).is_file()), None)
+        label = next((folder / n for n in (label_name, f"{label_name}.gz") if usable(folder / n)), None)
         images.append(path)
         labels.append(label)
     if not images:
@@ -401,17 +407,17 @@ def _archive_members(source: ArchiveSource, *, max_bytes: int, listing: bool = F
         # A manifest inside a tar may come anywhere: find it with one pass over the headers.
         with tarfile.open(source.path, "r:*") as archive:
             for member in archive:
-                if member.isfile() and member.name.lstrip("./") in MANIFEST_NAMES:
+                if member.isfile() and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
                     handle = archive.extractfile(member)
                     manifest_data = handle.read(MAX_MANIFEST_BYTES) if handle else b""
-                    names = [member.name.lstrip("./")]
+                    names = [PurePosixPath(member.name).as_posix()]
                     break
     with tarfile.open(source.path, "r:*") as archive:
         manifest = _archive_manifest(source, lambda n: manifest_data or b"", names or [])
         for member in archive:
             if member.isdir() or skipped(member.name):
                 continue
-            if manifest is not None and member.name.lstrip("./") in MANIFEST_NAMES:
+            if manifest is not None and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
                 continue
 
             def read(member: tarfile.TarInfo = member) -> bytes:
@@ -435,13 +441,13 @@ def _archive_manifest(
     if source.manifest is not None:
         rows = parse_manifest(source.manifest.read_bytes(), name=source.manifest.name)
     else:
-        inside = next((n for n in names if n.lstrip("./") in MANIFEST_NAMES), None)
+        inside = next((n for n in names if PurePosixPath(n).as_posix() in MANIFEST_NAMES), None)
         if inside is None:
             return None
         rows = parse_manifest(read(inside), name=inside)
     table: dict[str, ManifestRow] = {}
     for number, row in enumerate(rows):
-        key = PurePosixPath(row.path).as_posix().lstrip("./") if row.path else f"\0row {number + 1}"
+        key = PurePosixPath(row.path).as_posix() if row.path else f"\0row {number + 1}"
         table.setdefault(key, row)
     return table
 
@@ -456,7 +462,7 @@ def _archive_member(
     max_bytes: int,
 ) -> Iterator[Member]:
     if manifest is not None:
-        row = manifest.pop(PurePosixPath(name).as_posix().lstrip("./"), None)
+        row = manifest.pop(PurePosixPath(name).as_posix(), None)
         if row is None:
             return  # not in the manifest: not imported
         metadata = row.metadata
@@ -512,7 +518,10 @@ def _folder_members(folder: Path, *, max_bytes: int) -> Iterator[Member]:
 def _read_groundtruth(folder: Path) -> dict[str, list[str]]:
     from app.services.groundtruth import read_groundtruth
 
-    return read_groundtruth(folder / GROUNDTRUTH_NAME)
+    path = (folder / GROUNDTRUTH_NAME).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise InvalidRequest(f"{GROUNDTRUTH_NAME} is a link out of the folder")
+    return read_groundtruth(path)
 
 
 def _holidays_files(folder: Path) -> Iterator[tuple[str, Path]]:

@@ -1,0 +1,98 @@
+"""The import pipeline with its worker processes (the default on a multi-core CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.context import open_context
+from app.indexes import load_vectors
+from app.services import jobs, pipeline
+from app.services.collections import create_collection, get_collection
+from app.services.ingest import add_image
+from app.settings import Settings
+
+
+@pytest.fixture
+def process_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"import_processes": True, "import_workers": 1})
+
+
+def _folder(tmp_path: Path, make_png: Callable[..., bytes], n: int) -> Path:
+    folder = tmp_path / "images"
+    for i in range(n):
+        (folder / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        (folder / str(i % 3) / f"{i:03d}.png").write_bytes(make_png(i, size=(20, 20)))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    return folder
+
+
+def test_worker_processes_give_the_vectors_an_upload_gives(
+    process_settings: Settings, tmp_path: Path, make_png: Callable[..., bytes]
+) -> None:
+    ctx = open_context(process_settings)
+    try:
+        assert pipeline.use_processes(ctx) == ((os.cpu_count() or 1) >= 2)
+        create_collection(ctx, name="p", embedder="tiny")
+        create_collection(ctx, name="q", embedder="tiny")
+        folder = _folder(tmp_path, make_png, 40)
+        runner = jobs.JobRunner(ctx)
+        source = jobs.check_folder(folder)
+        job_id = runner.create_job(collection="p", source=source)
+        runner.run_import(job_id=job_id, collection="p", source=source)
+        record = jobs.get_job(ctx, job_id).record
+        assert (record.state, record.added, record.failed) == ("succeeded", 40, 1)
+        assert record.errors[0]["item"] == "broken.png"
+        # The same bytes uploaded one by one (decoded and embedded in this process).
+        for path in sorted(folder.rglob("*.png"))[:5]:
+            if path.name != "broken.png":
+                add_image(ctx, collection="q", data=path.read_bytes(), name=path.name, metadata={})
+        info_p = get_collection(ctx, "p")
+        assert info_p.image_count == info_p.index_size == 40
+        with ctx.db.session() as session:
+            from app.services.collections import require_collection
+
+            p, q = require_collection(session, "p"), require_collection(session, "q")
+        vectors_p, _ = load_vectors(ctx.db, collection_id=p.id, embedder_version=p.embedder_version)
+        vectors_q, _ = load_vectors(ctx.db, collection_id=q.id, embedder_version=q.embedder_version)
+        # every uploaded vector is (to float precision) one of the imported ones
+        similarity = vectors_q @ vectors_p.T
+        assert np.allclose(similarity.max(axis=1), 1.0, atol=1e-5)
+    finally:
+        ctx.close()
+
+
+def test_a_worker_killed_mid_import_costs_nothing(
+    process_settings: Settings, tmp_path: Path, make_png: Callable[..., bytes]
+) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("worker processes are used on two cores or more")
+    ctx = open_context(process_settings.model_copy(update={"import_batch_size": 16}))
+    try:
+        create_collection(ctx, name="p", embedder="tiny")
+        folder = _folder(tmp_path, make_png, 300)
+        runner = jobs.JobRunner(ctx)
+        source = jobs.check_folder(folder)
+        job_id = runner.create_job(collection="p", source=source)
+        killed: list[int] = []
+
+        def kill_a_worker(counts: dict[str, int], total: int | None) -> None:
+            if not killed:
+                for pool in pipeline._POOLS.values():
+                    for pid in list(pool._processes):  # noqa: SLF001 - the test's whole point
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+
+        runner.run_import(job_id=job_id, collection="p", source=source, on_progress=kill_a_worker)
+        record = jobs.get_job(ctx, job_id).record
+        assert killed
+        assert (record.state, record.added, record.failed) == ("succeeded", 300, 1)
+        info = get_collection(ctx, "p")
+        assert info.image_count == info.index_size == 300
+    finally:
+        ctx.close()
