@@ -159,6 +159,31 @@ def collections_search_options(name: str, qe: int, qe_alpha: float) -> None:
         click.echo(f"{name}: qe={options.qe} qe_alpha={options.qe_alpha:g}")
 
 
+@collections.command("reembed")
+@click.argument("name")
+@click.option("--embedder", "spec", required=True, help="a pretrained embedder spec: efficientnet_lite0 ...")
+def collections_reembed(name: str, spec: str) -> None:
+    """Switch a collection to another pretrained embedder: every image re-embedded, then served.
+    Searches (of a server on the same data) use the old vectors until the new ones are complete;
+    if this command is interrupted, the server resumes the job on its next start."""
+    from app.services import jobs
+    from app.services.reembed import check_reembed
+
+    with _context(threads=os.cpu_count()) as ctx:
+        spec, model = check_reembed(ctx, collection=name, embedder=spec)
+        runner = jobs.JobRunner(ctx)
+        job_id = runner.create_reembed_job(collection=name, spec=spec)
+        runner.run_reembed(job_id=job_id, collection=name, spec=spec)
+        info = jobs.get_job(ctx, job_id)
+        r = info.record
+        click.echo(
+            f"job {job_id}: {r.state}; {r.done} images embedded with {model.version}"
+            + (f"; {r.error}" if r.error else "")
+        )
+        if r.state != "succeeded":
+            raise SystemExit(1)
+
+
 @collections.command("whiten")
 @click.argument("name")
 @click.option("--dim", type=int, required=True, help="components kept (16 to 512 is typical)")

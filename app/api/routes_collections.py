@@ -2,18 +2,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.api.deps import ContextDep, FilterDep
+from app.api.deps import ContextDep, FilterDep, JobsDep
 from app.api.presenters import collection_out, image_out, map_out
 from app.api.schemas import (
     CollectionCreate,
     CollectionList,
     CollectionOut,
+    EmbedderChange,
     EvaluateIn,
     EvaluateOut,
     EvaluateRow,
     ImageOut,
     IndexConfigIn,
     IndexOut,
+    JobAccepted,
     LabelCount,
     LabelList,
     MapOut,
@@ -46,6 +48,18 @@ def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> Col
     """Query-side re-ranking used by every search of the collection (a search's ``qe`` overrides it)."""
     tuning.set_search_options(ctx, collection=name, qe=body.qe, qe_alpha=body.qe_alpha)
     return collection_out(collections.get_collection(ctx, name))
+
+
+@router.put("/collections/{name}/embedder", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
+    """Re-embed every image with another pretrained embedder in a background job, then switch;
+    searches use the old vectors until the new ones are complete (409 if it serves it already,
+    422 for a trainable embedder: `cbir train` re-embeds with its checkpoint)."""
+    from app.services.reembed import check_reembed
+
+    spec, _ = check_reembed(ctx, collection=name, embedder=body.embedder)
+    job_id = runner.submit_reembed(collection=name, spec=spec)
+    return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
 @router.post("/collections/{name}/whitening", response_model=CollectionOut)

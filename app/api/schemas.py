@@ -137,6 +137,14 @@ class DatasetImport(BaseModel):
     )
 
 
+class EmbedderChange(BaseModel):
+    """Switch the collection to another (pretrained) embedder: re-embedded as a job."""
+
+    model_config = {"extra": "forbid"}
+
+    embedder: str = Field(..., min_length=1, max_length=255, examples=["efficientnet_lite0:pooling=rmac"])
+
+
 class JobAccepted(BaseModel):
     job_id: str
     state: str

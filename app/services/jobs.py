@@ -129,6 +129,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._pipelines: dict[str, Pipeline] = {}
+        self._stopping = threading.Event()
 
     def recover(self) -> int:
         """Queue again the jobs a previous process left queued or running; they resume at their
@@ -136,14 +137,22 @@ class JobRunner:
         Returns how many were resumed."""
         with self.ctx.db.session() as session:
             rows = session.execute(
-                select(JobRecord.id, JobRecord.params, JobRecord.collection_id)
-                .where(JobRecord.kind == "import")
+                select(JobRecord.id, JobRecord.kind, JobRecord.params, JobRecord.collection_id)
+                .where(JobRecord.kind.in_(("import", "reembed")))
                 .where(JobRecord.state.in_(("queued", "running")))
                 .order_by(JobRecord.created_at, JobRecord.id)
             ).all()
         resumed = 0
-        for job_id, params, collection_id in rows:
+        for job_id, kind, params, collection_id in rows:
             name = self._collection_name(collection_id)
+            if kind == "reembed" and name is not None:
+                self._mark_resumed(job_id)
+                log.warning("resuming the switch of %s to %s", name, (params or {}).get("embedder"))
+                self._executor.submit(
+                    self.run_reembed, job_id=job_id, collection=name, spec=params["embedder"]
+                )
+                resumed += 1
+                continue
             try:
                 source = from_params(params or {}, data_dir=self.ctx.settings.data_dir)
                 missing = [p for p in _uploads(source) if not p.exists()]
@@ -158,15 +167,18 @@ class JobRunner:
                     "are kept and recognised as duplicates when imported again",
                 )
                 continue
-            with self.ctx.db.transaction() as session:
-                session.execute(
-                    update(JobRecord).where(JobRecord.id == job_id).values(resumes=JobRecord.resumes + 1)
-                )
+            self._mark_resumed(job_id)
             log.warning("resuming import job %s into %s", job_id, name)
             self._executor.submit(self.run_import, job_id=job_id, collection=name, source=source)
             resumed += 1
         self._remove_stray_uploads()
         return resumed
+
+    def _mark_resumed(self, job_id: str) -> None:
+        with self.ctx.db.transaction() as session:
+            session.execute(
+                update(JobRecord).where(JobRecord.id == job_id).values(resumes=JobRecord.resumes + 1)
+            )
 
     def _collection_name(self, collection_id: int | None) -> str | None:
         from app.records import CollectionRecord
@@ -213,7 +225,50 @@ class JobRunner:
         self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
         return job_id
 
+    def create_reembed_job(self, *, collection: str, spec: str) -> str:
+        job_id = uuid.uuid4().hex
+        with self.ctx.db.transaction() as session:
+            record = require_collection(session, collection)
+            session.add(
+                JobRecord(id=job_id, collection_id=record.id, kind="reembed", params={"embedder": spec})
+            )
+        return job_id
+
+    def submit_reembed(self, *, collection: str, spec: str) -> str:
+        """Queue the switch of a collection to another embedder (see app.services.reembed)."""
+        job_id = self.create_reembed_job(collection=collection, spec=spec)
+        self._executor.submit(self.run_reembed, job_id=job_id, collection=collection, spec=spec)
+        return job_id
+
+    def run_reembed(
+        self, *, job_id: str, collection: str, spec: str, on_progress: Callable[[], None] | None = None
+    ) -> None:
+        from app.services.reembed import run_reembed
+
+        if self._cancel_requested(job_id):
+            return
+
+        def should_stop() -> bool:
+            if on_progress is not None:
+                on_progress()
+            return self._cancel_requested(job_id) or self._stopping.is_set()
+
+        try:
+            switched = run_reembed(
+                self.ctx, job_id=job_id, collection=collection, spec=spec, should_stop=should_stop
+            )
+            if switched:
+                self._update(job_id, state="succeeded", finished_at=utcnow())
+            elif self._cancel_requested(job_id):
+                self._update(job_id, state="cancelled", finished_at=utcnow())
+            # else: shutting down; the job stays running and resumes on the next start
+        except Exception as exc:
+            log.exception("re-embed job %s failed", job_id)
+            detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+            self._update(job_id, state="failed", finished_at=utcnow(), error=detail)
+
     def shutdown(self) -> None:
+        self._stopping.set()
         with self._lock:
             pipelines = list(self._pipelines.values())
         for pipeline in pipelines:  # stop after the batch being written; the job stays resumable
