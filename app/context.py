@@ -36,7 +36,8 @@ class AppContext:
 
         shutdown_worker_pools()
         self.indexes.stop()
-        self.store.journal.close()
+        # Entries still pending belong to writes that never committed: the next start checks them.
+        self.store.journal.close(remove=not self.store.journal.pending)
         self.db.dispose()
 
 

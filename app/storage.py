@@ -6,7 +6,9 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp"}
@@ -46,6 +48,8 @@ class FileJournal:
     def __init__(self, path: Path, *, handle: int | None = None) -> None:
         self.path = path
         self._fd = handle
+        self._lock = threading.Lock()
+        self._pending: Counter[tuple[str, str]] = Counter()
 
     @classmethod
     def open(cls, folder: Path) -> FileJournal:
@@ -76,8 +80,29 @@ class FileJournal:
         """Record (sha256, format) pairs durably before their files are written."""
         if self._fd is None or not entries:
             return
-        os.write(self._fd, "".join(f"{sha} {fmt}\n" for sha, fmt in entries).encode())
-        os.fsync(self._fd)
+        with self._lock:
+            self._pending.update(entries)
+            os.write(self._fd, "".join(f"{sha} {fmt}\n" for sha, fmt in entries).encode())
+            os.fsync(self._fd)
+
+    def settle(self, entries: list[tuple[str, str]]) -> None:
+        """Forget entries whose rows committed (or whose files were checked): the journal keeps
+        only what is still in flight (other batches of this process may be)."""
+        if self._fd is None or not entries:
+            return
+        with self._lock:
+            self._pending.subtract(entries)
+            self._pending = +self._pending  # drop zero counts
+            os.ftruncate(self._fd, 0)
+            if self._pending:
+                lines = "".join(f"{sha} {fmt}\n" for (sha, fmt), n in self._pending.items() for _ in range(n))
+                os.write(self._fd, lines.encode())
+            os.fsync(self._fd)
+
+    @property
+    def pending(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._pending.elements())
 
     def entries(self) -> list[tuple[str, str]]:
         if self._fd is None:
@@ -88,7 +113,9 @@ class FileJournal:
 
     def clear(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            with self._lock:
+                self._pending.clear()
+                os.ftruncate(self._fd, 0)
 
     def close(self, *, remove: bool = True) -> None:
         if self._fd is None:
@@ -147,7 +174,8 @@ class ImageStore:
         self._old_path(sha256, image_format).unlink(missing_ok=True)
 
     def discard(self, sha256: str, image_format: str) -> int:
-        """Remove a file and any temporary file a killed write left beside it; 1 if the file was there."""
+        """Remove a file and any temporary file a killed write left beside it; 1 if the file was
+        there."""
         removed = 0
         for path in (self._path(sha256, image_format), self._old_path(sha256, image_format)):
             for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:

@@ -33,7 +33,7 @@ from app.context import AppContext, open_context
 from app.datasets import load_mnist
 from app.services.bench import BenchError
 from app.services.collections import create_collection
-from app.services.pipeline import Chunk, Pipeline
+from app.services.pipeline import Chunk, Pipeline, time_stages
 from app.services.sources import (
     DatasetSource,
     FolderSource,
@@ -159,18 +159,21 @@ def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int
     chunks: list[Chunk] = []
     seconds = {"read": _timed(lambda: chunks.extend(pipeline.read(members)))}
     n = sum(len(c.items) for c in chunks)
-    with ThreadPoolExecutor(pipeline.workers, thread_name_prefix="bench-decode") as pool:
+    if pipeline.processes:
+        _worker_stages(pipeline, chunks, seconds)
+    else:
+        with ThreadPoolExecutor(pipeline.workers, thread_name_prefix="bench-decode") as pool:
 
-        def decode_all() -> None:
-            for chunk in chunks:
-                pipeline.decode(chunk, pool)
-            for chunk in chunks:
-                for future in chunk.decoding:
-                    future.result()
-                chunk.decoding = []
+            def decode_all() -> None:
+                for chunk in chunks:
+                    pipeline.decode(chunk, pool)
+                for chunk in chunks:
+                    for future in chunk.decoding:
+                        future.result()
+                    chunk.decoding = []
 
-        seconds["decode"] = _timed(decode_all)
-    seconds["embed"] = _timed(lambda: [pipeline.embed(chunk) for chunk in chunks])
+            seconds["decode"] = _timed(decode_all)
+        seconds["embed"] = _timed(lambda: [pipeline.embed(chunk) for chunk in chunks])
 
     def write_all() -> None:
         batch: list[Chunk] = []
@@ -184,6 +187,22 @@ def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int
 
     seconds["write"] = _timed(write_all)
     return n, {stage: n / max(seconds[stage], 1e-9) for stage in STAGES}
+
+
+def _worker_stages(pipeline: Pipeline, chunks: list[Chunk], seconds: dict[str, float]) -> None:
+    """Decode and embed alone where the pipeline runs them, in its worker processes: each worker
+    times its decoding of a chunk, then its embedding of it; a stage's seconds are the summed
+    worker seconds over the worker count. Then the chunks are decoded and embedded for real
+    (untimed), so the write stage has what it needs."""
+    pool = pipeline.warm()
+    blobs = [[s.item.data for s in chunk.items if s.result is None and not s.known] for chunk in chunks]
+    timings = list(pool.map(time_stages, blobs))
+    seconds["decode"] = sum(d for d, _ in timings) / pipeline.workers
+    seconds["embed"] = sum(e for _, e in timings) / pipeline.workers
+    for chunk in chunks:
+        pipeline.decode(chunk, pool)
+    for chunk in chunks:
+        pipeline.embed(chunk)
 
 
 def _mode(pipeline: Pipeline) -> str:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
 WRITE_LOCK = threading.RLock()
 _DECODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cbir-decode")
+_FILE_WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cbir-files")
 # Tries of one batch's transaction when other processes store the same bytes at the same time.
 STORE_ATTEMPTS = 3
 
@@ -134,6 +135,9 @@ def store_accepted(
     high-water mark commit with its rows)."""
     # Load the index before the commit: a first load after it would already hold the new rows.
     ctx.indexes.get(record)
+    # Named in the journal before any file is written: if the transaction never commits (a crash,
+    # a kill -9), the next start finds these files and removes those no row refers to.
+    ctx.store.journal.note(_entries(accepted))
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             with ctx.db.transaction() as session:
@@ -148,43 +152,60 @@ def store_accepted(
                 )
                 if in_transaction is not None:
                     in_transaction(session)
-            ctx.store.journal.clear()
+            ctx.store.journal.settle(_entries(accepted))
             break
         except IntegrityError:
             # Another writer (a second process: `cbir import` beside the server, a second
             # replica) stored some of these bytes since we looked. The transaction rolled back;
             # the next attempt finds them and answers with their ids, as duplicates.
             if attempt == STORE_ATTEMPTS:
-                remove_unreferenced_files(ctx)
+                remove_unreferenced_files(ctx, entries=_entries(accepted))
                 raise
         except BaseException:
-            remove_unreferenced_files(ctx)
+            remove_unreferenced_files(ctx, entries=_entries(accepted))
             raise
     if len(new_ids):
         ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
 
 
-def remove_unreferenced_files(ctx: AppContext, journal: FileJournal | None = None) -> int:
-    """Delete the files a journal names that no image row refers to (the files of a transaction
-    that rolled back, or of a process killed before its commit); returns how many went."""
+def _entries(accepted: list[Accepted]) -> list[tuple[str, str]]:
+    return [(a.sha256, a.format) for a in accepted]
+
+
+def remove_unreferenced_files(
+    ctx: AppContext, journal: FileJournal | None = None, *, entries: list[tuple[str, str]] | None = None
+) -> int:
+    """Delete the files a journal names that no image row refers to: ``entries`` of this
+    process's journal (a transaction that rolled back, a pipeline that stopped), or everything a
+    dead process's journal names. Returns how many files went."""
     journal = journal or ctx.store.journal
-    entries = journal.entries()
+    if entries is None:
+        entries = journal.entries()
     if not entries:
         return 0
     removed = 0
     try:
         with ctx.db.session() as session:
-            shas = [sha for sha, _ in entries]
-            kept = set(
-                session.scalars(select(ImageRecord.sha256).where(ImageRecord.sha256.in_(shas)).distinct())
-            )
+            shas = sorted({sha for sha, _ in entries})
+            kept: set[str] = set()
+            for start in range(0, len(shas), 500):
+                kept.update(
+                    session.scalars(
+                        select(ImageRecord.sha256)
+                        .where(ImageRecord.sha256.in_(shas[start : start + 500]))
+                        .distinct()
+                    )
+                )
     except Exception:  # the database is away: keep the journal for the next start
         log.warning("could not check %d journalled files against the database", len(entries))
         return 0
     for sha, image_format in entries:
         if sha not in kept:
             removed += ctx.store.discard(sha, image_format)
-    journal.clear()
+    if journal is ctx.store.journal:
+        journal.settle(entries)
+    else:
+        journal.clear()
     return removed
 
 
@@ -254,11 +275,16 @@ def _store(
     if not fresh:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
 
-    # Named in the journal first: if the transaction never commits (a crash, a kill -9), the next
-    # start finds these files and removes those no row refers to.
-    ctx.store.journal.note([(a.sha256, a.format) for a, _ in fresh])
-    for a, _ in fresh:
+    def put(a: Accepted) -> None:
         ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.format, fsync=durable)
+
+    # Creating files is system-call work that releases the GIL: a few threads overlap it with
+    # each other and with the rest of the batch's Python (a bulk batch writes hundreds).
+    if len(fresh) > 8:
+        list(_FILE_WRITERS.map(put, (a for a, _ in fresh)))
+    else:
+        for a, _ in fresh:
+            put(a)
     if not durable:
         os.sync()  # one flush for the whole batch instead of one fsync per file
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import app.services.pipeline as pipeline_module
 from app.context import AppContext
 from app.datasets import read_idx
 from app.errors import FolderNotAllowed, InvalidRequest
@@ -425,10 +426,11 @@ def test_read_from_start_never_reads_the_members_before_it(
 def test_read_chunks_end_where_the_next_one_starts(ctx: AppContext, make_png: Callable[..., bytes]) -> None:
     create_collection(ctx, name="order", embedder="tiny")
     calls: list[str] = []
-    chunks = list(Pipeline(ctx, "order").read(recorded_members(150, make_png, calls)))
-    assert [c.end for c in chunks] == [64, 128, 150]
-    assert [s.position for c in chunks for s in c.items] == list(range(150))
-    assert len(calls) == 150
+    n = 2 * pipeline_module.CHUNK_ITEMS + 22
+    chunks = list(Pipeline(ctx, "order").read(recorded_members(n, make_png, calls)))
+    assert [c.end for c in chunks] == [pipeline_module.CHUNK_ITEMS, 2 * pipeline_module.CHUNK_ITEMS, n]
+    assert [s.position for c in chunks for s in c.items] == list(range(n))
+    assert len(calls) == n
 
 
 def test_a_member_that_fails_to_read_is_rejected_alone(
