@@ -440,7 +440,7 @@ class IndexManager:
             index = self.get(collection)
             if index is None:
                 return  # the build in progress reads these rows or replays them from pending
-            keep = ~np.isin(ids, index.ids())  # a first load after the commit already holds them
+            keep = ~index.contains_many(ids)  # a first load after the commit already holds them
             if not keep.any():
                 return
             if index.ntotal == 0 and index.dim != vectors.shape[1]:

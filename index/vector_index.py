@@ -358,6 +358,15 @@ class VectorIndex:
         pos = int(np.searchsorted(ids, id))
         return pos < ids.size and int(ids[pos]) == id
 
+    def contains_many(self, ids: Any) -> np.ndarray:
+        """A boolean per id: whether it is stored (a binary search each, no copy of the id set)."""
+        query = np.asarray(ids, dtype=np.int64)
+        stored = self._ids
+        if stored.size == 0:
+            return np.zeros(query.shape, dtype=bool)
+        pos = np.minimum(np.searchsorted(stored, query), stored.size - 1)
+        return stored[pos] == query
+
     def ids(self) -> np.ndarray:
         """The stored ids, sorted ascending, as a (ntotal,) int64 copy."""
         return self._ids.copy()
