@@ -21,6 +21,7 @@ from app.api import (
     routes_jobs,
 )
 from app.context import open_context
+from app.memory import tune_malloc
 from app.services.collections import list_collections
 from app.services.evaluation import EvaluationRunner
 from app.services.jobs import JobRunner
@@ -32,6 +33,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    tune_malloc()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -76,6 +76,21 @@ class FileJournal:
             found.append(FileJournal(path, handle=fd))
         return found
 
+    @staticmethod
+    def is_held(path: Path) -> bool:
+        """Whether a live process holds this journal (its owner is alive)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we took
+        return False
+
     def note(self, entries: list[tuple[str, str]]) -> None:
         """Record (sha256, format) pairs durably before their files are written."""
         if self._fd is None or not entries:

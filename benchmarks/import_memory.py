@@ -71,6 +71,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages (torch's libraries, mapped by the server and by each
+    worker) counted once across processes, not once per process as RSS counts them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -93,6 +105,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--embedder", default="efficientnet_lite0")
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="CBIR_IMPORT_PROCESSES=0: decode on threads, embed in the server",
+    )
     parser.add_argument("--archive", type=Path, default=None, help="reuse (or keep) the archive here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -106,13 +123,14 @@ def main() -> None:
             print(f"writing {args.gigabytes:g} GB of distinct JPEGs ...", file=sys.stderr)
             images = write_archive(archive, target_bytes=int(args.gigabytes * 1024**3))
         size = archive.stat().st_size
-        server = LiveServer(
-            root / "data", root / "server.log", env={"CBIR_MAX_ARCHIVE_BYTES": str(4 * 1024**3)}
-        )
+        env = {"CBIR_MAX_ARCHIVE_BYTES": str(4 * 1024**3)}
+        if args.threads:
+            env["CBIR_IMPORT_PROCESSES"] = "0"
+        server = LiveServer(root / "data", root / "server.log", env=env)
         server.start()
         assert server.process is not None
         pid = server.process.pid
-        peak = {"total": 0.0, "server": 0.0}
+        peak = {"total": 0.0, "server": 0.0, "pss": 0.0}
         stop = threading.Event()
 
         def sample() -> None:
@@ -121,6 +139,7 @@ def main() -> None:
                 total = server_rss + sum(rss_mb(c) for c in children(pid))
                 peak["server"] = max(peak["server"], server_rss)
                 peak["total"] = max(peak["total"], total)
+                peak["pss"] = max(peak["pss"], pss_mb(pid) + sum(pss_mb(c) for c in children(pid)))
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -153,7 +172,14 @@ def main() -> None:
             ):
                 time.sleep(0.5)
             time.sleep(0.5)
-            baseline = {"server": rss_mb(pid), "total": rss_mb(pid) + sum(rss_mb(c) for c in children(pid))}
+            kids = children(pid)
+            commands = [Path(f"/proc/{k}/cmdline").read_bytes()[:80] for k in kids]
+            print(f"server {pid}: child processes {commands}", file=sys.stderr)
+            baseline = {
+                "server": rss_mb(pid),
+                "total": rss_mb(pid) + sum(rss_mb(c) for c in children(pid)),
+                "pss": pss_mb(pid) + sum(pss_mb(c) for c in children(pid)),
+            }
             print(f"uploading {size / 1024**3:.2f} GB ({images} JPEGs) ...", file=sys.stderr)
             with open(archive, "rb") as handle:
                 response = server.api(
@@ -186,13 +212,17 @@ def main() -> None:
         "server_peak_rss_mb": round(server_hwm, 1),
         "server_sampled_peak_rss_mb": round(peak["server"], 1),
         "server_plus_workers_peak_rss_mb": round(peak["total"], 1),
+        "baseline_pss_mb": round(baseline["pss"], 1),
+        "peak_pss_mb": round(peak["pss"], 1),
+        "mode": "threads" if args.threads else "worker processes",
         "seconds": round(seconds, 1),
     }
     print(f"archive            {size / 1024**3:.2f} GB, {images} JPEGs, embedder {args.embedder}")
     print(f"job                {result['job']}")
     print(f"before the upload  {baseline['server']:.0f} MB server, {baseline['total']:.0f} MB with workers")
     print(f"server peak RSS    {server_hwm:.0f} MB (VmHWM)")
-    print(f"+ worker processes {peak['total']:.0f} MB (sampled every 0.1 s)")
+    print(f"+ worker processes {peak['total']:.0f} MB RSS (sampled every 0.1 s)")
+    print(f"all processes PSS  {peak['pss']:.0f} MB peak, {baseline['pss']:.0f} MB before the upload")
     print(f"wall time          {seconds:.0f} s")
     if args.json:
         print(json.dumps(result))

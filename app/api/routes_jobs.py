@@ -86,7 +86,12 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             "send a zip or tar archive as multipart/form-data in the field 'file', "
             'or JSON {"dataset": "mnist", "split": "train"} or {"folder": "/path/under/an/import/root"}'
         )
-    job_id = await run_in_threadpool(runner.submit_import, collection=name, source=source)
+    try:
+        job_id = await run_in_threadpool(runner.submit_import, collection=name, source=source)
+    except BaseException:
+        for path in jobs.uploads_of(source):  # the collection went away meanwhile, or the database
+            path.unlink(missing_ok=True)
+        raise
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
@@ -180,9 +185,17 @@ def job_report(job_id: str, ctx: ContextDep) -> Response:
     duplicate, rejected), code (the reason of a rejection), detail, image_id."""
     jobs.get_job(ctx, job_id)  # 404 for an unknown job
     path = jobs.report_path(ctx, job_id)
-    if not path.is_file():
-        return Response(content=b"", media_type="application/x-ndjson")
-    return FileResponse(path, media_type="application/x-ndjson", filename=f"import-{job_id}.jsonl")
+    try:
+        # A running job appends (and after a restart cuts back) its report: send the bytes there
+        # are now, never a length that changes under the response.
+        body = path.read_bytes()
+    except FileNotFoundError:
+        body = b""
+    return Response(
+        content=body[: body.rfind(b"\n") + 1],  # whole lines only
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="import-{job_id}.jsonl"'},
+    )
 
 
 @router.get("/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})

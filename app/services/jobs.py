@@ -45,6 +45,7 @@ from app.services.sources import (
     from_params,
     iter_members,
 )
+from app.storage import FileJournal
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def keep_upload(ctx: AppContext, path: Path, *, suffix: str) -> Path:
     return target
 
 
-def _uploads(source: Source) -> list[Path]:
+def uploads_of(source: Source) -> list[Path]:
     if isinstance(source, ArchiveSource):
         return [source.path] + ([source.manifest] if source.manifest else [])
     return []
@@ -137,13 +138,18 @@ class JobRunner:
         Returns how many were resumed."""
         with self.ctx.db.session() as session:
             rows = session.execute(
-                select(JobRecord.id, JobRecord.kind, JobRecord.params, JobRecord.collection_id)
+                select(
+                    JobRecord.id, JobRecord.kind, JobRecord.params, JobRecord.collection_id, JobRecord.owner
+                )
                 .where(JobRecord.kind.in_(("import", "reembed")))
                 .where(JobRecord.state.in_(("queued", "running")))
                 .order_by(JobRecord.created_at, JobRecord.id)
             ).all()
         resumed = 0
-        for job_id, kind, params, collection_id in rows:
+        for job_id, kind, params, collection_id, owner in rows:
+            mine = owner == self.ctx.store.journal.path.name  # stopped earlier in this process
+            if owner and not mine and FileJournal.is_held(self.ctx.settings.journal_dir / owner):
+                continue  # another live process (`cbir import`) is running it
             name = self._collection_name(collection_id)
             if kind == "reembed" and name is not None:
                 self._mark_resumed(job_id)
@@ -155,7 +161,7 @@ class JobRunner:
                 continue
             try:
                 source = from_params(params or {}, data_dir=self.ctx.settings.data_dir)
-                missing = [p for p in _uploads(source) if not p.exists()]
+                missing = [p for p in uploads_of(source) if not p.exists()]
             except (KeyError, TypeError, ValueError) as exc:
                 missing, source = [Path(str(exc))], None  # type: ignore[assignment]
             if name is None or source is None or missing:
@@ -289,7 +295,8 @@ class JobRunner:
             return
         try:
             record = get_job(ctx, job_id).record
-            if record.state in FINAL_STATES:
+            if record.state in FINAL_STATES:  # cancelled between queueing and now
+                self._discard_uploads(source)
                 return
             counts = {k: getattr(record, k) for k in ("done", "added", "duplicates", "failed")}
             errors: list[dict[str, Any]] = list(record.errors or [])
@@ -304,7 +311,14 @@ class JobRunner:
             if started is not None and record.updated_at is not None:
                 # Resumed: keep the time it has worked, not the time it lay interrupted.
                 started = now - (_aware(record.updated_at) - _aware(started))
-            self._update(job_id, state="running", started_at=started or now, total=total, updated_at=now)
+            self._update(
+                job_id,
+                state="running",
+                started_at=started or now,
+                total=total,
+                updated_at=now,
+                owner=ctx.store.journal.path.name,
+            )
             members = iter_members(
                 source,
                 max_bytes=settings.max_upload_bytes,
@@ -314,6 +328,8 @@ class JobRunner:
             pipeline = Pipeline(ctx, collection)
             with self._lock:
                 self._pipelines[job_id] = pipeline
+            if self._stopping.is_set():  # a shutdown began while this job was counting its source
+                pipeline.stop()
 
             committed = {"report_bytes": report.stat().st_size if report.exists() else 0}
             staged: dict[str, Any] = {}
@@ -360,7 +376,9 @@ class JobRunner:
                     start=start,
                     in_transaction=in_transaction,
                     after_commit=after_commit,
-                    should_stop=lambda: self._cancel_requested(job_id) or pipeline.stopping,
+                    should_stop=lambda: (
+                        self._cancel_requested(job_id) or pipeline.stopping or self._stopping.is_set()
+                    ),
                 )
             except BaseException:
                 # A failed transaction may have written report lines: cut them back.
@@ -384,7 +402,7 @@ class JobRunner:
 
     @staticmethod
     def _discard_uploads(source: Source) -> None:
-        for path in _uploads(source):
+        for path in uploads_of(source):
             path.unlink(missing_ok=True)
 
     def cancel(self, job_id: str) -> JobInfo:

@@ -62,6 +62,7 @@ class Staged:
     height: int = 0
     prepared: Any = None
     vector: np.ndarray | None = None
+    version: str | None = None  # the embedder version that made ``vector``
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Chunk:
     nbytes: int
     decoding: list[Future[Any]] = field(default_factory=list)
     todo: list[Staged] = field(default_factory=list)  # sent to a worker process
+    target: Target | None = None  # whose embedder decodes and embeds it (set by ``decode``)
 
 
 _UNSET: Any = object()
@@ -134,8 +136,10 @@ def _worker_init(
     settings_json: str, spec: str, checkpoint: dict[str, Any] | None, version: str | None
 ) -> None:
     from app.embedders import EmbedderCache
+    from app.memory import tune_malloc
 
     _exit_with_parent()
+    tune_malloc()
     torch.set_num_threads(1)
     settings = Settings.model_validate_json(settings_json)
     embedder = None
@@ -224,6 +228,10 @@ def worker_pool(ctx: AppContext, target: Target, workers: int) -> ProcessPoolExe
     key = (str(ctx.settings.data_dir), record.embedder, record.embedder_version, workers)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
+        if pool is not None and getattr(pool, "_broken", False):  # a worker died while idle
+            pool.shutdown(wait=False, cancel_futures=True)
+            del _POOLS[key]
+            pool = None
         if pool is None:
             for old in _POOLS.values():
                 old.shutdown(wait=False, cancel_futures=True)
@@ -355,8 +363,9 @@ class Pipeline:
                 staged.known = True
 
     # -- stage 2: decode -------------------------------------------------------------------
-    def decode_one(self, staged: Staged) -> None:
+    def decode_one(self, staged: Staged, target: Target | None = None) -> None:
         """Decode, validate and preprocess one member (runs on the worker pool)."""
+        target = target or self.target
         if staged.result is not None or staged.known:
             return
         began = time.perf_counter()
@@ -366,32 +375,47 @@ class Pipeline:
             staged.result = ItemResult(staged.item.name, "rejected", code=exc.code, detail=exc.detail)
         else:
             staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
-            if self.target.embedder is not None:
-                staged.prepared = self.target.embedder.preprocess(decoded.image)
+            if target.embedder is not None:
+                staged.prepared = target.embedder.preprocess(decoded.image)
         self._count("decode", time.perf_counter() - began)
 
     def decode(self, chunk: Chunk, pool: Executor) -> Chunk:
+        target = chunk.target = self.target  # a training may switch it: each chunk keeps its own
         if isinstance(pool, ProcessPoolExecutor):
             todo = [s for s in chunk.items if s.result is None and not s.known]
             if todo:
-                future = pool.submit(_decode_and_embed, [s.item.data for s in todo])
+                blobs = [s.item.data for s in todo]
+                try:
+                    # The pool of the current version (a new one after a switch or a dead worker).
+                    future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
+                except (BrokenExecutor, RuntimeError):  # broken or shut down meanwhile: start afresh
+                    forget_worker_pool()
+                    future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
                 chunk.decoding = [future]
                 chunk.todo = todo
             return chunk
-        chunk.decoding = [pool.submit(self.decode_one, staged) for staged in chunk.items]
+        chunk.decoding = [pool.submit(self.decode_one, staged, target) for staged in chunk.items]
         return chunk
 
     def warm(self) -> Executor:
         """The executor ``run`` decodes on; worker processes are started and ready on return."""
         if not self.processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="cbir-decode")
-        pool = worker_pool(self.ctx, self.target, self.workers)
-        for future in [pool.submit(_decode_and_embed, []) for _ in range(self.workers)]:
-            future.result()
-        return pool
+        for attempt in (1, 2):
+            pool = worker_pool(self.ctx, self.target, self.workers)
+            try:
+                for future in [pool.submit(_decode_and_embed, []) for _ in range(self.workers)]:
+                    future.result()
+                return pool
+            except BrokenExecutor:
+                forget_worker_pool()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- stage 3: embed --------------------------------------------------------------------
     def embed(self, chunk: Chunk) -> Chunk:
+        target = chunk.target or self.target
         if chunk.todo:  # decoded and embedded by a worker process
             (future,) = chunk.decoding
             began = time.perf_counter()
@@ -402,7 +426,7 @@ class Pipeline:
                 # do this one here.
                 forget_worker_pool(future)
                 for staged in chunk.todo:
-                    self.decode_one(staged)
+                    self.decode_one(staged, target)
                 chunk.decoding, chunk.todo = [], []
                 return self.embed(chunk)
             for staged, outcome in zip(chunk.todo, outcomes, strict=True):
@@ -412,6 +436,7 @@ class Pipeline:
                     )
                 else:
                     staged.format, staged.width, staged.height, staged.vector = outcome[1:]
+                    staged.version = target.record.embedder_version
             chunk.decoding, chunk.todo = [], []
             self._count("embed", time.perf_counter() - began)
             return chunk
@@ -419,14 +444,16 @@ class Pipeline:
             future.result()
         chunk.decoding = []
         ready = [s for s in chunk.items if s.prepared is not None]
-        if ready and self.target.embedder is not None:
+        embedder = target.embedder
+        if ready and embedder is not None:
             began = time.perf_counter()
             step = self.ctx.settings.embed_batch_size
             for first in range(0, len(ready), step):
                 part = ready[first : first + step]
-                vectors = self.target.embedder.embed_prepared([s.prepared for s in part])
+                vectors = embedder.embed_prepared([s.prepared for s in part])
                 for staged, vector in zip(part, vectors, strict=True):
                     staged.vector, staged.prepared = vector, None
+                    staged.version = target.record.embedder_version
             self._count("embed", time.perf_counter() - began)
         return chunk
 
@@ -473,9 +500,10 @@ class Pipeline:
         is decoded and embedded now."""
         with self.ctx.db.session() as session:
             live = require_collection(session, self.collection)
-            switched = live.embedder_version != self.target.record.embedder_version
-            if switched:
+            if live.embedder_version != self.target.record.embedder_version:
                 self.target = Target(self.ctx, live, checkpoint_of(session, live))
+            else:
+                self.target.record = live  # index settings may have changed; the embedder has not
             known = [s.sha256 for s in staged if s.known]
             stored = (
                 set(
@@ -488,13 +516,21 @@ class Pipeline:
                 if known
                 else set()
             )
-        redo = [s for s in staged if s.result is None and ((s.known and s.sha256 not in stored) or switched)]
+        version = live.embedder_version
+        # Embedded by another version than the one served now (a training or whitening switched
+        # it while these were on their way), or flagged known but deleted since.
+        redo = [
+            s
+            for s in staged
+            if s.result is None
+            and ((s.known and s.sha256 not in stored) or (not s.known and s.version != version))
+        ]
         for s in redo:
             s.known = False
-            s.vector = None
-            self.decode_one(s)
+            s.vector = s.version = None
+            self.decode_one(s, self.target)
         if redo:
-            self.embed(Chunk(redo, 0, 0))
+            self.embed(Chunk(redo, 0, 0, target=self.target))
         for s in staged:
             if s.known and s.result is None and s.format is None:
                 # Still stored: the writer answers it as a duplicate; the row needs no decode.

@@ -102,6 +102,7 @@ def run_reembed(
         job = session.get(JobRecord, job_id)
         assert job is not None
         job.state, job.updated_at = "running", utcnow()
+        job.owner = ctx.store.journal.path.name
         job.started_at = job.started_at or utcnow()
         job.total = job.done + missing
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cbir-reembed") as pool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import tarfile
 import zipfile
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from app.datasets import DATASETS, MNIST_FILES, load_mnist, read_idx
-from app.errors import FolderNotAllowed, InvalidRequest, UnsupportedArchive
+from app.errors import CbirError, FolderNotAllowed, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 
 SKIPPED_FOLDER = "__MACOSX"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
@@ -216,7 +217,7 @@ def check_manifest(path: Path, *, roots: list[Path] | None = None) -> ManifestSo
     path = confine(path, roots)
     if not path.is_file():
         raise InvalidRequest(f"{str(path)[:200]!r} is not a file")
-    parse_manifest(path.read_bytes()[:MAX_MANIFEST_BYTES], name=path.name)  # 422 now if unreadable
+    parse_manifest(read_manifest(path), name=path.name)  # 422 now if unreadable
     return ManifestSource(path, tuple(roots) if roots is not None else None)
 
 
@@ -234,7 +235,7 @@ def check_archive(path: Path, filename: str, *, manifest: Path | None = None) ->
         raise UnsupportedArchive(f"{filename!r} is not a zip or tar archive (tar.gz and tar.bz2 are fine)")
     source = ArchiveSource(path, filename, manifest)
     if manifest is not None:
-        parse_manifest(manifest.read_bytes(), name=manifest.name)
+        parse_manifest(read_manifest(manifest), name=manifest.name)
     return source
 
 
@@ -257,6 +258,15 @@ class ManifestRow:
     error: str | None = None
 
 
+def read_manifest(path: Path) -> bytes:
+    """A manifest file's bytes, never more than MAX_MANIFEST_BYTES read (413 when larger)."""
+    with path.open("rb") as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PayloadTooLarge(f"the manifest {path.name!r} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
 def parse_manifest(data: bytes, *, name: str) -> list[ManifestRow]:
     """CSV with a header (a ``path`` column, optional ``label``, other columns as metadata) or JSON
     lines (``{"path": ..., "label": ..., "metadata": {...}}``, other keys as metadata).
@@ -270,6 +280,13 @@ def parse_manifest(data: bytes, *, name: str) -> list[ManifestRow]:
     stripped = text.lstrip()
     if name.endswith(".jsonl") or stripped.startswith("{"):
         return [_jsonl_row(line, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        return _csv_rows(text, name=name)
+    except csv.Error as exc:
+        raise InvalidRequest(f"the manifest {name!r} is not readable CSV: {exc}") from None
+
+
+def _csv_rows(text: str, *, name: str) -> list[ManifestRow]:
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in reader.fieldnames or []]
     path_column = next((c for c in PATH_COLUMNS if c in columns), None)
@@ -293,6 +310,8 @@ def _jsonl_row(line: str, number: int) -> ManifestRow:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         return ManifestRow(None, {}, f"line {number} is not JSON: {exc.msg}")
+    except (RecursionError, ValueError):  # nested too deep, a number too long
+        return ManifestRow(None, {}, f"line {number} is not JSON this service reads")
     if not isinstance(value, dict):
         return ManifestRow(None, {}, f"line {number} is not a JSON object")
     path = next((value.pop(c) for c in PATH_COLUMNS if c in value), None)
@@ -309,6 +328,10 @@ def _row(path: str, metadata: dict[str, Any]) -> ManifestRow:
         return ManifestRow(None, {}, "the row has an empty path")
     clean: dict[str, Any] = {}
     for key, value in list(metadata.items())[:MAX_META_KEYS]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return ManifestRow(None, {}, f"metadata {str(key)[:64]!r} is not a finite number")
+        if (isinstance(value, str) and "\x00" in value) or "\x00" in str(key):
+            return ManifestRow(None, {}, "metadata holds a NUL character")
         if isinstance(value, str | int | float | bool) or value is None:
             clean[str(key)[:64]] = value[:MAX_META_CHARS] if isinstance(value, str) else value
     if "label" in clean and clean["label"] is not None:
@@ -368,9 +391,9 @@ def count_members(source: Source, *, datasets_dir: Path | None, data_dir: Path) 
         if isinstance(source, IdxSource):
             return sum(_idx_count(path) for path in source.images)
         if isinstance(source, ManifestSource):
-            return len(parse_manifest(source.path.read_bytes(), name=source.path.name))
+            return len(parse_manifest(read_manifest(source.path), name=source.path.name))
         return sum(len(_mnist(split, datasets_dir, data_dir)[1]) for split in _splits(source))
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, InvalidRequest):
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, CbirError):
         return None
 
 
@@ -387,7 +410,9 @@ def _archive_members(source: ArchiveSource, *, max_bytes: int, listing: bool = F
     if zipfile.is_zipfile(source.path):
         with zipfile.ZipFile(source.path) as archive:
             infos = [i for i in archive.infolist() if not i.is_dir() and not skipped(i.filename)]
-            manifest = _archive_manifest(source, lambda n: archive.read(n), [i.filename for i in infos])
+            manifest = _archive_manifest(
+                source, lambda n: _zip_manifest(archive, n), [i.filename for i in infos]
+            )
             for info in infos:
                 if manifest is not None and info.filename in MANIFEST_NAMES:
                     continue
@@ -435,11 +460,22 @@ def _archive_members(source: ArchiveSource, *, max_bytes: int, listing: bool = F
         yield from _missing_rows(manifest)
 
 
+def _zip_manifest(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A manifest member, inflated no further than MAX_MANIFEST_BYTES (a zip bomb stops there)."""
+    with archive.open(name) as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise InvalidRequest(
+            f"the manifest {name!r} in the archive is larger than {MAX_MANIFEST_BYTES} bytes"
+        )
+    return data
+
+
 def _archive_manifest(
     source: ArchiveSource, read: Callable[[str], bytes], names: list[str]
 ) -> dict[str, ManifestRow] | None:
     if source.manifest is not None:
-        rows = parse_manifest(source.manifest.read_bytes(), name=source.manifest.name)
+        rows = parse_manifest(read_manifest(source.manifest), name=source.manifest.name)
     else:
         inside = next((n for n in names if PurePosixPath(n).as_posix() in MANIFEST_NAMES), None)
         if inside is None:
@@ -549,7 +585,7 @@ def _holidays_members(source: HolidaysSource, *, max_bytes: int) -> Iterator[Mem
 def _manifest_members(source: ManifestSource, *, max_bytes: int) -> Iterator[Member]:
     folder = source.path.parent
     inside = source.roots if source.roots is not None else (Path("/"),)
-    for number, row in enumerate(parse_manifest(source.path.read_bytes(), name=source.path.name), 1):
+    for number, row in enumerate(parse_manifest(read_manifest(source.path), name=source.path.name), 1):
         if row.path is None:
             yield Member(f"row {number}", reject=("manifest_row_invalid", row.error or "bad row"))
             continue

@@ -23,10 +23,13 @@ def upgrade() -> None:
         # How many times the job was picked up again after a crash or restart.
         batch.add_column(sa.Column("resumes", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
+        # The journal file of the process running it (locked while that process lives).
+        batch.add_column(sa.Column("owner", sa.String(length=128), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("owner")
         batch.drop_column("updated_at")
         batch.drop_column("resumes")
         batch.drop_column("cursor")

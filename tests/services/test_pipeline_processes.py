@@ -68,10 +68,14 @@ def test_worker_processes_give_the_vectors_an_upload_gives(
 
 
 def test_a_worker_killed_mid_import_costs_nothing(
-    process_settings: Settings, tmp_path: Path, make_png: Callable[..., bytes]
+    process_settings: Settings,
+    tmp_path: Path,
+    make_png: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("worker processes are used on two cores or more")
+    monkeypatch.setattr(pipeline, "CHUNK_ITEMS", 8)  # chunks still to submit after the kill
     ctx = open_context(process_settings.model_copy(update={"import_batch_size": 16}))
     try:
         create_collection(ctx, name="p", embedder="tiny")
@@ -94,5 +98,31 @@ def test_a_worker_killed_mid_import_costs_nothing(
         assert (record.state, record.added, record.failed) == ("succeeded", 300, 1)
         info = get_collection(ctx, "p")
         assert info.image_count == info.index_size == 300
+    finally:
+        ctx.close()
+
+
+def test_an_idle_worker_killed_between_jobs_is_replaced(
+    process_settings: Settings, tmp_path: Path, make_png: Callable[..., bytes]
+) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("worker processes are used on two cores or more")
+    ctx = open_context(process_settings)
+    try:
+        create_collection(ctx, name="p", embedder="tiny")
+        runner = jobs.JobRunner(ctx)
+        for round_ in range(2):
+            folder = tmp_path / f"round{round_}"
+            folder.mkdir()
+            for i in range(20):
+                (folder / f"{i}.png").write_bytes(make_png(1000 * round_ + i, size=(12, 12)))
+            source = jobs.check_folder(folder)
+            job_id = runner.create_job(collection="p", source=source)
+            runner.run_import(job_id=job_id, collection="p", source=source)
+            assert jobs.get_job(ctx, job_id).record.state == "succeeded"
+            for pool in pipeline._POOLS.values():  # the OOM killer, between two jobs
+                for pid in list(pool._processes):  # noqa: SLF001
+                    os.kill(pid, signal.SIGKILL)
+        assert get_collection(ctx, "p").image_count == 40
     finally:
         ctx.close()

@@ -144,3 +144,42 @@ def test_put_embedder_over_http(client: TestClient, make_png: Callable[..., byte
         404,
         "collection_not_found",
     )
+
+
+def test_a_version_switch_during_an_import_leaves_no_vector_of_the_old_version(
+    ctx: AppContext, tmp_path, make_png: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whitening (a new embedder version) lands between two batches of an import: the chunks
+    already embedded with the old version are embedded again before they are stored."""
+    import app.services.pipeline as pipeline
+    from app.services.tuning import whiten_collection
+
+    monkeypatch.setattr(pipeline, "CHUNK_ITEMS", 8)
+    create_collection(ctx, name="c", embedder="tiny")
+    _fill(ctx, make_png, 10, start=1000)  # something to fit the whitening on
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(120):
+        (folder / f"{i:03d}.png").write_bytes(make_png(i, size=(16, 16)))
+    settings = ctx.settings.model_copy(update={"import_batch_size": 16})
+    ctx.settings = settings
+    runner = jobs.JobRunner(ctx)
+    source = jobs.check_folder(folder)
+    job_id = runner.create_job(collection="c", source=source)
+    switched: list[bool] = []
+
+    def whiten_once(counts: dict[str, int], total: int | None) -> None:
+        if not switched:
+            whiten_collection(ctx, collection="c", dim=4, shrinkage=0.5)
+            switched.append(True)
+
+    runner.run_import(job_id=job_id, collection="c", source=source, on_progress=whiten_once)
+    record = jobs.get_job(ctx, job_id).record
+    assert record.state == "succeeded", record.error
+    info = get_collection(ctx, "c")
+    assert info.image_count == info.index_size == 130
+    assert _versions(ctx) == {info.embedder_version}
+    with ctx.db.session() as session:
+        c = require_collection(session, "c")
+    vectors, _ = load_vectors(ctx.db, collection_id=c.id, embedder_version=c.embedder_version)
+    assert vectors.shape == (130, 4)

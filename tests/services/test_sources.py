@@ -474,3 +474,25 @@ def test_archive_member_order_is_fixed_and_manifest_rows_come_in_archive_order(
             ("not/there.png", {}, "missing_member"),
         ], name
         assert count(source, settings) == 3
+
+
+def test_manifest_rows_with_deep_json_infinite_numbers_or_nul_are_rejected_per_row() -> None:
+    deep = '{"path": "a.png", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    rows = parse_manifest(
+        "\n".join(
+            [
+                deep,
+                '{"path": "b.png", "w": 1e999}',
+                '{"path": "c.png", "n": "a\\u0000b"}',
+                '{"path": "d.png"}',
+            ]
+        ).encode(),
+        name="m.jsonl",
+    )
+    assert [r.path for r in rows] == [None, None, None, "d.png"]
+    assert all(r.error for r in rows[:3])
+
+
+def test_a_csv_manifest_field_over_the_csv_limit_is_a_422() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_manifest(("path,label\n" + "a.png," + "x" * 200_000 + "\n").encode(), name="m.csv")
