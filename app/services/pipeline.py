@@ -193,8 +193,9 @@ def time_stages(blobs: list[bytes]) -> tuple[float, float]:
     decode_s = time.perf_counter() - began
     began = time.perf_counter()
     if embedder is not None and prepared:
-        for k in range(0, len(prepared), 256):
-            embedder.embed_prepared(prepared[k : k + 256])
+        step = forward_batch(prepared[0], 256)  # as the pipeline's workers do
+        for k in range(0, len(prepared), step):
+            embedder.embed_prepared(prepared[k : k + step])
     return decode_s, time.perf_counter() - began
 
 
