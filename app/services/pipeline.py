@@ -136,10 +136,10 @@ def _worker_init(
     settings_json: str, spec: str, checkpoint: dict[str, Any] | None, version: str | None
 ) -> None:
     from app.embedders import EmbedderCache
-    from app.memory import tune_malloc
 
+    # No app.memory.tune_malloc here: with every buffer over 256 KiB mapped and unmapped, the
+    # model's activations cost page faults on each forward pass (embedding was 30% slower).
     _exit_with_parent()
-    tune_malloc()
     torch.set_num_threads(1)
     settings = Settings.model_validate_json(settings_json)
     embedder = None
@@ -151,17 +151,6 @@ def _worker_init(
     _WORKER.update(
         embedder=embedder, limits=ImageLimits(max_pixels=settings.max_pixels, max_side=settings.max_side)
     )
-
-
-FORWARD_INPUT_BYTES = 4 * 1024 * 1024
-
-
-def forward_batch(example: Any, limit: int) -> int:
-    """Images per forward pass: ``limit``, fewer for big inputs. A CNN's activations are tens of
-    times its input: 30 photos at 224x224 in one pass held half a gigabyte; about 4 MB of input
-    per pass (6 such photos, or 256 MNIST digits) costs the CPU no throughput."""
-    size = int(getattr(example, "nbytes", 0) or 0)
-    return max(1, min(limit, FORWARD_INPUT_BYTES // size)) if size else limit
 
 
 def _exit_with_parent() -> None:
@@ -193,9 +182,8 @@ def time_stages(blobs: list[bytes]) -> tuple[float, float]:
     decode_s = time.perf_counter() - began
     began = time.perf_counter()
     if embedder is not None and prepared:
-        step = forward_batch(prepared[0], 256)  # as the pipeline's workers do
-        for k in range(0, len(prepared), step):
-            embedder.embed_prepared(prepared[k : k + step])
+        for k in range(0, len(prepared), 256):
+            embedder.embed_prepared(prepared[k : k + 256])
     return decode_s, time.perf_counter() - began
 
 
@@ -217,7 +205,7 @@ def _decode_and_embed(blobs: list[bytes]) -> list[tuple[Any, ...]]:
             rows.append(i)
     if prepared:
         assert embedder is not None
-        step = forward_batch(prepared[0], 256)
+        step = 256
         vectors = np.concatenate(
             [embedder.embed_prepared(prepared[k : k + step]) for k in range(0, len(prepared), step)]
         )
@@ -459,7 +447,7 @@ class Pipeline:
         embedder = target.embedder
         if ready and embedder is not None:
             began = time.perf_counter()
-            step = forward_batch(ready[0].prepared, self.ctx.settings.embed_batch_size)
+            step = self.ctx.settings.embed_batch_size
             for first in range(0, len(ready), step):
                 part = ready[first : first + step]
                 vectors = embedder.embed_prepared([s.prepared for s in part])
