@@ -257,3 +257,25 @@ def test_collection_tuning_commands(cli: Callable[..., Result], tmp_path: Path) 
 
 def test_train_lenet5_is_the_classifier_command_under_the_embedder_name(cli: Callable[..., Result]) -> None:
     assert_clean_failure(cli("train", "lenet5", "--collection", "missing"), "no collection named 'missing'")
+
+
+def test_reembed_switches_the_collection_and_refuses_what_it_cannot(
+    cli: Callable[..., Result], tmp_path: Path, make_png: Callable[..., bytes]
+):
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(make_png(i))
+    cli("collections", "create", "pets", "--embedder", "tiny")
+    assert cli("import", str(folder), "--collection", "pets").exit_code == 0
+
+    switched = cli("collections", "reembed", "pets", "--embedder", "pixels")
+    assert switched.exit_code == 0, switched.output
+    assert "succeeded; 4 images embedded with pixels" in switched.stdout
+    listed = cli("collections", "list")
+    assert listed.stdout.strip().split("\t")[:2] == ["pets", "pixels"]
+
+    again = cli("collections", "reembed", "pets", "--embedder", "pixels")
+    assert again.exit_code != 0 and "already serves" in again.output
+    trainable = cli("collections", "reembed", "pets", "--embedder", "cdae")
+    assert trainable.exit_code != 0 and "cbir train" in trainable.output
