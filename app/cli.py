@@ -234,18 +234,17 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None) ->
             parsed = jobs.check_manifest(path)
         elif path.is_file():
             jobs.check_archive(path, path.name)
-            # The job deletes its archive when done: hand it a copy in the data folder.
-            ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            kept = jobs.keep_upload(ctx, Path(tmp), suffix=".archive")
-            copy = None
-            if manifest is not None:
+
+            # The job deletes its uploads when done: hand it copies in the data folder.
+            def keep_copy(original: Path, suffix: str) -> Path:
+                ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
                 os.close(fd)
-                shutil.copyfile(manifest, tmp)
-                copy = jobs.keep_upload(ctx, Path(tmp), suffix=".manifest")
+                shutil.copyfile(original, tmp)
+                return jobs.keep_upload(ctx, Path(tmp), suffix=suffix)
+
+            kept = keep_copy(path, ".archive")
+            copy = keep_copy(manifest, ".manifest") if manifest is not None else None
             parsed = jobs.check_archive(kept, path.name, manifest=copy)
         else:
             dataset, _, split = source.partition(":")

@@ -39,7 +39,7 @@ from app.services.sources import (
     FolderSource,
     Source,
     check_archive,
-    iter_members,
+    members_of,
     png_bytes,
 )
 from app.services.training import train_cdae
@@ -115,12 +115,7 @@ def _mnist_setup(settings: Settings, images: int) -> _Setup:
 
     def prepare(ctx: AppContext, collection: str) -> None:
         # Train the CDAE on 2,000 test digits (not the timed ones), one epoch, as `cbir train cdae`.
-        seed = iter_members(
-            DatasetSource("mnist", "test"),
-            max_bytes=1 << 30,
-            datasets_dir=settings.datasets_dir,
-            data_dir=ctx.settings.data_dir,
-        )
+        seed = members_of(DatasetSource("mnist", "test"), ctx.settings)
         Pipeline(ctx, collection).run(_first(seed, 2000))
         train_cdae(ctx, collection=collection, epochs=1)
 
@@ -150,12 +145,7 @@ def _timed(run: Callable[[], object]) -> float:
 def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int, dict[str, float]]:
     """Each stage over all members, one stage at a time; returns (members, images/s per stage)."""
     pipeline = Pipeline(ctx, collection)
-    members = iter_members(
-        source,
-        max_bytes=ctx.settings.max_upload_bytes,
-        datasets_dir=ctx.settings.datasets_dir,
-        data_dir=ctx.settings.data_dir,
-    )
+    members = members_of(source, ctx.settings)
     chunks: list[Chunk] = []
     seconds = {"read": _timed(lambda: chunks.extend(pipeline.read(members)))}
     n = sum(len(c.items) for c in chunks)
@@ -217,12 +207,7 @@ def _end_to_end(ctx: AppContext, collection: str, source: Source) -> tuple[int, 
     warm = pipeline.warm()  # worker processes start once per server and embedder version: not timed
     if isinstance(warm, ThreadPoolExecutor):
         warm.shutdown()
-    members = iter_members(
-        source,
-        max_bytes=ctx.settings.max_upload_bytes,
-        datasets_dir=ctx.settings.datasets_dir,
-        data_dir=ctx.settings.data_dir,
-    )
+    members = members_of(source, ctx.settings)
     counted: list[int] = []
     seconds = _timed(
         lambda: pipeline.run(members, after_commit=lambda results, end: counted.append(len(results)))

@@ -43,7 +43,7 @@ from app.services.sources import (
     count_members,
     describe,
     from_params,
-    iter_members,
+    members_of,
 )
 from app.storage import FileJournal
 
@@ -319,12 +319,7 @@ class JobRunner:
                 updated_at=now,
                 owner=ctx.store.journal.path.name,
             )
-            members = iter_members(
-                source,
-                max_bytes=settings.max_upload_bytes,
-                datasets_dir=settings.datasets_dir,
-                data_dir=settings.data_dir,
-            )
+            members = members_of(source, ctx.settings)
             pipeline = Pipeline(ctx, collection)
             with self._lock:
                 self._pipelines[job_id] = pipeline

@@ -379,6 +379,16 @@ def iter_members(
         yield from _dataset_members(source, datasets_dir=datasets_dir, data_dir=data_dir)
 
 
+def members_of(source: Source, settings: Any) -> Iterator[Member]:
+    """``iter_members`` with a service's settings (size cap, datasets and data folders)."""
+    return iter_members(
+        source,
+        max_bytes=settings.max_upload_bytes,
+        datasets_dir=settings.datasets_dir,
+        data_dir=settings.data_dir,
+    )
+
+
 def count_members(source: Source, *, datasets_dir: Path | None, data_dir: Path) -> int | None:
     """How many members the source lists, without reading any (None when it cannot tell)."""
     try:

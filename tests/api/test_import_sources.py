@@ -22,21 +22,6 @@ IMPORTS = f"{API}/collections/pets/imports"
 
 
 @pytest.fixture
-def root(tmp_path: Path, make_png: Callable[..., bytes]) -> Path:
-    """An allowed root holding photos/{cat,dog}/*.png, and a secret folder beside it."""
-    base = tmp_path / "root"
-    for label, seeds in (("cat", (1, 2, 3)), ("dog", (4, 5))):
-        folder = base / "photos" / label
-        folder.mkdir(parents=True)
-        for seed in seeds:
-            (folder / f"{seed}.png").write_bytes(make_png(seed))
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    (secret / "private.png").write_bytes(make_png(99))
-    return base
-
-
-@pytest.fixture
 def client(settings: Settings, root: Path) -> Iterator[TestClient]:
     """A service allowed to import from ``root``, with an empty collection ``pets`` (tiny embedder)."""
     allowed = settings.model_copy(update={"import_roots": str(root)})
