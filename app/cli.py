@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,9 @@ def serve(host: str | None, port: int | None) -> None:
     from app.main import create_app
 
     settings: Settings = get_settings()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that
+    # was there before it: with this one the process ends with status 0, not "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,
@@ -213,9 +217,15 @@ def collections_whiten(name: str, dim: int, shrinkage: float) -> None:
     default=None,
     help="with an archive: a CSV or JSON-lines file naming its members and their metadata",
 )
-def import_(source: str, collection: str, layout: str, manifest: Path | None) -> None:
+@click.option(
+    "--urls",
+    is_flag=True,
+    help="SOURCE is a text file of image URLs, one a line (fetched from public hosts only)",
+)
+def import_(source: str, collection: str, layout: str, manifest: Path | None, urls: bool) -> None:
     """Import SOURCE into a collection through the same pipeline as the API: a folder, a zip/tar
-    archive, a manifest (.csv or .jsonl: path, label, metadata columns) or DATASET:SPLIT (mnist:all).
+    archive, a manifest (.csv or .jsonl: path, label, metadata columns), DATASET:SPLIT (mnist:all),
+    or with --urls a file of image URLs.
 
     The job is recorded like the API's: if this command is killed, the server (or the next
     `cbir serve`) resumes it."""
@@ -228,8 +238,12 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None) ->
     with _context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
         path = Path(source)
-        if path.is_dir():
-            parsed: jobs.Source = jobs.check_folder(path, layout=layout)
+        if urls:
+            from app.services.url_source import check_urls, read_url_list
+
+            parsed: jobs.Source = check_urls(read_url_list(path), settings=ctx.settings)
+        elif path.is_dir():
+            parsed = jobs.check_folder(path, layout=layout)
         elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
             parsed = jobs.check_manifest(path)
         elif path.is_file():
@@ -267,6 +281,70 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None) ->
         )
         if r.state != "succeeded":
             raise SystemExit(1)
+
+
+@contextmanager
+def _database() -> Iterator[Any]:
+    """Just the database (migrated to head): what the key commands need, without any model."""
+    from app.db import Database
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    settings.ensure_dirs()
+    db = Database(settings.sqlalchemy_url)
+    try:
+        db.migrate()
+        yield db
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    finally:
+        db.dispose()
+
+
+@main.group()
+def keys() -> None:
+    """API keys: scopes read < write < admin. With CBIR_AUTH=auto (the default) the service
+    requires keys as soon as the first one is created."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--scope", type=click.Choice(["read", "write", "admin"]), required=True)
+def keys_create(name: str, scope: str) -> None:
+    """Create a key and print it, once: only its SHA-256 is stored."""
+    from app.services.keys import Scope, create_key
+
+    with _database() as db:
+        info, secret = create_key(db, name=name, scope=Scope[scope])
+    click.echo(f"created {info.scope.name} key {info.name!r}; it is shown only now:", err=True)
+    click.echo(secret)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """The keys with their scope and visible prefix (never the secret)."""
+    from app.services.keys import list_keys, parse_config_keys
+
+    with _database() as db:
+        configured = [info for info, _ in parse_config_keys(get_settings().api_keys.get_secret_value())]
+        stored = list_keys(db)
+    for info in [*configured, *stored]:
+        state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+        created = f"{info.created_at:%Y-%m-%d %H:%M}" if info.created_at else "CBIR_API_KEYS"
+        click.echo(f"{info.name}\t{info.scope.name}\t{info.prefix}\t{created}\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+def keys_revoke(name: str) -> None:
+    """Revoke a key; running servers refuse it within seconds."""
+    from app.services.keys import revoke_key
+
+    with _database() as db:
+        info = revoke_key(db, name)
+    click.echo(f"revoked {info.name!r}")
 
 
 @main.group()

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from app import faults
 from app.db import Database
 from app.embedders import EmbedderCache, validate_embedder_name
 from app.imaging import ImageLimits
 from app.indexes import IndexManager
 from app.settings import Settings
-from app.storage import FileJournal, ImageStore
+from app.storage import FileJournal, ImageStore, WriteGate
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class AppContext:
 
     @property
     def limits(self) -> ImageLimits:
-        return ImageLimits(max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
+        return ImageLimits.from_settings(self.settings)
 
     def close(self) -> None:
         from app.services.pipeline import shutdown_worker_pools
@@ -44,25 +45,36 @@ class AppContext:
 def open_context(settings: Settings, *, torch_threads: int | None = None) -> AppContext:
     """Validate settings, create folders, migrate the database to head, choose the device."""
     validate_embedder_name(settings.default_embedder)
+    faults.check()  # a mistyped CBIR_FAULT_* fails here, not silently never firing
     try:
         device = pick_device(settings.device)
     except ValueError as exc:
         raise SystemExit(f"CBIR_DEVICE: {exc}") from None
     torch.set_num_threads(torch_threads or settings.torch_threads)
-    settings.ensure_dirs()
-    db = Database(settings.sqlalchemy_url)
+    read_only = settings.read_only  # CBIR_READ_ONLY: nothing below writes to the data folder
+    if not read_only:
+        settings.ensure_dirs()
+    db = Database(settings.sqlalchemy_url, read_only=read_only)
     db.migrate()
     context = AppContext(
         settings=settings,
         db=db,
-        store=ImageStore(settings.images_dir, journal=FileJournal.open(settings.journal_dir)),
+        store=ImageStore(
+            settings.images_dir,
+            journal=None if read_only else FileJournal.open(settings.journal_dir),
+            gate=WriteGate(read_only=read_only),
+        ),
         embedders=EmbedderCache(settings=settings, device=device),
         indexes=IndexManager(
-            db=db, index_dir=settings.index_dir, sync_rebuild_max=settings.index_sync_rebuild_max
+            db=db,
+            index_dir=settings.index_dir,
+            sync_rebuild_max=settings.index_sync_rebuild_max,
+            read_only=read_only,
         ),
         device=device,
     )
-    _remove_unfinished_writes(context)
+    if not read_only:
+        _remove_unfinished_writes(context)
     context.indexes.start()
     return context
 

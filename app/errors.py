@@ -77,6 +77,34 @@ class FolderNotAllowed(CbirError):
     status, code, title = 403, "folder_not_allowed", "Folder not allowed"
 
 
+class PathOutsideRoot(FolderNotAllowed):
+    """A server path that is not under an import root (``..``, absolute, a link out, or missing:
+    the same answer either way, so the API cannot probe the file system)."""
+
+    code, title = "path_outside_root", "Path outside the import roots"
+
+
+class Unauthorized(CbirError):
+    """No API key, or one that matches no key; ``headers`` carries the WWW-Authenticate challenge."""
+
+    status, code, title = 401, "unauthorized", "Unauthorized"
+    headers = {"WWW-Authenticate": 'APIKey realm="cbir", header="X-API-Key"'}
+
+
+class Forbidden(CbirError):
+    """A valid API key whose scope is below the one the operation needs."""
+
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class RateLimited(CbirError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class ImageRejected(CbirError):
     """The bytes are not an image we accept; subclasses say why."""
 
@@ -96,8 +124,20 @@ class ImageTooLarge(ImageRejected):
     status, code, title = 413, "image_too_large", "Image too large"
 
 
+class TooManyFrames(ImageRejected):
+    """An animated file declaring more frames than CBIR_MAX_FRAMES (only the first is decoded)."""
+
+    code, title = "too_many_frames", "Too many frames"
+
+
 class PayloadTooLarge(CbirError):
     status, code, title = 413, "payload_too_large", "Request body too large"
+
+
+class BodyTimeout(CbirError):
+    """The request body did not arrive in time (CBIR_BODY_TIMEOUT_S): a stalled or slow-drip client."""
+
+    status, code, title = 408, "body_timeout", "Request body too slow"
 
 
 class EmptyUpload(CbirError):
@@ -114,6 +154,86 @@ class UnsupportedArchive(CbirError):
     status, code, title = 415, "unsupported_archive", "Unsupported archive"
 
 
+class BadArchive(CbirError):
+    """A zip or tar (by its first bytes) that cannot be read: truncated or damaged."""
+
+    status, code, title = 422, "bad_archive", "Damaged archive"
+
+
+class TooManyMembers(CbirError):
+    status, code, title = 413, "too_many_members", "Too many archive members"
+
+
+class MemberRejected(CbirError):
+    """One member of an import found bad while it was read (a bomb, a lying header, a file gone):
+    the import reports it with this code and goes on."""
+
+    status, code, title = 422, "member_rejected", "Member rejected"
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class UrlImportDisabled(CbirError):
+    status, code, title = 403, "url_import_disabled", "URL import disabled"
+
+
+class TooManyUrls(PayloadTooLarge):
+    code, title = "too_many_urls", "Too many URLs"
+
+
+class UrlRejected(CbirError):
+    """A URL of an import that was not fetched, or whose fetch failed (app/services/fetch.py):
+    reported per item with the subclass's code."""
+
+    status, code, title = 422, "url_rejected", "URL rejected"
+
+
+class InvalidUrl(UrlRejected):
+    code, title = "invalid_url", "Invalid URL"
+
+
+class BadScheme(UrlRejected):
+    code, title = "bad_scheme", "Scheme not fetched"
+
+
+class BlockedDestination(UrlRejected):
+    """This machine, its networks or another non-public address: never connected to."""
+
+    status, code, title = 403, "blocked_destination", "Destination not allowed"
+
+
+class RedirectBlocked(BlockedDestination):
+    code, title = "redirect_blocked", "Redirect to a destination not allowed"
+
+
+class TooManyRedirects(UrlRejected):
+    code, title = "too_many_redirects", "Too many redirects"
+
+
+class HostNotFound(UrlRejected):
+    status, code, title = 502, "host_not_found", "Host not found"
+
+
+class RemoteError(UrlRejected):
+    """No connection, a status other than 200, a broken HTTP response."""
+
+    status, code, title = 502, "remote_error", "Remote server error"
+
+
+class RemoteTooLarge(UrlRejected):
+    status, code, title = 413, "remote_too_large", "Remote file too large"
+
+
+class FetchTimeout(UrlRejected):
+    status, code, title = 504, "timeout", "Remote server too slow"
+
+
+class UnsupportedEncoding(UrlRejected):
+    status, code, title = 415, "unsupported_encoding", "Unsupported Content-Encoding"
+
+
 class IndexMismatch(CbirError):
     status, code, title = 503, "index_unavailable", "Index not ready"
 
@@ -125,7 +245,39 @@ class IndexRebuilding(IndexMismatch):
     title = "Index rebuilding"
 
 
+class ReembedRequired(IndexMismatch):
+    """The collection has images but none has a vector of its configured embedder version (an
+    index file of another model cannot stand in): re-embed before searching."""
+
+    code = "reembed_required"
+    title = "Re-embedding required"
+
+
+class EmbeddingInvalid(CbirError):
+    """The embedder gave a vector with NaN or infinity: an internal fault; nothing was stored."""
+
+    status, code, title = 500, "embedding_invalid", "Invalid embedding"
+
+
 class DatabaseUnavailable(CbirError):
     """The database could not be reached or dropped the connection; retrying later may work."""
 
     status, code, title = 503, "database_unavailable", "Database unavailable"
+
+
+class InsufficientStorage(CbirError):
+    """The disk (or quota, or file size limit) is full: nothing of the write was kept."""
+
+    status, code, title = 507, "insufficient_storage", "Insufficient storage"
+
+
+class ReadOnly(CbirError):
+    """Writes are off (CBIR_READ_ONLY) or the data folder turned read-only; reads keep working."""
+
+    status, code, title = 503, "read_only", "Read-only"
+
+
+class Overloaded(CbirError):
+    """More uploads and searches are in flight than CBIR_MAX_PENDING_EMBEDS: refused at once."""
+
+    status, code, title = 503, "overloaded", "Overloaded"

@@ -28,11 +28,12 @@ import numpy as np
 from sqlalchemy import select
 
 from app.db import Database
-from app.errors import IndexRebuilding
+from app.errors import IndexRebuilding, ReembedRequired
+from app.faults import crash_point, delay_point
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from index import IndexCorrupt, VectorIndex
 from index.kinds import AUTO, auto_factory, build_index, default_knobs, recall_at_k, servable_factory
-from index.vector_index import SearchKnobs, normalise_factory
+from index.vector_index import SearchKnobs, normalise_factory, stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,26 @@ def load_vectors(db: Database, *, collection_id: int, embedder_version: str) -> 
     return vectors, ids
 
 
+def stored_dim(db: Database, *, collection_id: int, embedder_version: str) -> int | None:
+    """The dimension of the collection's stored vectors of this version (None when it has none)."""
+    with db.session() as session:
+        return session.scalar(
+            select(EmbeddingRecord.dim)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(ImageRecord.collection_id == collection_id)
+            .where(EmbeddingRecord.embedder_version == embedder_version)
+            .limit(1)
+        )
+
+
+def has_images(db: Database, *, collection_id: int) -> bool:
+    with db.session() as session:
+        found = session.scalar(
+            select(ImageRecord.id).where(ImageRecord.collection_id == collection_id).limit(1)
+        )
+    return found is not None
+
+
 def vectors_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
     """The stored vectors of ``ids`` of one version: ((m, d) float32, (m,) int64 ascending ids);
     ids without such a vector are left out."""
@@ -122,6 +143,7 @@ class _Build:
     version: str
     factory: str | None  # None: the collection's own (auto resolved by size when it runs)
     reason: str
+    collection: str = ""
     started_at: str = field(default_factory=_now)
     pending: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
@@ -156,8 +178,11 @@ class IndexManager:
         index_dir: Path,
         save_interval: float = 2.0,
         sync_rebuild_max: int = 50_000,
+        read_only: bool = False,
     ) -> None:
         self.db = db
+        # CBIR_READ_ONLY: indexes are loaded or built in memory, never written.
+        self.read_only = read_only
         self.index_dir = index_dir
         self.save_interval = save_interval
         # Rebuilds of at most this many vectors run in the caller (well under a second for exact
@@ -167,9 +192,15 @@ class IndexManager:
         self._indexes: dict[int, VectorIndex] = {}
         self._builds: dict[int, _Build] = {}
         self._errors: dict[int, str] = {}
+        # Collections with images but no vector of their version: 503 reembed_required, never an
+        # empty index (or one of another model).
+        self._unembedded: dict[int, str] = {}
         self._dirty: set[int] = set()
         self._save_cost: dict[int, float] = {}
         self._last_save: dict[int, float] = {}
+        # Collections whose last checkpoint failed (a full disk, a file size limit): health shows
+        # "checkpoint_failed" until one succeeds. The database still holds every row.
+        self._checkpoint_errors: dict[int, str] = {}
         self._stop = threading.Event()
         self._saver: threading.Thread | None = None
 
@@ -178,6 +209,11 @@ class IndexManager:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        if self.read_only:
+            return  # nothing to clean up or checkpoint
+        for path in stale_temp_files(self.index_dir):
+            log.warning("removing %s, a checkpoint that a killed process left half written", path.name)
+            path.unlink(missing_ok=True)
         if self._saver is None:
             self._stop.clear()
             self._saver = threading.Thread(target=self._save_loop, name="index-saver", daemon=True)
@@ -224,6 +260,8 @@ class IndexManager:
         the collection has no embedder version."""
         index = self.get(collection)
         if index is None and collection.embedder_version is not None:
+            if collection.id in self._unembedded:
+                raise ReembedRequired(self._unembedded[collection.id])
             build = self._builds.get(collection.id)
             detail = f"the index of {collection.name!r} is being built from the database"
             if build is not None:
@@ -238,12 +276,31 @@ class IndexManager:
         assert version is not None
         started = time.perf_counter()
         db_ids = load_ids(self.db, collection_id=collection.id, embedder_version=version)
+        if not len(db_ids) and has_images(self.db, collection_id=collection.id):
+            if collection.id not in self._unembedded:
+                log.error(
+                    "collection %s has images but none has a %s vector; searches answer 503 until "
+                    "it is re-embedded",
+                    collection.name,
+                    version,
+                )
+            self._unembedded[collection.id] = (
+                f"collection {collection.name!r} has images but none has a vector of its embedder "
+                f"version {version}; re-embed it (PUT /api/v1/collections/{collection.name}/embedder) first"
+            )
+            return None
+        self._unembedded.pop(collection.id, None)
         path = self.path_for(collection.id)
         reason = ""
         try:
             index = VectorIndex.load(path)
+            dim = stored_dim(self.db, collection_id=collection.id, embedder_version=version)
             if index.meta.get("embedder_version") != version:
-                reason = f"the file holds embedder version {index.meta.get('embedder_version')!r}"
+                reason = (
+                    f"the file holds embedder version {index.meta.get('embedder_version')!r}, not {version!r}"
+                )
+            elif index.ntotal and dim is not None and dim != index.dim:
+                reason = f"the file holds {index.dim}-d vectors, the database {dim}-d ones"
             else:
                 caught_up = self._catch_up(collection, index, db_ids)
                 if caught_up:
@@ -261,9 +318,10 @@ class IndexManager:
             reason = "there is no index file"
         except IndexCorrupt as exc:
             reason = f"the index file is unreadable ({exc})"
-            path.replace(path.with_suffix(".corrupt"))
+            if not self.read_only:  # a read-only data folder keeps it; the index is built in memory
+                path.replace(path.with_suffix(".corrupt"))
         level = logging.WARNING if len(db_ids) else logging.INFO
-        log.log(level, "index of %s: %s; building from the database", collection.name, reason)
+        log.log(level, "index of %s not loaded: %s; building it from the database", collection.name, reason)
         if len(db_ids) <= self.sync_rebuild_max:
             return self._build_now(collection, reason=reason)
         self._start_build(collection, factory=None, reason=reason)
@@ -335,8 +393,8 @@ class IndexManager:
 
     def _build_now(self, collection: CollectionRecord, *, reason: str) -> VectorIndex:
         index, seconds = self._fresh(collection, factory=None)
-        index.save(self.path_for(collection.id))
         self._dirty.discard(collection.id)
+        self._checkpoint(collection.id, index)
         log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
         return index
 
@@ -356,7 +414,9 @@ class IndexManager:
 
     def _start_build(self, collection: CollectionRecord, *, factory: str | None, reason: str) -> None:
         assert collection.embedder_version is not None
-        build = _Build(version=collection.embedder_version, factory=factory, reason=reason)
+        build = _Build(
+            version=collection.embedder_version, factory=factory, reason=reason, collection=collection.name
+        )
         self._builds[collection.id] = build
         self._errors.pop(collection.id, None)
         thread = threading.Thread(
@@ -366,6 +426,7 @@ class IndexManager:
 
     def _run_build(self, collection: CollectionRecord, build: _Build) -> None:
         try:
+            delay_point("index_build")
             index, seconds = self._fresh(collection, factory=build.factory)
             with self._lock:
                 current = self._builds.get(collection.id)
@@ -425,6 +486,7 @@ class IndexManager:
         """Rebuild from the database now (after a re-embed or version switch) and save."""
         with self._lock:
             self._builds.pop(collection.id, None)  # a background build of the old state is moot
+            self._unembedded.pop(collection.id, None)
             index = self._build_now(collection, reason="rebuild requested")
             self._indexes[collection.id] = index
             return index
@@ -503,10 +565,38 @@ class IndexManager:
             self._dirty.discard(collection_id)
             index = self._indexes.get(collection_id)
         if index is not None:
-            started = time.perf_counter()
-            index.save(self.path_for(collection_id))
-            self._save_cost[collection_id] = time.perf_counter() - started
+            self._checkpoint(collection_id, index)
+
+    def _checkpoint(self, collection_id: int, index: VectorIndex) -> bool:
+        """Save, or log why not and keep the index dirty: a failed checkpoint (ENOSPC, EFBIG) leaves
+        the previous file whole (``save`` renames a complete temporary file into place) and costs
+        nothing but a longer replay on the next start, so serving and writes go on."""
+        if self.read_only:
+            return False
+        started = time.perf_counter()
+        try:
+            self._save(collection_id, index)
+        except Exception as exc:
+            with self._lock:
+                self._dirty.add(collection_id)
+                self._checkpoint_errors[collection_id] = f"{type(exc).__name__}: {exc}"
+            # Try again after 10 s rather than every save interval: the disk will not empty itself.
+            self._save_cost[collection_id] = max(self._save_cost.get(collection_id, 0.0), 2.0)
             self._last_save[collection_id] = time.monotonic()
+            log.error("index checkpoint of collection %d failed (old file kept): %s", collection_id, exc)
+            return False
+        self._save_cost[collection_id] = time.perf_counter() - started
+        self._last_save[collection_id] = time.monotonic()
+        if self._checkpoint_errors.pop(collection_id, None) is not None:
+            log.warning("index checkpoint of collection %d succeeded again", collection_id)
+        return True
+
+    def _save(self, collection_id: int, index: VectorIndex) -> None:
+        """Write a checkpoint. Its high-water mark is in the file's own header, renamed into place
+        with the vectors, so the two never disagree: the crash point ``after_replace_before_hwm``
+        is the rename not yet made durable (directory fsync), ``after_hwm`` the save complete."""
+        index.save(self.path_for(collection_id), on_stage=_crash_stage)
+        crash_point("after_hwm")
 
     def flush_all(self, *, force: bool = False) -> None:
         with self._lock:
@@ -515,6 +605,22 @@ class IndexManager:
             self.flush(collection_id, force=force)
 
     # -- reporting -------------------------------------------------------------------------
+    def checkpoint_errors(self) -> dict[int, str]:
+        """Collection id -> why its last checkpoint failed (empty when all succeeded)."""
+        with self._lock:
+            return dict(self._checkpoint_errors)
+
+    def unavailable(self) -> dict[str, str]:
+        """Collections whose searches answer 503 index_rebuilding now (a build in progress and no
+        index serving meanwhile), with the build's reason: what keeps the service not ready."""
+        with self._lock:
+            return {
+                build.collection: build.reason
+                for collection_id, build in self._builds.items()
+                if (index := self._indexes.get(collection_id)) is None
+                or index.meta.get("embedder_version") != build.version
+            }
+
     def size(self, collection: CollectionRecord) -> int:
         index = self._indexes.get(collection.id)
         return index.ntotal if index is not None else 0
@@ -552,6 +658,10 @@ class IndexManager:
             ),
             last_error=self._errors.get(collection.id),
         )
+
+
+def _crash_stage(stage: str) -> None:
+    crash_point("during_write_index" if stage == "half_written" else "after_replace_before_hwm")
 
 
 class _Stopped(Exception):

@@ -12,6 +12,10 @@ from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api import (
+    admission,
+    headers,
+    limits,
+    openapi,
     pages,
     problems,
     routes_collections,
@@ -19,6 +23,8 @@ from app.api import (
     routes_health,
     routes_images,
     routes_jobs,
+    routes_keys,
+    security,
 )
 from app.context import open_context
 from app.memory import tune_malloc
@@ -43,10 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for info in list_collections(context):
             log.info("collection %s: %d images, %d indexed", info.name, info.image_count, info.index_size)
         runner = JobRunner(context)
-        interrupted = runner.recover()
+        # Read-only: interrupted jobs wait for a writable start to resume.
+        interrupted = 0 if settings.read_only else runner.recover()
         if interrupted:
             log.warning("%d import job(s) were interrupted by the last shutdown", interrupted)
         app.state.context = context
+        app.state.guard.open_keys(context.db)
         app.state.jobs = runner
         app.state.evaluations = EvaluationRunner(context)
         try:
@@ -62,10 +70,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Content-based image retrieval: upload an image, get the most similar images "
         "of a collection (CNN neural codes or denoising-autoencoder embeddings, FAISS search).",
         lifespan=lifespan,
+        form_limits=limits.FORM_LIMITS,
     )
     problems.install(app)
-    for module in (routes_collections, routes_images, routes_jobs, routes_evaluation, routes_health):
+    openapi.install(app)  # declares the problem+json error responses on every operation
+    for module in (
+        routes_collections,
+        routes_images,
+        routes_jobs,
+        routes_evaluation,
+        routes_health,
+        routes_keys,
+    ):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Inside the access checks (added after it): a refused key never takes an upload's slot.
+    app.add_middleware(admission.AdmissionMiddleware, limit=settings.pending_embeds_limit)
+    # After the routes and the OpenAPI hook: it reads the route table and extends the document.
+    app.state.guard = security.install(app, settings)
+    # Outermost last: security headers (and CORS) also go on the body limits' 413 and 408.
+    app.add_middleware(limits.BodyLimitMiddleware, settings=settings)
+    headers.install(app, settings)
     return app

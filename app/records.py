@@ -143,3 +143,18 @@ class JobRecord(Base):
     owner: Mapped[str | None] = mapped_column(String(128))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKeyRecord(Base):
+    """An API key: only its SHA-256 and a short visible prefix are stored, never the secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))  # read, write or admin
+    prefix: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Revoked keys stay (so `auth=auto` stays on once a key ever existed, and the list shows them).
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from app.errors import CbirError, InsufficientStorage, ReadOnly
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -17,6 +26,68 @@ MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WE
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# "No room": the disk, a quota, or the process's file size limit (RLIMIT_FSIZE, with SIGXFSZ ignored).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_fault(exc: BaseException) -> CbirError | None:
+    """What a client is told when a write failed because the storage is full (507) or read-only
+    (503); None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+        return InsufficientStorage(
+            f"the server's storage is full ({os.strerror(exc.errno)}); nothing of this request was "
+            "kept: retry once space is freed"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return ReadOnly("the server's data folder is read-only; searches still work, writes do not")
+    return None
+
+
+class WriteGate:
+    """Whether this process may write. Closed for good with CBIR_READ_ONLY; closed for
+    ``retry_after`` seconds when a write finds the file system read-only (then the next write
+    tries again, so a data folder remounted read-write heals without a restart)."""
+
+    def __init__(self, *, read_only: bool = False, retry_after: float = 30.0) -> None:
+        self.read_only = read_only
+        self.retry_after = retry_after
+        self._tripped_at: float | None = None
+        self._reason = ""
+
+    @property
+    def closed(self) -> bool:
+        tripped = self._tripped_at
+        return self.read_only or (tripped is not None and time.monotonic() - tripped < self.retry_after)
+
+    def check(self) -> None:
+        """Raise ``ReadOnly`` (503) while writes are off."""
+        if self.read_only:
+            raise ReadOnly("the service runs read-only (CBIR_READ_ONLY): searches work, writes do not")
+        if self.closed:
+            raise ReadOnly(f"the data folder was found read-only ({self._reason}); searches still work")
+
+    def trip(self, reason: str) -> None:
+        if not self.closed:
+            log.error("data folder read-only (%s): refusing writes for %.0f s", reason, self.retry_after)
+        self._reason = reason
+        self._tripped_at = time.monotonic()
+
+
+@contextmanager
+def storage_faults(gate: WriteGate | None = None) -> Iterator[None]:
+    """Raise a full or read-only storage's OSError as InsufficientStorage or ReadOnly (closing
+    ``gate`` on a read-only file system); any other error passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        fault = storage_fault(exc)
+        if fault is None:
+            raise
+        if isinstance(fault, ReadOnly) and gate is not None:
+            gate.trip(str(exc))
+        raise fault from exc
 
 
 def write_atomic(path: Path, data: bytes, *, fsync: bool = True, make_parent: bool = True) -> None:
@@ -144,9 +215,12 @@ class FileJournal:
 class ImageStore:
     """Stores each distinct image once, named by its SHA-256; collections may share a file."""
 
-    def __init__(self, root: Path, *, journal: FileJournal | None = None) -> None:
+    def __init__(
+        self, root: Path, *, journal: FileJournal | None = None, gate: WriteGate | None = None
+    ) -> None:
         self.root = root
         self.journal = journal or FileJournal(root / "unjournalled")  # a no-op journal
+        self.gate = gate or WriteGate()
         # Folders known to exist: a mkdir per file cost as much as writing the file (bulk imports).
         self._folders: set[Path] = set()
 
@@ -169,16 +243,20 @@ class ImageStore:
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.{EXTENSIONS[image_format]}"
 
     def put(self, data: bytes, *, sha256: str, image_format: str, fsync: bool = True) -> Path:
+        """Write the file once (``write_atomic``: the seam the disk-fault tests patch); a full or
+        read-only disk raises InsufficientStorage or ReadOnly, and leaves no partial file."""
+        self.gate.check()
         path = self._path(sha256, image_format)
-        if path.parent not in self._folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
-        if not path.exists() and not self._old_path(sha256, image_format).exists():
-            try:
-                write_atomic(path, data, fsync=fsync, make_parent=False)
-            except FileNotFoundError:  # the folder was removed behind our back
-                self._folders.discard(path.parent)
-                write_atomic(path, data, fsync=fsync)
+        with storage_faults(self.gate):
+            if path.parent not in self._folders:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._folders.add(path.parent)
+            if not path.exists() and not self._old_path(sha256, image_format).exists():
+                try:
+                    write_atomic(path, data, fsync=fsync, make_parent=False)
+                except FileNotFoundError:  # the folder was removed behind our back
+                    self._folders.discard(path.parent)
+                    write_atomic(path, data, fsync=fsync)
         return path
 
     def read(self, sha256: str, image_format: str) -> bytes:

@@ -96,7 +96,10 @@ def main() -> None:
         print("writing the zip of 70,000 PNGs ...", file=sys.stderr)
         write_zip(root / "mnist70k.zip")
         server = LiveServer(
-            root / "data", root / "server.log", env={"CBIR_IMPORT_ROOTS": str(DATASETS_DIR.resolve())}
+            root / "data",
+            root / "server.log",
+            # a scratch server on loopback: keys off (server-folder imports need an admin key otherwise)
+            env={"CBIR_IMPORT_ROOTS": str(DATASETS_DIR.resolve()), "CBIR_AUTH": "off"},
         ).start()
         try:
             for source in ("idx", "zip"):

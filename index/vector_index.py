@@ -25,11 +25,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["IndexCorrupt", "SearchKnobs", "VectorIndex", "id_checksum", "normalise_factory"]
+__all__ = [
+    "IndexCorrupt",
+    "SearchKnobs",
+    "VectorIndex",
+    "id_checksum",
+    "normalise_factory",
+    "stale_temp_files",
+]
 
 MAGIC = b"CBIRVIX\0"
 FORMAT_VERSION = 1
@@ -526,8 +535,13 @@ class VectorIndex:
 
     # --- persistence ------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write the index to ``path``: the old file or the new one, never a torn one."""
+    def save(self, path: str | os.PathLike[str], *, on_stage: Callable[[str], None] | None = None) -> None:
+        """Atomically write the index to ``path``: the old file or the new one, never a torn one.
+
+        The temporary file beside it is named ``.<name>.<pid>.<random>.tmp``, so that a later
+        process can tell (``stale_temp_files``) which ones a dead writer left. ``on_stage`` is
+        called with ``"half_written"`` and ``"replaced"`` (the crash tests' fault seam).
+        """
         path = Path(path)
         with self._lock.write():
             payload = faiss.serialize_index(self._index)
@@ -547,12 +561,17 @@ class VectorIndex:
         prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes))
 
         directory = path.parent if str(path.parent) else Path(".")
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(prefix)
                 f.write(header_bytes)
-                f.write(payload.data)
+                half = payload.nbytes // 2
+                f.write(payload.data[:half])
+                if on_stage is not None:
+                    f.flush()
+                    on_stage("half_written")
+                f.write(payload.data[half:])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_name, path)
@@ -560,6 +579,8 @@ class VectorIndex:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+        if on_stage is not None:
+            on_stage("replaced")
         _fsync_dir(directory)
 
     @classmethod
@@ -747,6 +768,44 @@ def _code_size(index: faiss.Index, dim: int) -> int:
         if storage is not None:
             return _code_size(faiss.downcast_index(storage), dim)
         return dim * 4
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")  # .<name>.<pid>.<random>.tmp
+_LOADED_AT = time.time()  # files this pid wrote before it are a previous process's (pid reuse)
+
+
+def stale_temp_files(directory: str | os.PathLike[str], *, unnamed_age: float = 3600.0) -> list[Path]:
+    """Temporary files of ``save`` in ``directory`` that no live writer will rename: their writer
+    was killed mid-save. A name without a pid (older versions) counts after ``unnamed_age`` s."""
+    folder = Path(directory)
+    stale = []
+    for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        match = _TEMP_NAME.match(path.name)
+        if match is None:
+            if time.time() - mtime > unnamed_age:
+                stale.append(path)
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid():
+            if mtime < _LOADED_AT:
+                stale.append(path)
+        elif not _alive(pid):
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

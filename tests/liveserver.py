@@ -8,13 +8,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS_DIR = ROOT.parent / "shared" / "datasets"
+
+
+def run_in_sqlite_pass_only() -> None:
+    """Skip in the PostgreSQL pass of ``make test``: these servers run on SQLite in both passes
+    (``CBIR_TEST_SERVER_DATABASE_URL`` is unset there), so a second run would test nothing new."""
+    if os.environ.get("CBIR_TEST_DATABASE_URL") and not os.environ.get("CBIR_TEST_SERVER_DATABASE_URL"):
+        pytest.skip("a live server on SQLite: runs in the SQLite pass")
 
 
 def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -38,6 +47,8 @@ class LiveServer:
     data_dir: Path
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Runs in the server process before exec (resource limits, signal dispositions).
+    preexec_fn: Callable[[], None] | None = None
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -65,6 +76,7 @@ class LiveServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 pass_fds=(sock.fileno(),),
+                preexec_fn=self.preexec_fn,
             )
         sock.close()  # the server holds its own copy
         deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ from app.db import Database, alembic_config
 from app.records import Base
 from tests.conftest import ON_POSTGRES
 
-TABLES = {"collections", "images", "embeddings", "checkpoints", "jobs"}
+TABLES = {"collections", "images", "embeddings", "checkpoints", "jobs", "api_keys"}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request, UploadFile
+from fastapi import Depends, Path, Query, Request, UploadFile
 
 from app.context import AppContext
 from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
@@ -28,7 +28,30 @@ def get_evaluations(request: Request) -> EvaluationRunner:
     return request.app.state.evaluations  # type: ignore[no-any-return]
 
 
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route (and its dependencies) declares."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_parameters(request: Request) -> None:
+    """422 for a query parameter the route does not declare: on a filtered listing a misspelt or
+    made-up filter (``filter[label]=``, ``sort=``) must not silently return everything."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    unknown = sorted(set(request.query_params) - _query_names(dependant))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0][:60]!r}: filter with label=, meta=KEY:VALUE and "
+            "created_after= (there is no sort parameter)"
+        )
+
+
 def get_image_filter(
+    request: Request,
     label: Annotated[
         list[str] | None,
         Query(description="only images whose metadata label is this; repeated: is one of these"),
@@ -42,8 +65,14 @@ def get_image_filter(
         Query(max_length=40, description="only images stored after this ISO 8601 date or date-time (UTC)"),
     ] = None,
 ) -> ImageFilter:
+    reject_unknown_parameters(request)
     return parse_filter(label=label, meta=meta or [], created_after=created_after)
 
+
+# The largest id the database stores (a signed 64-bit integer): a larger one is a 422, not an
+# OverflowError in the driver.
+MAX_ID = 2**63 - 1
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 ContextDep = Annotated[AppContext, Depends(get_context)]
 JobsDep = Annotated[JobRunner, Depends(get_jobs)]

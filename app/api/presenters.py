@@ -149,6 +149,7 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
         failed=r.failed,
         errors=[JobError(**e) for e in (r.errors or [])[:max_errors]],
         error=r.error,
+        resumes=r.resumes or 0,
         images_per_second=info.images_per_second,
         eta_seconds=_eta(info),
         created_at=r.created_at,
@@ -157,10 +158,19 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
     )
 
 
+URLS_SHOWN = 5
+
+
 def _public_params(params: dict[str, Any]) -> dict[str, Any]:
     """A job's source as clients see it: an upload's place in the data folder stays private."""
     if params.get("source") == "manifest":
         return {k: v for k, v in params.items() if k != "roots"}
+    if params.get("source") == "urls":
+        # The list may be long and its query strings may hold tokens (signed URLs): a count and
+        # the first few without their queries; the report names every URL to whoever may read it.
+        urls = [u for u in params.get("urls") or [] if isinstance(u, str)]
+        shown = [u.split("?", 1)[0].split("#", 1)[0] for u in urls[:URLS_SHOWN]]
+        return {"source": "urls", "count": len(urls), "urls": shown}
     if params.get("source") != "archive":
         return params
     public = {"source": "archive", "filename": params.get("filename")}

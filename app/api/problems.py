@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import db, storage
 from app.db import is_unavailable
 from app.errors import CbirError, DatabaseUnavailable
 
@@ -21,6 +22,8 @@ def problem(
     *, status: int, title: str, detail: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    # nosniff here too: a 500 is sent from outside every middleware (app/api/headers.py).
+    headers = {"X-Content-Type-Options": "nosniff", **(headers or {})}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -34,6 +37,8 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 def _render(exc: CbirError) -> JSONResponse:
     headers = {"Retry-After": "5"} if exc.status == 503 else None
+    if getattr(exc, "headers", None):  # e.g. WWW-Authenticate of a 401, Retry-After of a 429
+        headers = {**(headers or {}), **exc.headers}  # type: ignore[attr-defined]
     return problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
 
 
@@ -44,6 +49,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SQLAlchemyError)
     async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        fault = db.storage_fault(exc)  # its disk full (507) or read-only (503)
+        if fault is not None:
+            log.error("database write refused on %s %s: %s", request.method, request.url.path, exc)
+            return _render(fault)
         if not is_unavailable(exc):
             raise exc  # a bug, not an outage: the 500 handler below logs it with its traceback
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
@@ -59,8 +68,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 413: "Request body too large"}
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        # 400s here come from parsing the body (a malformed multipart, too many parts).
+        titles = {
+            400: "Bad request",
+            404: "Not found",
+            405: "Method not allowed",
+            413: "Request body too large",
+        }
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return problem(
             status=exc.status_code,
             title=titles.get(exc.status_code, "Error"),
@@ -71,6 +86,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        fault = storage.storage_fault(exc)  # a full or read-only disk under any write path
+        if fault is not None:
+            log.error("storage refused a write on %s %s: %s", request.method, request.url.path, exc)
+            return _render(fault)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(
             status=500,

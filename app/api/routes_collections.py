@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.api.deps import ContextDep, FilterDep, JobsDep
+from app.api import security
+from app.api.deps import MAX_ID, ContextDep, FilterDep, JobsDep
 from app.api.presenters import collection_out, image_out, map_out
 from app.api.schemas import (
     CollectionCreate,
@@ -50,7 +51,12 @@ def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> Col
     return collection_out(collections.get_collection(ctx, name))
 
 
-@router.put("/collections/{name}/embedder", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+@router.put(
+    "/collections/{name}/embedder",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    openapi_extra=security.ADMIN,
+)
 def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
     """Re-embed every image with another pretrained embedder in a background job, then switch;
     searches use the old vectors until the new ones are complete (409 if it serves it already,
@@ -62,7 +68,7 @@ def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: Jo
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
-@router.post("/collections/{name}/whitening", response_model=CollectionOut)
+@router.post("/collections/{name}/whitening", response_model=CollectionOut, openapi_extra=security.ADMIN)
 def whiten(name: str, body: WhiteningIn, ctx: ContextDep) -> CollectionOut:
     """Fit a PCA-whitening on the collection's codes and serve the whitened codes (pretrained
     embedders; the index is rebuilt, searches keep using the old codes until it is)."""
@@ -88,7 +94,7 @@ def evaluate(name: str, body: EvaluateIn, ctx: ContextDep) -> EvaluateOut:
     return EvaluateOut(collection=name, results=[EvaluateRow.model_validate(row) for row in rows])
 
 
-@router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=security.ADMIN)
 def delete_collection(name: str, ctx: ContextDep) -> Response:
     collections.delete_collection(ctx, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -100,7 +106,7 @@ def browse_images(
     ctx: ContextDep,
     response: Response,
     image_filter: FilterDep,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_ID),
     limit: int = Query(50, ge=1, le=500),
 ) -> list[ImageOut]:
     """A page of the collection's images in insertion order; ``X-Total-Count`` gives the total
@@ -151,6 +157,7 @@ def get_index(name: str, ctx: ContextDep) -> IndexOut:
     response_model=IndexOut,
     tags=["index"],
     responses={202: {"description": "a new kind is being built in the background; the old index serves"}},
+    openapi_extra=security.ADMIN,
 )
 def configure_index(name: str, body: IndexConfigIn, ctx: ContextDep, response: Response) -> IndexOut:
     """Choose the index kind (``auto`` or a FAISS factory string) and search parameters."""

@@ -1,23 +1,49 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response, status
 
 from app import __version__
+from app.api import security
 from app.api.deps import ContextDep
-from app.api.schemas import CollectionHealth, Health
+from app.api.schemas import CollectionHealth, Health, Readiness
 from app.services.collections import list_collections
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=Health)
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "an index is being built from the database"}},
+    openapi_extra=security.PUBLIC,
+)
+def ready(ctx: ContextDep, response: Response) -> Readiness:
+    """Readiness: startup recovery is done (requests are only served after it) and no collection's
+    searches answer 503 index_rebuilding. Liveness is /health."""
+    rebuilding = ctx.indexes.unavailable()
+    if rebuilding:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        response.headers["Retry-After"] = "2"
+    return Readiness(ready=not rebuilding, rebuilding=rebuilding)
+
+
+@router.get("/health", response_model=Health, openapi_extra=security.PUBLIC)
 def health(ctx: ContextDep) -> Health:
+    degraded = [
+        name
+        for name, on in (
+            ("checkpoint_failed", bool(ctx.indexes.checkpoint_errors())),
+            ("read_only", ctx.store.gate.closed),
+        )
+        if on
+    ]
     return Health(
-        status="ok",
+        status="degraded" if degraded else "ok",
         version=__version__,
         device=ctx.device.type,
         collections=[
             CollectionHealth(name=c.name, images=c.image_count, indexed=c.index_size)
             for c in list_collections(ctx)
         ],
+        degraded=degraded,
     )

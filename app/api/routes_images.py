@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.api.deps import ContextDep, FilterDep, parse_metadata, read_upload
+from app.api import security
+from app.api.deps import ContextDep, FilterDep, ImageId, parse_metadata, read_upload
 from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
 from app.services import compare, images, search
@@ -46,15 +47,22 @@ async def upload_image(
 
 
 @router.get("/images/{image_id}", response_model=ImageOut)
-def get_image(image_id: int, ctx: ContextDep) -> ImageOut:
+def get_image(
+    image_id: ImageId,
+    ctx: ContextDep,
+    include: Literal["embedding"] | None = Query(None, description="embedding: add the stored vector"),
+) -> ImageOut:
     stored = images.get_image(ctx, image_id)
-    return image_out(stored.record, stored.collection)
+    out = image_out(stored.record, stored.collection)
+    if include == "embedding" and (vector := images.stored_embedding(ctx, image_id)) is not None:
+        out.embedding = vector.tolist()
+    return out
 
 
 @router.get(
     "/images/{image_id}/file", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}}
 )
-def image_file(image_id: int, ctx: ContextDep) -> FileResponse:
+def image_file(image_id: ImageId, ctx: ContextDep) -> FileResponse:
     path, media_type = images.image_file(ctx, image_id)
     return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
 
@@ -62,13 +70,15 @@ def image_file(image_id: int, ctx: ContextDep) -> FileResponse:
 @router.get(
     "/images/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}}
 )
-def image_thumbnail(image_id: int, ctx: ContextDep, size: int = Query(128, ge=16, le=512)) -> FileResponse:
+def image_thumbnail(
+    image_id: ImageId, ctx: ContextDep, size: int = Query(128, ge=16, le=512)
+) -> FileResponse:
     path, media_type = images.thumbnail(ctx, image_id, size=size)
     return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
 
 
 @router.delete("/images/{image_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(image_id: int, ctx: ContextDep) -> Response:
+def delete_image(image_id: ImageId, ctx: ContextDep) -> Response:
     images.delete_image(ctx, image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -89,7 +99,7 @@ def _knobs(ef_search: int | None, nprobe: int | None, k_factor: float | None) ->
 @router.get("/collections/{name}/images/{image_id}/similar", response_model=SearchResponse)
 def similar(
     name: str,
-    image_id: int,
+    image_id: ImageId,
     ctx: ContextDep,
     image_filter: FilterDep,
     k: int = Query(10, ge=1),
@@ -111,7 +121,9 @@ def similar(
     )
 
 
-@router.post("/collections/{name}/search", response_model=SearchResponse, tags=["search"])
+@router.post(
+    "/collections/{name}/search", response_model=SearchResponse, tags=["search"], openapi_extra=security.READ
+)
 async def search_by_image(
     name: str,
     ctx: ContextDep,
@@ -141,7 +153,12 @@ AGAINST = Query(description="the other embedder: a registered one (pixels) or ch
 SAMPLE = Query(ge=1, le=compare.MAX_SAMPLE, description="images both sides search")
 
 
-@router.post("/collections/{name}/compare", response_model=CompareResponse, tags=["search"])
+@router.post(
+    "/collections/{name}/compare",
+    response_model=CompareResponse,
+    tags=["search"],
+    openapi_extra=security.READ,
+)
 async def compare_by_image(
     name: str,
     ctx: ContextDep,
@@ -163,7 +180,7 @@ async def compare_by_image(
 @router.get("/collections/{name}/images/{image_id}/compare", response_model=CompareResponse, tags=["search"])
 def compare_stored(
     name: str,
-    image_id: int,
+    image_id: ImageId,
     ctx: ContextDep,
     against: Annotated[str, AGAINST],
     k: int = Query(10, ge=1),

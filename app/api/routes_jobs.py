@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api import security
 from app.api.deps import CHUNK, ContextDep, JobsDep
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
@@ -19,7 +20,9 @@ from app.context import AppContext
 from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.services import jobs
 from app.services.collections import get_collection
-from app.services.sources import MAX_MANIFEST_BYTES
+from app.services.keys import Scope
+from app.services.sources import MAX_MANIFEST_BYTES, Limits, in_root
+from app.services.url_source import check_urls
 
 router = APIRouter(tags=["imports"])
 
@@ -56,8 +59,10 @@ IMPORT_BODY = {
 )
 async def start_import(name: str, request: Request, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
     """Bulk import: a zip/tar of images (parent folder = label), or as JSON a built-in dataset or a
-    server folder under CBIR_IMPORT_ROOTS (subfolder = label; links out of the folder skipped)."""
+    server folder under CBIR_IMPORT_ROOTS (subfolder = label; links out of the folder skipped), or
+    {"urls": [...]}: images fetched from public http(s) hosts only, each reported in the job."""
     await run_in_threadpool(get_collection, ctx, name)  # 404 before reading a large body
+    ctx.store.gate.check()  # 503 read_only before receiving an archive that could not be stored
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -66,16 +71,29 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             raise InvalidRequest(
                 f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}'
             ) from None
-        given = [k for k in ("dataset", "folder", "manifest") if getattr(body, k) is not None]
+        given = [k for k in ("dataset", "folder", "root", "manifest", "urls") if getattr(body, k) is not None]
         if len(given) != 1:
-            raise InvalidRequest('give exactly one of "dataset", "folder" or "manifest"')
+            raise InvalidRequest('give exactly one of "dataset", "folder", "root", "manifest" or "urls"')
+        if body.path and body.root is None:
+            raise InvalidRequest('"path" goes with "root" (a folder under that import root)')
+        if body.folder is not None or body.root is not None or body.manifest is not None:
+            # the server's own files: an admin key (even before any key exists; CBIR_AUTH=off
+            # lifts it), checked before any path is looked at
+            security.require(
+                request, Scope.admin, what="importing a server folder or manifest", even_keyless=True
+            )
         roots = ctx.settings.import_root_paths
-        if body.folder is not None:
+        if body.folder is not None or body.root is not None:
+            folder = Path(body.folder or "")
+            if body.root is not None:
+                folder = in_root(ctx.settings.import_root_map, body.root, body.path)
             source: jobs.Source = await run_in_threadpool(
-                jobs.check_folder, Path(body.folder), roots=roots, layout=body.layout
+                jobs.check_folder, folder, roots=roots, layout=body.layout
             )
         elif body.manifest is not None:
             source = await run_in_threadpool(jobs.check_manifest, Path(body.manifest), roots=roots)
+        elif body.urls is not None:
+            source = check_urls(body.urls, settings=ctx.settings)
         else:
             assert body.dataset is not None
             source = jobs.check_dataset(body.dataset, body.split)
@@ -120,7 +138,9 @@ async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSou
                 extra, ctx, limit=MAX_MANIFEST_BYTES, what="the manifest", suffix=".manifest"
             )
             kept.append(manifest)
-        return await run_in_threadpool(jobs.check_archive, archive, filename, manifest=manifest)
+        return await run_in_threadpool(
+            jobs.check_archive, archive, filename, manifest=manifest, limits=Limits.of(ctx.settings)
+        )
     except BaseException:
         for path in kept:
             path.unlink(missing_ok=True)
@@ -150,7 +170,7 @@ async def _save(upload: Any, ctx: AppContext, *, limit: int, what: str, suffix: 
         raise
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", response_model=JobList, responses={404: {"description": "No such collection"}})
 def list_jobs(
     ctx: ContextDep,
     collection: str | None = Query(None, description="only this collection's jobs"),
@@ -183,7 +203,7 @@ def cancel_job(job_id: str, ctx: ContextDep, runner: JobsDep) -> JobOut:
 def job_report(job_id: str, ctx: ContextDep) -> Response:
     """Every file the job has handled so far, one JSON object per line: item, status (added,
     duplicate, rejected), code (the reason of a rejection), detail, image_id."""
-    jobs.get_job(ctx, job_id)  # 404 for an unknown job
+    committed = jobs.get_job(ctx, job_id).record.cursor  # 404 for an unknown job
     path = jobs.report_path(ctx, job_id)
     try:
         # A running job appends (and after a restart cuts back) its report: send the bytes there
@@ -191,6 +211,11 @@ def job_report(job_id: str, ctx: ContextDep) -> Response:
         body = path.read_bytes()
     except FileNotFoundError:
         body = b""
+    # A batch's lines are written just before its transaction commits: lines beyond the job's
+    # cursor (read first) are not acknowledged yet, and a crash would take them back.
+    parts = body.split(b"\n", committed)
+    if len(parts) > committed:
+        body = body[: len(body) - len(parts[-1])]
     return Response(
         content=body[: body.rfind(b"\n") + 1],  # whole lines only
         media_type="application/x-ndjson",

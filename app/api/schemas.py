@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from index.rerank import DEFAULT_SHRINKAGE
+
+
+def _as_utc(value: datetime) -> datetime:
+    """Stored times are UTC, but SQLite gives them back naive: say so (RFC 3339 needs an offset)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class Problem(BaseModel):
@@ -67,7 +75,7 @@ class CollectionOut(BaseModel):
     search_options: SearchOptionsIn
     whitening: int | None = Field(None, description="dims of the PCA-whitening served, if any")
     ready: bool = Field(description="True when the collection can be searched")
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class CollectionList(BaseModel):
@@ -84,9 +92,16 @@ class ImageOut(BaseModel):
     byte_size: int
     original_name: str | None
     metadata: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDateTime
     image_url: str
     thumbnail_url: str
+    # Only with GET /images/{id}?include=embedding, and only once the image has a vector.
+    embedding: list[float] | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="with include=embedding: the stored vector of the collection's served embedder "
+        "(float32, L2-normalised); absent otherwise, and while the image has no vector yet",
+    )
 
 
 class ImageCreated(BaseModel):
@@ -123,6 +138,14 @@ class DatasetImport(BaseModel):
     dataset: str | None = Field(None, examples=["mnist"])
     split: str = Field("train", examples=["train", "test", "all"])
     folder: str | None = Field(None, max_length=4096, examples=["/srv/photos/holidays"])
+    root: str | None = Field(
+        None,
+        max_length=255,
+        description='a folder by import root name ("photos" in CBIR_IMPORT_ROOTS=photos=/srv/photos) '
+        "and a relative path under it: no absolute path, no '..'",
+        examples=["photos"],
+    )
+    path: str = Field("", max_length=4096, description="with root: the folder under it", examples=["2024"])
     layout: str = Field(
         "auto",
         description="for a folder: images (subfolder names are labels), idx (MNIST-format IDX files), "
@@ -134,6 +157,12 @@ class DatasetImport(BaseModel):
         max_length=4096,
         description="a CSV (path, label, other columns as metadata) or JSON-lines file under the roots",
         examples=["/srv/photos/manifest.csv"],
+    )
+    urls: list[str] | None = Field(
+        None,
+        description="http(s) URLs of images on public hosts (at most CBIR_MAX_URLS); each is reported "
+        "in the job: blocked_destination, bad_scheme, invalid_url, timeout, remote_too_large ...",
+        examples=[["https://example.org/cat.jpg"]],
     )
 
 
@@ -170,13 +199,16 @@ class JobOut(BaseModel):
     failed: int
     errors: list[JobError]
     error: str | None
+    resumes: int = Field(
+        0, description="how many times a restart or crash interrupted the job and it resumed at its cursor"
+    )
     images_per_second: float | None
     eta_seconds: float | None = Field(
         None, description="while running: seconds left at the current rate (None when unknown)"
     )
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
 
 
 class JobList(BaseModel):
@@ -190,10 +222,24 @@ class CollectionHealth(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "degraded" while anything is listed in degraded')
     version: str
     device: str
     collections: list[CollectionHealth]
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="what works less than fully: checkpoint_failed (an index checkpoint could not be "
+        "written; the database has every image), read_only (writes are refused)",
+    )
+
+
+class Readiness(BaseModel):
+    """200 when every collection's index can serve; 503 while one is being built from the database."""
+
+    ready: bool
+    rebuilding: dict[str, str] = Field(
+        default_factory=dict, description="collection -> why its index is being built (503 meanwhile)"
+    )
 
 
 class LabelCount(BaseModel):
@@ -275,16 +321,16 @@ class EvaluationRun(BaseModel):
 
 
 class EvaluationRunning(EvaluationRun):
-    started_at: datetime
+    started_at: UtcDateTime
 
 
 class EvaluationFailure(EvaluationRun):
-    failed_at: datetime
+    failed_at: UtcDateTime
     error: str
 
 
 class EvaluationResult(EvaluationRun):
-    computed_at: datetime
+    computed_at: UtcDateTime
     seconds: float
     results: list[EvaluationRow]
 
@@ -370,3 +416,26 @@ class IndexOut(BaseModel):
     build_seconds: float | None
     rebuild: dict[str, Any] | None = Field(description="the background build in progress, if any")
     last_error: str | None
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", examples=["ci"])
+    scope: Literal["read", "write", "admin"] = Field(description="read < write < admin")
+
+
+class KeyOut(BaseModel):
+    name: str
+    scope: str
+    prefix: str = Field(description="the first characters of the key, to tell keys apart")
+    source: str = Field(description="database (cbir keys create, POST /keys) or config (CBIR_API_KEYS)")
+    created_at: UtcDateTime | None
+    revoked_at: UtcDateTime | None
+
+
+class KeyCreated(BaseModel):
+    key: KeyOut
+    secret: str = Field(description="the API key itself: shown once, only its SHA-256 is stored")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]

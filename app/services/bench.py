@@ -206,7 +206,7 @@ def bench_embed(
         files=files,
         batch=batch,
         seconds=seconds,
-        limits=ImageLimits(max_pixels=settings.max_pixels, max_side=settings.max_side),
+        limits=ImageLimits.from_settings(settings),
         workers=workers,
     )
     info = embedder.describe()

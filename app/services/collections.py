@@ -134,16 +134,33 @@ def list_collections(ctx: AppContext) -> list[CollectionInfo]:
 
 
 def delete_collection(ctx: AppContext, name: str) -> None:
-    """Remove a collection, its rows, vectors and index (files shared with others stay)."""
-    with ctx.db.transaction() as session:
-        record = require_collection(session, name)
-        images = session.execute(
-            select(ImageRecord.sha256, ImageRecord.format).where(ImageRecord.collection_id == record.id)
-        ).all()
-        collection_id = record.id
-        session.delete(record)
-    ctx.indexes.drop(collection_id)
-    _delete_unreferenced_files(ctx, images)
+    """Remove a collection, its rows, vectors and index (files shared with others stay).
+
+    Under the write lock, as a delete of one image: an upload of the same bytes into another
+    collection cannot skip writing a file this is about to remove. The files are journalled before
+    the commit, so a crash before they are gone leaves them to the next start's clean-up."""
+    from app.services.ingest import WRITE_LOCK  # ingest imports this module
+
+    ctx.store.gate.check()  # read-only: 503 before anything is touched
+    with WRITE_LOCK:
+        with ctx.db.transaction() as session:
+            record = require_collection(session, name)
+            images = [
+                (sha, fmt)
+                for sha, fmt in session.execute(
+                    select(ImageRecord.sha256, ImageRecord.format).where(
+                        ImageRecord.collection_id == record.id
+                    )
+                ).all()
+            ]
+            collection_id = record.id
+            if ctx.store.journal is not None:
+                ctx.store.journal.note(images)
+            session.delete(record)
+        ctx.indexes.drop(collection_id)
+        _delete_unreferenced_files(ctx, images)
+        if ctx.store.journal is not None:
+            ctx.store.journal.settle(images)
 
 
 def _delete_unreferenced_files(ctx: AppContext, images: list[Any]) -> None:

@@ -184,6 +184,8 @@ def _score(
     collection_id: int,
     start: float,
 ) -> dict[str, Any]:
+    if len(db_ids) == 0:
+        raise InvalidRequest("the collection has no embedded images to evaluate")
     query_vectors = embedder.embed(query_set.images, batch_size=ctx.settings.embed_batch_size)
     db_labels = _labels_of(ctx, collection_id=collection_id, ids=db_ids)
     if len(db_labels) and not np.isin(query_set.labels, db_labels).any():
@@ -197,7 +199,7 @@ def _score(
         query_labels=query_set.labels,
         db_vectors=db_vectors,
         db_labels=db_labels,
-        k=10,
+        k=min(10, len(db_ids)),  # P@10 of a collection under 10 images: of all of them
     )
     curve = precision_recall_curve(
         query_vectors=query_vectors,

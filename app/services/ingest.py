@@ -21,11 +21,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.context import AppContext
-from app.errors import CbirError, EmbedderNotReady
+from app.errors import CbirError, EmbedderNotReady, EmbeddingInvalid
+from app.faults import crash_point, delay_point
 from app.imaging import DecodedImage, decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
-from app.storage import FileJournal, sha256_hex
+from app.storage import FileJournal, sha256_hex, storage_faults
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def ingest_batch(
     ``durable=False`` skips the per-file fsync and syncs once before the commit instead
     (bulk imports); either way no row is committed before its file is on disk.
     """
+    ctx.store.gate.check()  # read-only: a 503 before any decoding or embedding
     results: list[ItemResult | None] = [None] * len(items)
     accepted: list[Accepted] = []
     images: list[DecodedImage] = []
@@ -133,11 +135,15 @@ def store_accepted(
     WRITE_LOCK), then add the new vectors to the index. ``in_transaction(session)`` runs last,
     inside the transaction, once every result is filled in (an import job's counters and
     high-water mark commit with its rows)."""
+    if vectors is not None and len(accepted):
+        accepted, vectors = _drop_invalid_vectors(record, accepted=accepted, vectors=vectors, results=results)
     # Load the index before the commit: a first load after it would already hold the new rows.
     ctx.indexes.get(record)
     # Named in the journal before any file is written: if the transaction never commits (a crash,
     # a kill -9), the next start finds these files and removes those no row refers to.
-    ctx.store.journal.note(_entries(accepted))
+    with storage_faults(ctx.store.gate):
+        ctx.store.journal.note(_entries(accepted))
+    delay_point("store_batch")
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             with ctx.db.transaction() as session:
@@ -163,9 +169,41 @@ def store_accepted(
                 raise
         except BaseException:
             remove_unreferenced_files(ctx, entries=_entries(accepted))
-            raise
+            with storage_faults(ctx.store.gate):  # a full disk is a 507, a read-only one a 503
+                raise
     if len(new_ids):
+        crash_point("after_db_commit_before_faiss_add")
         ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
+        crash_point("after_faiss_add_before_response")
+
+
+def _drop_invalid_vectors(
+    record: CollectionRecord,
+    *,
+    accepted: list[Accepted],
+    vectors: np.ndarray,
+    results: list[ItemResult | None],
+) -> tuple[list[Accepted], np.ndarray]:
+    """Reject the items whose vector holds NaN or infinity (an embedder fault, never the client's):
+    such a vector would poison every search, so neither it nor its row or file is written."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return accepted, vectors
+    for a, ok in zip(accepted, finite, strict=True):
+        if not ok:
+            error = EmbeddingInvalid(
+                f"the {record.embedder} embedder gave a vector with NaN or infinity for this image; "
+                "nothing was stored"
+            )
+            results[a.index] = ItemResult(
+                a.item.name, "rejected", code=error.code, detail=error.detail, error=error
+            )
+    log.error(
+        "%s embedder gave %d non-finite vector(s); those images were not stored",
+        record.embedder,
+        int((~finite).sum()),
+    )
+    return [a for a, ok in zip(accepted, finite, strict=True) if ok], np.ascontiguousarray(vectors[finite])
 
 
 def _entries(accepted: list[Accepted]) -> list[tuple[str, str]]:

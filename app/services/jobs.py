@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app.context import AppContext
-from app.errors import InvalidRequest, JobFinished, JobNotFound
+from app.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
 from app.records import JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import ItemResult
@@ -34,6 +34,7 @@ from app.services.sources import (
     FolderSource,
     HolidaysSource,
     IdxSource,
+    Limits,
     ManifestSource,
     Source,
     check_archive,
@@ -305,7 +306,12 @@ class JobRunner:
             report.parent.mkdir(parents=True, exist_ok=True)
             _cut_report(report, start)
             settings = ctx.settings
-            total = count_members(source, datasets_dir=settings.datasets_dir, data_dir=settings.data_dir)
+            total = count_members(
+                source,
+                datasets_dir=settings.datasets_dir,
+                data_dir=settings.data_dir,
+                limits=Limits.of(settings),
+            )
             now = utcnow()
             started = record.started_at
             if started is not None and record.updated_at is not None:
@@ -392,7 +398,12 @@ class JobRunner:
                 return  # the service is shutting down: the job stays running and resumes on start
         except Exception as exc:
             log.exception("import job %s failed", job_id)
-            self._update(job_id, state="failed", finished_at=utcnow(), error=f"{type(exc).__name__}: {exc}")
+            # A full or read-only disk says so by its code (insufficient_storage, read_only); what
+            # earlier batches committed stays, and importing the archive again skips it.
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, CbirError):
+                reason = f"{exc.code}: {exc.detail}"
+            self._update(job_id, state="failed", finished_at=utcnow(), error=reason)
         self._discard_uploads(source)
 
     @staticmethod

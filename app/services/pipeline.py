@@ -148,9 +148,7 @@ def _worker_init(
         embedder = cache.get(spec, SimpleNamespace(**checkpoint) if checkpoint else None)  # type: ignore[arg-type]
         if embedder.version != version:
             raise RuntimeError(f"worker built {embedder.version}, the collection serves {version}")
-    _WORKER.update(
-        embedder=embedder, limits=ImageLimits(max_pixels=settings.max_pixels, max_side=settings.max_side)
-    )
+    _WORKER.update(embedder=embedder, limits=ImageLimits.from_settings(settings))
 
 
 def _exit_with_parent() -> None:
@@ -319,13 +317,16 @@ class Pipeline:
                 continue  # committed before a restart: never read again
             staged = Staged(position, Item(member.name, b"", member.metadata))
             if member.reject is not None:
-                staged.result = ItemResult(
-                    member.name, "rejected", code=member.reject[0], detail=member.reject[1]
-                )
+                code, detail = member.reject
+                # A list naming the same entry twice (duplicate_url): a duplicate, not a failure.
+                status = "duplicate" if code.startswith("duplicate") else "rejected"
+                staged.result = ItemResult(member.name, status, code=code, detail=detail)
             else:
                 assert member.read is not None
                 try:
                     data = member.read()
+                except CbirError as exc:  # found bad while read (a bomb, a file gone): its code
+                    staged.result = ItemResult(member.name, "rejected", code=exc.code, detail=exc.detail)
                 except Exception as exc:  # a broken member is that member's problem only
                     staged.result = ItemResult(
                         member.name, "rejected", code="archive_member_unreadable", detail=str(exc)[:300]

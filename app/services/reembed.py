@@ -46,7 +46,10 @@ def check_reembed(ctx: AppContext, *, collection: str, embedder: str) -> tuple[s
     model = ctx.embedders.get(spec)  # WeightsMissing (422) before any job exists
     with ctx.db.session() as session:
         record = require_collection(session, collection)
-    if record.embedder_version == model.version:
+    # Serving the version but missing vectors of it (503 reembed_required): embedding them is the fix.
+    if record.embedder_version == model.version and not missing_count(
+        ctx, collection_id=record.id, version=model.version
+    ):
         raise AlreadyServing(f"collection {collection!r} already serves {model.version}")
     return spec, model
 

@@ -9,23 +9,39 @@ limit) is listed with a reason code and never read.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import math
+import os
 import re
+import stat
+import struct
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
 
 from app.datasets import DATASETS, MNIST_FILES, load_mnist, read_idx
-from app.errors import CbirError, FolderNotAllowed, InvalidRequest, PayloadTooLarge, UnsupportedArchive
+from app.errors import (
+    BadArchive,
+    CbirError,
+    FolderNotAllowed,
+    InvalidRequest,
+    MemberRejected,
+    PathOutsideRoot,
+    PayloadTooLarge,
+    TooManyMembers,
+    UnsupportedArchive,
+)
 
 SKIPPED_FOLDER = "__MACOSX"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
@@ -33,6 +49,47 @@ GROUNDTRUTH_NAME = "groundtruth.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 # Metadata a manifest row may carry: keys and values are kept short.
 MAX_META_KEYS, MAX_META_CHARS = 32, 512
+# The compression-ratio check spares members under this size: a small flat-colour BMP is no bomb.
+RATIO_FLOOR = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+# Members named like archives are not opened (no recursion into nested archives).
+ARCHIVE_SUFFIXES = (
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".gz",
+    ".bz2",
+    ".tbz",
+    ".tbz2",
+    ".xz",
+    ".txz",
+    ".7z",
+    ".rar",
+    ".zst",
+)
+ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf", b"Rar!")
+DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one import may read (CBIR_MAX_* settings); the defaults are the settings' defaults."""
+
+    member_bytes: int = 20 * 1024 * 1024  # an archive member, inflated
+    members: int = 1_000_000  # entries of an archive
+    total_bytes: int = 8 * 1024 * 1024 * 1024  # all members of an archive, inflated
+    ratio: float = 100.0  # inflated / compressed, per zip member of more than RATIO_FLOOR bytes
+    folder_files: int = 1_000_000  # files of a server folder
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        return cls(
+            member_bytes=min(settings.max_member_bytes, settings.max_upload_bytes),
+            members=settings.max_archive_members,
+            total_bytes=settings.max_total_uncompressed,
+            ratio=settings.max_compression_ratio,
+            folder_files=settings.max_folder_files,
+        )
 
 
 @dataclass
@@ -82,7 +139,14 @@ class DatasetSource:
     split: str  # "train", "test" or "all"
 
 
-Source = ArchiveSource | FolderSource | HolidaysSource | IdxSource | ManifestSource | DatasetSource
+@dataclass(frozen=True)
+class UrlSource:
+    urls: tuple[str, ...]  # fetched one by one by app.services.url_source
+
+
+Source = (
+    ArchiveSource | FolderSource | HolidaysSource | IdxSource | ManifestSource | DatasetSource | UrlSource
+)
 
 
 def describe(source: Source, *, data_dir: Path) -> dict[str, Any]:
@@ -107,6 +171,8 @@ def describe(source: Source, *, data_dir: Path) -> dict[str, Any]:
     if isinstance(source, ManifestSource):
         roots = [str(r) for r in source.roots] if source.roots is not None else None
         return {"source": "manifest", "path": str(source.path), "roots": roots}
+    if isinstance(source, UrlSource):
+        return {"source": "urls", "urls": list(source.urls)}
     return {"source": "dataset", "dataset": source.dataset, "split": source.split}
 
 
@@ -132,6 +198,8 @@ def from_params(params: dict[str, Any], *, data_dir: Path) -> Source:
         )
     if kind == "dataset":
         return DatasetSource(params["dataset"], params["split"])
+    if kind == "urls":
+        return UrlSource(tuple(str(u) for u in params["urls"]))
     raise ValueError(f"unknown source {kind!r}")
 
 
@@ -149,12 +217,36 @@ def confine(path: Path, roots: list[Path] | None) -> Path:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte
         resolved = None
-    if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+    if resolved is None or not _within(resolved, roots):
         # the same answer whether it exists or not: the API does not probe the file system
-        raise FolderNotAllowed(
+        raise PathOutsideRoot(
             f"{str(path)[:200]!r} is not under the allowed roots ({', '.join(map(str, roots))})"
         )
     return resolved
+
+
+def in_root(roots: dict[str, Path], name: str, path: str) -> Path:
+    """``path`` (relative) inside the import root called ``name``, as an absolute path for
+    ``check_folder``. Absolute paths and ``..`` are refused, also when %-encoded (a client that
+    encoded twice), before the file system is asked anything."""
+    if not roots:
+        raise FolderNotAllowed("importing server files is off: set CBIR_IMPORT_ROOTS to allow some")
+    root = roots.get(name)
+    if root is None:
+        raise InvalidRequest(f"no import root is called {name[:64]!r}; the roots are {sorted(roots)}")
+    forms, form = [path], path
+    for _ in range(3):  # %252e%252e is %2e%2e is ..
+        form = unquote(form)
+        forms.append(form)
+    for form in forms:
+        pure = PurePosixPath(form.replace("\\", "/"))
+        if "\x00" in form or pure.is_absolute() or DRIVE.match(form) or ".." in pure.parts:
+            raise PathOutsideRoot(f"{path[:200]!r} leaves the import root {name!r}")
+    return root / path
+
+
+def _within(path: Path, roots: tuple[Path, ...] | list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 IDX_IMAGES = re.compile(r"^(?P<stem>.*?)[-.]?images?[-.]idx3[-.]ubyte(\.gz)?$")
@@ -230,21 +322,82 @@ def check_dataset(dataset: str, split: str) -> DatasetSource:
     return DatasetSource(dataset, split)
 
 
-def check_archive(path: Path, filename: str, *, manifest: Path | None = None) -> ArchiveSource:
-    if not (zipfile.is_zipfile(path) or _is_tar(path)):
+ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def check_archive(
+    path: Path, filename: str, *, manifest: Path | None = None, limits: Limits | None = None
+) -> ArchiveSource:
+    """An uploaded zip or tar: 415 when it is neither, 422 when it is one but damaged (truncated),
+    413 when it holds more than ``limits.members`` entries. A tar's headers are read up to where
+    the import would stop (the member or total-size cap), so a tar.gz bomb is not inflated here."""
+    limits = limits or Limits()
+    kind = "zip" if zipfile.is_zipfile(path) else "tar" if _is_tar(path) else None
+    if kind is None:
+        with path.open("rb") as handle:
+            head = handle.read(512)
+        if head.startswith(ARCHIVE_MAGIC) or head[257:262] == b"ustar":
+            raise BadArchive(f"{filename!r} is a damaged or truncated archive")
         raise UnsupportedArchive(f"{filename!r} is not a zip or tar archive (tar.gz and tar.bz2 are fine)")
+    try:
+        if kind == "zip":
+            # The end record's count first: parsing a central directory costs ~600 B of memory per
+            # entry, so a hostile one of millions of empty entries is refused before it is read.
+            declared = _zip_declared_entries(path)
+            if declared is not None and declared > limits.members:
+                raise TooManyMembers(
+                    f"{filename!r} declares {declared} members; at most {limits.members} "
+                    "(CBIR_MAX_ARCHIVE_MEMBERS)"
+                )
+            with zipfile.ZipFile(path) as archive:
+                entries = len(archive.infolist())
+        else:
+            with tarfile.open(path, "r:*") as archive:
+                entries = sum(1 for _ in _tar_entries(archive, limits=limits))
+    except ARCHIVE_ERRORS as exc:
+        raise BadArchive(f"{filename!r} is a damaged or truncated {kind} archive: {str(exc)[:200]}") from None
+    if entries > limits.members:
+        raise TooManyMembers(
+            f"{filename!r} holds more than {limits.members} members (CBIR_MAX_ARCHIVE_MEMBERS)"
+        )
     source = ArchiveSource(path, filename, manifest)
     if manifest is not None:
         parse_manifest(read_manifest(manifest), name=manifest.name)
     return source
 
 
+def _zip_declared_entries(path: Path) -> int | None:
+    """The entry count a zip's end-of-central-directory record (zip64 included) declares."""
+    try:
+        with path.open("rb") as handle:
+            end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]  # stdlib, stable since 2.x
+    except (OSError, struct.error):
+        return None
+    return int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else None  # type: ignore[attr-defined]
+
+
 def _is_tar(path: Path) -> bool:
     try:
         with tarfile.open(path, "r:*"):
             return True
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
         return False
+
+
+def _tar_entries(archive: tarfile.TarFile, *, limits: Limits) -> Iterator[tuple[tarfile.TarInfo, bool]]:
+    """(header, over) for the tar's headers in order: one more than ``limits.members`` at most,
+    and none after the file whose size takes the total past ``limits.total_bytes`` (``over``):
+    going on would mean inflating the rest of a tar.gz bomb just to skip it."""
+    total = 0
+    for _ in range(limits.members + 1):
+        member = archive.next()
+        if member is None:
+            return
+        archive.members.clear()  # type: ignore[attr-defined]  # else it keeps every header read
+        total += member.size if member.isfile() else 0
+        yield member, total > limits.total_bytes
+        if total > limits.total_bytes:
+            return
 
 
 # -- manifests ------------------------------------------------------------------------------
@@ -346,8 +499,10 @@ def label_from(name: str) -> dict[str, Any]:
 
 
 def _unsafe(name: str) -> bool:
-    path = PurePosixPath(name)
-    return path.is_absolute() or ".." in path.parts
+    """A member name that could land outside a folder it were extracted to: absolute, a drive
+    letter, or ``..`` between slashes or backslashes."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or bool(DRIVE.match(name)) or ".." in parts
 
 
 def skipped(name: str) -> bool:
@@ -362,46 +517,65 @@ def _too_large(size: int, limit: int) -> tuple[str, str] | None:
 
 
 def iter_members(
-    source: Source, *, max_bytes: int, datasets_dir: Path | None, data_dir: Path
+    source: Source,
+    *,
+    max_bytes: int,
+    datasets_dir: Path | None,
+    data_dir: Path,
+    limits: Limits | None = None,
 ) -> Iterator[Member]:
     """The source's members in their fixed order."""
+    limits = limits or Limits()
     if isinstance(source, ArchiveSource):
-        yield from _archive_members(source, max_bytes=max_bytes)
+        yield from _archive_members(
+            source, limits=replace(limits, member_bytes=min(limits.member_bytes, max_bytes))
+        )
     elif isinstance(source, FolderSource):
-        yield from _folder_members(source.path, max_bytes=max_bytes)
+        yield from _folder_members(source.path, max_bytes=max_bytes, limit=limits.folder_files)
     elif isinstance(source, HolidaysSource):
-        yield from _holidays_members(source, max_bytes=max_bytes)
+        yield from _holidays_members(source, max_bytes=max_bytes, limit=limits.folder_files)
     elif isinstance(source, IdxSource):
         yield from _idx_members(source)
     elif isinstance(source, ManifestSource):
         yield from _manifest_members(source, max_bytes=max_bytes)
+    elif isinstance(source, UrlSource):
+        raise TypeError("URL members need the service's fetch settings: use members_of")
     else:
         yield from _dataset_members(source, datasets_dir=datasets_dir, data_dir=data_dir)
 
 
 def members_of(source: Source, settings: Any) -> Iterator[Member]:
-    """``iter_members`` with a service's settings (size cap, datasets and data folders)."""
+    """``iter_members`` with a service's settings (size caps, datasets and data folders)."""
+    if isinstance(source, UrlSource):
+        from app.services.url_source import url_members
+
+        return url_members(source, settings)
     return iter_members(
         source,
         max_bytes=settings.max_upload_bytes,
         datasets_dir=settings.datasets_dir,
         data_dir=settings.data_dir,
+        limits=Limits.of(settings),
     )
 
 
-def count_members(source: Source, *, datasets_dir: Path | None, data_dir: Path) -> int | None:
+def count_members(
+    source: Source, *, datasets_dir: Path | None, data_dir: Path, limits: Limits | None = None
+) -> int | None:
     """How many members the source lists, without reading any (None when it cannot tell)."""
     try:
-        if isinstance(source, ArchiveSource):
-            return sum(1 for _ in _archive_members(source, max_bytes=1 << 62, listing=True))
-        if isinstance(source, FolderSource):
-            return sum(1 for _ in _folder_files(source.path))
-        if isinstance(source, HolidaysSource):
-            return sum(1 for _ in _holidays_files(source.path))
+        if isinstance(source, ArchiveSource | FolderSource | HolidaysSource):
+            # members are read lazily: listing them reads headers and directories only
+            listed = iter_members(
+                source, max_bytes=1 << 62, datasets_dir=datasets_dir, data_dir=data_dir, limits=limits
+            )
+            return sum(1 for _ in listed)
         if isinstance(source, IdxSource):
             return sum(_idx_count(path) for path in source.images)
         if isinstance(source, ManifestSource):
             return len(parse_manifest(read_manifest(source.path), name=source.path.name))
+        if isinstance(source, UrlSource):
+            return len(source.urls)
         return sum(len(_mnist(split, datasets_dir, data_dir)[1]) for split in _splits(source))
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, CbirError):
         return None
@@ -413,61 +587,195 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _archive_members(source: ArchiveSource, *, max_bytes: int, listing: bool = False) -> Iterator[Member]:
-    """Regular-file members in archive order (label = parent folder unless a manifest says
-    otherwise); read one by one, never extracted. With a manifest only its rows are imported,
-    and rows naming no member are reported at the end."""
+def _archive_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
+    """Members in archive order (label = parent folder unless a manifest says otherwise); read one
+    by one, never extracted. With a manifest only its rows are imported, and rows naming no
+    member are reported at the end."""
     if zipfile.is_zipfile(source.path):
-        with zipfile.ZipFile(source.path) as archive:
-            infos = [i for i in archive.infolist() if not i.is_dir() and not skipped(i.filename)]
-            manifest = _archive_manifest(
-                source, lambda n: _zip_manifest(archive, n), [i.filename for i in infos]
+        yield from _zip_members(source, limits=limits)
+    else:
+        yield from _tar_members(source, limits=limits)
+
+
+def _zip_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
+    with zipfile.ZipFile(source.path) as archive:
+        entries = archive.infolist()
+        infos = [i for i in entries[: limits.members] if not i.is_dir() and not skipped(i.filename)]
+        manifest = _archive_manifest(source, lambda n: _zip_manifest(archive, n), [i.filename for i in infos])
+        # The total cap counts declared sizes, or what reads really inflated where that is more
+        # (headers that lie, members rejected after reading): a zip of many lying members
+        # stops costing CPU there too.
+        declared, inflated = 0, [0]
+        for info in infos:
+            if manifest is not None and info.filename in MANIFEST_NAMES:
+                continue
+            mode = info.external_attr >> 16
+            reject = _member_check(
+                info.filename,
+                kind=stat.S_IFMT(mode) or stat.S_IFREG,
+                size=info.file_size,
+                compressed=info.compress_size,
+                limits=limits,
             )
-            for info in infos:
-                if manifest is not None and info.filename in MANIFEST_NAMES:
-                    continue
-                yield from _archive_member(
-                    info.filename,
-                    size=info.file_size,
-                    regular=True,
-                    read=lambda info=info: archive.read(info),  # type: ignore[misc]
-                    manifest=manifest,
-                    max_bytes=max_bytes,
-                )
-            yield from _missing_rows(manifest)
-        return
+            if reject is None:
+                declared += info.file_size
+                if max(declared, inflated[0] + info.file_size) > limits.total_bytes:
+                    reject = _over_total(limits)
+            yield from _archive_member(
+                info.filename,
+                reject=reject,
+                read=lambda info=info: _read_zip(archive, info, limits=limits, inflated=inflated),  # type: ignore[misc]
+                manifest=manifest,
+            )
+        yield from _missing_rows(manifest)
+        if len(entries) > limits.members:
+            yield _too_many(source, limits)
+
+
+def _tar_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
     names: list[str] | None = None
     manifest_data: bytes | None = None
     if source.manifest is None:
         # A manifest inside a tar may come anywhere: find it with one pass over the headers.
         with tarfile.open(source.path, "r:*") as archive:
-            for member in archive:
-                if member.isfile() and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
-                    handle = archive.extractfile(member)
-                    manifest_data = handle.read(MAX_MANIFEST_BYTES) if handle else b""
-                    names = [PurePosixPath(member.name).as_posix()]
-                    break
+            try:
+                for member, _ in _tar_entries(archive, limits=limits):
+                    if member.isfile() and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
+                        handle = archive.extractfile(member)
+                        manifest_data = handle.read(MAX_MANIFEST_BYTES) if handle else b""
+                        names = [PurePosixPath(member.name).as_posix()]
+                        break
+            except ARCHIVE_ERRORS:
+                pass  # reported by the pass below
     with tarfile.open(source.path, "r:*") as archive:
         manifest = _archive_manifest(source, lambda n: manifest_data or b"", names or [])
-        for member in archive:
-            if member.isdir() or skipped(member.name):
-                continue
-            if manifest is not None and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
-                continue
+        count, last = 0, ""
+        try:
+            for member, over in _tar_entries(archive, limits=limits):
+                count, last = count + 1, member.name
+                if count > limits.members:
+                    yield _too_many(source, limits)
+                    return
+                if member.isdir() or skipped(member.name):
+                    continue
+                if manifest is not None and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
+                    continue
+                kind = stat.S_IFREG if member.isfile() else _TAR_KINDS.get(member.type, 0)
+                reject = _over_total(limits) if over else None
+                reject = _member_check(member.name, kind=kind, size=member.size, limits=limits) or reject
 
-            def read(member: tarfile.TarInfo = member) -> bytes:
-                handle = archive.extractfile(member)
-                return handle.read() if handle is not None else b""
+                def read(member: tarfile.TarInfo = member) -> bytes:
+                    handle = archive.extractfile(member)
+                    return _read_member(handle, limits=limits) if handle is not None else b""
 
-            yield from _archive_member(
-                member.name,
-                size=member.size,
-                regular=member.isfile(),
-                read=read,
-                manifest=manifest,
-                max_bytes=max_bytes,
+                yield from _archive_member(member.name, reject=reject, read=read, manifest=manifest)
+        except ARCHIVE_ERRORS as exc:
+            # a tar.gz cut short: what came before stays imported, the tail is one rejected item
+            where = f"after {last!r}" if last else "at its start"
+            yield Member(
+                f"{source.filename} ({where})",
+                reject=("bad_archive", f"the archive is damaged or truncated {where}: {str(exc)[:200]}"),
             )
+            return
         yield from _missing_rows(manifest)
+
+
+_TAR_KINDS = {
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.LNKTYPE: stat.S_IFLNK,  # a hard link: its target is another member, never followed
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+_KIND_NAMES = {
+    stat.S_IFLNK: "a link",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _member_check(
+    name: str, *, kind: int, size: int, limits: Limits, compressed: int | None = None
+) -> tuple[str, str] | None:
+    """Why an archive member is not read, judged from its header; None: read it."""
+    if kind != stat.S_IFREG:
+        what = _KIND_NAMES.get(kind, "not a regular file")
+        return "unsupported_member_type", f"{what}: only regular files are imported"
+    if _unsafe(name):
+        return "unsafe_path", "the name leaves the archive (absolute, a drive letter or '..')"
+    if name.lower().endswith(ARCHIVE_SUFFIXES):
+        return "unsupported_format", "an archive inside the archive is not opened"
+    if size > limits.member_bytes:
+        return "member_too_large", f"{size} bytes inflated; the limit is {limits.member_bytes}"
+    if compressed is not None and _bomb(size, compressed, limits):
+        return "compression_ratio", f"{size} bytes from {compressed}: over {limits.ratio:g} to 1"
+    return None
+
+
+def _bomb(size: int, compressed: int, limits: Limits) -> bool:
+    return size > RATIO_FLOOR and size > limits.ratio * max(compressed, 1)
+
+
+def _over_total(limits: Limits) -> tuple[str, str]:
+    return (
+        "archive_too_large",
+        f"the members add up to more than {limits.total_bytes} bytes inflated "
+        "(CBIR_MAX_TOTAL_UNCOMPRESSED): this one and those after it are not read",
+    )
+
+
+def _too_many(source: ArchiveSource, limits: Limits) -> Member:
+    return Member(
+        f"{source.filename} (members after the first {limits.members})",
+        reject=("too_many_members", f"the archive holds more than {limits.members} members"),
+    )
+
+
+def _read_zip(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, limits: Limits, inflated: list[int]
+) -> bytes:
+    """A zip member's bytes, inflated no further than the member cap whatever its header says:
+    zipfile stops at the declared size, so it is handed a copy that declares more than we ever
+    read (zipfile inflates ahead by up to 4 KiB, and reaching the declared end checks the CRC,
+    which a cut-off read fails)."""
+    bounded = copy.copy(info)
+    bounded.file_size = limits.member_bytes + 1 + READ_CHUNK
+    try:
+        with archive.open(bounded) as handle:
+            data = _read_member(handle, limits=limits, inflated=inflated)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise MemberRejected("archive_member_unreadable", str(exc)[:300]) from None
+    if _bomb(len(data), info.compress_size, limits):
+        raise MemberRejected(
+            "compression_ratio", f"{len(data)} bytes from {info.compress_size}: over {limits.ratio:g} to 1"
+        )
+    if len(data) != info.file_size:
+        raise MemberRejected(
+            "archive_member_unreadable", f"inflates to {len(data)} bytes; its header says {info.file_size}"
+        )
+    return data
+
+
+def _read_member(handle: Any, *, limits: Limits, inflated: list[int] | None = None) -> bytes:
+    """Read in chunks, stopping one byte past the member cap (then rejected): what is counted is
+    what was inflated (added to ``inflated[0]``). An archive inside is rejected here too, whatever
+    its name."""
+    chunks, size = [], 0
+    while chunk := handle.read(min(READ_CHUNK, limits.member_bytes + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if inflated is not None:
+            inflated[0] += len(chunk)
+        if size > limits.member_bytes:
+            raise MemberRejected(
+                "member_too_large", f"inflates past {limits.member_bytes} bytes; not read further"
+            )
+    data = b"".join(chunks)
+    if data.startswith(ARCHIVE_MAGIC) or data[257:262] == b"ustar":
+        raise MemberRejected("unsupported_format", "an archive inside the archive is not opened")
+    return data
 
 
 def _zip_manifest(archive: zipfile.ZipFile, name: str) -> bytes:
@@ -501,11 +809,9 @@ def _archive_manifest(
 def _archive_member(
     name: str,
     *,
-    size: int,
-    regular: bool,
+    reject: tuple[str, str] | None,
     read: Callable[[], bytes],
     manifest: dict[str, ManifestRow] | None,
-    max_bytes: int,
 ) -> Iterator[Member]:
     if manifest is not None:
         row = manifest.pop(PurePosixPath(name).as_posix(), None)
@@ -514,14 +820,7 @@ def _archive_member(
         metadata = row.metadata
     else:
         metadata = label_from(name)
-    if not regular:
-        yield Member(name, reject=("not_a_regular_file", "links and device files are not imported"))
-    elif _unsafe(name):
-        yield Member(name, reject=("unsafe_path", "path leaves the archive"))
-    elif reason := _too_large(size, max_bytes):
-        yield Member(name, reject=reason)
-    else:
-        yield Member(name, metadata, read=read)
+    yield Member(name, reject=reject) if reject else Member(name, metadata, read=read)
 
 
 def _missing_rows(manifest: dict[str, ManifestRow] | None) -> Iterator[Member]:
@@ -532,33 +831,126 @@ def _missing_rows(manifest: dict[str, ManifestRow] | None) -> Iterator[Member]:
             yield Member(key, reject=("missing_member", "the manifest names a file the archive lacks"))
 
 
-def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
-    """(relative name, path) of the folder's files in name order; hidden entries skipped."""
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if skipped(name) or path.is_dir():
+def _folder_files(folder: Path) -> Iterator[tuple[str, Path, OSError | None]]:
+    """(relative name, path, None) of every entry below ``folder`` but folders, in name order (the
+    order of sorted paths); hidden entries skipped; links, to folders too, listed and never
+    followed. A subfolder that cannot be listed comes as (name, path, the error)."""
+    stack = [("", iter(_listing(folder)))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
             continue
-        yield name, path
+        name = prefix + entry.name
+        if skipped(name):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            yield name, Path(entry.path), None
+            continue
+        try:
+            stack.append((f"{name}/", iter(_listing(Path(entry.path)))))
+        except OSError as exc:
+            yield name, Path(entry.path), exc
+
+
+def _listing(folder: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)[:300]
 
 
 def _file_member(
     name: str, path: Path, *, inside: tuple[Path, ...], metadata: dict[str, Any], max_bytes: int
-) -> Member:
-    """A server file as a member: links that leave ``inside`` are rejected, never followed."""
+) -> Member | None:
+    """A server file as a member, judged before it is opened: a path outside ``inside``, or a link
+    that leads there, is rejected and never followed, as is anything but a regular file (a FIFO
+    would block a reader). A link to a folder gives None: its files are listed where they lie."""
+    if not _within(Path(os.path.normpath(path)), inside):
+        return Member(name, reject=("path_outside_root", "the path leaves the allowed folders"))
     try:
-        real = path.resolve(strict=True)
-        if not any(real.is_relative_to(root) for root in inside) or not real.is_file():
-            return Member(name, reject=("not_a_regular_file", "a link out of the allowed folders"))
-        if reason := _too_large(real.stat().st_size, max_bytes):
-            return Member(name, reject=reason)
-    except (OSError, RuntimeError, ValueError) as exc:
-        return Member(name, reject=("file_unreadable", str(exc)))
-    return Member(name, metadata, read=real.read_bytes)
+        linked = path.is_symlink()
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
+        return Member(name, reject=("file_unreadable", _why(exc)))
+    if not _within(real, inside):
+        return Member(
+            name, reject=("symlink_outside_root", "a link out of the allowed folders is not followed")
+        )
+    try:
+        info = real.stat()
+    except (OSError, ValueError) as exc:  # gone, or a dangling link
+        return Member(name, reject=("file_unreadable", _why(exc)))
+    if stat.S_ISDIR(info.st_mode) and linked:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        what = _KIND_NAMES.get(stat.S_IFMT(info.st_mode), "a folder")
+        return Member(name, reject=("not_a_regular_file", f"{what}: only regular files are imported"))
+    if reason := _too_large(info.st_size, max_bytes):
+        return Member(name, reject=reason)
+    return Member(name, metadata, read=lambda: _read_file(real, max_bytes=max_bytes))
 
 
-def _folder_members(folder: Path, *, max_bytes: int) -> Iterator[Member]:
-    for name, path in _folder_files(folder):
-        yield _file_member(name, path, inside=(folder,), metadata=label_from(name), max_bytes=max_bytes)
+def _read_file(path: Path, *, max_bytes: int) -> bytes:
+    """A server file's bytes. It was judged when listed but may have changed since: opened
+    without following a link or blocking on a FIFO, and judged again once open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MemberRejected("file_unreadable", "the file went away before it was read") from None
+    except OSError as exc:
+        raise MemberRejected("file_unreadable", _why(exc)) from None
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MemberRejected("not_a_regular_file", "no longer a regular file when opened")
+        data = handle.read(max_bytes + 1)
+    if reason := _too_large(len(data), max_bytes):
+        raise MemberRejected(*reason)
+    return data
+
+
+def _capped(members: Iterable[Member | None], *, limit: int) -> Iterator[Member]:
+    """``members`` (None ones dropped), the one after the first ``limit`` rejected as
+    ``limit_reached`` and the rest not listed."""
+    count = 0
+    for member in members:
+        if member is None:
+            continue
+        if count == limit:
+            yield Member(
+                member.name,
+                reject=(
+                    "limit_reached",
+                    f"the folder holds more than {limit} files (CBIR_MAX_FOLDER_FILES): "
+                    "this one and those after it are not imported",
+                ),
+            )
+            return
+        count += 1
+        yield member
+
+
+def _folder_entry(
+    name: str, path: Path, problem: OSError | None, *, inside: Path, metadata: dict[str, Any], max_bytes: int
+) -> Member | None:
+    if problem is not None:
+        return Member(name, reject=("file_unreadable", f"the folder cannot be listed: {_why(problem)}"))
+    return _file_member(name, path, inside=(inside,), metadata=metadata, max_bytes=max_bytes)
+
+
+def _folder_members(folder: Path, *, max_bytes: int, limit: int) -> Iterator[Member]:
+    members = (
+        _folder_entry(name, path, problem, inside=folder, metadata=label_from(name), max_bytes=max_bytes)
+        for name, path, problem in _folder_files(folder)
+    )
+    yield from _capped(members, limit=limit)
 
 
 def _read_groundtruth(folder: Path) -> dict[str, list[str]]:
@@ -570,14 +962,14 @@ def _read_groundtruth(folder: Path) -> dict[str, list[str]]:
     return read_groundtruth(path)
 
 
-def _holidays_files(folder: Path) -> Iterator[tuple[str, Path]]:
+def _holidays_files(folder: Path) -> Iterator[tuple[str, Path, OSError | None]]:
     images = folder / "jpg" if (folder / "jpg").is_dir() else folder
-    for name, path in _folder_files(images):
+    for name, path, problem in _folder_files(images):
         if name != GROUNDTRUTH_NAME and not name.endswith((".dat", ".json", ".txt")):
-            yield name, path
+            yield name, path, problem
 
 
-def _holidays_members(source: HolidaysSource, *, max_bytes: int) -> Iterator[Member]:
+def _holidays_members(source: HolidaysSource, *, max_bytes: int, limit: int) -> Iterator[Member]:
     """Holidays layout: each image's label is its query's name (``100000`` for 100000.jpg and
     its relevant 100001.jpg ...), with ``role`` query or relevant; other images get no label."""
     groups: dict[str, tuple[str, str]] = {}
@@ -586,10 +978,16 @@ def _holidays_members(source: HolidaysSource, *, max_bytes: int) -> Iterator[Mem
         groups[PurePosixPath(query).name] = (group, "query")
         for name in relevant:
             groups.setdefault(PurePosixPath(name).name, (group, "relevant"))
-    for name, path in _holidays_files(source.path):
+
+    def metadata(name: str) -> dict[str, Any]:
         found = groups.get(PurePosixPath(name).name)
-        metadata = {"label": found[0], "role": found[1]} if found else {}
-        yield _file_member(name, path, inside=(source.path,), metadata=metadata, max_bytes=max_bytes)
+        return {"label": found[0], "role": found[1]} if found else {}
+
+    members = (
+        _folder_entry(name, path, problem, inside=source.path, metadata=metadata(name), max_bytes=max_bytes)
+        for name, path, problem in _holidays_files(source.path)
+    )
+    yield from _capped(members, limit=limit)
 
 
 def _manifest_members(source: ManifestSource, *, max_bytes: int) -> Iterator[Member]:
@@ -600,13 +998,14 @@ def _manifest_members(source: ManifestSource, *, max_bytes: int) -> Iterator[Mem
             yield Member(f"row {number}", reject=("manifest_row_invalid", row.error or "bad row"))
             continue
         path = Path(row.path)
-        yield _file_member(
+        member = _file_member(
             row.path,
             path if path.is_absolute() else folder / path,
             inside=inside,
             metadata=row.metadata,
             max_bytes=max_bytes,
         )
+        yield member or Member(row.path, reject=("not_a_regular_file", "a folder, not a file"))
 
 
 def _idx_count(path: Path) -> int:

@@ -110,11 +110,50 @@
     }
   }
 
+  // ---- the API key (X-API-Key), kept in this browser's localStorage ------------------------------
+
+  const KEY_STORE = "cbir.apiKey";
+
+  function apiKey() {
+    try {
+      return window.localStorage.getItem(KEY_STORE) || "";
+    } catch {
+      return ""; // storage disabled: no key
+    }
+  }
+
+  function setupApiKey() {
+    const input = byId("api-key");
+    if (!input) return;
+    input.value = apiKey();
+    input.addEventListener("change", () => {
+      try {
+        const value = input.value.trim();
+        if (value) window.localStorage.setItem(KEY_STORE, value);
+        else window.localStorage.removeItem(KEY_STORE);
+      } catch {
+        // storage disabled: the key lasts until the page is left
+      }
+    });
+  }
+
+  /** Open the key field after a 401 or 403, so the fix is one paste away. */
+  function askForKey() {
+    const box = byId("api-key-box");
+    if (!box) return;
+    box.open = true;
+    const input = byId("api-key");
+    if (input) input.focus();
+  }
+
   /** JSON from the API; failures become an ApiError carrying the problem's title and detail.
    * `init.json` is sent as a JSON body. Returns {body, headers} when `init.withHeaders`. */
   async function api(path, init = {}) {
     const { json, withHeaders, ...rest } = init;
     const headers = { accept: "application/json" };
+    const keyInput = byId("api-key");
+    const key = keyInput ? keyInput.value.trim() : apiKey();
+    if (key) headers["x-api-key"] = key;
     if (json !== undefined) {
       headers["content-type"] = "application/json";
       rest.body = JSON.stringify(json);
@@ -135,6 +174,7 @@
     if (!response.ok) {
       const title = (body && body.title) || `HTTP ${response.status}`;
       const detail = (body && body.detail) || response.statusText || "the request failed";
+      if (body && (body.code === "unauthorized" || body.code === "forbidden")) askForKey();
       throw new ApiError(title, String(detail), response.status);
     }
     return withHeaders ? { body, headers: response.headers } : body;
@@ -465,7 +505,10 @@
     );
   }
 
+  setupApiKey();
+
   window.cbir = {
+    apiKey,
     writeUrl,
     API,
     ApiError,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from pydantic import SecretStr
+
+from app.settings import Settings
 
 PROBLEM = "application/problem+json"
 
@@ -18,3 +21,14 @@ def assert_problem(response: httpx.Response, status: int, code: str | None = Non
         assert body["code"] == code, body
     assert "Traceback" not in response.text
     return body
+
+
+# Server-folder and manifest imports need an admin key even before any key exists (CBIR_AUTH=auto):
+# the tests of those imports configure this one and send it with every request.
+ADMIN_KEY = "admin-key-of-the-folder-import-tests"
+ADMIN_HEADERS = {"X-API-Key": ADMIN_KEY}
+
+
+def admin_keyed(settings: Settings, **update: object) -> Settings:
+    """``settings`` (updated with ``update``) with ``ADMIN_KEY`` configured as an admin key."""
+    return settings.model_copy(update={**update, "api_keys": SecretStr(f"admin:{ADMIN_KEY}")})

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.api.helpers import assert_problem
+from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem
 from tests.api.test_imports import wait_for_job
 
 API = "/api/v1"
@@ -18,7 +18,9 @@ API = "/api/v1"
 
 @pytest.fixture
 def rooted(settings: Settings, root: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings.model_copy(update={"import_roots": str(root)}))) as client:
+    with TestClient(
+        create_app(admin_keyed(settings, import_roots=str(root))), headers=ADMIN_HEADERS
+    ) as client:
         assert client.post(f"{API}/collections", json={"name": "pets", "embedder": "tiny"}).status_code == 201
         yield client
 
@@ -42,9 +44,9 @@ def test_a_folder_under_a_root_is_imported_with_labels(rooted: TestClient, root:
 def test_folders_outside_the_roots_are_refused(rooted: TestClient, root: Path, tmp_path: Path) -> None:
     url = f"{API}/collections/pets/imports"
     for folder in (tmp_path / "secret", root / ".." / "secret", tmp_path / "missing", Path("/")):
-        assert_problem(rooted.post(url, json={"folder": str(folder)}), 403, "folder_not_allowed")
+        assert_problem(rooted.post(url, json={"folder": str(folder)}), 403, "path_outside_root")
     (root / "escape").symlink_to(tmp_path / "secret")
-    assert_problem(rooted.post(url, json={"folder": str(root / "escape")}), 403, "folder_not_allowed")
+    assert_problem(rooted.post(url, json={"folder": str(root / "escape")}), 403, "path_outside_root")
     assert_problem(rooted.post(url, json={"folder": "photos"}), 422)  # relative
     assert_problem(rooted.post(url, json={"folder": str(root), "dataset": "mnist"}), 422)
 
@@ -60,14 +62,27 @@ def test_a_link_inside_the_folder_to_a_file_outside_is_rejected_per_item(
         ],
     )
     assert (job["state"], job["added"], job["failed"]) == ("succeeded", 5, 1)
-    assert job["errors"][0]["code"] == "not_a_regular_file"
+    assert job["errors"][0]["code"] == "symlink_outside_root"
 
 
-def test_folder_imports_are_off_without_roots(client: TestClient, collection: str, root: Path) -> None:
-    response = client.post(f"{API}/collections/{collection}/imports", json={"folder": str(root / "photos")})
+def test_folder_imports_are_off_without_roots(settings: Settings, root: Path) -> None:
+    with TestClient(create_app(admin_keyed(settings)), headers=ADMIN_HEADERS) as client:
+        assert client.post(f"{API}/collections", json={"name": "pets", "embedder": "tiny"}).status_code == 201
+        response = client.post(f"{API}/collections/pets/imports", json={"folder": str(root / "photos")})
     assert "CBIR_IMPORT_ROOTS" in assert_problem(response, 403, "folder_not_allowed")["detail"]
+
+
+def test_folder_imports_need_an_admin_key_even_before_any_key_exists(
+    client: TestClient, collection: str, root: Path
+) -> None:
+    """CBIR_AUTH=auto with no key yet leaves uploads open, but never the server's own files."""
+    for body in ({"folder": str(root / "photos")}, {"manifest": str(root / "m.csv")}, {"root": "photos"}):
+        response = client.post(f"{API}/collections/{collection}/imports", json=body)
+        assert_problem(response, 401, "unauthorized")
+    keyless_upload = client.post(f"{API}/collections/{collection}/images", files={"file": ("a.png", b"x")})
+    assert keyless_upload.status_code == 422  # reached the decoder: writes stay open without keys
 
 
 def test_a_folder_path_with_a_nul_byte_is_refused_not_a_crash(rooted: TestClient, root: Path) -> None:
     response = rooted.post(f"{API}/collections/pets/imports", json={"folder": str(root) + "/\u0000x"})
-    assert_problem(response, 403, "folder_not_allowed")
+    assert_problem(response, 403, "path_outside_root")

@@ -16,7 +16,13 @@ def test_health_is_ok_with_no_collections(client: TestClient):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     device = client.app.state.context.device.type  # "cpu" here, "cuda" on a GPU machine
-    assert response.json() == {"status": "ok", "version": __version__, "device": device, "collections": []}
+    assert response.json() == {
+        "status": "ok",
+        "version": __version__,
+        "device": device,
+        "collections": [],
+        "degraded": [],
+    }
 
 
 def test_health_counts_images_and_indexed_vectors_per_collection(

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.api.helpers import assert_problem
+from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem
 from tests.api.test_imports import counts, make_tar, make_zip, wait_for_job
 from tests.holidays import holidays_subset
 from tests.services.test_sources import mnist_subset
@@ -24,8 +24,8 @@ IMPORTS = f"{API}/collections/pets/imports"
 @pytest.fixture
 def client(settings: Settings, root: Path) -> Iterator[TestClient]:
     """A service allowed to import from ``root``, with an empty collection ``pets`` (tiny embedder)."""
-    allowed = settings.model_copy(update={"import_roots": str(root)})
-    with TestClient(create_app(allowed), raise_server_exceptions=False) as test_client:
+    allowed = admin_keyed(settings, import_roots=str(root))
+    with TestClient(create_app(allowed), raise_server_exceptions=False, headers=ADMIN_HEADERS) as test_client:
         response = test_client.post(f"{API}/collections", json={"name": "pets", "embedder": "tiny"})
         assert response.status_code == 201, response.text
         yield test_client
@@ -191,9 +191,9 @@ def test_a_server_manifest_imports_its_rows_and_rejects_rows_leaving_the_roots(
     assert counts(job) == (7, 2, 0, 5) and job["total"] == 7
     assert errors(job) == sorted(
         [
-            ("../../secret/private.png", "not_a_regular_file"),
-            (f"{tmp_path}/secret/private.png", "not_a_regular_file"),
-            ("../photos/cat/leak.png", "not_a_regular_file"),
+            ("../../secret/private.png", "path_outside_root"),
+            (f"{tmp_path}/secret/private.png", "path_outside_root"),
+            ("../photos/cat/leak.png", "symlink_outside_root"),
             ("../photos/cat/none.png", "file_unreadable"),
             ("row 7", "manifest_row_invalid"),
         ]
@@ -215,8 +215,8 @@ def test_a_server_manifest_outside_the_roots_is_403_and_a_bad_one_422(
         root / ".." / "secret" / "manifest.csv",
         root / "link.csv",
     ):
-        assert_problem(client.post(IMPORTS, json={"manifest": str(path)}), 403, "folder_not_allowed")
-    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "none.csv")}), 403, "folder_not_allowed")
+        assert_problem(client.post(IMPORTS, json={"manifest": str(path)}), 403, "path_outside_root")
+    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "none.csv")}), 403, "path_outside_root")
     (root / "bad.csv").write_bytes(b"label\ncat\n")
     assert_problem(client.post(IMPORTS, json={"manifest": str(root / "bad.csv")}), 422, "invalid_request")
     (root / "bad.jsonl").write_bytes(b'{"path": "\xff"}\n')
@@ -227,7 +227,8 @@ def test_a_server_manifest_outside_the_roots_is_403_and_a_bad_one_422(
 
 def test_server_manifests_are_off_without_roots(settings: Settings, root: Path) -> None:
     (root / "manifest.csv").write_text("path\nphotos/cat/1.png\n")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    keyed = admin_keyed(settings)
+    with TestClient(create_app(keyed), raise_server_exceptions=False, headers=ADMIN_HEADERS) as client:
         client.post(f"{API}/collections", json={"name": "pets", "embedder": "tiny"})
         response = client.post(IMPORTS, json={"manifest": str(root / "manifest.csv")})
         assert "CBIR_IMPORT_ROOTS" in assert_problem(response, 403, "folder_not_allowed")["detail"]

@@ -200,8 +200,8 @@ def test_tar_symlink_member_is_rejected_per_item(
     assert job["state"] == "succeeded"
     assert counts(job) == (8, 6, 0, 2), job
     assert sorted((e["item"], e["code"]) for e in job["errors"]) == [
-        ("cat/passwd.png", "not_a_regular_file"),
-        ("dog/up.png", "not_a_regular_file"),
+        ("cat/passwd.png", "unsupported_member_type"),
+        ("dog/up.png", "unsupported_member_type"),
     ]
 
 
@@ -215,7 +215,7 @@ def test_member_over_the_upload_limit_is_rejected_per_item(
         archive.writestr("cat/huge.png", b"\0" * (settings.max_upload_bytes + 1))
     job = run_import(client, collection, out.getvalue())
     assert counts(job) == (7, 6, 0, 1), job
-    assert [(e["item"], e["code"]) for e in job["errors"]] == [("cat/huge.png", "image_too_large")]
+    assert [(e["item"], e["code"]) for e in job["errors"]] == [("cat/huge.png", "member_too_large")]
 
 
 def test_hidden_files_and_macos_forks_are_skipped(

@@ -69,7 +69,9 @@ def settle(page: Page) -> None:
     page.evaluate(
         "document.querySelectorAll('img[loading=lazy]').forEach((img) => { img.loading = 'eager'; })"
     )
-    page.wait_for_function("[...document.images].every((img) => img.complete)", timeout=15_000)
+    # Functions, not expressions: Playwright evals a string expression in the page, which the
+    # pages' Content-Security-Policy (no unsafe-eval) forbids.
+    page.wait_for_function("() => [...document.images].every((img) => img.complete)", timeout=15_000)
     page.wait_for_timeout(100)
 
 
@@ -122,7 +124,7 @@ def test_search_upload_shows_10_results_and_a_click_gets_its_neighbours(
     shot(page, "search-dialog-1440", full_page=False)
     clicked_id = int(first.locator("button").get_attribute("data-id"))
     dialog.get_by_role("button", name="More like this").click()
-    page.wait_for_function("document.getElementById('status').textContent.includes('for image #')")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('for image #')")
     assert f"for image #{clicked_id}" in status_text(page)
     assert results.count() == 10
     assert clicked_id not in [int(b.get_attribute("data-id")) for b in page.locator("#results button").all()]
@@ -144,11 +146,11 @@ def test_search_by_id_with_a_label_filter_and_a_crop(page: Page, live_server: Li
     page.goto("/")
     page.fill("#image-id", "1")
     page.click("#id-form button")
-    page.wait_for_function("document.querySelectorAll('#results > li').length === 10")
+    page.wait_for_function("() => document.querySelectorAll('#results > li').length === 10")
 
     page.locator("#label-filter option[value='3']").wait_for(state="attached")
     page.select_option("#label-filter", "3")
-    page.wait_for_function("document.getElementById('status').textContent.includes('with label 3')")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('with label 3')")
     labels = page.locator("#results .label").all_inner_texts()
     assert labels == ["3"] * 10
     assert "label=3" in page.url
@@ -161,8 +163,8 @@ def test_search_by_id_with_a_label_filter_and_a_crop(page: Page, live_server: Li
         page.keyboard.press("Shift+ArrowLeft")
     shot(page, "search-crop-1440", full_page=False)
     page.keyboard.press("Enter")
-    page.wait_for_function("document.getElementById('query-caption').textContent.includes('crop')")
-    page.wait_for_function("document.getElementById('status').textContent.includes('for your image')")
+    page.wait_for_function("() => document.getElementById('query-caption').textContent.includes('crop')")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('for your image')")
     assert page.locator("#results > li").count() == 10
     assert "(crop " in page.locator("#query-caption").inner_text()
 
@@ -185,8 +187,10 @@ def test_search_takes_a_pasted_or_dropped_image(page: Page, test_digits: tuple) 
             }""",
             [event, name, data],
         )
-        page.wait_for_function(f"document.getElementById('query-caption').textContent.includes('{name}')")
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('The top 10')")
+        page.wait_for_function(
+            f"() => document.getElementById('query-caption').textContent.includes('{name}')"
+        )
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('The top 10')")
         assert page.locator("#results > li").count() == 10
 
 
@@ -205,11 +209,11 @@ def test_browse_pages_filters_and_opens_neighbours(page: Page) -> None:
     both_widths(page, "browse")
 
     page.locator("#label-chips button[data-label='7']").click()
-    page.wait_for_function("document.getElementById('status').textContent.includes('with label 7')")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('with label 7')")
     assert status_text(page).startswith("6,265 images with label 7")
     assert set(page.locator("#gallery .label").all_inner_texts()) == {"7"}
     page.click("#next-page")
-    page.wait_for_function("document.getElementById('page-info').textContent.startsWith('Page 2 ')")
+    page.wait_for_function("() => document.getElementById('page-info').textContent.startsWith('Page 2 ')")
     assert "page=2" in page.url and "label=7" in page.url
 
     page.locator("#gallery button").nth(0).click()
@@ -226,7 +230,9 @@ def test_browse_pages_filters_and_opens_neighbours(page: Page) -> None:
     shot(page, "browse-neighbours-1440", full_page=False)
     title = dialog.locator("#detail-title").inner_text()
     strip.nth(0).locator("button").click()  # a neighbour is one click away, and so are its neighbours
-    page.wait_for_function(f"document.getElementById('detail-title').textContent !== {json.dumps(title)}")
+    page.wait_for_function(
+        f"() => document.getElementById('detail-title').textContent !== {json.dumps(title)}"
+    )
     dialog.locator(".strip > li").nth(7).wait_for()
 
 
@@ -287,7 +293,7 @@ def test_evaluate_computes_quality_with_a_curve_and_compares_side_by_side(page: 
     assert page.locator("#pr-chart svg circle").count() == 11
     assert "Computed" in page.locator("#eval-when").inner_text()
 
-    page.wait_for_function("document.getElementById('compare-image').value !== ''")
+    page.wait_for_function("() => document.getElementById('compare-image').value !== ''")
     page.select_option("#against", "pixels")
     page.click("#compare-start")
     sides = page.locator("#compare-sides .side")
@@ -336,7 +342,7 @@ def test_map_draws_the_codes_by_label_and_a_click_searches(page: Page) -> None:
     assert point_id == 4999
     page.locator("svg.map-svg circle.pt").last.click()
     page.wait_for_url(re.compile(r"/\?collection=mnist&image=\d+$"))
-    page.wait_for_function("document.querySelectorAll('#results > li').length === 10")
+    page.wait_for_function("() => document.querySelectorAll('#results > li').length === 10")
 
 
 # -- quality --------------------------------------------------------------------------------------
@@ -406,7 +412,7 @@ def test_uploaded_names_and_metadata_render_as_text_on_every_page(
         assert page.evaluate("document.querySelectorAll('script:not([src])').length") == 0
 
     page.goto(f"/?collection=hostile&image={hostile_id}")
-    page.wait_for_function("document.querySelectorAll('#results > li').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#results > li').length > 0")
     text_shown(f"Label {HOSTILE_LABEL}")
     text_shown(HOSTILE_NAME)
     page.locator("#results button").first.click()

@@ -176,9 +176,9 @@ def test_server_manifest_rows_outside_the_roots_are_rejected_and_never_read(
     assert [(m.name, m.reject[0] if m.reject else None) for m in members] == [
         ("photos/a.png", None),
         (f"{root}/photos/b.png", None),
-        ("../secret/private.png", "not_a_regular_file"),
-        (f"{secret}/private.png", "not_a_regular_file"),
-        ("photos/leak.png", "not_a_regular_file"),
+        ("../secret/private.png", "path_outside_root"),
+        (f"{secret}/private.png", "path_outside_root"),
+        ("photos/leak.png", "symlink_outside_root"),
         ("photos/missing.png", "file_unreadable"),
         ("row 7", "manifest_row_invalid"),
     ]
