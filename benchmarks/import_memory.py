@@ -110,6 +110,9 @@ def main() -> None:
         action="store_true",
         help="CBIR_IMPORT_PROCESSES=0: decode on threads, embed in the server",
     )
+    parser.add_argument(
+        "--embed-batch", type=int, default=None, help="CBIR_EMBED_BATCH_SIZE: images per forward pass"
+    )
     parser.add_argument("--archive", type=Path, default=None, help="reuse (or keep) the archive here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -126,16 +129,20 @@ def main() -> None:
         env = {"CBIR_MAX_ARCHIVE_BYTES": str(4 * 1024**3)}
         if args.threads:
             env["CBIR_IMPORT_PROCESSES"] = "0"
+        if args.embed_batch:
+            env["CBIR_EMBED_BATCH_SIZE"] = str(args.embed_batch)
         server = LiveServer(root / "data", root / "server.log", env=env)
         server.start()
         assert server.process is not None
         pid = server.process.pid
         peak = {"total": 0.0, "server": 0.0, "pss": 0.0}
+        workers_seen: set[int] = set()
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
                 server_rss = rss_mb(pid)
+                workers_seen.update(children(pid))
                 total = server_rss + sum(rss_mb(c) for c in children(pid))
                 peak["server"] = max(peak["server"], server_rss)
                 peak["total"] = max(peak["total"], total)
@@ -214,7 +221,10 @@ def main() -> None:
         "server_plus_workers_peak_rss_mb": round(peak["total"], 1),
         "baseline_pss_mb": round(baseline["pss"], 1),
         "peak_pss_mb": round(peak["pss"], 1),
-        "mode": "threads" if args.threads else "worker processes",
+        # what ran, not what was asked: pretrained CNNs import in the server process by default
+        "mode": f"{len(workers_seen)} worker process(es)" if workers_seen else "one process",
+        "import_processes": not args.threads,
+        "embed_batch": args.embed_batch,
         "seconds": round(seconds, 1),
     }
     print(f"archive            {size / 1024**3:.2f} GB, {images} JPEGs, embedder {args.embedder}")

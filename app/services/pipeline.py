@@ -40,6 +40,7 @@ from app.services.ingest import WRITE_LOCK, Accepted, Item, ItemResult, store_ac
 from app.services.sources import Member
 from app.settings import Settings
 from app.storage import sha256_hex
+from models import registry
 from models.base import Embedder
 
 CHUNK_ITEMS = 256
@@ -111,10 +112,44 @@ def resolve_target(ctx: AppContext, collection: str) -> Target:
     return Target(ctx, record, checkpoint)
 
 
-def use_processes(ctx: AppContext) -> bool:
-    """Decode and embed in worker processes: on the CPU with two cores or more (a GPU embeds in
-    this process, fed by decoding threads), unless CBIR_IMPORT_PROCESSES=0."""
-    return ctx.settings.import_processes and ctx.device.type == "cpu" and (os.cpu_count() or 1) >= 2
+def use_processes(ctx: AppContext, target: Target | None = None) -> bool:
+    """Decode and embed in worker processes: on the CPU with two cores or more, for embedders whose
+    per-image work is mostly Python (small images, small models), unless CBIR_IMPORT_PROCESSES=0.
+
+    A GPU embeds in this process, fed by decoding threads; so do pretrained CNNs on the CPU: their
+    forward passes and JPEG decoding run outside the GIL, so threads keep the cores as busy, while a
+    worker process would hold a second torch runtime (about 500 MB). A 1 GB archive of photos
+    peaked at 1.2 GB in one process, against 2.8 GB with a worker (README, "Import throughput and
+    memory")."""
+    if not (ctx.settings.import_processes and ctx.device.type == "cpu" and (os.cpu_count() or 1) >= 2):
+        return False
+    return target is None or not _pretrained(target.record.embedder)
+
+
+def _pretrained(embedder: str) -> bool:
+    try:
+        return registry.parse(embedder)[0].pretrained
+    except (KeyError, ValueError):  # an unknown or odd spec: the pipeline's default
+        return False
+
+
+# Input bytes of one forward pass during an import: activations scale with it (a pretrained CNN
+# holds 15-20x its input at once), so photos go through a few at a time (about 6 at 224x224), small
+# images in full batches. Throughput per image barely depends on the batch on a CPU.
+FORWARD_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def _nbytes(prepared: Any) -> int:
+    if isinstance(prepared, list | tuple):
+        return sum(_nbytes(p) for p in prepared)
+    return int(getattr(prepared, "nbytes", 0) or 0)
+
+
+def forward_batch(prepared: Any, *, limit: int) -> int:
+    """Images per forward pass for inputs like ``prepared``: at most ``limit``, about
+    FORWARD_INPUT_BYTES of input."""
+    size = _nbytes(prepared)
+    return max(1, min(limit, FORWARD_INPUT_BYTES // size)) if size else limit
 
 
 def default_workers(ctx: AppContext, *, processes: bool) -> int:
@@ -292,7 +327,7 @@ class Pipeline:
         self.target = resolve_target(ctx, collection)
         self.batch_size = ctx.settings.import_batch_size
         self.depth = ctx.settings.import_queue_depth
-        self.processes = use_processes(ctx)
+        self.processes = use_processes(ctx, self.target)
         self.workers = workers or default_workers(ctx, processes=self.processes)
         self._stop = threading.Event()
         # Seconds each stage spent working (not waiting), for progress reports and benchmarks.
@@ -448,7 +483,7 @@ class Pipeline:
         embedder = target.embedder
         if ready and embedder is not None:
             began = time.perf_counter()
-            step = self.ctx.settings.embed_batch_size
+            step = forward_batch(ready[0].prepared, limit=self.ctx.settings.embed_batch_size)
             for first in range(0, len(ready), step):
                 part = ready[first : first + step]
                 vectors = embedder.embed_prepared([s.prepared for s in part])

@@ -346,7 +346,7 @@ def check_archive(
             declared = _zip_declared_entries(path)
             if declared is not None and declared > limits.members:
                 raise TooManyMembers(
-                    f"{filename!r} declares {declared} members; at most {limits.members} "
+                    f"{filename!r} declares {declared} members, more than {limits.members} members "
                     "(CBIR_MAX_ARCHIVE_MEMBERS)"
                 )
             with zipfile.ZipFile(path) as archive:

@@ -126,3 +126,27 @@ def test_an_idle_worker_killed_between_jobs_is_replaced(
         assert get_collection(ctx, "p").image_count == 40
     finally:
         ctx.close()
+
+
+def test_pretrained_cnns_import_on_threads_in_this_process(process_settings: Settings) -> None:
+    """Worker processes only where per-image work is mostly Python: a pretrained CNN (GIL-free
+    forward passes and JPEG decoding) embeds here, sparing a second torch runtime."""
+    ctx = open_context(process_settings)
+    try:
+        create_collection(ctx, name="photos", embedder="efficientnet_lite0")
+        create_collection(ctx, name="digits", embedder="tiny")
+        many_cores = (os.cpu_count() or 1) >= 2
+        assert pipeline.use_processes(ctx, pipeline.resolve_target(ctx, "photos")) is False
+        assert pipeline.use_processes(ctx, pipeline.resolve_target(ctx, "digits")) is many_cores
+    finally:
+        ctx.close()
+
+
+def test_forward_passes_hold_about_4_mb_of_input() -> None:
+    import torch
+
+    photo = [torch.zeros(3, 224, 224)]  # 588 KiB as float32
+    assert pipeline.forward_batch(photo, limit=256) == 6
+    assert pipeline.forward_batch([torch.zeros(3, 288, 288)] * 2, limit=256) == 2  # two views each
+    assert pipeline.forward_batch(np.zeros((1, 28, 28), np.float32), limit=256) == 256  # digits: full batches
+    assert pipeline.forward_batch([torch.zeros(3, 4096, 4096)], limit=256) == 1
