@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import os
 import re
 import socket
@@ -568,12 +569,15 @@ def test_r21_slow_drip_body_is_cut_and_others_served(live: LiveServer, path: str
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
             "Content-Length: 1000\r\n\r\n",
         )
+        # A well-formed start, a byte a second: only the deadline may end it (dashes alone would
+        # break the multipart parser at the third byte, racing the deadline).
+        drip = itertools.cycle(b'--B\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n')
         started = time.monotonic()
         answer = b""
         sock.settimeout(0.05)
         while time.monotonic() - started < 30:
             try:
-                sock.sendall(b"-")
+                sock.sendall(bytes([next(drip)]))
             except OSError:
                 break  # closed by the server
             try:
