@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from pydantic import SecretStr
 
@@ -32,3 +34,11 @@ ADMIN_HEADERS = {"X-API-Key": ADMIN_KEY}
 def admin_keyed(settings: Settings, **update: object) -> Settings:
     """``settings`` (updated with ``update``) with ``ADMIN_KEY`` configured as an admin key."""
     return settings.model_copy(update={**update, "api_keys": SecretStr(f"admin:{ADMIN_KEY}")})
+
+
+def job_report(client: httpx.Client, job: dict) -> dict[str, tuple[str, str | None]]:
+    """item -> (status, code) from the job's JSON-lines report."""
+    response = client.get(f"/api/v1/jobs/{job['id']}/report")
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    return {line["item"]: (line["status"], line.get("code")) for line in lines}

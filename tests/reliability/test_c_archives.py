@@ -8,7 +8,6 @@ member, 20 MiB in all, ratio 100) are set by the ``api`` fixture below.
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import struct
@@ -26,7 +25,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.services import sources
 from app.settings import Settings
-from tests.api.helpers import assert_problem
+from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import counts, make_tar, make_zip, start_archive_import, wait_for_job
 
 API = "/api/v1"
@@ -85,14 +84,6 @@ def submit(client: TestClient, data: bytes, name: str = "images.zip") -> dict:
     response = start_archive_import(client, "shapes", data, name)
     assert response.status_code == 202, response.text
     return wait_for_job(client, response.json()["job_id"])
-
-
-def report(client: TestClient, job: dict) -> dict[str, tuple[str, str | None]]:
-    """item -> (status, code) from the job's JSON-lines report."""
-    response = client.get(f"{API}/jobs/{job['id']}/report")
-    assert response.status_code == 200, response.text
-    lines = [json.loads(line) for line in response.text.splitlines()]
-    return {line["item"]: (line["status"], line.get("code")) for line in lines}
 
 
 def files_under(folder: Path, *, besides: Path) -> set[Path]:
@@ -178,7 +169,7 @@ def test_r24_zip_bomb_member_is_rejected_and_the_others_indexed(
         job = submit(api, data)
     assert job["state"] == "succeeded", job
     assert counts(job) == (5, 3, 0, 2)
-    items = report(api, job)
+    items = job_report(api, job)
     assert items["cat/bomb.png"] == ("rejected", "member_too_large")
     assert items["cat/flat.png"] == ("rejected", "compression_ratio")
     assert {items[name][0] for name in good} == {"added"}
@@ -221,7 +212,7 @@ def test_r25_lying_header_is_cut_off_at_the_cap_and_rejected(
     job = submit(api, data)
     assert job["state"] == "succeeded", job
     assert counts(job) == (5, 3, 0, 2)
-    items = report(api, job)
+    items = job_report(api, job)
     assert items["cat/liar.png"] == ("rejected", "member_too_large")
     assert items["cat/short.png"] == ("rejected", "archive_member_unreadable")  # 150 bytes, not 100
     # The liar was inflated to one byte past the 2 MiB cap and no further, whatever it declared.
@@ -245,7 +236,7 @@ def test_r25_many_lying_members_stop_at_the_total_cap(
         data = lie_about_size(data, f"liars/{i:02d}.png", 100)
     job = submit(api, data)
     assert job["state"] == "succeeded" and counts(job) == (33, 3, 0, 30), job
-    codes = [report(api, job)[f"liars/{i:02d}.png"][1] for i in range(30)]
+    codes = [job_report(api, job)[f"liars/{i:02d}.png"][1] for i in range(30)]
     assert codes == ["member_too_large"] * 10 + ["archive_too_large"] * 20
     assert sum(inflated) <= 20 * MiB + 2 * MiB + sum(len(d) for d in good.values())
 
@@ -270,7 +261,7 @@ def test_r27_traversal_names_are_rejected_and_nothing_lands_outside(
     job = submit(api, data, name=f"images.{kind}")
     assert job["state"] == "succeeded", job
     assert counts(job) == (8, 3, 0, 5)
-    items = report(api, job)
+    items = job_report(api, job)
     assert {items[name] for name in TRAVERSALS} == {("rejected", "unsafe_path")}
     assert files_under(tmp_path.parent, besides=capped.data_dir) == before
     assert not Path("/abs").exists() and not Path("C:\\evil.png").exists() and not Path("evil.png").exists()
@@ -320,7 +311,7 @@ def test_r28_links_devices_and_fifos_in_a_tar_are_rejected_unextracted(
     job = submit(api, special_tar(good), name="images.tar")
     assert job["state"] == "succeeded", job
     assert counts(job) == (9, 3, 0, 6)
-    items = report(api, job)
+    items = job_report(api, job)
     assert {items[name] for name in SPECIALS} == {("rejected", "unsupported_member_type")}
     assert {items[name][0] for name in good} == {"added"}
     assert files_under(tmp_path.parent, besides=capped.data_dir) == before
@@ -362,7 +353,7 @@ def test_r28_zip_symlink_member_is_rejected(api: TestClient, good: dict[str, byt
         archive.writestr(link, "/etc/passwd")
     job = submit(api, out.getvalue())
     assert counts(job) == (4, 3, 0, 1)
-    assert report(api, job)["cat/passwd.png"] == ("rejected", "unsupported_member_type")
+    assert job_report(api, job)["cat/passwd.png"] == ("rejected", "unsupported_member_type")
 
 
 # -- 29 ---------------------------------------------------------------------------------------
@@ -412,7 +403,7 @@ def run_zeros(api: TestClient, path: Path) -> tuple[dict, dict[str, tuple[str, s
     response = start_archive_import(api, "shapes", path.read_bytes(), name="zeros.tar.gz")
     assert response.status_code == 202, response.text
     job = wait_for_job(api, response.json()["job_id"])
-    return job, report(api, job), time.monotonic() - began
+    return job, job_report(api, job), time.monotonic() - began
 
 
 @pytest.mark.timeout(60)
@@ -454,7 +445,7 @@ def test_r30_nested_archives_are_rejected_not_opened(
     job = submit(api, make_zip(members))
     assert job["state"] == "succeeded", job
     assert counts(job) == (6, 3, 0, 3)
-    items = report(api, job)
+    items = job_report(api, job)
     for name in ("cat/inner.zip", "cat/inner.tar.gz", "cat/sneaky.png"):
         assert items[name] == ("rejected", "unsupported_format")
     assert not any(name.startswith("inner/") for name in items)

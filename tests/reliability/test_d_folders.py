@@ -9,7 +9,6 @@ here, and its ``root=photos`` + ``path`` is the JSON body ``{"root": "photos", "
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from app.errors import PathOutsideRoot
 from app.main import create_app
 from app.services import sources
 from app.settings import Settings
-from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem
+from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem, job_report
 from tests.api.test_imports import counts, wait_for_job
 
 API = "/api/v1"
@@ -62,13 +61,6 @@ def run(client: TestClient, body: dict) -> dict:
     response = client.post(IMPORTS, json=body)
     assert response.status_code == 202, response.text
     return wait_for_job(client, response.json()["job_id"])
-
-
-def report(client: TestClient, job: dict) -> dict[str, tuple[str, str | None]]:
-    response = client.get(f"{API}/jobs/{job['id']}/report")
-    assert response.status_code == 200, response.text
-    lines = [json.loads(line) for line in response.text.splitlines()]
-    return {line["item"]: (line["status"], line.get("code")) for line in lines}
 
 
 def indexed(client: TestClient) -> set[str]:
@@ -141,7 +133,7 @@ def test_r33_symlinks_leaving_the_root_are_skipped_per_item(api: TestClient, tre
     (photos / "cat" / "again").symlink_to(photos / "dog", target_is_directory=True)  # inside: not walked
     job = run(api, {"root": "photos"})
     assert job["state"] == "succeeded", job
-    items = report(api, job)
+    items = job_report(api, job)
     for name in ("cat/leak.png", "dog/outside", "dog/relative.png"):
         assert items[name] == ("rejected", "symlink_outside_root")
     assert items["dog/alias.png"] == ("duplicate", None)
@@ -194,7 +186,7 @@ def test_r34_fifos_sockets_and_vanished_files_are_skipped_without_a_hang(
         server.close()
         release_readers(cat / "pipe.png", cat / "swapped.png")
     assert job["state"] == "succeeded", job
-    items = report(api, job)
+    items = job_report(api, job)
     assert items["pipe.png"] == ("rejected", "not_a_regular_file")
     assert items["sock.png"] == ("rejected", "not_a_regular_file")
     assert items["dangling.png"] == ("rejected", "file_unreadable")
@@ -228,7 +220,7 @@ def test_r35_a_folder_over_the_file_cap_stops_with_limit_reached(
             "a/big.png": "image_too_large",
             "b/0999.png": "limit_reached",
         }
-        items = report(api, job)
+        items = job_report(api, job)
         assert items["b/0000.png"] == ("added", None)
         assert "b/1000.png" not in items
         info = api.get(f"{API}/collections/shapes").json()
