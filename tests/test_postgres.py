@@ -76,6 +76,27 @@ def test_tests_run_on_postgresql(client: TestClient, pg_schema: str):
         assert connection.scalar(text("SELECT current_schema()")) == pg_schema
 
 
+def race_uploads_and_imports(
+    client: TestClient, collection: str, images: list[bytes], archives: list[bytes], *, timeout: float = 120
+) -> tuple[list[httpx.Response], list[httpx.Response]]:
+    """Upload every image and start every archive import at the same moment (a barrier), each on
+    its own thread; the responses in the order given."""
+    start = threading.Barrier(len(images) + len(archives))
+
+    def send_upload(index: int) -> httpx.Response:
+        start.wait()
+        return upload(client, images[index], f"{index}.png")
+
+    def send_import(data: bytes) -> httpx.Response:
+        start.wait()
+        return start_archive_import(client, collection, data)
+
+    with ThreadPoolExecutor(max_workers=start.parties) as pool:
+        uploads = [pool.submit(send_upload, index) for index in range(len(images))]
+        imports = [pool.submit(send_import, data) for data in archives]
+        return [f.result(timeout=timeout) for f in uploads], [f.result(timeout=timeout) for f in imports]
+
+
 def test_eight_concurrent_uploads_and_two_imports_store_each_distinct_image_once(
     client: TestClient, collection: str, make_png: Callable[..., bytes]
 ):
@@ -85,21 +106,9 @@ def test_eight_concurrent_uploads_and_two_imports_store_each_distinct_image_once
         make_zip({f"b/{seed}.png": make_png(seed) for seed in range(6, 14)}),
     ]
     distinct = set(range(14))
-    start = threading.Barrier(len(upload_seeds) + len(archives))
-
-    def send_upload(seed: int) -> httpx.Response:
-        start.wait()
-        return upload(client, make_png(seed), f"{seed}.png")
-
-    def send_import(data: bytes) -> httpx.Response:
-        start.wait()
-        return start_archive_import(client, collection, data)
-
-    with ThreadPoolExecutor(max_workers=start.parties) as pool:
-        uploads = [pool.submit(send_upload, seed) for seed in upload_seeds]
-        imports = [pool.submit(send_import, data) for data in archives]
-        upload_responses = [f.result(timeout=120) for f in uploads]
-        import_responses = [f.result(timeout=120) for f in imports]
+    upload_responses, import_responses = race_uploads_and_imports(
+        client, collection, [make_png(seed) for seed in upload_seeds], archives
+    )
 
     for response in upload_responses:
         assert response.status_code in (200, 201), response.text

@@ -40,6 +40,7 @@ from tests.api.helpers import assert_problem
 from tests.api.test_imports import make_zip, start_archive_import, wait_for_job
 from tests.conftest import ON_POSTGRES
 from tests.liveserver import ROOT, LiveServer, server_env
+from tests.test_postgres import race_uploads_and_imports
 
 API = "/api/v1"
 REAL_WRITE = app.storage.write_atomic
@@ -539,21 +540,9 @@ def test_r59_postgres_concurrent_reuploads_store_once_and_contention_never_500s(
         for tag, lo in (("a", 0), ("b", 6))
     ]
     seeds = [100, 101] * 4  # the same two images, four times each, at once
-    start = threading.Barrier(len(seeds) + len(archives))
-
-    def send_upload(seed: int) -> httpx.Response:
-        start.wait()
-        return upload(client, make_png(seed), f"{seed}.png")
-
-    def send_import(data: bytes) -> httpx.Response:
-        start.wait()
-        return start_archive_import(client, collection, data)
-
-    with ThreadPoolExecutor(max_workers=start.parties) as pool:
-        uploads = [pool.submit(send_upload, seed) for seed in seeds]
-        imports = [pool.submit(send_import, data) for data in archives]
-        upload_responses = [f.result(timeout=60) for f in uploads]
-        import_responses = [f.result(timeout=60) for f in imports]
+    upload_responses, import_responses = race_uploads_and_imports(
+        client, collection, [make_png(seed) for seed in seeds], archives, timeout=60
+    )
     assert all(r.status_code in (200, 201) for r in upload_responses), [r.text for r in upload_responses]
     by_seed: dict[int, set[int]] = {}
     for seed, response in zip(seeds, upload_responses, strict=True):
