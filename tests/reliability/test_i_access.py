@@ -517,3 +517,27 @@ def test_r67_the_sqlite_file_still_holds_every_row(labelled: TestClient, setting
         labelled.get("/api/v1/collections/shapes/images", params={"label": attempt, "meta": f"k:{attempt}"})
     with sqlite3.connect(settings.data_dir / "cbir.sqlite3") as connection:
         assert connection.execute("SELECT count(*) FROM images").fetchone() == (len(LABELS),)
+
+
+def test_r63_key_endpoints_refuse_bad_input_with_clear_problems(client: TestClient) -> None:
+    """Bad names and scopes are 422, a taken name 409, an unknown key 404; nothing is stored."""
+    db = client.app.state.context.db  # type: ignore[attr-defined]
+    from app.services.keys import create_key, list_keys
+
+    _, admin = create_key(db, name="root", scope=Scope.admin)
+    client.app.state.guard.keys.invalidate()  # type: ignore[attr-defined]
+    headers = {"X-API-Key": admin}
+    for body in (
+        {"name": "has space", "scope": "write"},
+        {"name": "", "scope": "read"},
+        {"name": "x" * 65, "scope": "read"},
+        {"name": "ok", "scope": "superuser"},
+        {"name": "ok"},
+    ):
+        assert_problem(client.post("/api/v1/keys", json=body, headers=headers), 422, "invalid_request")
+    made = client.post("/api/v1/keys", json={"name": "ci", "scope": "read"}, headers=headers)
+    assert made.status_code == 201, made.text
+    taken = client.post("/api/v1/keys", json={"name": "ci", "scope": "admin"}, headers=headers)
+    assert_problem(taken, 409, "key_exists")
+    assert_problem(client.delete("/api/v1/keys/nobody", headers=headers), 404, "key_not_found")
+    assert sorted(k.name for k in list_keys(db)) == ["ci", "root"]
