@@ -89,16 +89,34 @@ def serve(host: str | None, port: int | None) -> None:
     from app.main import create_app
 
     settings: Settings = get_settings()
+    if host:  # the address decides whether keyless writes are refused (app/api/exposure.py)
+        settings = settings.model_copy(update={"host": host})
+    if settings.create_admin_key:
+        _first_admin_key(settings)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that
     # was there before it: with this one the process ends with status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
-        host=host or settings.host,
+        host=settings.host,
         port=port or settings.port,
         log_level="info",
         timeout_graceful_shutdown=10,
     )
+
+
+def _first_admin_key(settings: Settings) -> None:
+    """CBIR_CREATE_ADMIN_KEY: on a first start without any key, create the admin key "admin" and
+    print it, on one line (a container's log keeps it); only its SHA-256 is stored."""
+    from app.services.keys import create_first_key
+
+    with _database() as db:
+        secret = create_first_key(db, config_keys=settings.api_keys.get_secret_value())
+    if secret is not None:
+        click.echo(
+            "cbir: no API key existed, so the admin key 'admin' was created (CBIR_CREATE_ADMIN_KEY); "
+            f"it is shown only now, keep it: {secret}"
+        )
 
 
 @main.command()
@@ -264,7 +282,7 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
             dataset, _, split = source.partition(":")
             parsed = jobs.check_dataset(dataset, split or "train")
         runner = jobs.JobRunner(ctx)
-        job_id = runner.create_job(collection=collection, source=parsed)
+        job_id = runner.create_job(collection=collection, source=parsed, creator="admin")  # the operator
         update = _bar(f"import {source}")
         runner.run_import(
             job_id=job_id,

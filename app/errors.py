@@ -97,6 +97,13 @@ class Forbidden(CbirError):
     status, code, title = 403, "forbidden", "Forbidden"
 
 
+class AuthRequired(Forbidden):
+    """A write on a service reachable from other machines while no API key exists (CBIR_AUTH=auto):
+    no key can be presented yet, so a 403 that says how to create one, not a 401."""
+
+    code, title = "auth_required", "An API key must be created first"
+
+
 class RateLimited(CbirError):
     status, code, title = 429, "rate_limited", "Too many requests"
 

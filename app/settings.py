@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     # Access (app/api/security.py). auto: keys are required as soon as one exists (`cbir keys
     # create`) or CBIR_API_KEYS is set, so a fresh offline install works keyless; on: always (no
     # keys: every write refused); off: never. Scopes: read < write < admin.
+    # auto also refuses writes (403 auth_required) while no key exists on a service reachable from
+    # other machines: CBIR_HOST not loopback, or a request arriving on a non-loopback address.
     auth: Literal["auto", "on", "off"] = "auto"
+    # `cbir serve` on a first start with no key at all (none stored, CBIR_API_KEYS empty): create
+    # the admin key "admin" and print it once (docker-compose.yml sets it).
+    create_admin_key: bool = False
     # Reads (GET, search, compare) need a read key too; the HTML pages and /health never do.
     search_requires_key: bool = False
     # Keys given in configuration: SCOPE:SECRET entries separated by commas, e.g.

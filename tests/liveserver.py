@@ -49,15 +49,17 @@ class LiveServer:
     env: dict[str, str] = field(default_factory=dict)
     # Runs in the server process before exec (resource limits, signal dispositions).
     preexec_fn: Callable[[], None] | None = None
+    # The address the socket is bound to (a non-loopback one: a service reachable from elsewhere).
+    host: str = "127.0.0.1"
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 120.0) -> LiveServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((self.host, 0))
         sock.listen(64)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.url = f"http://{self.host}:{sock.getsockname()[1]}"
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 [

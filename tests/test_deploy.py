@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
+from sqlalchemy import select
 
+from app.api.exposure import exposure
 from app.main import create_app
 from app.settings import Settings
 
@@ -125,6 +128,58 @@ def test_gpu_profile_reserves_an_nvidia_gpu_and_asks_for_cuda(services: dict[str
     assert "TORCH_INDEX" in service["build"]["args"]  # CUDA torch, not the Dockerfile's CPU default
 
 
+@pytest.mark.parametrize("name", ["app", "app-gpu"])
+def test_app_takes_an_admin_key_from_the_environment_or_creates_one(services: dict[str, Any], name: str):
+    """Published on every interface, the service refuses keyless writes (auth_required): the
+    compose file passes CBIR_API_KEYS through, and otherwise the first start creates a key."""
+    env = services[name]["environment"]
+    assert exposure(listen_host=env["CBIR_HOST"], server=None) is not None
+    assert env.get("CBIR_AUTH", "auto") != "off"
+    assert env["CBIR_API_KEYS"] == "${CBIR_API_KEYS:-}"  # from the shell or .env, empty by default
+    assert str(env["CBIR_CREATE_ADMIN_KEY"]).lower() == "true"
+
+
+def compose_value(value: object) -> str:
+    """A compose environment value with ${NAME:-default} replaced by its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
+def test_compose_first_start_prints_an_admin_key_once(
+    services: dict[str, Any], settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """The image's command (`cbir serve`) with the compose environment: one admin key, printed on
+    the first start only; only its hash is stored."""
+    import uvicorn
+
+    from app.cli import main
+    from app.db import Database
+    from app.records import ApiKeyRecord
+    from app.services.keys import digest
+    from app.settings import get_settings
+
+    for variable, value in services["app"]["environment"].items():
+        monkeypatch.setenv(variable, compose_value(value))
+    monkeypatch.setenv("CBIR_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CBIR_DATABASE_URL", settings.database_url)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    get_settings.cache_clear()
+    try:
+        first = CliRunner().invoke(main, ["serve"])
+        second = CliRunner().invoke(main, ["serve"])
+    finally:
+        get_settings.cache_clear()
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    printed = re.findall(r"cbir_[\w-]{20,}", first.stdout)
+    assert len(printed) == 1 and "cbir_" not in second.stdout
+    db = Database(settings.sqlalchemy_url)
+    try:
+        with db.session() as session:
+            (record,) = session.scalars(select(ApiKeyRecord)).all()
+    finally:
+        db.dispose()
+    assert record.scope == "admin" and record.sha256 == digest(printed[0])
+
+
 # -- Dockerfile --------------------------------------------------------------------------------
 def test_dockerfile_builds_on_slim_python_of_the_supported_version(dockerfile: list[str]):
     (base,) = instructions(dockerfile, "FROM")
@@ -202,6 +257,18 @@ def test_readme_deploy_section_matches_the_compose_file(deploy_section: str, ser
             assert f"`{variable}`" in deploy_section, variable
             assert str(value) in deploy_section, (variable, value)
     assert "`POSTGRES_PASSWORD`" in deploy_section
+
+
+def test_readme_deploy_section_says_how_writes_are_keyed(deploy_section: str):
+    for words in (
+        "cbir keys create --scope admin",
+        "`CBIR_API_KEYS`",
+        "`CBIR_CREATE_ADMIN_KEY`",
+        "docker compose logs app",
+        "`auth_required`",
+        "`CBIR_AUTH=off`",
+    ):
+        assert words in deploy_section, words
 
 
 def test_readme_deploy_section_says_how_to_back_up(deploy_section: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
@@ -25,6 +27,11 @@ DOCS_CSP = (
     "worker-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
+# Stored originals and thumbnails. A file may be a valid image and an HTML page at once (a
+# polyglot); should a browser ever render one as a document, it runs no script, loads nothing and
+# lives in a unique origin. <img> elements of our pages are not affected by it.
+IMAGE_CSP = "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 COMMON = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -75,3 +82,14 @@ def install(app: FastAPI, settings: Settings) -> None:
         )
     docs = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     app.add_middleware(SecurityHeadersMiddleware, docs_paths=frozenset(p for p in docs if p))
+
+
+def download_name(original: str | None, *, image_id: int, extension: str) -> str:
+    """A file name for Content-Disposition: the uploaded name's stem in safe ASCII with the stored
+    format's extension (never the name's own: a download is never saved as .html), else
+    ``image-ID.EXT``."""
+    stem = re.split(r"[/\\]", original or "")[-1].rsplit(".", 1)[0]
+    stem = _UNSAFE_NAME_CHARS.sub("_", stem).strip("._-")[:100]
+    if not any(c.isalnum() for c in stem):
+        stem = f"image-{image_id}"
+    return f"{stem}.{extension}"

@@ -8,14 +8,21 @@ from fastapi.responses import FileResponse
 
 from app.api import security
 from app.api.deps import ContextDep, FilterDep, ImageId, parse_metadata, read_upload
+from app.api.headers import IMAGE_CSP, download_name
 from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
 from app.services import compare, images, search
 from app.services.ingest import add_image
+from app.storage import EXTENSIONS
 from index.vector_index import SearchKnobs
 
 router = APIRouter(tags=["images"])
-IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+IMMUTABLE = {
+    "Cache-Control": "public, max-age=31536000, immutable",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": IMAGE_CSP,
+}
+DOWNLOAD = Query(False, description="true: as an attachment (Content-Disposition), named after the upload")
 
 
 @router.post(
@@ -62,9 +69,15 @@ def get_image(
 @router.get(
     "/images/{image_id}/file", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}}
 )
-def image_file(image_id: ImageId, ctx: ContextDep) -> FileResponse:
+def image_file(image_id: ImageId, ctx: ContextDep, download: bool = DOWNLOAD) -> FileResponse:
     path, media_type = images.image_file(ctx, image_id)
-    return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
+    if not download:
+        return FileResponse(path, media_type=media_type, headers=IMMUTABLE)
+    record = images.get_image(ctx, image_id).record
+    name = download_name(record.original_name, image_id=image_id, extension=EXTENSIONS[record.format])
+    return FileResponse(
+        path, media_type=media_type, headers=IMMUTABLE, filename=name, content_disposition_type="attachment"
+    )
 
 
 @router.get(

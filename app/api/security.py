@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, compile_path, get_route_path
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
+from app.api.exposure import exposure, refusal
 from app.api.problems import problem
 from app.db import Database
 from app.errors import CbirError, DatabaseUnavailable, Forbidden, RateLimited, Unauthorized
@@ -180,8 +181,11 @@ class Guard:
         mode = self.settings.auth
         return mode == "on" or (mode == "auto" and self.keys is not None and self.keys.any_keys())
 
-    def decide(self, *, needed: Scope, key: str | None, client: str, what: str) -> Access:
-        """Who is calling and whether they may; raises Unauthorized, Forbidden or RateLimited."""
+    def decide(
+        self, *, needed: Scope, key: str | None, client: str, what: str, exposed: str | None = None
+    ) -> Access:
+        """Who is calling and whether they may; raises Unauthorized, Forbidden or RateLimited.
+        ``exposed`` says why the caller may be another machine (app.api.exposure), if it may."""
         assert self.keys is not None
         principal = self.keys.authenticate(key) if key else None
         if self.limiter is not None:
@@ -194,6 +198,8 @@ class Guard:
                     retry_after=max(1, math.ceil(wait)),
                 )
         enforced = self.enforced()
+        if exposed and not enforced and needed > Scope.read and self.settings.auth == "auto":
+            raise refusal(what, why=exposed)
         if enforced and (key or needed > Scope.read or self.settings.search_requires_key):
             _check(principal, needed, what=what, presented=bool(key))
         return Access(enforced=enforced, principal=principal, auth_off=self.settings.auth == "off")
@@ -251,7 +257,11 @@ class AccessControl:
             if self.guard.keys.stale():
                 await run_in_threadpool(self.guard.keys.refresh)
             access = self.guard.decide(
-                needed=needed, key=presented_key(headers), client=client[0] if client else "-", what=what
+                needed=needed,
+                key=presented_key(headers),
+                client=client[0] if client else "-",
+                what=what,
+                exposed=exposure(listen_host=self.guard.settings.host, server=scope.get("server")),
             )
         except CbirError as exc:
             await _reject(exc, scope, receive, send)

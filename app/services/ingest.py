@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from app.context import AppContext
 from app.errors import CbirError, EmbedderNotReady, EmbeddingInvalid
 from app.faults import crash_point, delay_point
+from app.image_end import strip_trailing
 from app.imaging import DecodedImage, decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
@@ -78,6 +79,8 @@ def ingest_batch(
     (bulk imports); either way no row is committed before its file is on disk.
     """
     ctx.store.gate.check()  # read-only: a 503 before any decoding or embedding
+    # Bytes after an image's end (a polyglot's HTML) are neither stored nor hashed.
+    items = [replace(item, data=strip_trailing(item.data)) for item in items]
     results: list[ItemResult | None] = [None] * len(items)
     accepted: list[Accepted] = []
     images: list[DecodedImage] = []

@@ -19,6 +19,7 @@ from datetime import datetime
 from enum import IntEnum
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from app.db import Database
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -110,6 +111,22 @@ def create_key(db: Database, *, name: str, scope: Scope) -> tuple[KeyInfo, str]:
         session.add(record)
         session.flush()
         return _info(record), secret
+
+
+def create_first_key(db: Database, *, config_keys: str, name: str = "admin") -> str | None:
+    """The secret of a new admin key when no key exists at all (none in ``config_keys``, none ever
+    stored: a revoked one counts, as for CBIR_AUTH=auto); None otherwise. Replicas starting
+    together create one key between them: names are unique."""
+    if parse_config_keys(config_keys):
+        return None
+    with db.session() as session:
+        if session.scalar(select(func.count()).select_from(ApiKeyRecord)):
+            return None
+    try:
+        _, secret = create_key(db, name=name, scope=Scope.admin)
+    except (KeyExists, IntegrityError):  # another process created it meanwhile
+        return None
+    return secret
 
 
 def list_keys(db: Database) -> list[KeyInfo]:

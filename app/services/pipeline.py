@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from app.context import AppContext
 from app.errors import CbirError, EmbedderNotReady
+from app.image_end import strip_trailing
 from app.imaging import ImageLimits, decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
@@ -367,7 +368,8 @@ class Pipeline:
                         member.name, "rejected", code="archive_member_unreadable", detail=str(exc)[:300]
                     )
                 else:
-                    staged.item.data = data
+                    # Bytes after an image's end are neither stored nor hashed, as on upload.
+                    staged.item.data = data = strip_trailing(data)
                     staged.sha256 = sha256_hex(data)
                     nbytes += len(data)
             items.append(staged)
