@@ -34,7 +34,7 @@ from app.records import ApiKeyRecord
 from app.services.keys import Scope, create_key, digest
 from app.settings import Settings, get_settings
 from tests.api.helpers import assert_problem
-from tests.liveserver import ROOT, LiveServer, run_in_sqlite_pass_only, server_env
+from tests.liveserver import ROOT, run_in_sqlite_pass_only, server_env
 
 API = "/api/v1"
 ELSEWHERE = "http://192.0.2.10:8000"  # the service as reached on a non-loopback address (TEST-NET-1)
@@ -215,52 +215,6 @@ def test_without_the_setting_serve_creates_no_key(cli_env, settings):
 
 
 # -- real servers ----------------------------------------------------------------------------------
-def non_loopback_address() -> str | None:
-    """An IPv4 address of this machine other than loopback that a socket can bind, or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("198.51.100.1", 9))  # no packet is sent: this only picks a route
-            address = probe.getsockname()[0]
-        except OSError:
-            return None
-    if address.startswith("127.") or address == "0.0.0.0":
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((address, 0))
-        except OSError:
-            return None
-    return address
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveServer]]:
-    run_in_sqlite_pass_only()
-    started: list[LiveServer] = []
-    yield started
-    for server in started:
-        server.stop()
-
-
-def test_real_server_on_a_non_loopback_address_refuses_keyless_writes(live, tmp_path, make_png):
-    address = non_loopback_address()
-    if address is None:
-        pytest.skip("this machine has no non-loopback IPv4 address to bind")
-    env = {"CBIR_IMPORT_PROCESSES": "0", "CBIR_DEFAULT_EMBEDDER": "tiny"}
-    local = LiveServer(tmp_path / "data", tmp_path / "local.log", env=env)
-    live.append(local.start())
-    with httpx.Client(base_url=local.url, trust_env=False, timeout=60) as http:
-        assert http.post(f"{API}/collections", json={"name": "shapes", "embedder": "tiny"}).status_code == 201
-    local.stop()
-    exposed = LiveServer(tmp_path / "data", tmp_path / "exposed.log", env=env, host=address)
-    live.append(exposed.start())
-    with httpx.Client(base_url=exposed.url, trust_env=False, timeout=60) as http:
-        assert_refused(http.post(f"{API}/collections/shapes/images", files={"file": ("a.png", make_png(1))}))
-        assert_refused(http.delete(f"{API}/collections/shapes"))
-        assert http.get(f"{API}/collections/shapes").status_code == 200
-        assert http.get("/").status_code == 200
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
