@@ -31,7 +31,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
             path = make_url(url).database
             url = f"sqlite:///file:{path}?mode=ro&uri=true"
         connect_args = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
-        engine = create_engine(url, connect_args=connect_args)
+        # hide_parameters: a database error's text (logged, or in a job's error) never quotes the
+        # values of its statement, such as the full URLs a job row keeps.
+        engine = create_engine(url, connect_args=connect_args, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -48,7 +50,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         return engine
     # pre_ping: a connection the server dropped while idle in the pool is replaced, not used.
     read_only_args = {"options": "-c default_transaction_read_only=on"} if read_only else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=read_only_args)
+    return create_engine(url, pool_pre_ping=True, connect_args=read_only_args, hide_parameters=True)
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from app.api.job_access import Viewer
 from app.api.schemas import (
     CollectionOut,
     CompareResponse,
@@ -23,7 +26,9 @@ from app.services.compare import Comparison
 from app.services.evaluation import EvaluationStatus
 from app.services.jobs import JobInfo
 from app.services.maps import CollectionMap
+from app.services.redaction import redact_url, scrub_text
 from app.services.search import SearchResult
+from app.usertext import printable, servable
 
 API = "/api/v1"
 
@@ -36,6 +41,12 @@ def collection_out(info: CollectionInfo) -> CollectionOut:
     return CollectionOut.model_validate(info, from_attributes=True)
 
 
+def _name(name: str | None) -> str | None:
+    return None if name is None else printable(name)
+
+
+# Metadata, names and job errors go through ``servable``: a row an older version stored with NaN
+# or a lone surrogate is shown with null or U+FFFD, never a 500.
 def image_out(record: ImageRecord, collection: str) -> ImageOut:
     image_url, thumbnail_url = image_urls(record.id)
     return ImageOut(
@@ -46,8 +57,8 @@ def image_out(record: ImageRecord, collection: str) -> ImageOut:
         width=record.width,
         height=record.height,
         byte_size=record.byte_size,
-        original_name=record.original_name,
-        metadata=record.meta or {},
+        original_name=_name(record.original_name),
+        metadata=servable(record.meta or {}),
         created_at=record.created_at,
         image_url=image_url,
         thumbnail_url=thumbnail_url,
@@ -58,7 +69,7 @@ def hits_out(result: SearchResult) -> list[HitOut]:
     hits = []
     for hit in result.hits:
         image_url, thumbnail_url = image_urls(hit.image_id)
-        meta = hit.record.meta or {}
+        meta = servable(hit.record.meta or {})
         label = meta.get("label")
         hits.append(
             HitOut(
@@ -67,7 +78,7 @@ def hits_out(result: SearchResult) -> list[HitOut]:
                 score=round(hit.score, 6),
                 label=None if label is None else str(label),
                 metadata=meta,
-                original_name=hit.record.original_name,
+                original_name=_name(hit.record.original_name),
                 image_url=image_url,
                 thumbnail_url=thumbnail_url,
             )
@@ -133,22 +144,25 @@ def evaluation_out(
     )
 
 
-def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
-    """``max_errors`` keeps only the first per-item errors (the list view; ``failed`` counts all)."""
+def job_out(info: JobInfo, *, viewer: Viewer, max_errors: int | None = None) -> JobOut:
+    """The job as ``viewer`` may see it (app/api/job_access.py). ``max_errors`` keeps only the
+    first per-item errors (the list view; ``failed`` counts all)."""
     r = info.record
+    details = viewer.sees_details(r)
     return JobOut(
         id=r.id,
         kind=r.kind,
         collection=info.collection,
         state=r.state,
-        params=_public_params(r.params or {}),
+        params=_public_params(r.params or {}, viewer=viewer),
         total=r.total,
         done=r.done,
         added=r.added,
         duplicates=r.duplicates,
         failed=r.failed,
-        errors=[JobError(**e) for e in (r.errors or [])[:max_errors]],
-        error=r.error,
+        # Text is scrubbed of URL secrets here too: rows written by older versions hold them.
+        errors=[JobError(**_scrubbed(servable(e))) for e in (r.errors or [])[:max_errors]] if details else [],
+        error=scrub_text(r.error) if r.error and details else _hidden(r.error),
         resumes=r.resumes or 0,
         images_per_second=info.images_per_second,
         eta_seconds=_eta(info),
@@ -159,24 +173,47 @@ def job_out(info: JobInfo, *, max_errors: int | None = None) -> JobOut:
 
 
 URLS_SHOWN = 5
+SERVER_PATHS = {"folder": "path", "holidays": "path", "manifest": "path", "idx": "images"}
 
 
-def _public_params(params: dict[str, Any]) -> dict[str, Any]:
-    """A job's source as clients see it: an upload's place in the data folder stays private."""
-    if params.get("source") == "manifest":
-        return {k: v for k, v in params.items() if k != "roots"}
-    if params.get("source") == "urls":
-        # The list may be long and its query strings may hold tokens (signed URLs): a count and
-        # the first few without their queries; the report names every URL to whoever may read it.
+def _scrubbed(error: dict[str, Any]) -> dict[str, Any]:
+    return {k: scrub_text(v) if isinstance(v, str) else v for k, v in error.items()}
+
+
+def _hidden(error: str | None) -> str | None:
+    return None if error is None else "the job failed; its details need the scope of the key that started it"
+
+
+def _public_params(params: dict[str, Any], *, viewer: Viewer) -> dict[str, Any]:
+    """A job's source as clients see it: an upload's place in the data folder stays private, as
+    do server paths but to admin keys, and the secrets of URLs to everyone."""
+    params = {k: v for k, v in params.items() if k != "creator"}
+    source = params.get("source")
+    if source in SERVER_PATHS:
+        if viewer.sees_paths:
+            return {k: v for k, v in params.items() if k != "roots"}
+        return {"source": source, **_root_of(params.get(SERVER_PATHS[source]), viewer.roots)}
+    if source == "urls":
+        # The list may be long: a count and the first few, without user-info or query strings
+        # (signed URLs); the report names every URL, redacted, to whoever may read it.
         urls = [u for u in params.get("urls") or [] if isinstance(u, str)]
-        shown = [u.split("?", 1)[0].split("#", 1)[0] for u in urls[:URLS_SHOWN]]
-        return {"source": "urls", "count": len(urls), "urls": shown}
-    if params.get("source") != "archive":
+        return {"source": "urls", "count": len(urls), "urls": [redact_url(u) for u in urls[:URLS_SHOWN]]}
+    if source != "archive":
         return params
     public = {"source": "archive", "filename": params.get("filename")}
     if params.get("manifest"):
         public["manifest"] = True
     return public
+
+
+def _root_of(path: Any, roots: Mapping[str, Path]) -> dict[str, str]:
+    """``{"root": name}`` of the import root ``path`` lies under (an IDX import gives its files)."""
+    first = path[0] if isinstance(path, list) and path else path
+    if isinstance(first, str):
+        for name, root in roots.items():
+            if Path(first).is_relative_to(root):
+                return {"root": name}
+    return {}
 
 
 def _eta(info: JobInfo) -> float | None:

@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import security
-from app.api.deps import CHUNK, ContextDep, JobsDep
+from app.api import job_access, security
+from app.api.deps import CHUNK, ContextDep, JobsDep, TasksDep
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
 from app.context import AppContext
@@ -21,6 +21,7 @@ from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarg
 from app.services import jobs
 from app.services.collections import get_collection
 from app.services.keys import Scope
+from app.services.redaction import scrub_report
 from app.services.sources import MAX_MANIFEST_BYTES, Limits, in_root
 from app.services.url_source import check_urls
 
@@ -105,7 +106,9 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             'or JSON {"dataset": "mnist", "split": "train"} or {"folder": "/path/under/an/import/root"}'
         )
     try:
-        job_id = await run_in_threadpool(runner.submit_import, collection=name, source=source)
+        job_id = await run_in_threadpool(
+            runner.submit_import, collection=name, source=source, creator=job_access.creator(request)
+        )
     except BaseException:
         for path in jobs.uploads_of(source):  # the collection went away meanwhile, or the database
             path.unlink(missing_ok=True)
@@ -172,6 +175,7 @@ async def _save(upload: Any, ctx: AppContext, *, limit: int, what: str, suffix: 
 
 @router.get("/jobs", response_model=JobList, responses={404: {"description": "No such collection"}})
 def list_jobs(
+    request: Request,
     ctx: ContextDep,
     collection: str | None = Query(None, description="only this collection's jobs"),
     state: str | None = Query(None, description="queued, running, succeeded or failed"),
@@ -180,19 +184,27 @@ def list_jobs(
 ) -> JobList:
     """The newest jobs first."""
     infos = jobs.list_jobs(ctx, collection=collection, state=state, limit=limit)
-    return JobList(jobs=[job_out(info, max_errors=errors) for info in infos])
+    viewer = _viewer(request, ctx)
+    return JobList(jobs=[job_out(info, viewer=viewer, max_errors=errors) for info in infos])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, ctx: ContextDep) -> JobOut:
-    return job_out(jobs.get_job(ctx, job_id))
+def get_job(job_id: str, request: Request, ctx: ContextDep) -> JobOut:
+    """A job; its server paths are shown to admin keys, its per-item errors to keys with at least
+    the scope of the key that started it."""
+    return job_out(jobs.get_job(ctx, job_id), viewer=_viewer(request, ctx))
+
+
+def _viewer(request: Request, ctx: AppContext) -> job_access.Viewer:
+    return job_access.viewer(request, roots=ctx.settings.import_root_map)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, ctx: ContextDep, runner: JobsDep) -> JobOut:
-    """Stop a queued or running import after its current batch (what it stored stays); 409 when it
-    has already ended."""
-    return job_out(runner.cancel(job_id))
+def cancel_job(job_id: str, request: Request, ctx: ContextDep, runner: JobsDep, tasks: TasksDep) -> JobOut:
+    """Stop a queued or running import after its current batch (what it stored stays), or an
+    evaluate or whiten job within about a second; 409 when it has already ended."""
+    info = tasks.cancel(job_id) if tasks.owns(job_id) else runner.cancel(job_id)
+    return job_out(info, viewer=_viewer(request, ctx))
 
 
 @router.get(
@@ -200,10 +212,13 @@ def cancel_job(job_id: str, ctx: ContextDep, runner: JobsDep) -> JobOut:
     response_class=FileResponse,
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
-def job_report(job_id: str, ctx: ContextDep) -> Response:
+def job_report(job_id: str, request: Request, ctx: ContextDep) -> Response:
     """Every file the job has handled so far, one JSON object per line: item, status (added,
-    duplicate, rejected), code (the reason of a rejection), detail, image_id."""
-    committed = jobs.get_job(ctx, job_id).record.cursor  # 404 for an unknown job
+    duplicate, rejected), code (the reason of a rejection), detail, image_id. Needs the scope of
+    the key that started the job."""
+    record = jobs.get_job(ctx, job_id).record  # 404 for an unknown job
+    job_access.require_details(request, record, what=f"the report of job {job_id}")
+    committed = record.cursor
     path = jobs.report_path(ctx, job_id)
     try:
         # A running job appends (and after a restart cuts back) its report: send the bytes there
@@ -217,7 +232,7 @@ def job_report(job_id: str, ctx: ContextDep) -> Response:
     if len(parts) > committed:
         body = body[: len(body) - len(parts[-1])]
     return Response(
-        content=body[: body.rfind(b"\n") + 1],  # whole lines only
+        content=scrub_report(body[: body.rfind(b"\n") + 1]),  # whole lines only; URLs redacted
         media_type="application/x-ndjson",
         headers={"Content-Disposition": f'attachment; filename="import-{job_id}.jsonl"'},
     )
@@ -226,14 +241,16 @@ def job_report(job_id: str, ctx: ContextDep) -> Response:
 @router.get("/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
 async def job_events(job_id: str, ctx: ContextDep, request: Request) -> StreamingResponse:
     """Server-sent events: a ``progress`` event (the job as JSON) whenever it changes, then ``end``
-    when it finishes."""
-    await run_in_threadpool(jobs.get_job, ctx, job_id)  # 404 before the stream starts
+    when it finishes. Needs the scope of the key that started the job."""
+    first = await run_in_threadpool(jobs.get_job, ctx, job_id)  # 404 before the stream starts
+    job_access.require_details(request, first.record, what=f"the events of job {job_id}")
+    viewer = _viewer(request, ctx)
 
     async def stream() -> AsyncIterator[str]:
         last = None
         while True:
             info = await run_in_threadpool(jobs.get_job, ctx, job_id)
-            body = job_out(info).model_dump_json()
+            body = job_out(info, viewer=viewer).model_dump_json()
             if body != last:
                 last = body
                 yield f"event: progress\ndata: {body}\n\n"

@@ -17,8 +17,7 @@ The defence against server-side request forgery, in the order it runs:
 5. The response: status 200 only; an image (or untyped) Content-Type (else ``not_an_image``,
    before any body is read); at most ``max_bytes`` on the wire and after inflating a gzip or
    deflate Content-Encoding (``remote_too_large``); connect and per-read timeouts plus a deadline
-   for the whole fetch, redirects included, enforced by a watchdog that shuts the socket
-   (``timeout``: a server dripping a byte a second cannot hold a worker).
+   for the whole fetch, redirects included, enforced by a watchdog that shuts the socket (``timeout``).
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from app.errors import (
     UnsupportedEncoding,
     UrlRejected,
 )
+from app.services.redaction import quoted
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def parse_url(url: str) -> Target:
     try:
         port = parts.port
         host = parts.hostname or ""
-    except ValueError as exc:  # a port out of range, an unclosed [
-        raise InvalidUrl(f"the URL's host or port is malformed: {exc}") from None
+    except ValueError:  # not its text: it quotes the port, maybe a password that lost its "@"
+        raise InvalidUrl("the URL's host or port is malformed (a port is a number up to 65535)") from None
     literal = _literal(host)
     if literal is None:
         host = _hostname(host)
@@ -322,16 +322,16 @@ def fetch(url: str, policy: FetchPolicy, *, deadline: float | None = None) -> Fe
         except (BlockedDestination, BadScheme, InvalidUrl) as exc:
             if hop == 0:
                 raise
-            raise RedirectBlocked(f"redirected to {target.url[:200]!r}: {exc.detail}") from None
+            raise RedirectBlocked(f"redirected to {quoted(target.url)}: {exc.detail}") from None
         location = _request(target, addresses, policy, end=end)
         if isinstance(location, Fetched):
             return location
         try:
             target = parse_url(urljoin(target.url, location))
         except (BlockedDestination, BadScheme, InvalidUrl) as exc:
-            raise RedirectBlocked(f"redirected to {location[:200]!r}: {exc.detail}") from None
+            raise RedirectBlocked(f"redirected to {quoted(location)}: {exc.detail}") from None
         if target.key in seen:
-            raise TooManyRedirects(f"a redirect loop back to {target.url[:200]!r}")
+            raise TooManyRedirects(f"a redirect loop back to {quoted(target.url)}")
         seen.add(target.key)
     raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
 
@@ -437,22 +437,22 @@ def _request(
         if response.status in REDIRECT_STATUSES:
             location = response.getheader("Location")
             if not location:
-                raise RemoteError(f"{target.url[:200]!r} answered {response.status} without a Location")
+                raise RemoteError(f"{quoted(target.url)} answered {response.status} without a Location")
             return location
         if response.status != 200:
-            raise RemoteError(f"{target.url[:200]!r} answered {response.status} {response.reason[:80]}")
+            raise RemoteError(f"{quoted(target.url)} answered {response.status} {response.reason[:80]}")
         content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if content_type not in UNTYPED and not content_type.startswith("image/"):
-            raise ImageRejected(f"{target.url[:200]!r} sent {content_type[:80]!r}, not an image")
+            raise ImageRejected(f"{quoted(target.url)} sent {content_type[:80]!r}, not an image")
         data = _read_body(response, policy, watchdog=watchdog)
         return Fetched(data, target.url, content_type)
     except (TimeoutError, OSError, http.client.HTTPException) as exc:
         if watchdog.fired or isinstance(exc, TimeoutError):
             raise FetchTimeout(
-                f"{target.url[:200]!r} was too slow (deadline {policy.deadline_s:g} s, "
+                f"{quoted(target.url)} was too slow (deadline {policy.deadline_s:g} s, "
                 f"{policy.timeout_s:g} s between reads)"
             ) from None
-        raise RemoteError(f"{target.url[:200]!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise RemoteError(f"{quoted(target.url)}: {type(exc).__name__}: {str(exc)[:200]}") from None
     finally:
         watchdog.cancel()
         if response is not None:  # with "Connection: close" the response owns the socket

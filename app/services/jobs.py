@@ -212,7 +212,8 @@ class JobRunner:
             if str(path) not in referenced:
                 path.unlink(missing_ok=True)
 
-    def create_job(self, *, collection: str, source: Source) -> str:
+    def create_job(self, *, collection: str, source: Source, creator: str = "anonymous") -> str:
+        """``creator``: the scope of the key that asked for the job (its report needs it)."""
         job_id = uuid.uuid4().hex
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
@@ -221,14 +222,14 @@ class JobRunner:
                     id=job_id,
                     collection_id=record.id,
                     kind="import",
-                    params=describe(source, data_dir=self.ctx.settings.data_dir),
+                    params={**describe(source, data_dir=self.ctx.settings.data_dir), "creator": creator},
                 )
             )
         return job_id
 
-    def submit_import(self, *, collection: str, source: Source) -> str:
+    def submit_import(self, *, collection: str, source: Source, creator: str = "anonymous") -> str:
         """Record a queued job and run it in the background; returns its id at once."""
-        job_id = self.create_job(collection=collection, source=source)
+        job_id = self.create_job(collection=collection, source=source, creator=creator)
         self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
         return job_id
 
@@ -325,7 +326,7 @@ class JobRunner:
                 updated_at=now,
                 owner=ctx.store.journal.path.name,
             )
-            members = members_of(source, ctx.settings)
+            members = members_of(source, ctx.settings, on_total=lambda n: self._update(job_id, total=n))
             pipeline = Pipeline(ctx, collection)
             with self._lock:
                 self._pipelines[job_id] = pipeline

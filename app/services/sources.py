@@ -13,7 +13,6 @@ import copy
 import csv
 import io
 import json
-import math
 import os
 import re
 import stat
@@ -33,6 +32,8 @@ from PIL import Image
 from app.datasets import DATASETS, MNIST_FILES, load_mnist, read_idx
 from app.errors import (
     BadArchive,
+    BadMetadata,
+    BadName,
     CbirError,
     FolderNotAllowed,
     InvalidRequest,
@@ -42,6 +43,7 @@ from app.errors import (
     TooManyMembers,
     UnsupportedArchive,
 )
+from app.usertext import check_metadata, check_name, parse_json
 
 SKIPPED_FOLDER = "__MACOSX"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
@@ -322,15 +324,16 @@ def check_dataset(dataset: str, split: str) -> DatasetSource:
     return DatasetSource(dataset, split)
 
 
-ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, zlib.error)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError)  # a name flagged UTF-8 is not
+ARCHIVE_ERRORS = (*_ZIP_ERRORS, tarfile.TarError, EOFError, OSError, zlib.error)
 
 
 def check_archive(
     path: Path, filename: str, *, manifest: Path | None = None, limits: Limits | None = None
 ) -> ArchiveSource:
     """An uploaded zip or tar: 415 when it is neither, 422 when it is one but damaged (truncated),
-    413 when it holds more than ``limits.members`` entries. A tar's headers are read up to where
-    the import would stop (the member or total-size cap), so a tar.gz bomb is not inflated here."""
+    413 when it holds more than ``limits.members`` entries. Of a tar only the headers in its first
+    bytes are read (app/services/tar_listing.py): a tar.gz bomb is not inflated here."""
     limits = limits or Limits()
     kind = "zip" if zipfile.is_zipfile(path) else "tar" if _is_tar(path) else None
     if kind is None:
@@ -352,8 +355,9 @@ def check_archive(
             with zipfile.ZipFile(path) as archive:
                 entries = len(archive.infolist())
         else:
-            with tarfile.open(path, "r:*") as archive:
-                entries = sum(1 for _ in _tar_entries(archive, limits=limits))
+            from app.services.tar_listing import head_entries
+
+            entries = head_entries(path, limits=limits)
     except ARCHIVE_ERRORS as exc:
         raise BadArchive(f"{filename!r} is a damaged or truncated {kind} archive: {str(exc)[:200]}") from None
     if entries > limits.members:
@@ -384,22 +388,6 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
-def _tar_entries(archive: tarfile.TarFile, *, limits: Limits) -> Iterator[tuple[tarfile.TarInfo, bool]]:
-    """(header, over) for the tar's headers in order: one more than ``limits.members`` at most,
-    and none after the file whose size takes the total past ``limits.total_bytes`` (``over``):
-    going on would mean inflating the rest of a tar.gz bomb just to skip it."""
-    total = 0
-    for _ in range(limits.members + 1):
-        member = archive.next()
-        if member is None:
-            return
-        archive.members.clear()  # type: ignore[attr-defined]  # else it keeps every header read
-        total += member.size if member.isfile() else 0
-        yield member, total > limits.total_bytes
-        if total > limits.total_bytes:
-            return
-
-
 # -- manifests ------------------------------------------------------------------------------
 PATH_COLUMNS = ("path", "file", "filename", "member")
 
@@ -409,6 +397,7 @@ class ManifestRow:
     path: str | None  # None: the row is unusable, ``error`` says why
     metadata: dict[str, Any]
     error: str | None = None
+    code: str = "manifest_row_invalid"  # the report's code for a row with an error
 
 
 def read_manifest(path: Path) -> bytes:
@@ -460,11 +449,11 @@ def _csv_rows(text: str, *, name: str) -> list[ManifestRow]:
 
 def _jsonl_row(line: str, number: int) -> ManifestRow:
     try:
-        value = json.loads(line)
+        value = parse_json(line)
     except json.JSONDecodeError as exc:
         return ManifestRow(None, {}, f"line {number} is not JSON: {exc.msg}")
-    except (RecursionError, ValueError):  # nested too deep, a number too long
-        return ManifestRow(None, {}, f"line {number} is not JSON this service reads")
+    except BadMetadata as exc:  # NaN or infinity, a number past int64, nested far too deep
+        return ManifestRow(None, {}, f"line {number}: {exc.detail}", code=exc.code)
     if not isinstance(value, dict):
         return ManifestRow(None, {}, f"line {number} is not a JSON object")
     path = next((value.pop(c) for c in PATH_COLUMNS if c in value), None)
@@ -480,13 +469,14 @@ def _row(path: str, metadata: dict[str, Any]) -> ManifestRow:
     if not path:
         return ManifestRow(None, {}, "the row has an empty path")
     clean: dict[str, Any] = {}
-    for key, value in list(metadata.items())[:MAX_META_KEYS]:
-        if isinstance(value, float) and not math.isfinite(value):
-            return ManifestRow(None, {}, f"metadata {str(key)[:64]!r} is not a finite number")
-        if (isinstance(value, str) and "\x00" in value) or "\x00" in str(key):
-            return ManifestRow(None, {}, "metadata holds a NUL character")
-        if isinstance(value, str | int | float | bool) or value is None:
+    for key, value in list(metadata.items())[:MAX_META_KEYS]:  # scalars only, but any label
+        if isinstance(value, str | int | float | bool) or value is None or key == "label":
             clean[str(key)[:64]] = value[:MAX_META_CHARS] if isinstance(value, str) else value
+    try:  # the rules every path obeys (app/usertext.py): a label object is refused, not dropped
+        check_name(path, what="the path")
+        check_metadata(clean, what=f"the metadata of {path[:100]!r}")
+    except (BadMetadata, BadName) as exc:
+        return ManifestRow(None, {}, exc.detail, code=exc.code)
     if "label" in clean and clean["label"] is not None:
         clean["label"] = str(clean["label"])
     return ManifestRow(path, clean)
@@ -544,12 +534,19 @@ def iter_members(
         yield from _dataset_members(source, datasets_dir=datasets_dir, data_dir=data_dir)
 
 
-def members_of(source: Source, settings: Any) -> Iterator[Member]:
-    """``iter_members`` with a service's settings (size caps, datasets and data folders)."""
+def members_of(
+    source: Source, settings: Any, *, on_total: Callable[[int], None] | None = None
+) -> Iterator[Member]:
+    """``iter_members`` with a service's settings (size caps, datasets and data folders). A
+    compressed tar is counted while it is read: ``on_total`` gets the count if one is found."""
     if isinstance(source, UrlSource):
         from app.services.url_source import url_members
 
         return url_members(source, settings)
+    if isinstance(source, ArchiveSource) and not zipfile.is_zipfile(source.path):
+        from app.services.tar_listing import tar_members
+
+        return tar_members(source, limits=Limits.of(settings), on_total=on_total)
     return iter_members(
         source,
         max_bytes=settings.max_upload_bytes,
@@ -564,6 +561,10 @@ def count_members(
 ) -> int | None:
     """How many members the source lists, without reading any (None when it cannot tell)."""
     try:
+        if isinstance(source, ArchiveSource) and not zipfile.is_zipfile(source.path):
+            from app.services.tar_listing import tar_count  # None for a compressed tar
+
+            return tar_count(source, limits=limits or Limits())
         if isinstance(source, ArchiveSource | FolderSource | HolidaysSource):
             # members are read lazily: listing them reads headers and directories only
             listed = iter_members(
@@ -594,7 +595,9 @@ def _archive_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Membe
     if zipfile.is_zipfile(source.path):
         yield from _zip_members(source, limits=limits)
     else:
-        yield from _tar_members(source, limits=limits)
+        from app.services.tar_listing import tar_members
+
+        yield from tar_members(source, limits=limits)
 
 
 def _zip_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
@@ -632,61 +635,6 @@ def _zip_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
             yield _too_many(source, limits)
 
 
-def _tar_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
-    names: list[str] | None = None
-    manifest_data: bytes | None = None
-    if source.manifest is None:
-        # A manifest inside a tar may come anywhere: find it with one pass over the headers.
-        with tarfile.open(source.path, "r:*") as archive:
-            try:
-                for member, _ in _tar_entries(archive, limits=limits):
-                    if member.isfile() and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
-                        handle = archive.extractfile(member)
-                        manifest_data = handle.read(MAX_MANIFEST_BYTES) if handle else b""
-                        names = [PurePosixPath(member.name).as_posix()]
-                        break
-            except ARCHIVE_ERRORS:
-                pass  # reported by the pass below
-    with tarfile.open(source.path, "r:*") as archive:
-        manifest = _archive_manifest(source, lambda n: manifest_data or b"", names or [])
-        count, last = 0, ""
-        try:
-            for member, over in _tar_entries(archive, limits=limits):
-                count, last = count + 1, member.name
-                if count > limits.members:
-                    yield _too_many(source, limits)
-                    return
-                if member.isdir() or skipped(member.name):
-                    continue
-                if manifest is not None and PurePosixPath(member.name).as_posix() in MANIFEST_NAMES:
-                    continue
-                kind = stat.S_IFREG if member.isfile() else _TAR_KINDS.get(member.type, 0)
-                reject = _over_total(limits) if over else None
-                reject = _member_check(member.name, kind=kind, size=member.size, limits=limits) or reject
-
-                def read(member: tarfile.TarInfo = member) -> bytes:
-                    handle = archive.extractfile(member)
-                    return _read_member(handle, limits=limits) if handle is not None else b""
-
-                yield from _archive_member(member.name, reject=reject, read=read, manifest=manifest)
-        except ARCHIVE_ERRORS as exc:
-            # a tar.gz cut short: what came before stays imported, the tail is one rejected item
-            where = f"after {last!r}" if last else "at its start"
-            yield Member(
-                f"{source.filename} ({where})",
-                reject=("bad_archive", f"the archive is damaged or truncated {where}: {str(exc)[:200]}"),
-            )
-            return
-        yield from _missing_rows(manifest)
-
-
-_TAR_KINDS = {
-    tarfile.SYMTYPE: stat.S_IFLNK,
-    tarfile.LNKTYPE: stat.S_IFLNK,  # a hard link: its target is another member, never followed
-    tarfile.CHRTYPE: stat.S_IFCHR,
-    tarfile.BLKTYPE: stat.S_IFBLK,
-    tarfile.FIFOTYPE: stat.S_IFIFO,
-}
 _KIND_NAMES = {
     stat.S_IFLNK: "a link",
     stat.S_IFCHR: "a character device",
@@ -826,7 +774,7 @@ def _archive_member(
 def _missing_rows(manifest: dict[str, ManifestRow] | None) -> Iterator[Member]:
     for key, row in (manifest or {}).items():
         if row.error:
-            yield Member(key.lstrip("\0"), reject=("manifest_row_invalid", row.error))
+            yield Member(key.lstrip("\0"), reject=(row.code, row.error))
         else:
             yield Member(key, reject=("missing_member", "the manifest names a file the archive lacks"))
 
@@ -995,7 +943,7 @@ def _manifest_members(source: ManifestSource, *, max_bytes: int) -> Iterator[Mem
     inside = source.roots if source.roots is not None else (Path("/"),)
     for number, row in enumerate(parse_manifest(read_manifest(source.path), name=source.path.name), 1):
         if row.path is None:
-            yield Member(f"row {number}", reject=("manifest_row_invalid", row.error or "bad row"))
+            yield Member(f"row {number}", reject=(row.code, row.error or "bad row"))
             continue
         path = Path(row.path)
         member = _file_member(

@@ -16,6 +16,7 @@ from typing import Any
 
 from app.errors import FetchTimeout, InvalidRequest, TooManyUrls, UrlImportDisabled, UrlRejected
 from app.services.fetch import MAX_URL_CHARS, FetchPolicy, Target, check_target, fetch, parse_url
+from app.services.redaction import redact_url
 from app.services.sources import Member, UrlSource
 
 # What is kept of an over-long entry (in the job row and the report): it is invalid anyway.
@@ -57,7 +58,9 @@ def url_members(source: UrlSource, settings: Any) -> Iterator[Member]:
     job_deadline = time.monotonic() + settings.url_job_deadline_s
     first_seen: dict[str, int] = {}
     for number, url in enumerate(source.urls, 1):
-        name = url[:MAX_NAME_CHARS] or f"url {number}"
+        # Named without user-info or query: the name and metadata are stored with the image and
+        # shown to every reader; the fetch below uses the whole URL.
+        name = redact_url(url)[:MAX_NAME_CHARS] or f"url {number}"
         try:
             target = parse_url(url)
             check_target(target, policy)
@@ -71,7 +74,7 @@ def url_members(source: UrlSource, settings: Any) -> Iterator[Member]:
         first_seen[target.key] = number
         yield Member(
             name,
-            {"url": url[:512]},
+            {"url": redact_url(url)[:512]},
             read=lambda target=target: _fetch(target, policy, job_deadline, settings.url_job_deadline_s),  # type: ignore[misc]
         )
 

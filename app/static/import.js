@@ -112,7 +112,7 @@
     if (!params) return "import";
     if (params.source === "dataset") return `${params.dataset} ${params.split}`;
     if (params.source === "archive") return params.filename || "archive";
-    if (params.source === "folder") return params.path || "folder";
+    if (params.source === "folder") return params.path || (params.root ? `folder in ${params.root}` : "folder");
     return params.source || "import";
   }
 

@@ -415,11 +415,13 @@ def test_r29_tar_gz_of_zeros_stops_at_the_total_cap(
     job, items, seconds = run_zeros(api, path)
     assert job["state"] == "succeeded", job
     assert seconds < 10
-    # the PNG, 19 members of 1 MiB within the cap, the 20th over it; the 20 after it never listed
-    assert job["total"] == job["done"] == 21
+    # the PNG, 19 members of 1 MiB within the cap, the 20th over it and the 20 after it, each on its
+    # line (rejected unread); the stream ends just past twice the cap, where the listing stops and
+    # one last line says so
+    assert job["total"] == job["done"] == len(items) == 42
     assert items["cat/first.png"] == ("added", None)
-    assert items["zeros/00019.raw"] == ("rejected", "archive_too_large")
-    assert "zeros/00020.raw" not in items
+    assert {items[f"zeros/{i:05d}.raw"] for i in range(19, 40)} == {("rejected", "archive_too_large")}
+    assert items["zeros.tar.gz (members after 'zeros/00039.raw')"] == ("rejected", "archive_too_large")
 
 
 @pytest.mark.timeout(120)
@@ -431,8 +433,10 @@ def test_r29_tar_gz_of_a_gibibyte_of_zeros_stops_at_the_total_cap(
     assert path.stat().st_size < 20 * MiB
     job, items, seconds = run_zeros(api, path)
     assert seconds < 10, f"{seconds:.1f} s"
-    assert job["state"] == "succeeded" and job["done"] == 21, job
+    # members are listed (rejected unread past the 20 MiB cap) until the stream passes 40 MiB
+    assert job["state"] == "succeeded" and job["total"] == job["done"] == len(items) == 42, job
     assert items["zeros/00019.raw"] == ("rejected", "archive_too_large")
+    assert items["zeros.tar.gz (members after 'zeros/00039.raw')"] == ("rejected", "archive_too_large")
 
 
 # -- 30 ---------------------------------------------------------------------------------------
