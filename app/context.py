@@ -9,6 +9,7 @@ import torch
 
 from app import faults
 from app.db import Database
+from app.decode_budget import DecodeBudget
 from app.embedders import EmbedderCache, validate_embedder_name
 from app.imaging import ImageLimits
 from app.indexes import IndexManager
@@ -27,6 +28,8 @@ class AppContext:
     embedders: EmbedderCache
     indexes: IndexManager
     device: torch.device
+    # Bytes that decodes in progress may hold at once (CBIR_DECODE_MEMORY_BUDGET_BYTES).
+    decode_budget: DecodeBudget
 
     @property
     def limits(self) -> ImageLimits:
@@ -72,6 +75,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
             read_only=read_only,
         ),
         device=device,
+        decode_budget=DecodeBudget(settings.decode_budget_bytes),
     )
     if not read_only:
         _remove_unfinished_writes(context)

@@ -288,3 +288,12 @@ class Overloaded(CbirError):
     """More uploads and searches are in flight than CBIR_MAX_PENDING_EMBEDS: refused at once."""
 
     status, code, title = 503, "overloaded", "Overloaded"
+
+
+class DecodeMemoryFull(Overloaded):
+    """The decode memory budget (CBIR_DECODE_MEMORY_BUDGET_BYTES) stayed full while the request
+    waited: 503 ``overloaded`` with Retry-After."""
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}

@@ -40,7 +40,9 @@ CRASH_POINTS = (
     "after_hwm",
     "after_db_tombstone_before_remove_ids",
 )
-DELAY_POINTS = ("index_build", "store_batch")  # a background index build; each write batch
+# A background index build; each write batch; each budgeted decode, while it holds its
+# reservation (app/services/decoding.py).
+DELAY_POINTS = ("index_build", "store_batch", "decode")
 
 _lock = threading.Lock()
 _passes: dict[str, int] = {}

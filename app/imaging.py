@@ -16,8 +16,9 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from PIL import GifImagePlugin, Image, ImageColor, ImageOps, SpiderImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, GifImagePlugin, Image, ImageColor, SpiderImagePlugin, UnidentifiedImageError
 
+from app.decode_cost import DecodeCost, fit_scale, header_mode, jpeg_frame, peak_bytes
 from app.errors import (
     EmptyUpload,
     ImageRejected,
@@ -93,6 +94,8 @@ class ImageLimits:
     max_frames: int = 1000
     # RGB colour transparent pixels are composited on before embedding.
     background: tuple[int, int, int] = (255, 255, 255)
+    # Estimated peak bytes of decoding one image (app/decode_cost.py); None: no cap.
+    max_decode_bytes: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
@@ -101,6 +104,7 @@ class ImageLimits:
             max_side=settings.max_side,
             max_frames=settings.max_frames,
             background=parse_background(settings.alpha_background),
+            max_decode_bytes=settings.decode_bytes_cap,
         )
 
 
@@ -112,7 +116,9 @@ def parse_background(value: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded first frame, EXIF-rotated, in mode RGB or L."""
+    """A decoded first frame, EXIF-rotated, in mode RGB or L. ``width`` and ``height`` are the
+    image's own (upright) size, also when a JPEG over CBIR_MAX_DECODE_BYTES was decoded at a
+    reduced scale."""
 
     image: Image.Image
     format: str
@@ -135,10 +141,6 @@ def _check_size(width: int, height: int, *, limits: ImageLimits, what: str = "th
 
 
 # --- Header parsers: the declared size, read without Pillow and without allocating pixels. -------
-
-
-def _u16be(data: bytes, at: int) -> int:
-    return int.from_bytes(data[at : at + 2], "big")
 
 
 def _u16le(data: bytes, at: int) -> int:
@@ -176,26 +178,8 @@ def _gif_sizes(data: bytes) -> list[tuple[int, int]]:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """The size in the first start-of-frame marker, walking the segments before it."""
-    at = 2
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            at += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan: no frame header before it
-            return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if at + 9 > len(data):
-                return None
-            return _u16be(data, at + 7), _u16be(data, at + 5)
-        at += 2 + _u16be(data, at + 2)
-    return None
+    frame = jpeg_frame(data)
+    return frame[:2] if frame else None
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
@@ -315,9 +299,11 @@ def _to_rgb_or_l(image: Image.Image, *, background: tuple[int, int, int]) -> Ima
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        # No copy of an RGBA frame, and its own alpha band as the mask: the frame and the canvas
+        # are the only full-size buffers (app/decode_cost.py counts them).
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, background)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        canvas.paste(rgba, mask=rgba)
         return canvas.convert("L") if image.mode in ("LA", "La") else canvas
     if image.mode in ("1", "I", "F") or image.mode.startswith("I;"):
         if image.mode.startswith("I"):
@@ -366,17 +352,89 @@ def _is_truncation(exc: BaseException, data: bytes) -> bool:
     return any(hint in message for hint in _TRUNCATION_HINTS) or _looks_truncated(data)
 
 
-def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
+def plan_decode(data: bytes, *, limits: ImageLimits) -> DecodeCost | None:
+    """The size caps, then the estimated decode bytes, from the header alone (no pixel, no Pillow).
+
+    Returns the cost at the scale the image will be decoded at: a JPEG whose full decode is over
+    ``limits.max_decode_bytes`` is decoded at 1/2, 1/4 or 1/8 of each side where that fits; any
+    other image over it raises ImageTooLarge (413). None when the header does not say (the
+    decoder's answer is then checked against the cap once Pillow has read the header).
+    """
+    if not data:
+        raise EmptyUpload("the uploaded file is empty")
+    sizes = declared_sizes(data)
+    for width, height in sizes:
+        _check_size(width, height, limits=limits, what="the image (as its header declares it)")
+    image_format = _allowed_kind(data)
+    mode = header_mode(data, image_format=image_format) if image_format else None
+    if image_format is None or mode is None or not sizes:
+        return None
+    # A GIF frame may reach past its logical screen: count the larger extent.
+    width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
+    return _fit(image_format=image_format, mode=mode, width=width, height=height, limits=limits)
+
+
+def _fit(*, image_format: str, mode: str, width: int, height: int, limits: ImageLimits) -> DecodeCost:
+    full = DecodeCost(
+        image_format,
+        mode,
+        width,
+        height,
+        peak_bytes(image_format=image_format, mode=mode, width=width, height=height),
+    )
+    cap = limits.max_decode_bytes
+    if cap is None or full.nbytes <= cap:
+        return full
+    scale = fit_scale(image_format=image_format, mode=mode, width=width, height=height, max_bytes=cap)
+    if scale is None:
+        raise ImageTooLarge(
+            f"{full.describe()} to decode; the limit is {cap} bytes (CBIR_MAX_DECODE_BYTES, at most "
+            "the decode memory budget): send it with fewer pixels"
+        )
+    nbytes = peak_bytes(image_format=image_format, mode=mode, width=width, height=height, scale=scale)
+    return DecodeCost(image_format, mode, width, height, nbytes, scale)
+
+
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decode_image(data: bytes, *, limits: ImageLimits, plan: DecodeCost | None = None) -> DecodedImage:
     """Decode untrusted bytes to the first frame as RGB or L.
 
     Raises EmptyUpload (400), UnsupportedImage (415), ImageTooLarge (413), TooManyFrames,
     ImageTruncated or ImageRejected (422): nothing else for any input. Size caps are checked from
     the header, before any pixel is allocated; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone.
+    ``plan`` is what ``plan_decode`` returned for these bytes (computed here when not given).
     """
-    if not data:
-        raise EmptyUpload("the uploaded file is empty")
-    for width, height in declared_sizes(data):
-        _check_size(width, height, limits=limits, what="the image (as its header declares it)")
+    if plan is None:
+        plan = plan_decode(data, limits=limits)
+    flat, image_format, orientation, size = _decode_flat(data, limits=limits, plan=plan)
+    # Rotated after the conversion, once the decoded frame is released: a mode conversion and a
+    # transposition commute, and the flat image is the smaller of the two.
+    method = _UPRIGHT.get(orientation)
+    if method is not None:
+        flat = flat.transpose(method)
+        if orientation >= 5:  # 5 to 8 turn the image a quarter
+            size = (size[1], size[0])
+    # The size a viewer shows: EXIF rotation may have swapped the sides.
+    return DecodedImage(image=flat, format=image_format, width=size[0], height=size[1])
+
+
+def _decode_flat(
+    data: bytes, *, limits: ImageLimits, plan: DecodeCost | None
+) -> tuple[Image.Image, str, int, tuple[int, int]]:
+    """The first frame as RGB or L (not rotated), its format, EXIF orientation and full size.
+
+    The Pillow image is released when this returns (with WebP's decoder and its canvas)."""
     image = _open(data)
     try:
         width, height = image.size
@@ -390,10 +448,27 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
             )
         # An MPO is a JPEG with more pictures after the first: stored and served as the JPEG it is.
         image_format = "JPEG" if image.format == "MPO" else (image.format or "?")
+        # What Pillow read from the header decides where our parser could not (or disagrees).
+        scale = _fit(
+            image_format=image_format, mode=image.mode, width=width, height=height, limits=limits
+        ).scale
+        if plan is not None:
+            scale = max(scale, plan.scale)
         try:
+            if scale > 1:
+                image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+                if image.size == (width, height):  # the decoder cannot reduce this file
+                    raise ImageTooLarge(
+                        f"the image needs more than {limits.max_decode_bytes} bytes to decode "
+                        "(CBIR_MAX_DECODE_BYTES) and cannot be decoded at a reduced scale"
+                    )
             image.load()  # the first frame only: animated files are never walked
-            upright = ImageOps.exif_transpose(image) or image
-            flat = _to_rgb_or_l(upright, background=limits.background)
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            flat = _to_rgb_or_l(image, background=limits.background)
+            if flat is image:
+                # The pixels without the file, so that closing it below (which also lets WebP's
+                # decoder and its canvas go) keeps them: a new handle on the same pixels, no copy.
+                flat = image._new(image.im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge(str(exc)) from None
         except Warning as exc:
@@ -408,5 +483,4 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> DecodedImage:
             raise ImageRejected(f"the image could not be decoded: {type(exc).__name__}") from None
     finally:
         image.close()
-    # EXIF rotation may have swapped the sides: report the size a viewer shows.
-    return DecodedImage(image=flat, format=image_format, width=flat.width, height=flat.height)
+    return flat, image_format, orientation if isinstance(orientation, int) else 1, (width, height)

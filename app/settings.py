@@ -10,6 +10,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Every image within the default pixel caps fits: 40 megapixels of the costliest kind (an RGBA
+# WebP, about 17 bytes a pixel at the peak: app/decode_cost.py) need 680 MB.
+DEFAULT_MAX_DECODE_BYTES = 768 * 1024 * 1024
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CBIR_", extra="ignore")
@@ -44,6 +48,15 @@ class Settings(BaseSettings):
     max_side: int = Field(16_384, ge=1)
     # Frames an animated file may declare (only the first is ever decoded).
     max_frames: int = Field(1000, ge=1)
+    # Decode memory, estimated from the header (app/decode_cost.py): an image needing more than
+    # max_decode_bytes is a 413 image_too_large (a JPEG is first decoded at 1/2, 1/4 or 1/8 scale
+    # where that fits); 0: 768 MiB, which every image within the default pixel caps fits. Uploads,
+    # searches and imports reserve their estimate from decode_memory_budget_bytes, shared by the
+    # process (0: a quarter of the memory, at most 512 MiB per core); a request waits up to
+    # decode_budget_wait_s for it, then gets 503 overloaded (Retry-After); an import waits.
+    max_decode_bytes: int = Field(0, ge=0)
+    decode_memory_budget_bytes: int = Field(0, ge=0)
+    decode_budget_wait_s: float = Field(2.0, ge=0)
     # Transparent pixels are composited on this colour (any CSS colour) before embedding.
     alpha_background: str = "#ffffff"
     max_k: int = Field(100, ge=1)
@@ -179,6 +192,19 @@ class Settings(BaseSettings):
     def import_root_map(self) -> dict[str, Path]:
         """CBIR_IMPORT_ROOTS by name: "photos=/srv/photos:/mnt/scans" -> photos, scans."""
         return dict(parse_import_roots(self.import_roots))
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """CBIR_DECODE_MEMORY_BUDGET_BYTES, or its default for this machine."""
+        from app.decode_budget import default_budget
+
+        return self.decode_memory_budget_bytes or default_budget()
+
+    @property
+    def decode_bytes_cap(self) -> int:
+        """CBIR_MAX_DECODE_BYTES (768 MiB when 0), never above the budget: an image the budget
+        can never hold is refused, not queued forever."""
+        return min(self.max_decode_bytes or DEFAULT_MAX_DECODE_BYTES, self.decode_budget_bytes)
 
     @property
     def pending_embeds_limit(self) -> int:

@@ -15,6 +15,7 @@ from app.errors import ImageNotFound
 from app.faults import crash_point
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import _delete_unreferenced_files
+from app.services.decoding import reserved_for_request
 from app.services.ingest import WRITE_LOCK
 from app.storage import EXTENSIONS, MEDIA_TYPES, storage_fault, write_atomic
 
@@ -73,7 +74,9 @@ def thumbnail(ctx: AppContext, image_id: int, *, size: int) -> tuple[Path, str]:
         return image_file(ctx, image_id)  # read-only: no cache to write, the browser scales the original
     if not path.exists():
         source, _ = image_file(ctx, image_id)
-        with Image.open(source) as image:
+        data = source.read_bytes()
+        # Within the decode memory budget, as uploads and searches (503 overloaded when it is full).
+        with reserved_for_request(ctx, [data]), Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (size, size))
             image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
             image.thumbnail((size, size))

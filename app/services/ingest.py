@@ -27,6 +27,7 @@ from app.image_end import strip_trailing
 from app.imaging import DecodedImage, decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import checkpoint_of, require_collection
+from app.services.decoding import reserved_for_request
 from app.storage import FileJournal, sha256_hex, storage_faults
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,15 @@ def ingest_batch(
     ctx.store.gate.check()  # read-only: a 503 before any decoding or embedding
     # Bytes after an image's end (a polyglot's HTML) are neither stored nor hashed.
     items = [replace(item, data=strip_trailing(item.data)) for item in items]
+    # The decoded images live until they are stored (a re-embedding under the write lock may need
+    # them): their decode memory stays reserved until then (503 overloaded when there is none).
+    with reserved_for_request(ctx, [item.data for item in items]):
+        return _decode_embed_store(ctx, collection=collection, items=items, durable=durable)
+
+
+def _decode_embed_store(
+    ctx: AppContext, *, collection: str, items: Sequence[Item], durable: bool
+) -> list[ItemResult]:
     results: list[ItemResult | None] = [None] * len(items)
     accepted: list[Accepted] = []
     images: list[DecodedImage] = []

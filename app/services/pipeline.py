@@ -37,6 +37,7 @@ from app.image_end import strip_trailing
 from app.imaging import ImageLimits, decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
+from app.services.decoding import decoding, held_for_chunk
 from app.services.ingest import WRITE_LOCK, Accepted, Item, ItemResult, store_accepted
 from app.services.sources import Member
 from app.settings import Settings
@@ -401,20 +402,19 @@ class Pipeline:
                 staged.known = True
 
     # -- stage 2: decode -------------------------------------------------------------------
-    def decode_one(self, staged: Staged, target: Target | None = None) -> None:
-        """Decode, validate and preprocess one member (runs on the worker pool)."""
+    def decode_one(self, staged: Staged, target: Target | None = None, *, budget: bool = True) -> None:
+        """Decode, validate and preprocess one member (on the pool), in the decode memory budget."""
         target = target or self.target
         if staged.result is not None or staged.known:
             return
         began = time.perf_counter()
         try:
-            decoded = decode_image(staged.item.data, limits=self.ctx.limits)
+            with decoding(self.ctx, staged.item.data, stopped=self._stop.is_set, budget=budget) as decoded:
+                staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
+                if target.embedder is not None:
+                    staged.prepared = target.embedder.preprocess(decoded.image)
         except CbirError as exc:
             staged.result = ItemResult(staged.item.name, "rejected", code=exc.code, detail=exc.detail)
-        else:
-            staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
-            if target.embedder is not None:
-                staged.prepared = target.embedder.preprocess(decoded.image)
         self._count("decode", time.perf_counter() - began)
 
     def decode(self, chunk: Chunk, pool: Executor) -> Chunk:
@@ -423,14 +423,14 @@ class Pipeline:
             todo = [s for s in chunk.items if s.result is None and not s.known]
             if todo:
                 blobs = [s.item.data for s in todo]
-                try:
-                    # The pool of the current version (a new one after a switch or a dead worker).
-                    future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
-                except (BrokenExecutor, RuntimeError):  # broken or shut down meanwhile: start afresh
-                    forget_worker_pool()
-                    future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
-                chunk.decoding = [future]
-                chunk.todo = todo
+                with held_for_chunk(self.ctx, blobs, stopped=self._stop.is_set) as hold:
+                    try:  # the pool of the current version (a new one after a switch or a dead worker)
+                        future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
+                    except (BrokenExecutor, RuntimeError):  # broken or shut down meanwhile: start afresh
+                        forget_worker_pool()
+                        future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
+                    hold.until_done(future)
+                chunk.decoding, chunk.todo = [future], todo
             return chunk
         chunk.decoding = [pool.submit(self.decode_one, staged, target) for staged in chunk.items]
         return chunk
@@ -566,7 +566,7 @@ class Pipeline:
         for s in redo:
             s.known = False
             s.vector = s.version = None
-            self.decode_one(s, self.target)
+            self.decode_one(s, self.target, budget=False)  # under the write lock: never wait
         if redo:
             self.embed(Chunk(redo, 0, 0, target=self.target))
         for s in staged:

@@ -11,14 +11,15 @@ from sqlalchemy import select
 
 from app.context import AppContext
 from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
-from app.imaging import decode_image
 from app.indexes import vectors_of
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
+from app.services.decoding import decoding
 from app.services.filters import ImageFilter, matching_ids
 from app.services.tuning import SearchOptions
 from index.rerank import expand_queries
 from index.vector_index import SearchKnobs
+from models.base import Embedder
 
 # A filter that leaves at most this many images is answered by an exact pass over their stored
 # vectors (a few milliseconds), whatever the index kind: a graph or IVF search restricted by an id
@@ -93,15 +94,23 @@ def search_by_image(
     _check_k(ctx, k)
     clock = _Clock()
     record, checkpoint = _served(ctx, collection)
-    decoded = decode_image(data, limits=ctx.limits)
-    embedder = ctx.embedders.for_collection(record, checkpoint)
-    tensor = embedder.preprocess(decoded.image)
+    embedder, tensor = _prepare(ctx, record=record, checkpoint=checkpoint, data=data)
     clock.lap("decode")
     vector = embedder.embed_prepared([tensor])
     clock.lap("embed")
     return _search(
         ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe, knobs=knobs
     )
+
+
+def _prepare(
+    ctx: AppContext, *, record: CollectionRecord, checkpoint: Any, data: bytes
+) -> tuple[Embedder, Any]:
+    """The embedder and the query decoded and preprocessed for it, within the decode memory
+    budget; the decoded pixels are gone when this returns (the embedder's input is small)."""
+    with decoding(ctx, data) as decoded:
+        embedder = ctx.embedders.for_collection(record, checkpoint)
+        return embedder, embedder.preprocess(decoded.image)
 
 
 def similar_to(
