@@ -43,6 +43,12 @@ class JobFinished(Conflict):
     code = "job_finished"
 
 
+class JobNotFinished(Conflict):
+    """The job's result was asked for while it is queued or running, or after it failed."""
+
+    code, title = "job_not_finished", "Job not finished"
+
+
 class CollectionExists(Conflict):
     code = "collection_exists"
     title = "Collection already exists"
@@ -57,6 +63,13 @@ class InvalidRequest(CbirError):
     status, code, title = 422, "invalid_request", "Invalid request"
 
 
+class OverBudget(InvalidRequest):
+    """The work is estimated to take longer than its cost budget (CBIR_SYNC_COST_BUDGET_S for an
+    answer now, CBIR_JOB_COST_BUDGET_S for a job); the detail gives both and what would fit."""
+
+    code, title = "over_budget", "Over the cost budget"
+
+
 class UnknownEmbedderName(InvalidRequest):
     code = "unknown_embedder"
     title = "Unknown embedder"
@@ -65,6 +78,26 @@ class UnknownEmbedderName(InvalidRequest):
 class InvalidEmbedderOptions(InvalidRequest):
     code = "invalid_embedder_options"
     title = "Invalid embedder options"
+
+
+class BadIndexFactory(InvalidRequest):
+    """An index factory string cbir does not build (index/factories.py), or numbers out of range."""
+
+    code, title = "bad_index_factory", "Bad index factory"
+
+
+class BadMetadata(InvalidRequest):
+    """Metadata the service cannot store and serve back as JSON (app/usertext.py): NaN or
+    infinity, a number past int64, nesting past the depth limit, text that is not UTF-8, a label
+    that is not a string or a number."""
+
+    code, title = "bad_metadata", "Bad metadata"
+
+
+class BadName(InvalidRequest):
+    """A file or member name that is not UTF-8 text (a lone surrogate) or holds a NUL."""
+
+    code, title = "bad_name", "Bad file name"
 
 
 class WeightsMissing(CbirError):
@@ -135,6 +168,13 @@ class TooManyFrames(ImageRejected):
     """An animated file declaring more frames than CBIR_MAX_FRAMES (only the first is decoded)."""
 
     code, title = "too_many_frames", "Too many frames"
+
+
+class DegenerateImage(ImageRejected):
+    """The embedder gives this image no usable code: a zero vector (a constant image, all black) or
+    one with NaN or infinity. Nothing is stored; no index could hold or search with it."""
+
+    code, title = "degenerate_image", "Degenerate image"
 
 
 class PayloadTooLarge(CbirError):
@@ -260,12 +300,6 @@ class ReembedRequired(IndexMismatch):
     title = "Re-embedding required"
 
 
-class EmbeddingInvalid(CbirError):
-    """The embedder gave a vector with NaN or infinity: an internal fault; nothing was stored."""
-
-    status, code, title = 500, "embedding_invalid", "Invalid embedding"
-
-
 class DatabaseUnavailable(CbirError):
     """The database could not be reached or dropped the connection; retrying later may work."""
 
@@ -297,3 +331,10 @@ class DecodeMemoryFull(Overloaded):
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class Cancelled(CbirError):
+    """Long work stopped before its end: its client left, its job was cancelled or the service is
+    shutting down (then a retry goes to the next process)."""
+
+    status, code, title = 503, "cancelled", "Cancelled"

@@ -4,6 +4,8 @@
 time it passes ``crash_point(name)``: no handler runs, nothing is flushed, exactly as a kill -9 or a
 power cut from the process's point of view. ``CBIR_FAULT_DELAY_AT=name:seconds`` makes
 ``delay_point(name)`` sleep, to hold open a window (a background index build) a test must observe.
+``CBIR_FAULT_FAIL_AT=name`` makes ``fail_point(name)`` raise ``InjectedFault``: an unexpected
+error (a bug) where the request handling passes it, to test what a 500 leaves behind.
 Both are read once per process; unset, each point costs one function call and a None check.
 
 The points, in the order a write passes them:
@@ -44,6 +46,9 @@ CRASH_POINTS = (
 # reservation (app/services/decoding.py).
 DELAY_POINTS = ("index_build", "store_batch", "decode")
 
+FAIL_ENV = "CBIR_FAULT_FAIL_AT"
+FAIL_POINTS = ("labels",)  # GET /api/v1/collections/{name}/labels
+
 _lock = threading.Lock()
 _passes: dict[str, int] = {}
 
@@ -80,16 +85,30 @@ def _delay_plan() -> tuple[str, float] | None:
         raise SystemExit(f"{DELAY_ENV}: {value!r} is not name:seconds") from None
 
 
+class InjectedFault(RuntimeError):
+    """The error ``fail_point`` raises: a stand-in for a bug."""
+
+
+@lru_cache(maxsize=1)
+def _fail_plan() -> str | None:
+    name = os.environ.get(FAIL_ENV, "").strip()
+    if name and name not in FAIL_POINTS:
+        raise SystemExit(f"{FAIL_ENV}: unknown fail point {name!r}; known: {', '.join(FAIL_POINTS)}")
+    return name or None
+
+
 def check() -> None:
     """Fail at start, not at the first write, when a fault variable names no known point."""
     _crash_plan()
     _delay_plan()
+    _fail_plan()
 
 
 def reset() -> None:
     """Read the variables again and forget the passes counted (tests that change them in-process)."""
     _crash_plan.cache_clear()
     _delay_plan.cache_clear()
+    _fail_plan.cache_clear()
     with _lock:
         _passes.clear()
 
@@ -111,3 +130,9 @@ def delay_point(name: str) -> None:
     plan = _delay_plan()
     if plan is not None and plan[0] == name:
         time.sleep(plan[1])
+
+
+def fail_point(name: str) -> None:
+    """Raise ``InjectedFault`` here if ``CBIR_FAULT_FAIL_AT`` names this point."""
+    if _fail_plan() == name:
+        raise InjectedFault(f"fault injection: {FAIL_ENV}={name}")

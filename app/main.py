@@ -7,16 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api import (
     admission,
+    failsafe,
     headers,
     limits,
     openapi,
     pages,
+    parameters,
     problems,
     routes_collections,
     routes_evaluation,
@@ -31,6 +33,8 @@ from app.memory import tune_malloc
 from app.services.collections import list_collections
 from app.services.evaluation import EvaluationRunner
 from app.services.jobs import JobRunner
+from app.services.metadata_repair import repair_on_start
+from app.services.tasks import TaskRunner
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context = open_context(settings)
+        repair_on_start(context.db)  # metadata an older version stored with NaN or lone surrogates
         # Check every index against the database now, so the first query is fast and a stale
         # or torn index file is rebuilt before traffic arrives.
         for info in list_collections(context):
@@ -57,11 +62,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.guard.open_keys(context.db)
         app.state.jobs = runner
         app.state.evaluations = EvaluationRunner(context)
+        tasks = TaskRunner(context)
+        if not settings.read_only and tasks.recover():
+            log.warning("evaluate or whiten jobs were interrupted by the last shutdown: start them again")
+        app.state.tasks = tasks
         try:
             yield
         finally:
+            # Costly work checks its token between batches: a few seconds at most, never minutes.
+            tasks.shutdown(timeout=10)
+            app.state.evaluations.shutdown(timeout=10)
             runner.shutdown()
-            app.state.evaluations.wait(timeout=30)
             context.close()
 
     app = FastAPI(
@@ -71,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "of a collection (CNN neural codes or denoising-autoencoder embeddings, FAISS search).",
         lifespan=lifespan,
         form_limits=limits.FORM_LIMITS,
+        # A scalar parameter or form part given twice is refused, never silently one of them.
+        dependencies=[Depends(parameters.reject_repeated_parameters)],
     )
     problems.install(app)
     openapi.install(app)  # declares the problem+json error responses on every operation
@@ -91,5 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.guard = security.install(app, settings)
     # Outermost last: security headers (and CORS) also go on the body limits' 413 and 408.
     app.add_middleware(limits.BodyLimitMiddleware, settings=settings)
+    # Inside the security headers, outside the rest: an unexpected error is a 500 with those
+    # headers on a connection that stays open for keep-alive.
+    app.add_middleware(failsafe.UnexpectedErrorMiddleware)
     headers.install(app, settings)
     return app

@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Query, Request, UploadFile
+from fastapi import Depends, Query, Request, UploadFile
 
+# Re-exported: an image id is a decimal integer in 1..MAX_ID (nothing else pydantic's lax int takes).
+from app.api.parameters import MAX_ID as MAX_ID
+from app.api.parameters import ImageId as ImageId
 from app.context import AppContext
 from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
 from app.services.evaluation import EvaluationRunner
 from app.services.filters import ImageFilter, parse_filter
 from app.services.jobs import JobRunner
+from app.services.tasks import TaskRunner
+from app.usertext import check_metadata, parse_json
 
 CHUNK = 1024 * 1024
+MAX_METADATA_CHARS = 64 * 1024
 
 
 def get_context(request: Request) -> AppContext:
@@ -26,6 +32,10 @@ def get_jobs(request: Request) -> JobRunner:
 
 def get_evaluations(request: Request) -> EvaluationRunner:
     return request.app.state.evaluations  # type: ignore[no-any-return]
+
+
+def get_tasks(request: Request) -> TaskRunner:
+    return request.app.state.tasks  # type: ignore[no-any-return]
 
 
 def _query_names(dependant: Any) -> set[str]:
@@ -69,13 +79,9 @@ def get_image_filter(
     return parse_filter(label=label, meta=meta or [], created_after=created_after)
 
 
-# The largest id the database stores (a signed 64-bit integer): a larger one is a 422, not an
-# OverflowError in the driver.
-MAX_ID = 2**63 - 1
-ImageId = Annotated[int, Path(ge=1, le=MAX_ID)]
-
 ContextDep = Annotated[AppContext, Depends(get_context)]
 JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+TasksDep = Annotated[TaskRunner, Depends(get_tasks)]
 EvaluationsDep = Annotated[EvaluationRunner, Depends(get_evaluations)]
 FilterDep = Annotated[ImageFilter, Depends(get_image_filter)]
 
@@ -95,14 +101,16 @@ async def read_upload(upload: UploadFile, *, limit: int) -> bytes:
 
 
 def parse_metadata(raw: str | None) -> dict[str, Any]:
+    """An upload's ``metadata`` part: a JSON object that obeys app/usertext.py (422
+    ``bad_metadata`` otherwise), ``invalid_request`` for text that is not a JSON object."""
     if raw is None or raw.strip() == "":
         return {}
+    if len(raw) > MAX_METADATA_CHARS:  # before parsing: the size bounds the parser's work
+        raise InvalidRequest("metadata must be at most 64 KiB of JSON")
     try:
-        value = json.loads(raw)
+        value = parse_json(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"metadata must be a JSON object: {exc.msg} at position {exc.pos}") from None
     if not isinstance(value, dict):
         raise InvalidRequest(f"metadata must be a JSON object, not {type(value).__name__}")
-    if len(raw) > 64 * 1024:
-        raise InvalidRequest("metadata must be at most 64 KiB of JSON")
-    return value
+    return check_metadata(value)

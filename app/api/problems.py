@@ -86,14 +86,21 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        fault = storage.storage_fault(exc)  # a full or read-only disk under any write path
-        if fault is not None:
-            log.error("storage refused a write on %s %s: %s", request.method, request.url.path, exc)
-            return _render(fault)
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(
-            status=500,
-            title="Internal server error",
-            detail="the server failed to handle this request; it has been logged",
-            code="internal_error",
-        )
+        return unexpected_problem(request, exc)
+
+
+def unexpected_problem(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to an error no handler knows: 507 or 503 for a full or read-only disk, else a
+    500 (logged here with its traceback). Used by app/api/failsafe.py and as Starlette's last
+    handler."""
+    fault = storage.storage_fault(exc)  # a full or read-only disk under any write path
+    if fault is not None:
+        log.error("storage refused a write on %s %s: %s", request.method, request.url.path, exc)
+        return _render(fault)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(
+        status=500,
+        title="Internal server error",
+        detail="the server failed to handle this request; it has been logged",
+        code="internal_error",
+    )

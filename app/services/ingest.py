@@ -21,14 +21,16 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.context import AppContext
-from app.errors import CbirError, EmbedderNotReady, EmbeddingInvalid
+from app.errors import CbirError, EmbedderNotReady
 from app.faults import crash_point, delay_point
 from app.image_end import strip_trailing
 from app.imaging import DecodedImage, decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.services.codes import degenerate_codes
 from app.services.collections import checkpoint_of, require_collection
 from app.services.decoding import reserved_for_request
 from app.storage import FileJournal, sha256_hex, storage_faults
+from app.usertext import check_metadata, check_name
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +150,6 @@ def store_accepted(
     WRITE_LOCK), then add the new vectors to the index. ``in_transaction(session)`` runs last,
     inside the transaction, once every result is filled in (an import job's counters and
     high-water mark commit with its rows)."""
-    if vectors is not None and len(accepted):
-        accepted, vectors = _drop_invalid_vectors(record, accepted=accepted, vectors=vectors, results=results)
     # Load the index before the commit: a first load after it would already hold the new rows.
     ctx.indexes.get(record)
     # Named in the journal before any file is written: if the transaction never commits (a crash,
@@ -190,33 +190,34 @@ def store_accepted(
         crash_point("after_faiss_add_before_response")
 
 
-def _drop_invalid_vectors(
+def _without_degenerate(
     record: CollectionRecord,
     *,
-    accepted: list[Accepted],
-    vectors: np.ndarray,
+    fresh: list[tuple[Accepted, int]],
+    vectors: np.ndarray | None,
     results: list[ItemResult | None],
-) -> tuple[list[Accepted], np.ndarray]:
-    """Reject the items whose vector holds NaN or infinity (an embedder fault, never the client's):
-    such a vector would poison every search, so neither it nor its row or file is written."""
-    finite = np.isfinite(vectors).all(axis=1)
-    if finite.all():
-        return accepted, vectors
-    for a, ok in zip(accepted, finite, strict=True):
-        if not ok:
-            error = EmbeddingInvalid(
-                f"the {record.embedder} embedder gave a vector with NaN or infinity for this image; "
-                "nothing was stored"
-            )
+    repeats: list[tuple[int, int]],
+) -> list[tuple[Accepted, int]]:
+    """``fresh`` without the items whose code is degenerate (a zero vector, NaN, infinity): those,
+    and their repeats in the batch, are rejected with 422 degenerate_image before any file, row or
+    vector is written, since no index could hold them. Only rows about to be written are checked
+    (a bulk import's already-stored members carry no vector of their own)."""
+    if vectors is None or not fresh:
+        return fresh
+    errors = degenerate_codes(vectors[[row for _, row in fresh]], embedder=record.embedder)
+    if not errors:
+        return fresh
+    for position, (a, _) in enumerate(fresh):
+        if position in errors:
+            error = errors[position]
             results[a.index] = ItemResult(
                 a.item.name, "rejected", code=error.code, detail=error.detail, error=error
             )
-    log.error(
-        "%s embedder gave %d non-finite vector(s); those images were not stored",
-        record.embedder,
-        int((~finite).sum()),
-    )
-    return [a for a, ok in zip(accepted, finite, strict=True) if ok], np.ascontiguousarray(vectors[finite])
+    for position, first in repeats:
+        rejected = results[first]
+        if rejected is not None and rejected.status == "rejected":
+            results[position] = replace(rejected, name=results[position].name)  # type: ignore[union-attr]
+    return [pair for position, pair in enumerate(fresh) if position not in errors]
 
 
 def _entries(accepted: list[Accepted]) -> list[tuple[str, str]]:
@@ -323,6 +324,7 @@ def _store(
             fresh.append((a, row))
     if new_aliases:
         _add_aliases(session, new_aliases)
+    fresh = _without_degenerate(record, fresh=fresh, vectors=vectors, results=results, repeats=repeats)
     if not fresh:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
 
@@ -424,7 +426,8 @@ def add_image(
     ctx: AppContext, *, collection: str, data: bytes, name: str | None, metadata: dict[str, Any] | None
 ) -> ItemResult:
     """Store one uploaded image; a rejected one raises its CbirError (a 4xx for the client)."""
-    item = Item(name=name, data=data, metadata=metadata or {})
+    check_name(name)  # text the database, the JSON encoder and SQL JSON functions all accept
+    item = Item(name=name, data=data, metadata=check_metadata(metadata or {}))
     (result,) = ingest_batch(ctx, collection=collection, items=[item])
     if result.error is not None:
         raise result.error

@@ -39,6 +39,7 @@ from app.records import CollectionRecord, ImageRecord
 from app.services.collections import checkpoint_of, require_collection
 from app.services.decoding import decoding, held_for_chunk
 from app.services.ingest import WRITE_LOCK, Accepted, Item, ItemResult, store_accepted
+from app.services.screening import screened
 from app.services.sources import Member
 from app.settings import Settings
 from app.storage import sha256_hex
@@ -347,7 +348,7 @@ class Pipeline:
         nbytes = 0
         position = -1
         began = time.perf_counter()
-        for position, member in enumerate(members):
+        for position, member in enumerate(map(screened, members)):  # bad text: rejected, never read
             if self._stop.is_set():
                 return
             if position < start:
