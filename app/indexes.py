@@ -19,25 +19,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import Database
-from app.errors import IndexRebuilding, ReembedRequired
+from app.errors import IndexMismatch, IndexRebuilding, ReembedRequired
 from app.faults import crash_point, delay_point
-from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.index_problems import (
+    BAD_INDEX_FACTORY,
+    BAD_INDEX_PARAMS,
+    INDEX_UNAVAILABLE,
+    VECTORS_REFUSED,
+    IndexProblems,
+    checked_factory,
+    checked_knobs,
+    factory_problem,
+)
+from app.records import CollectionRecord
+from app.vector_rows import has_images, load_ids, load_vectors, stored_dim, vectors_of
 from index import IndexCorrupt, VectorIndex
 from index.kinds import AUTO, auto_factory, build_index, default_knobs, recall_at_k, servable_factory
 from index.vector_index import SearchKnobs, normalise_factory, stale_temp_files
 
 log = logging.getLogger(__name__)
 
-CHUNK = 5000  # ids per IN (...) list, well under SQLite's bound-parameter limit
 RECALL_QUERIES = 200
 # A loaded file may lack this share of the database's rows and still be caught up by replaying
 # them (beyond it, rebuilding from the database reads no more and gives a freshly trained index).
@@ -46,89 +56,15 @@ REPLAY_MAX_SHARE = 0.5
 TOMBSTONE_SHARE = 0.1
 
 
-def _served_rows(collection_id: int, embedder_version: str) -> Any:
-    return (
-        select(EmbeddingRecord.image_id)
-        .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-        .where(ImageRecord.collection_id == collection_id)
-        .where(EmbeddingRecord.embedder_version == embedder_version)
-    )
-
-
-def load_ids(db: Database, *, collection_id: int, embedder_version: str) -> np.ndarray:
-    """Ids (int64, ascending) of the collection's images with a vector of this version; no vectors."""
-    with db.session() as session:
-        ids = session.execute(_served_rows(collection_id, embedder_version)).scalars().all()
-    return np.sort(np.fromiter(ids, dtype=np.int64, count=len(ids)))
-
-
-def load_vectors(db: Database, *, collection_id: int, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
-    """All stored vectors of one collection and version: ((n, d) float32 unit rows, (n,) int64 ids)."""
-    stmt = (
-        select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-        .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-        .where(ImageRecord.collection_id == collection_id)
-        .where(EmbeddingRecord.embedder_version == embedder_version)
-        .order_by(EmbeddingRecord.image_id)
-    )
-    with db.session() as session:
-        rows = session.execute(stmt).all()
-    if not rows:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
-    return vectors, ids
-
-
-def stored_dim(db: Database, *, collection_id: int, embedder_version: str) -> int | None:
-    """The dimension of the collection's stored vectors of this version (None when it has none)."""
-    with db.session() as session:
-        return session.scalar(
-            select(EmbeddingRecord.dim)
-            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-            .where(ImageRecord.collection_id == collection_id)
-            .where(EmbeddingRecord.embedder_version == embedder_version)
-            .limit(1)
-        )
-
-
-def has_images(db: Database, *, collection_id: int) -> bool:
-    with db.session() as session:
-        found = session.scalar(
-            select(ImageRecord.id).where(ImageRecord.collection_id == collection_id).limit(1)
-        )
-    return found is not None
-
-
-def vectors_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> tuple[np.ndarray, np.ndarray]:
-    """The stored vectors of ``ids`` of one version: ((m, d) float32, (m,) int64 ascending ids);
-    ids without such a vector are left out."""
-    found: dict[int, bytes] = {}
-    with db.session() as session:
-        for start in range(0, len(ids), CHUNK):
-            chunk = [int(i) for i in ids[start : start + CHUNK]]
-            found.update(
-                session.execute(
-                    select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-                    .where(EmbeddingRecord.image_id.in_(chunk))
-                    .where(EmbeddingRecord.embedder_version == embedder_version)
-                ).all()
-            )
-    if not found:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    keys = np.asarray(sorted(found), dtype=np.int64)
-    vectors = np.frombuffer(b"".join(found[int(i)] for i in keys), dtype="<f4").reshape(len(keys), -1)
-    return vectors.astype(np.float32), keys
-
-
 def knobs_of(collection: CollectionRecord) -> SearchKnobs:
-    params = collection.index_params or {}
-    return SearchKnobs(**{k: params[k] for k in ("ef_search", "nprobe", "k_factor") if k in params})
+    """The collection's valid stored search parameters (index_problems.checked_knobs)."""
+    return checked_knobs(collection)[0]
 
 
 def target_factory(collection: CollectionRecord, *, n: int, dim: int) -> str:
-    """The factory the collection's index should have now (``auto`` resolved by size), normalised."""
-    requested = collection.index_factory or AUTO
+    """The factory the collection's index should have now (``auto`` resolved by size), normalised;
+    exact search for a stored factory cbir does not build (a restored backup's ``HNSW0``)."""
+    requested, _ = checked_factory(collection, dim=dim if n else None)
     return servable_factory(normalise_factory(auto_factory(n, dim) if requested == AUTO else requested), n)
 
 
@@ -168,6 +104,7 @@ class IndexStatus:
     build_seconds: float | None
     rebuild: dict[str, Any] | None  # the build in progress: target, reason, started_at
     last_error: str | None
+    problems: list[dict[str, Any]]  # index_problems.IndexProblem fields: what /ready reports
 
 
 class IndexManager:
@@ -201,6 +138,8 @@ class IndexManager:
         # Collections whose last checkpoint failed (a full disk, a file size limit): health shows
         # "checkpoint_failed" until one succeeds. The database still holds every row.
         self._checkpoint_errors: dict[int, str] = {}
+        # Rows set aside, settings refused, indexes that cannot open: reported, never fatal.
+        self.problems = IndexProblems()
         self._stop = threading.Event()
         self._saver: threading.Thread | None = None
 
@@ -248,7 +187,17 @@ class IndexManager:
             build = self._builds.get(collection.id)
             if build is not None and build.version == collection.embedder_version:
                 return None
-            index = self._open(collection)
+            if not self.problems.may_open(collection.id):
+                return None  # it failed moments ago: 503 until it is tried again
+            try:
+                index = self._open(collection)
+            except (SQLAlchemyError, _Stopped):
+                raise  # the database is away (a 503 per request) or the service is stopping
+            except Exception as exc:  # one broken index must stop neither the start nor the others
+                self.problems.open_failed(collection, exc)
+                index = None
+            else:
+                self.problems.opened(collection.id)
             if index is not None:
                 self._indexes[collection.id] = index
             else:
@@ -262,6 +211,9 @@ class IndexManager:
         if index is None and collection.embedder_version is not None:
             if collection.id in self._unembedded:
                 raise ReembedRequired(self._unembedded[collection.id])
+            broken = self.problems.get(collection.id, INDEX_UNAVAILABLE)
+            if broken is not None and collection.id not in self._builds:
+                raise IndexMismatch(f"collection {collection.name!r}: {broken.detail}")
             build = self._builds.get(collection.id)
             detail = f"the index of {collection.name!r} is being built from the database"
             if build is not None:
@@ -311,6 +263,7 @@ class IndexManager:
                         index.ntotal,
                         time.perf_counter() - started,
                     )
+                    self.problems.settings(collection, dim=index.dim if index.ntotal else None)
                     self._maybe_grow(collection, index)
                     return index
                 reason = "the file is too far behind the database"
@@ -334,6 +287,7 @@ class IndexManager:
         missing = np.setdiff1d(db_ids, have, assume_unique=True)
         extra = np.setdiff1d(have, db_ids, assume_unique=True)
         if not missing.size and not extra.size:
+            self.problems.note(collection.id, None, code=VECTORS_REFUSED)  # none left aside
             return True
         if missing.size > max(1000, REPLAY_MAX_SHARE * len(db_ids)):
             return False
@@ -342,11 +296,13 @@ class IndexManager:
         if extra.size:
             index.remove(extra)
         if missing.size:
-            vectors, ids = vectors_of(self.db, ids=missing, embedder_version=version)
+            refused: dict[int, str] = {}  # rows the index cannot hold are always "missing"
+            vectors, ids = vectors_of(self.db, ids=missing, embedder_version=version, refused=refused)
             if len(ids) and vectors.shape[1] != index.dim:
                 return False
             if len(ids):
                 index.add(vectors, ids)
+            self.problems.refused(collection, refused)
         log.info(
             "index of %s caught up with the database: %d replayed above high-water mark %d, %d removed",
             collection.name,
@@ -362,8 +318,13 @@ class IndexManager:
         version = collection.embedder_version
         assert version is not None
         started = time.perf_counter()
-        vectors, ids = load_vectors(self.db, collection_id=collection.id, embedder_version=version)
+        refused: dict[int, str] = {}
+        vectors, ids = load_vectors(
+            self.db, collection_id=collection.id, embedder_version=version, refused=refused
+        )
+        self.problems.refused(collection, refused)
         dim = int(vectors.shape[1]) if len(ids) else 1
+        self.problems.settings(collection, dim=dim if len(ids) else None)
         chosen = normalise_factory(factory) if factory else target_factory(collection, n=len(ids), dim=dim)
         if self._stop.is_set():
             raise _Stopped
@@ -377,6 +338,8 @@ class IndexManager:
             # search rather than nothing, and say why.
             log.error("index of %s cannot be built as %s (%s); serving Flat", collection.name, chosen, exc)
             self._errors[collection.id] = f"cannot build {chosen[7:]}: {exc}; serving Flat"
+            problem = factory_problem(collection, f"FAISS cannot build {chosen[7:]}: {exc}")
+            self.problems.note(collection.id, problem, code=BAD_INDEX_FACTORY)
             index = build_index(vectors, ids, factory="Flat", meta=meta)
         seconds = time.perf_counter() - started
         index.update_meta(built_at=_now(), build_seconds=round(seconds, 3))
@@ -442,6 +405,7 @@ class IndexManager:
                 self._indexes[collection.id] = index
                 del self._builds[collection.id]
                 self._dirty.add(collection.id)
+                self.problems.opened(collection.id)
             log.info(
                 "index of %s rebuilt as %s in the background (%s; %d vectors, %.1f s)",
                 collection.name,
@@ -489,6 +453,7 @@ class IndexManager:
             self._unembedded.pop(collection.id, None)
             index = self._build_now(collection, reason="rebuild requested")
             self._indexes[collection.id] = index
+            self.problems.opened(collection.id)
             return index
 
     def add(self, collection: CollectionRecord, *, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -514,6 +479,7 @@ class IndexManager:
             self._maybe_grow(collection, index)
 
     def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
+        self.problems.forget_ids(collection.id, ids)
         with self._lock:
             build = self._builds.get(collection.id)
             if build is not None:
@@ -528,10 +494,12 @@ class IndexManager:
             self._indexes.pop(collection_id, None)
             self._builds.pop(collection_id, None)
             self._dirty.discard(collection_id)
+            self.problems.forget(collection_id)
             self.path_for(collection_id).unlink(missing_ok=True)
 
     def set_knobs(self, collection: CollectionRecord) -> None:
         """Apply the collection's stored search parameters to its served index."""
+        self.problems.note(collection.id, checked_knobs(collection)[1], code=BAD_INDEX_PARAMS)
         index = self.get(collection)
         if index is not None:
             index.set_search_knobs(default_knobs(index.kind).merged(knobs_of(collection)))
@@ -627,6 +595,7 @@ class IndexManager:
 
     def status(self, collection: CollectionRecord) -> IndexStatus:
         index = self.get(collection)
+        factory = self.problems.get(collection.id, BAD_INDEX_FACTORY)
         build = self._builds.get(collection.id)
         meta = index.meta if index is not None else {}
         if build is not None:
@@ -656,7 +625,8 @@ class IndexManager:
                 if build is not None
                 else None
             ),
-            last_error=self._errors.get(collection.id),
+            last_error=self._errors.get(collection.id) or (factory.detail if factory is not None else None),
+            problems=[asdict(p) for p in self.problems.of(collection.id)],
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.factories import check_factory
 from index.vector_index import SearchKnobs, VectorIndex, normalise_factory
 
 __all__ = [
@@ -43,8 +44,6 @@ _HNSW_EF_SEARCH = 64
 _IVF_NPROBE = 16
 _REFINE_K_FACTOR = 8.0
 _HNSW_EF_CONSTRUCTION = 40
-
-_FACTORY = re.compile(r"^[A-Za-z0-9_,.()]+$")
 
 
 def ivf_nlist(n: int) -> int:
@@ -74,10 +73,13 @@ def auto_factory(n: int, dim: int) -> str:
 
 
 def min_vectors(factory: str) -> int:
-    """How many vectors ``factory`` needs to train on: its IVF lists, and 256 per PQ codebook."""
+    """How many vectors ``factory`` needs to train on: its IVF lists, and 2**bits per PQ codebook
+    (256 for the default 8 bits; OPQ trains 8-bit codebooks of its own)."""
     match = re.search(r"IVF(\d+)", factory)
     need = int(match.group(1)) if match else 0
-    if "PQ" in factory.upper():
+    for bits in re.findall(r"(?<!O)PQ\d+(?:x(\d+))?", factory):
+        need = max(need, 2 ** int(bits or 8))
+    if "OPQ" in factory:
         need = max(need, 256)
     return need
 
@@ -87,17 +89,18 @@ def servable_factory(factory: str, n: int) -> str:
     return factory if n >= min_vectors(factory) else normalise_factory("Flat")
 
 
-def validate_factory(factory: str, *, dim: int) -> str:
-    """The normalised factory (``IDMap2,...``), or ``ValueError`` with FAISS's reason."""
-    cleaned = "".join(factory.split())
-    if not cleaned or len(cleaned) > 120 or not _FACTORY.match(cleaned):
-        raise ValueError(f"{factory[:80]!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,PQ32)")
-    normalised = normalise_factory(cleaned)
+def validate_factory(factory: str, *, dim: int | None) -> str:
+    """The normalised factory (``IDMap2,...``), or ``ValueError`` saying why cbir will not build it:
+    first the whitelist grammar of ``index.factories`` (some strings FAISS parses abort the process
+    when it trains or adds, which no ``except`` catches), then FAISS's own constructor."""
+    normalised = check_factory(factory, dim=dim)
+    if dim is None:
+        return normalised
     try:
         faiss.index_factory(int(dim), normalised, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown"
-        raise ValueError(f"FAISS cannot build {cleaned!r} for {dim}-d vectors: {reason}") from None
+        raise ValueError(f"FAISS cannot build {normalised[7:]!r} for {dim}-d vectors: {reason}") from None
     return normalised
 
 

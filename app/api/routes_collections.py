@@ -16,6 +16,7 @@ from app.api.schemas import (
     ImageOut,
     IndexConfigIn,
     IndexOut,
+    IndexProblemOut,
     JobAccepted,
     LabelCount,
     LabelList,
@@ -142,7 +143,8 @@ def collection_map(
 
 
 def _index_out(name: str, status_: IndexStatus) -> IndexOut:
-    return IndexOut.model_validate({"collection": name, **vars(status_)})
+    problems = [IndexProblemOut.of(p) for p in status_.problems]
+    return IndexOut.model_validate({"collection": name, **vars(status_), "problems": problems})
 
 
 @router.get("/collections/{name}/index", response_model=IndexOut, tags=["index"])

@@ -229,16 +229,45 @@ class Health(BaseModel):
     degraded: list[str] = Field(
         default_factory=list,
         description="what works less than fully: checkpoint_failed (an index checkpoint could not be "
-        "written; the database has every image), read_only (writes are refused)",
+        "written; the database has every image), read_only (writes are refused), and the codes of "
+        "/ready's problems (vectors_refused, bad_index_factory, bad_index_params, index_unavailable)",
     )
 
 
+class IndexProblemOut(BaseModel):
+    """Something a collection's index cannot serve as stored; the rest of the service serves."""
+
+    collection: str
+    code: str = Field(
+        description="vectors_refused (stored rows the index cannot hold, set aside), bad_index_factory "
+        "(the stored kind is not built: exact search serves), bad_index_params (stored search "
+        "parameters ignored), index_unavailable (the index cannot be opened: its searches answer 503)"
+    )
+    detail: str
+    hint: str = Field(description="what to do about it")
+    image_ids: list[int] = Field(default_factory=list, description="vectors_refused: the first 100 images")
+    count: int = Field(0, description="vectors_refused: how many images are set aside")
+
+    @classmethod
+    def of(cls, problem: Any) -> IndexProblemOut:
+        """From an app.index_problems.IndexProblem, or its fields as a dict."""
+        fields = dict(problem) if isinstance(problem, dict) else vars(problem)
+        ids = list(fields.get("image_ids") or ())
+        return cls(**{**fields, "image_ids": ids[:100], "count": len(ids)})
+
+
 class Readiness(BaseModel):
-    """200 when every collection's index can serve; 503 while one is being built from the database."""
+    """200 when every collection's index can serve; 503 while one is being built from the database.
+    ``problems`` never make it 503: every collection they do not name serves, and so does the rest
+    of a collection whose stored rows were set aside."""
 
     ready: bool
     rebuilding: dict[str, str] = Field(
         default_factory=dict, description="collection -> why its index is being built (503 meanwhile)"
+    )
+    problems: list[IndexProblemOut] = Field(
+        default_factory=list,
+        description="what a stored row or setting keeps an index from serving, and what to do",
     )
 
 
@@ -416,6 +445,9 @@ class IndexOut(BaseModel):
     build_seconds: float | None
     rebuild: dict[str, Any] | None = Field(description="the background build in progress, if any")
     last_error: str | None
+    problems: list[IndexProblemOut] = Field(
+        default_factory=list, description="as in /ready, for this collection"
+    )
 
 
 class KeyCreate(BaseModel):

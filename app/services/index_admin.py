@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from app.context import AppContext
-from app.errors import InvalidRequest
+from app.errors import BadIndexFactory
 from app.indexes import IndexStatus
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import require_collection
@@ -49,11 +49,13 @@ def configure_index(
         if factory.strip().lower() == AUTO:
             kind = AUTO
         else:
-            dim = _dim(ctx, record)
+            # Checked before it is stored: some strings FAISS parses abort the process when it
+            # builds them, and a stored one would abort every start after. Without vectors yet,
+            # what needs their dimension is checked at the build (a failure there serves Flat).
             try:
-                normalised = validate_factory(factory, dim=dim or 64)
+                normalised = validate_factory(factory, dim=_dim(ctx, record))
             except ValueError as exc:
-                raise InvalidRequest(f"index factory: {exc}") from None
+                raise BadIndexFactory(f"index factory: {exc}") from None
             kind = normalised.split(",", 1)[1]
     with WRITE_LOCK:
         with ctx.db.transaction() as session:

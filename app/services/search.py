@@ -13,6 +13,7 @@ from app.context import AppContext
 from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
 from app.indexes import vectors_of
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.services.codes import degenerate_codes
 from app.services.collections import checkpoint_of, require_collection
 from app.services.decoding import decoding
 from app.services.filters import ImageFilter, matching_ids
@@ -97,6 +98,8 @@ def search_by_image(
     embedder, tensor = _prepare(ctx, record=record, checkpoint=checkpoint, data=data)
     clock.lap("decode")
     vector = embedder.embed_prepared([tensor])
+    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
+        raise errors[0]
     clock.lap("embed")
     return _search(
         ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe, knobs=knobs
@@ -138,6 +141,8 @@ def similar_to(
     if blob is None:
         raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
+    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
+        raise errors[0]  # a stored row the index set aside (app/indexes.py): it cannot be a query
     clock.lap("embed")
     result = _search(
         ctx,

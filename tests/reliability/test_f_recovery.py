@@ -207,7 +207,7 @@ def test_r42_same_bytes_uploaded_twice_then_by_8_threads_make_one_row(
 
 
 # -- 54: NaN embedding ----------------------------------------------------------------------------
-def test_r54_nan_embedding_is_a_500_that_writes_nothing(
+def test_r54_nan_embedding_is_a_422_degenerate_image_that_writes_nothing(
     client: TestClient, collection: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx = client.app.state.context  # type: ignore[attr-defined]
@@ -226,7 +226,7 @@ def test_r54_nan_embedding_is_a_500_that_writes_nothing(
     monkeypatch.setattr(embedder, "embed_prepared", nan_once)
     data = png(54)
     response = client.post(f"{API}/collections/{collection}/images", files={"file": ("a.png", data)})
-    assert_problem(response, 500, "embedding_invalid")
+    assert_problem(response, 422, "degenerate_image")  # no index could hold it (tests/redteam/test_f01)
     assert calls["n"] == 1
     info = client.get(f"{API}/collections/{collection}").json()
     assert info["image_count"] == info["index_size"] == 0
@@ -412,7 +412,7 @@ def assert_rebuilt_in_the_background(server: LiveServer, images: dict[int, bytes
             assert response.status_code == 200 and response.json()["hits"][0]["id"] == some_id
         time.sleep(0.2)
     assert refused >= 1
-    assert ready.json() == {"ready": True, "rebuilding": {}}
+    assert ready.json() == {"ready": True, "rebuilding": {}, "problems": []}
     assert_consistent(server, images)
 
 
