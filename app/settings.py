@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     # (Retry-After) instead of queueing into timeouts. 0: 8 per core, 8 to 32 (each waits on a
     # thread of the server's pool of 40).
     max_pending_embeds: int = Field(0, ge=0)
+    # Cost budgets (app/services/cost.py), in estimated seconds of work (images to embed x the
+    # embedder's measured seconds per image, plus search and fitting terms). Within
+    # sync_cost_budget_s a compare, map, evaluation or whitening is done in the request; over it an
+    # evaluation or whitening runs as a job (202), a compare or map is refused (422 over_budget,
+    # naming the sample that fits). A job estimated over job_cost_budget_s is refused too.
+    sync_cost_budget_s: float = Field(5.0, ge=0)
+    job_cost_budget_s: float = Field(3600.0, ge=0)
 
     # Access (app/api/security.py). auto: keys are required as soon as one exists (`cbir keys
     # create`) or CBIR_API_KEYS is set, so a fresh offline install works keyless; on: always (no

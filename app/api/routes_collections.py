@@ -1,18 +1,18 @@
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import JSONResponse
 
 from app.api import security
-from app.api.deps import MAX_ID, ContextDep, FilterDep, JobsDep
+from app.api.deps import MAX_ID, ContextDep, FilterDep, JobsDep, TasksDep
 from app.api.presenters import collection_out, image_out, map_out
 from app.api.schemas import (
     CollectionCreate,
     CollectionList,
     CollectionOut,
     EmbedderChange,
-    EvaluateIn,
-    EvaluateOut,
-    EvaluateRow,
     ImageOut,
     IndexConfigIn,
     IndexOut,
@@ -69,30 +69,28 @@ def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: Jo
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
-@router.post("/collections/{name}/whitening", response_model=CollectionOut, openapi_extra=security.ADMIN)
-def whiten(name: str, body: WhiteningIn, ctx: ContextDep) -> CollectionOut:
+@router.post(
+    "/collections/{name}/whitening",
+    response_model=CollectionOut,
+    responses={202: {"model": JobAccepted, "description": "over CBIR_SYNC_COST_BUDGET_S: a job"}},
+    openapi_extra=security.ADMIN,
+)
+def whiten(name: str, body: WhiteningIn, ctx: ContextDep, tasks: TasksDep) -> CollectionOut | JSONResponse:
     """Fit a PCA-whitening on the collection's codes and serve the whitened codes (pretrained
-    embedders; the index is rebuilt, searches keep using the old codes until it is)."""
-    tuning.whiten_collection(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
-    return collection_out(collections.get_collection(ctx, name))
-
-
-@router.post("/collections/{name}/evaluate", response_model=EvaluateOut, tags=["evaluation"])
-def evaluate(name: str, body: EvaluateIn, ctx: ContextDep) -> EvaluateOut:
-    """P@10, mAP@10 and mAP over the full ranking per embedder (and whitening / QE setting), now:
-    with ``groundtruth`` Holidays-style, or against a labelled ``queries`` set."""
-    rows = tuning.evaluate_request(
-        ctx,
+    embedders; the index is rebuilt, searches keep using the old codes until it is). Estimated
+    over CBIR_SYNC_COST_BUDGET_S (re-embedding a collection that serves whitened codes): a job."""
+    found = tuning.whitening_cost(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
+    if found.seconds <= ctx.settings.sync_cost_budget_s:
+        tuning.whiten_collection(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
+        return collection_out(collections.get_collection(ctx, name))
+    job_id = tasks.submit(
+        kind="whiten",
         collection=name,
-        queries=body.queries,
-        groundtruth=body.groundtruth,
-        embedders=tuple(body.embedders),
-        whiten=tuple(body.whiten),
-        qe=tuple(body.qe),
-        qe_alpha=body.qe_alpha,
-        limit=body.limit,
+        params={"dim": body.dim, "shrinkage": body.shrinkage, "estimate_s": round(found.seconds, 1)},
+        work=partial(tuning.whitening_job, ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage),
     )
-    return EvaluateOut(collection=name, results=[EvaluateRow.model_validate(row) for row in rows])
+    accepted = JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
+    return JSONResponse(accepted.model_dump(), status_code=status.HTTP_202_ACCEPTED)
 
 
 @router.delete("/collections/{name}", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=security.ADMIN)

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from app.api import security
 from app.api.deps import ContextDep, FilterDep, ImageId, parse_metadata, read_upload
+from app.api.disconnect import run_cancellable
 from app.api.headers import IMAGE_CSP, download_name
 from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
@@ -166,14 +167,16 @@ AGAINST = Query(description="the other embedder: a registered one (pixels) or ch
 SAMPLE = Query(ge=1, le=compare.MAX_SAMPLE, description="images both sides search")
 
 
+# Compare embeds a sample with another model: the write scope, like other work that costs CPU.
 @router.post(
     "/collections/{name}/compare",
     response_model=CompareResponse,
     tags=["search"],
-    openapi_extra=security.READ,
+    openapi_extra=security.WRITE,
 )
 async def compare_by_image(
     name: str,
+    request: Request,
     ctx: ContextDep,
     file: Annotated[UploadFile, File(description="the query image: PNG, JPEG, GIF or WebP")],
     against: Annotated[str, AGAINST],
@@ -182,24 +185,39 @@ async def compare_by_image(
 ) -> CompareResponse:
     """The query side by side: the collection's embedder and ``against``, over the same
     ``sample`` images (evenly spread over the collection); the second side's codes are
-    computed on the fly (cached for the last two samples)."""
+    computed on the fly (cached for the last two samples). 422 ``over_budget`` when that is
+    estimated over CBIR_SYNC_COST_BUDGET_S (the detail names the sample that fits)."""
     data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
-    result = await run_in_threadpool(
-        compare.compare, ctx, collection=name, against=against, k=k, sample=sample, data=data
+    result = await run_cancellable(
+        request, compare.compare, ctx=ctx, collection=name, against=against, k=k, sample=sample, data=data
     )
     return compare_out(result)
 
 
-@router.get("/collections/{name}/images/{image_id}/compare", response_model=CompareResponse, tags=["search"])
-def compare_stored(
+@router.get(
+    "/collections/{name}/images/{image_id}/compare",
+    response_model=CompareResponse,
+    tags=["search"],
+    openapi_extra=security.WRITE,
+)
+async def compare_stored(
     name: str,
     image_id: ImageId,
+    request: Request,
     ctx: ContextDep,
     against: Annotated[str, AGAINST],
     k: int = Query(10, ge=1),
     sample: Annotated[int, SAMPLE] = 2000,
 ) -> CompareResponse:
     """Like ``POST /compare`` with a stored image as the query (left out of both sides)."""
-    return compare_out(
-        compare.compare(ctx, collection=name, against=against, k=k, sample=sample, image_id=image_id)
+    result = await run_cancellable(
+        request,
+        compare.compare,
+        ctx=ctx,
+        collection=name,
+        against=against,
+        k=k,
+        sample=sample,
+        image_id=image_id,
     )
+    return compare_out(result)

@@ -178,6 +178,9 @@ class JobAccepted(BaseModel):
     job_id: str
     state: str
     status_url: str
+    result_url: str | None = Field(
+        default=None, description="where the result is read once the job has succeeded"
+    )
 
 
 class JobError(BaseModel):

@@ -2,7 +2,9 @@
 
 Left: the collection's own embedder, with its stored codes. Right: another embedder (``pixels``
 or another checkpoint of the collection) whose codes for the sample are computed on the fly,
-so the sample is bounded and both sides search exactly the same images.
+so the sample is bounded and both sides search exactly the same images. The work is estimated
+first (app/services/cost.py): over CBIR_SYNC_COST_BUDGET_S it is refused, naming the sample that
+fits; it checks its cancellation token between batches, so a client that leaves stops it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from app.cancel import NEVER, CancelToken
 from app.context import AppContext
 from app.errors import ImageNotFound, InvalidRequest
 from app.imaging import decode_image
 from app.records import CollectionRecord, ImageRecord
+from app.services import cost
 from app.services.evaluation import resolve_compare
 from app.services.images import get_image
 from app.services.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
@@ -60,9 +64,11 @@ def compare(
     sample: int,
     data: bytes | None = None,
     image_id: int | None = None,
+    token: CancelToken = NEVER,
 ) -> Comparison:
     """Search ``sample`` images of the collection (evenly spread by id) for the query (uploaded
-    ``data`` or stored ``image_id``) with the collection's embedder and with ``against``."""
+    ``data`` or stored ``image_id``) with the collection's embedder and with ``against``;
+    OverBudget when that is estimated over the synchronous budget, Cancelled when ``token`` is."""
     if not 1 <= k <= ctx.settings.max_k:
         raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
     if not 1 <= sample <= MAX_SAMPLE:
@@ -74,6 +80,8 @@ def compare(
 
     all_ids = embedded_ids(ctx, record)
     ids = sample_ids(all_ids, sample)
+    _check_budget(ctx, record=record, own=own, other=other, label=other_label, ids=ids)
+    token.check()
     if data is not None:
         image = decode_image(data, limits=ctx.limits).image
         own_query = own.embed_prepared([own.preprocess(image)])
@@ -97,9 +105,8 @@ def compare(
 
     start = time.perf_counter()
     other_query = other.embed_prepared([other.preprocess(image)])
-    right = _nearest(
-        ctx, vectors=_sample_codes(ctx, record, other, ids), ids=ids, query=other_query, k=k, exclude=image_id
-    )
+    codes = _sample_codes(ctx, record=record, embedder=other, ids=ids, token=token)
+    right = _nearest(ctx, vectors=codes, ids=ids, query=other_query, k=k, exclude=image_id)
     right.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
 
     own_label = record.embedder_version or record.embedder
@@ -142,15 +149,69 @@ def _nearest(
     return SearchResult(collection="", k=k, hits=hits, timings_ms={"search": search_ms})
 
 
-def _sample_codes(
+def _check_budget(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    own: Embedder,
+    other: Embedder,
+    label: str,
+    ids: np.ndarray,
+) -> None:
+    """OverBudget unless embedding the sample (unless cached) and both searches fit the budget."""
+    n = len(ids)
+    cached = _cached(_cache_key(ctx, record, other, ids)) is not None
+    search_each = cost.ROW_READ_S + (own.dim + other.dim) * cost.FLOP_S
+
+    def build(measure: bool) -> cost.Estimate:
+        embed = cost.embedding(
+            ctx, embedder=other, collection_id=record.id, images=(0 if cached else n) + 1, measure=measure
+        )
+        return embed + cost.plain(n * search_each)
+
+    budget = ctx.settings.sync_cost_budget_s
+    found = cost.estimate(build, budget=budget)
+    if found.seconds <= budget:
+        return
+    each = cost.per_image(ctx, embedder=other, collection_id=record.id, measure=False).seconds
+    fits = cost.largest_fitting(budget, fixed=each, each=each + search_each)
+    cheaper = (
+        f"ask for a smaller sample (sample={fits} fits)"
+        if fits
+        else f"not even a sample of 1 fits: compare with a faster embedder, or raise {cost.SYNC}"
+    )
+    raise cost.over(
+        f"comparing a sample of {n:,} images with {label}",
+        found,
+        budget=budget,
+        setting=cost.SYNC,
+        cheaper=cheaper,
+    )
+
+
+def _cache_key(
     ctx: AppContext, record: CollectionRecord, embedder: Embedder, ids: np.ndarray
-) -> np.ndarray:
-    """``embedder``'s codes of the sample (cached for the last two samples)."""
-    key = (str(ctx.settings.data_dir), record.id, embedder.version, id_checksum(ids))
+) -> tuple[object, ...]:
+    return (str(ctx.settings.data_dir), record.id, embedder.version, id_checksum(ids))
+
+
+def _cached(key: tuple[object, ...]) -> np.ndarray | None:
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
+    return None
+
+
+def _sample_codes(
+    ctx: AppContext, *, record: CollectionRecord, embedder: Embedder, ids: np.ndarray, token: CancelToken
+) -> np.ndarray:
+    """``embedder``'s codes of the sample (cached for the last two samples), in batches of about
+    half a second with a look at ``token`` between them."""
+    key = _cache_key(ctx, record, embedder, ids)
+    found = _cached(key)
+    if found is not None:
+        return found
     rows = rows_of(ctx, ids, ImageRecord.sha256, ImageRecord.format)
 
     def load(image_id: int) -> torch.Tensor:
@@ -159,9 +220,11 @@ def _sample_codes(
         return embedder.preprocess(image)
 
     chunks = []
-    batch = ctx.settings.embed_batch_size
+    each = cost.per_image(ctx, embedder=embedder, collection_id=record.id, measure=False).seconds
+    batch = cost.batch_size(each, largest=ctx.settings.embed_batch_size)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(ids), batch):
+            token.check()
             tensors = list(pool.map(load, [int(i) for i in ids[start : start + batch]]))
             chunks.append(embedder.embed_prepared(tensors))
     codes = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)

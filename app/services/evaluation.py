@@ -17,12 +17,14 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.cancel import NEVER, CancelToken, checking
 from app.context import AppContext
 from app.datasets import DATASETS, load_mnist
 from app.embedders import validate_embedder_name
-from app.errors import InvalidRequest, UnknownEmbedderName
+from app.errors import Cancelled, InvalidRequest, UnknownEmbedderName
 from app.indexes import load_vectors
 from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
+from app.services import cost
 from app.services.collections import checkpoint_of, require_collection
 from app.services.training import Progress, embed_collection
 from app.storage import write_atomic
@@ -31,6 +33,8 @@ from models import registry
 from models.base import Embedder
 
 log = logging.getLogger(__name__)
+# Images in each query set, for estimates before anything is loaded.
+QUERY_SET_SIZES = {"mnist:train": 60_000, "mnist:test": 10_000}
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,14 @@ def evaluate(
     compare: tuple[str, ...] = (),
     limit: int | None = None,
     progress: Progress | None = None,
+    token: CancelToken = NEVER,
 ) -> list[dict[str, Any]]:
     """One result row per embedder: the collection's own first, then each ``compare`` spec.
 
     A compare spec is a registered embedder name (``pixels``) or ``checkpoint:ID`` (a trained
     checkpoint of this collection that is not the active one); the collection's images are
-    embedded with it on the fly, nothing is stored.
+    embedded with it on the fly, nothing is stored. ``token`` is checked between batches of about
+    half a second (Cancelled once it is set).
     """
     query_set = load_queries(ctx, queries, limit=limit)
     with ctx.db.session() as session:
@@ -95,13 +101,21 @@ def evaluate(
         label = _checkpoint_label(active_checkpoint) if active_checkpoint else embedder.version
         extra.insert(0, (label, embedder))
     for position, (label, embedder) in enumerate(extra):
+        token.check()
         start = time.perf_counter()
         if position == 0 and record.embedder_version is not None:
             vectors, ids = load_vectors(
                 ctx.db, collection_id=record.id, embedder_version=record.embedder_version
             )
         else:
-            vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
+            each = cost.per_image(ctx, embedder=embedder, collection_id=record.id, measure=False)
+            vectors, ids = embed_collection(
+                ctx,
+                collection=record,
+                embedder=embedder,
+                progress=checking(progress, token),
+                batch_size=cost.batch_size(each.seconds, largest=ctx.settings.embed_batch_size),
+            )
         rows.append(
             _score(
                 ctx,
@@ -112,9 +126,22 @@ def evaluate(
                 db_ids=ids,
                 collection_id=record.id,
                 start=start,
+                token=token,
             )
         )
     return rows
+
+
+def embed_checked(
+    embedder: Embedder, images: list[Image.Image], *, largest: int, token: CancelToken
+) -> np.ndarray:
+    """``embedder.embed(images)`` in batches of about half a second, checking ``token`` between."""
+    step = cost.batch_size(cost.forward_seconds(embedder, measure=False)[0], largest=largest)
+    chunks = []
+    for start in range(0, len(images), step):
+        token.check()
+        chunks.append(embedder.embed(images[start : start + step], batch_size=step))
+    return np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)
 
 
 def resolve_compare(
@@ -183,10 +210,13 @@ def _score(
     db_ids: np.ndarray,
     collection_id: int,
     start: float,
+    token: CancelToken = NEVER,
 ) -> dict[str, Any]:
     if len(db_ids) == 0:
         raise InvalidRequest("the collection has no embedded images to evaluate")
-    query_vectors = embedder.embed(query_set.images, batch_size=ctx.settings.embed_batch_size)
+    query_vectors = embed_checked(
+        embedder, query_set.images, largest=ctx.settings.embed_batch_size, token=token
+    )
     db_labels = _labels_of(ctx, collection_id=collection_id, ids=db_ids)
     if len(db_labels) and not np.isin(query_set.labels, db_labels).any():
         shown = ", ".join(sorted(set(query_set.labels.tolist()))[:10])
@@ -194,19 +224,13 @@ def _score(
             f"none of the labels of {query_set.name} ({shown}) occur in this collection, so every "
             "result would count as wrong; evaluate with queries labelled like the collection"
         )
-    metrics = evaluate_retrieval(
+    metrics, curve = _ranked(
         query_vectors=query_vectors,
         query_labels=query_set.labels,
         db_vectors=db_vectors,
         db_labels=db_labels,
         k=min(10, len(db_ids)),  # P@10 of a collection under 10 images: of all of them
-    )
-    curve = precision_recall_curve(
-        query_vectors=query_vectors,
-        query_labels=query_set.labels,
-        db_vectors=db_vectors,
-        db_labels=db_labels,
-        levels=11,
+        token=token,
     )
     return {
         "embedder": label,
@@ -221,6 +245,43 @@ def _score(
         },
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def _ranked(
+    *,
+    query_vectors: np.ndarray,
+    query_labels: np.ndarray,
+    db_vectors: np.ndarray,
+    db_labels: np.ndarray,
+    k: int,
+    token: CancelToken,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``evaluate_retrieval`` and the 11-level ``precision_recall_curve`` over chunks of queries of
+    about half a second, ``token`` checked between; both are means over queries, so each chunk's
+    mean counts by its number of queries."""
+    step = max(64, cost.batch_size(len(db_vectors) * cost.PAIR_S, largest=len(query_vectors)))
+    sums = {"p_at_10": 0.0, "map_at_10": 0.0, "map_all": 0.0}
+    precision = np.zeros(11, dtype=np.float64)
+    recall = [i / 10 for i in range(11)]
+    total = 0
+    for start in range(0, len(query_vectors), step):
+        token.check()
+        queries, labels = query_vectors[start : start + step], query_labels[start : start + step]
+        metrics = evaluate_retrieval(
+            query_vectors=queries, query_labels=labels, db_vectors=db_vectors, db_labels=db_labels, k=k
+        )
+        curve = precision_recall_curve(
+            query_vectors=queries, query_labels=labels, db_vectors=db_vectors, db_labels=db_labels, levels=11
+        )
+        count = int(metrics["queries"])
+        for key in sums:
+            sums[key] += float(metrics[key]) * count
+        precision += np.asarray(curve["precision"], dtype=np.float64) * count
+        recall = list(curve["recall"])
+        total += count
+    means: dict[str, float] = {key: value / max(total, 1) for key, value in sums.items()}
+    means["queries"] = total
+    return means, {"recall": recall, "precision": (precision / max(total, 1)).tolist()}
 
 
 # -- in the background, cached -----------------------------------------------------------------
@@ -258,6 +319,8 @@ class EvaluationRunner:
         self._running: dict[EvaluationRequest, datetime] = {}
         self._failures: dict[str, dict[str, Any]] = {}
         self._threads: list[threading.Thread] = []
+        self._stopping = CancelToken()  # set at shutdown: every run stops at its next check
+        self._tokens: dict[EvaluationRequest, CancelToken] = {}
 
     def folder(self, collection: str) -> Path:
         return self.ctx.settings.data_dir / "evaluations" / collection
@@ -265,8 +328,11 @@ class EvaluationRunner:
     def start(
         self, *, collection: str, queries: str, limit: int | None, compare: tuple[str, ...]
     ) -> EvaluationRequest:
-        """Check the request now (404/422 at once), then evaluate in the background; a request
-        already running is not started twice."""
+        """Check the request now (404/422 at once; 422 over_budget when estimated over
+        CBIR_JOB_COST_BUDGET_S), then evaluate in the background; a request already running is
+        not started twice."""
+        from app.services.evaluate_plan import plan_evaluation  # it builds on this module
+
         if queries not in query_sets():
             raise InvalidRequest(f"unknown query set {queries[:40]!r}; known: {', '.join(query_sets())}")
         if limit is not None and limit < 1:
@@ -276,16 +342,33 @@ class EvaluationRunner:
             for spec in compare:
                 resolve_compare(self.ctx, session=session, collection=record, spec=spec)
         request = EvaluationRequest(collection, queries, limit, tuple(dict.fromkeys(compare)))
+        plan_evaluation(
+            self.ctx, collection=collection, queries=queries, embedders=request.compare, limit=limit
+        ).require(job=True)
         with self._lock:
             if request in self._running:
                 return request
             self._running[request] = utcnow()
+            self._tokens[request] = CancelToken(parent=self._stopping)
             thread = threading.Thread(
                 target=self._run, args=(request,), name=f"cbir-eval-{collection}", daemon=True
             )
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
         return request
+
+    def cancel(self, collection: str) -> int:
+        """Stop the collection's runs in progress (at their next check); how many were asked to."""
+        with self._lock:
+            tokens = [token for request, token in self._tokens.items() if request.collection == collection]
+        for token in tokens:
+            token.cancel("cancelled by a request")
+        return len(tokens)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every run at its next check (within about a second) and wait for them."""
+        self._stopping.cancel("the service is shutting down")
+        self.wait(timeout)
 
     def wait(self, timeout: float = 300.0) -> None:
         """Wait for running evaluations to end (tests and shutdown)."""
@@ -299,12 +382,15 @@ class EvaluationRunner:
             with self.ctx.db.session() as session:
                 record = require_collection(session, request.collection)
             version = record.embedder_version
+            with self._lock:
+                token = self._tokens[request]
             rows = evaluate(
                 self.ctx,
                 collection=request.collection,
                 queries=request.queries,
                 compare=request.compare,
                 limit=request.limit,
+                token=token,
             )
             result = {
                 "collection": request.collection,
@@ -321,9 +407,11 @@ class EvaluationRunner:
             with self._lock:
                 self._failures.pop(request.collection, None)
         except Exception as exc:  # reported on the page; never kills the service
-            if not isinstance(exc, InvalidRequest):
+            if isinstance(exc, InvalidRequest | Cancelled):
+                detail = exc.detail
+            else:
                 log.exception("evaluation of %s failed", request.collection)
-            detail = exc.detail if isinstance(exc, InvalidRequest) else f"{type(exc).__name__}: {exc}"
+                detail = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self._failures[request.collection] = {
                     **request.describe(),
@@ -333,6 +421,7 @@ class EvaluationRunner:
         finally:
             with self._lock:
                 self._running.pop(request, None)
+                self._tokens.pop(request, None)
 
     def status(self, collection: str) -> EvaluationStatus:
         with self.ctx.db.session() as session:

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from app.cancel import NEVER, CancelToken, checking
 from app.context import AppContext
 from app.embedders import validate_embedder_name
 from app.errors import InvalidRequest
 from app.indexes import load_vectors
 from app.records import CollectionRecord, ImageRecord
+from app.services import cost
 from app.services.collections import checkpoint_of, require_collection
 from app.services.training import Progress, embed_collection
 from index.metrics import evaluate_groundtruth
@@ -152,6 +154,7 @@ def evaluate_with_groundtruth(
     qe: Sequence[int] | None = None,
     qe_alpha: float | None = None,
     progress: Progress | None = None,
+    token: CancelToken = NEVER,
 ) -> list[dict[str, Any]]:
     """One row per (embedder, whitening dim, QE depth); 0 means no whitening / no expansion.
 
@@ -159,6 +162,7 @@ def evaluate_with_groundtruth(
     when it serves whitened codes, the network's codes computed afresh (whitening is a row
     setting here). Any other spec embeds the collection on the fly (nothing is stored) and
     reports its images per second. ``qe``/``qe_alpha`` default to the collection's search options.
+    ``token`` is checked between batches and rows (Cancelled once it is set).
     """
     with ctx.db.session() as session:
         record = require_collection(session, collection)
@@ -169,11 +173,13 @@ def evaluate_with_groundtruth(
     specs = [validate_embedder_name(spec) for spec in embedders] or [record.embedder]
     rows = []
     for spec in specs:
+        token.check()
         vectors, ids, speed = _vectors(
-            ctx, record=record, spec=spec, checkpoint=checkpoint, progress=progress
+            ctx, record=record, spec=spec, checkpoint=checkpoint, progress=progress, token=token
         )
         truth = match_groundtruth(ctx, collection_id=record.id, ids=ids, data=groundtruth)
         for dim in whiten:
+            token.check()
             started = time.perf_counter()
             if dim < 0:
                 raise InvalidRequest(f"whiten must be 0 (off) or a number of dims, got {dim}")
@@ -188,6 +194,7 @@ def evaluate_with_groundtruth(
                 projected = vectors
             entries = projected[truth.rows]
             for depth in qe:
+                token.check()
                 scores = rank_scores(entries, queries=truth.queries, qe=depth, qe_alpha=qe_alpha)
                 metrics = evaluate_groundtruth(scores=scores, relevant=truth.relevant, k=10)
                 rows.append(
@@ -210,7 +217,13 @@ def evaluate_with_groundtruth(
 
 
 def _vectors(
-    ctx: AppContext, *, record: CollectionRecord, spec: str, checkpoint: Any, progress: Progress | None
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    spec: str,
+    checkpoint: Any,
+    progress: Progress | None,
+    token: CancelToken,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     whitened = checkpoint is not None and (checkpoint.config or {}).get("kind") == "whitening"
     if spec == record.embedder and record.embedder_version is not None and not whitened:
@@ -222,6 +235,14 @@ def _vectors(
         )
     embedder = ctx.embedders.get(spec)
     started = time.perf_counter()
-    vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
+
+    each = cost.per_image(ctx, embedder=embedder, collection_id=record.id, measure=False).seconds
+    vectors, ids = embed_collection(
+        ctx,
+        collection=record,
+        embedder=embedder,
+        progress=checking(progress, token),
+        batch_size=cost.batch_size(each, largest=ctx.settings.embed_batch_size),
+    )
     seconds = time.perf_counter() - started
     return vectors, ids, round(len(ids) / seconds, 1) if seconds > 0 and len(ids) else None

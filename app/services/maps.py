@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from app.context import AppContext
 from app.errors import InvalidRequest
-from app.records import ImageRecord
+from app.records import CollectionRecord, ImageRecord
+from app.services import cost
 from app.services.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
 from app.services.search import served_collection
 from index import id_checksum
@@ -63,6 +64,7 @@ def collection_map(ctx: AppContext, *, collection: str, sample: int, method: str
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
+    _check_budget(ctx, record=record, sample=len(chosen), method=method)
     vectors = stored_vectors(ctx, record, chosen)
     variance: list[float] | None = None
     if method == "umap" and len(chosen) > 2:
@@ -88,6 +90,31 @@ def collection_map(ctx: AppContext, *, collection: str, sample: int, method: str
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return result
+
+
+def _terms(*, dim: int, method: str) -> tuple[float, float]:
+    """(fixed seconds, seconds per point) of a map."""
+    if method == "umap":
+        return 0.0, cost.ROW_READ_S + cost.UMAP_S
+    # PCA: the (d, d) covariance of the rows, then its eigenvectors
+    return 4 * dim**3 * cost.FLOP_S, cost.ROW_READ_S + dim * dim * cost.FLOP_S
+
+
+def _check_budget(ctx: AppContext, *, record: CollectionRecord, sample: int, method: str) -> None:
+    """OverBudget (naming the sample that fits) when the map would take longer than the budget."""
+    index = ctx.indexes.get(record)
+    fixed, each = _terms(dim=index.dim if index is not None else 0, method=method)
+    budget = ctx.settings.sync_cost_budget_s
+    if fixed + sample * each <= budget:
+        return
+    fits = cost.largest_fitting(budget, fixed=fixed, each=each)
+    cheaper = (
+        f"ask for a smaller sample (sample={fits} fits)"
+        if fits
+        else f"not even a sample of 1 fits: raise {cost.SYNC}"
+    )
+    found = cost.plain(fixed + sample * each, f"{method} of {sample:,} codes")
+    raise cost.over(f"the map of {record.name!r}", found, budget=budget, setting=cost.SYNC, cheaper=cheaper)
 
 
 __all__ = ["CollectionMap", "MapPoint", "available_methods", "collection_map"]

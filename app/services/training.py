@@ -133,13 +133,22 @@ def train_cdae(
 
 
 def embed_collection(
-    ctx: AppContext, *, collection: CollectionRecord, embedder: Embedder, progress: Progress | None = None
+    ctx: AppContext,
+    *,
+    collection: CollectionRecord,
+    embedder: Embedder,
+    progress: Progress | None = None,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every image of a collection: ((n, d) float32 unit rows, (n,) int64 ids)."""
+    """Embed every image of a collection: ((n, d) float32 unit rows, (n,) int64 ids).
+
+    ``progress`` is called after every ``batch_size`` images (default: 1024 decoded at a time);
+    it may raise to stop the work (a cancellation token's check)."""
     total = collection_size(ctx, collection.id)
     all_ids: list[int] = []
     chunks: list[np.ndarray] = []
-    for ids, images, _ in iter_collection_images(ctx, collection_id=collection.id):
+    step = batch_size or 1024
+    for ids, images, _ in iter_collection_images(ctx, collection_id=collection.id, batch_size=step):
         chunks.append(embedder.embed_prepared([embedder.preprocess(image) for image in images]))
         all_ids.extend(ids)
         if progress:

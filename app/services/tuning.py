@@ -6,16 +6,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from app.cancel import CancelToken, checking
 from app.context import AppContext
 from app.errors import InvalidRequest
 from app.indexes import load_vectors
 from app.records import CheckpointRecord, CollectionRecord
-from app.services import evaluation
-from app.services import groundtruth as gt
+from app.services import cost
 from app.services.collections import checkpoint_of, require_collection
-from app.services.training import Progress, activate_checkpoint, embed_collection
+from app.services.training import Progress, activate_checkpoint, collection_size, embed_collection
 from index.rerank import DEFAULT_SHRINKAGE, fit_whitening
 from models import registry
+from models.base import Embedder
 from models.whitened import save_whitening, whitened_version
 
 MAX_QE = 20
@@ -63,20 +64,18 @@ def whiten_collection(
 ) -> CheckpointRecord:
     """Fit a PCA-whitening to ``dim`` dims on the collection's own codes, record it as a checkpoint
     and serve it (the index is rebuilt from the whitened codes; queries are whitened the same way)."""
-    with ctx.db.session() as session:
-        record = require_collection(session, collection)
-        checkpoint = checkpoint_of(session, record)
-    if registry.get_spec(record.embedder).trainable:
-        raise InvalidRequest(
-            f"whitening applies to pretrained embedders; {record.embedder!r} is trained on the collection"
-        )
-    if not 0.0 <= shrinkage <= 1.0:
-        raise InvalidRequest(f"shrinkage must be between 0 and 1, got {shrinkage}")
-    base = ctx.embedders.get(record.embedder)
+    record, checkpoint, base = _whitening_base(ctx, collection=collection, shrinkage=shrinkage)
     if checkpoint is None and record.embedder_version == base.version:
         raw, ids = load_vectors(ctx.db, collection_id=record.id, embedder_version=base.version)
     else:  # the served codes are whitened already: start again from the network's own
-        raw, ids = embed_collection(ctx, collection=record, embedder=base, progress=progress)
+        each = cost.per_image(ctx, embedder=base, collection_id=record.id, measure=False).seconds
+        raw, ids = embed_collection(
+            ctx,
+            collection=record,
+            embedder=base,
+            progress=progress,
+            batch_size=cost.batch_size(each, largest=ctx.settings.embed_batch_size),
+        )
     if not 1 <= dim <= min(len(raw), base.dim):
         raise InvalidRequest(
             f"whitening to {dim} dims needs at least {dim} images and {dim}-d codes "
@@ -112,32 +111,62 @@ def whiten_collection(
     return stored
 
 
-def evaluate_request(
-    ctx: AppContext,
-    *,
-    collection: str,
-    queries: str | None,
-    groundtruth: dict[str, list[str]] | None,
-    embedders: tuple[str, ...],
-    whiten: tuple[int, ...],
-    qe: tuple[int, ...],
-    qe_alpha: float | None,
-    limit: int | None,
-) -> list[dict[str, Any]]:
-    """What `cbir eval` does, for the API: ground truth or a labelled query set, not both."""
-    if (queries is None) == (groundtruth is None):
-        raise InvalidRequest("give either queries (a labelled query set) or groundtruth, not both")
-    if groundtruth is not None:
-        return gt.evaluate_with_groundtruth(
-            ctx,
-            collection=collection,
-            groundtruth=gt.check_groundtruth(groundtruth),
-            embedders=embedders,
-            whiten=whiten or (0,),
-            qe=qe,
-            qe_alpha=qe_alpha,
+def _whitening_base(
+    ctx: AppContext, *, collection: str, shrinkage: float
+) -> tuple[CollectionRecord, CheckpointRecord | None, Embedder]:
+    """The collection, its checkpoint and the network whose codes are whitened (422 when none)."""
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoint = checkpoint_of(session, record)
+    if registry.get_spec(record.embedder).trainable:
+        raise InvalidRequest(
+            f"whitening applies to pretrained embedders; {record.embedder!r} is trained on the collection"
         )
-    if any(whiten) or any(qe):
-        raise InvalidRequest("whiten and qe are evaluated with a groundtruth")
-    assert queries is not None
-    return evaluation.evaluate(ctx, collection=collection, queries=queries, compare=embedders, limit=limit)
+    if not 0.0 <= shrinkage <= 1.0:
+        raise InvalidRequest(f"shrinkage must be between 0 and 1, got {shrinkage}")
+    return record, checkpoint, ctx.embedders.get(record.embedder)
+
+
+def whitening_cost(ctx: AppContext, *, collection: str, dim: int, shrinkage: float) -> cost.Estimate:
+    """The estimated seconds of ``whiten_collection``: re-embedding when the served codes are
+    whitened already, the fit, storing and indexing the whitened codes; 422 over_budget beyond
+    CBIR_JOB_COST_BUDGET_S."""
+    record, checkpoint, base = _whitening_base(ctx, collection=collection, shrinkage=shrinkage)
+    images = collection_size(ctx, record.id)
+    reembed = not (checkpoint is None and record.embedder_version == base.version)
+    fitted = min(images, WHITENING_SAMPLE)
+
+    def build(measure: bool) -> cost.Estimate:
+        read = (
+            cost.embedding(ctx, embedder=base, collection_id=record.id, images=images, measure=measure)
+            if reembed
+            else cost.plain(images * cost.ROW_READ_S)
+        )
+        fit = cost.plain((fitted * base.dim * base.dim + 4 * base.dim**3) * cost.FLOP_S)
+        return (
+            read
+            + fit
+            + cost.plain(images * cost.ROW_WRITE_S, f"{images:,} whitened codes stored and indexed")
+        )
+
+    settings = ctx.settings
+    found = cost.estimate(build, budget=min(settings.sync_cost_budget_s, settings.job_cost_budget_s))
+    if found.seconds > settings.job_cost_budget_s:
+        raise cost.over(
+            f"whitening {record.name!r}",
+            found,
+            budget=settings.job_cost_budget_s,
+            setting=cost.JOB,
+            cheaper="whiten while the collection serves its network's own codes (nothing to re-embed)",
+        )
+    return found
+
+
+def whitening_job(
+    ctx: AppContext, *, collection: str, dim: int, shrinkage: float, token: CancelToken
+) -> dict[str, Any]:
+    """``whiten_collection`` as a job's work: stops at the next batch once ``token`` is set."""
+    saved = whiten_collection(
+        ctx, collection=collection, dim=dim, shrinkage=shrinkage, progress=checking(None, token)
+    )
+    return {"collection": collection, "checkpoint_id": saved.id, "version": saved.version}
