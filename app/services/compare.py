@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.cancel import NEVER, CancelToken
 from app.context import AppContext
@@ -25,6 +26,8 @@ from app.errors import ImageNotFound, InvalidRequest
 from app.imaging import decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services import cost
+from app.services.codes import degenerate_codes
+from app.services.decoding import decoding
 from app.services.evaluation import resolve_compare
 from app.services.images import get_image
 from app.services.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
@@ -83,8 +86,9 @@ def compare(
     _check_budget(ctx, record=record, own=own, other=other, label=other_label, ids=ids)
     token.check()
     if data is not None:
-        image = decode_image(data, limits=ctx.limits).image
-        own_query = own.embed_prepared([own.preprocess(image)])
+        with decoding(ctx, data) as decoded:
+            image = decoded.image
+            own_query = _query_code(own, image, label=own.name)
     else:
         assert image_id is not None
         stored = get_image(ctx, image_id)
@@ -104,7 +108,7 @@ def compare(
     left.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
 
     start = time.perf_counter()
-    other_query = other.embed_prepared([other.preprocess(image)])
+    other_query = _query_code(other, image, label=other_label)
     codes = _sample_codes(ctx, record=record, embedder=other, ids=ids, token=token)
     right = _nearest(ctx, vectors=codes, ids=ids, query=other_query, k=k, exclude=image_id)
     right.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
@@ -121,6 +125,14 @@ def compare(
             Side(other_label, "computed for this comparison", _named(right, record.name, image_id)),
         ],
     )
+
+
+def _query_code(embedder: Embedder, image: Image.Image, *, label: str) -> np.ndarray:
+    """(1, d) code of the query under ``embedder``; 422 degenerate_image when it has none."""
+    code = embedder.embed_prepared([embedder.preprocess(image)])
+    if errors := degenerate_codes(code, embedder=label, query=True):
+        raise errors[0]
+    return code
 
 
 def _named(result: SearchResult, collection: str, image_id: int | None) -> SearchResult:
