@@ -22,7 +22,7 @@ from PIL import Image
 
 from app.cancel import NEVER, CancelToken
 from app.context import AppContext
-from app.errors import ImageNotFound, InvalidRequest
+from app.errors import DegenerateImage, ImageNotFound, InvalidRequest
 from app.imaging import decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services import cost
@@ -100,6 +100,12 @@ def compare(
         own_query = stored_vectors(ctx, record, np.asarray([image_id], dtype=np.int64))
         if own_query.shape[0] != 1 or own_query.size == 0:
             raise ImageNotFound(f"image {image_id} has no stored code yet")
+        if not _served(all_ids, image_id):
+            # A stored row its index set aside (zero, NaN, another dimension: see /ready).
+            raise DegenerateImage(
+                f"image {image_id} has a stored code its index refused (listed in /api/v1/ready); "
+                "it cannot be a query until it is re-embedded or deleted"
+            )
 
     start = time.perf_counter()
     left = _nearest(
@@ -125,6 +131,12 @@ def compare(
             Side(other_label, "computed for this comparison", _named(right, record.name, image_id)),
         ],
     )
+
+
+def _served(ids: np.ndarray, image_id: int) -> bool:
+    """Whether ``image_id`` is among ``ids`` (int64, ascending: the served index's)."""
+    at = int(np.searchsorted(ids, image_id))
+    return at < len(ids) and int(ids[at]) == image_id
 
 
 def _query_code(embedder: Embedder, image: Image.Image, *, label: str) -> np.ndarray:

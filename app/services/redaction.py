@@ -21,18 +21,26 @@ _TRAILING = "'\"`)]}>,.;:!"
 
 
 def redact_url(url: str) -> str:
-    """``url`` without user-info, query or fragment: ``https://u:p@host/a.jpg?sig=1`` ->
-    ``https://host/a.jpg?…``. Works on malformed URLs too (it never raises): the part before the
+    """``url`` without user-info, query, path parameters or fragment: ``https://u:p@host/a.jpg?sig=1``
+    -> ``https://host/a.jpg?…``. Works on malformed URLs too (it never raises): the part before the
     first ``/`` after the scheme is taken as the host, up to its last ``@``, and a port that is not
     a number (``user:password`` with its ``@`` lost) is hidden as well."""
-    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    # Leading blanks or junk before the scheme must not hide where the authority starts (the
+    # fetcher may strip them and still send the password): take the first "://" when there is one.
+    url = url.lstrip()
+    cut = min((i for i in (url.find("?"), url.find("#"), url.find(";")) if i >= 0), default=len(url))
     head, tail = url[:cut], url[cut:]
     scheme = _SCHEME.match(head)
-    start = scheme.end() if scheme else 0
+    separator = head.find("://")
+    start = separator + 1 if separator >= 0 else scheme.end() if scheme else 0
     while start < len(head) and head[start] in "/\\":
         start += 1
+    # Everything up to the last "@" goes: a password may hold "/" (then no parser agrees on where
+    # the host starts), and a path that holds "@" only loses its display.
+    if (at := head.rfind("@", start)) >= 0:
+        head = head[:start] + head[at + 1 :]
     end = next((i for i in range(start, len(head)) if head[i] in "/\\"), len(head))
-    host = _hide_port(head[start:end].rpartition("@")[2])
+    host = _hide_port(head[start:end])
     return head[:start] + host + head[end:] + (tail[0] + MARK if tail else "")
 
 
