@@ -86,6 +86,12 @@ class DecodeBudget:
     def peak(self) -> int:
         return self._peak
 
+    @property
+    def waiting(self) -> int:
+        """How many acquisitions are queued now (tests poll it rather than sleep)."""
+        with self._changed:
+            return len(self._queue)
+
     def acquire(
         self, nbytes: int, *, timeout: float | None, stopped: Callable[[], bool] | None = None
     ) -> int | None:

@@ -142,6 +142,13 @@ def header_mode(data: bytes, *, image_format: str) -> str | None:
     return None
 
 
+def jpeg_draft_scale(*, width: int, height: int, side: int) -> int:
+    """The scale Pillow's JPEG ``draft`` picks to reach at least ``side`` x ``side`` (what a
+    thumbnail asks for): the largest of 8, 4, 2, 1 that leaves both sides at least ``side``."""
+    most = min(width // side, height // side) if side > 0 else 1
+    return next(scale for scale in reversed(JPEG_SCALES) if scale <= max(1, most))
+
+
 def fit_scale(*, image_format: str, mode: str, width: int, height: int, max_bytes: int) -> int | None:
     """The smallest decode scale whose estimate fits ``max_bytes`` (1 for a full decode); None
     when none does. Only JPEG can be decoded at a reduced scale."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from PIL import ExifTags, GifImagePlugin, Image, ImageColor, SpiderImagePlugin, UnidentifiedImageError
 
-from app.decode_cost import DecodeCost, fit_scale, header_mode, jpeg_frame, peak_bytes
+from app.decode_cost import JPEG_SCALES, DecodeCost, fit_scale, header_mode, jpeg_frame, peak_bytes
 from app.errors import (
     EmptyUpload,
     ImageRejected,
@@ -96,6 +96,10 @@ class ImageLimits:
     background: tuple[int, int, int] = (255, 255, 255)
     # Estimated peak bytes of decoding one image (app/decode_cost.py); None: no cap.
     max_decode_bytes: int | None = None
+    # False for a file already stored: the cap then only chooses a JPEG's reduced scale (1/8 where
+    # none fits); anything else is decoded whole (app.services.decoding.decoding_stored holds the
+    # budget for it).
+    refuse_over_decode_bytes: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
@@ -386,6 +390,8 @@ def _fit(*, image_format: str, mode: str, width: int, height: int, limits: Image
     if cap is None or full.nbytes <= cap:
         return full
     scale = fit_scale(image_format=image_format, mode=mode, width=width, height=height, max_bytes=cap)
+    if scale is None and not limits.refuse_over_decode_bytes:  # stored: the cheapest decode there is
+        scale = JPEG_SCALES[-1] if image_format == "JPEG" else 1
     if scale is None:
         raise ImageTooLarge(
             f"{full.describe()} to decode; the limit is {cap} bytes (CBIR_MAX_DECODE_BYTES, at most "
@@ -457,7 +463,8 @@ def _decode_flat(
         try:
             if scale > 1:
                 image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
-                if image.size == (width, height):  # the decoder cannot reduce this file
+                # The decoder cannot reduce this file: refused, or (stored) decoded whole.
+                if image.size == (width, height) and limits.refuse_over_decode_bytes:
                     raise ImageTooLarge(
                         f"the image needs more than {limits.max_decode_bytes} bytes to decode "
                         "(CBIR_MAX_DECODE_BYTES) and cannot be decoded at a reduced scale"

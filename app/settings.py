@@ -48,12 +48,13 @@ class Settings(BaseSettings):
     max_side: int = Field(16_384, ge=1)
     # Frames an animated file may declare (only the first is ever decoded).
     max_frames: int = Field(1000, ge=1)
-    # Decode memory, estimated from the header (app/decode_cost.py): an image needing more than
-    # max_decode_bytes is a 413 image_too_large (a JPEG is first decoded at 1/2, 1/4 or 1/8 scale
-    # where that fits); 0: 768 MiB, which every image within the default pixel caps fits. Uploads,
-    # searches and imports reserve their estimate from decode_memory_budget_bytes, shared by the
-    # process (0: a quarter of the memory, at most 512 MiB per core); a request waits up to
-    # decode_budget_wait_s for it, then gets 503 overloaded (Retry-After); an import waits.
+    # Decode memory, estimated from the header (app/decode_cost.py): new input (an upload, a
+    # search, an import member) needing more than max_decode_bytes is a 413 image_too_large (a JPEG
+    # is first decoded at 1/2, 1/4 or 1/8 scale where that fits); 0: 768 MiB, which every image
+    # within the default pixel caps fits. A stored file is never refused for its bytes. Every
+    # decode reserves its estimate from decode_memory_budget_bytes, shared by the process (0: a
+    # quarter of the memory, at most 512 MiB per core; a stored file over it waits for all of it);
+    # a request waits up to decode_budget_wait_s, then gets 503 overloaded (Retry-After); a job waits.
     max_decode_bytes: int = Field(0, ge=0)
     decode_memory_budget_bytes: int = Field(0, ge=0)
     decode_budget_wait_s: float = Field(2.0, ge=0)
@@ -209,8 +210,8 @@ class Settings(BaseSettings):
 
     @property
     def decode_bytes_cap(self) -> int:
-        """CBIR_MAX_DECODE_BYTES (768 MiB when 0), never above the budget: an image the budget
-        can never hold is refused, not queued forever."""
+        """CBIR_MAX_DECODE_BYTES (768 MiB when 0), never above the budget: new input the budget
+        can never hold is refused, not queued forever (a stored file waits for the whole budget)."""
         return min(self.max_decode_bytes or DEFAULT_MAX_DECODE_BYTES, self.decode_budget_bytes)
 
     @property

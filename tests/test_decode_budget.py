@@ -8,6 +8,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from app import decode_cost
 from app.decode_budget import DecodeBudget, default_budget
-from app.decode_cost import header_mode, peak_bytes
+from app.decode_cost import header_mode, jpeg_draft_scale, peak_bytes
 from app.errors import DecodeMemoryFull, ImageTooLarge
 from app.imaging import ImageLimits, decode_image, plan_decode
 from app.settings import Settings
@@ -106,29 +107,62 @@ def test_png_over_the_byte_cap_is_refused_before_any_pixel_is_decoded():
         plan_decode(data, limits=ImageLimits(max_decode_bytes=100))
 
 
+def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a slow machine only
+    makes it poll longer)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.005)
+
+
+def test_a_stored_file_over_the_byte_cap_is_decoded_a_jpeg_still_at_a_reduced_scale():
+    stored = ImageLimits(max_decode_bytes=100, refuse_over_decode_bytes=False)
+    data = SAMPLES["png-RGBA16"]
+    plan = plan_decode(data, limits=stored)
+    assert plan is not None and plan.scale == 1 and plan.nbytes > 100
+    assert decode_image(data, limits=stored).image.size == (9, 7)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(600, 800, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(pixels), "JPEG")
+    full = peak_bytes(image_format="JPEG", mode="RGB", width=800, height=600)
+    stored = ImageLimits(max_decode_bytes=full // 3, refuse_over_decode_bytes=False)
+    assert decode_image(jpeg, limits=stored).image.size == (400, 300)  # as a search would decode it
+    tiny_cap = ImageLimits(max_decode_bytes=full // 100, refuse_over_decode_bytes=False)
+    assert decode_image(jpeg, limits=tiny_cap).image.size == (100, 75)  # 1/8, the most there is
+
+
+@pytest.mark.parametrize("side", [16, 64, 100, 128, 256, 900])
+def test_jpeg_draft_scale_is_the_scale_pillow_drafts_a_thumbnail_at(side: int):
+    data = encode(Image.new("RGB", (800, 600)), "JPEG")
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (side, side))
+        drafted = image.size
+    scale = jpeg_draft_scale(width=800, height=600, side=side)
+    assert drafted == (-(-800 // scale), -(-600 // scale))
+
+
 def test_budget_is_first_come_first_served_and_never_over_capacity():
     budget = DecodeBudget(10)
     assert budget.acquire(6, timeout=0) == 6
     order: list[str] = []
 
     def take(name: str, nbytes: int) -> None:
-        got = budget.acquire(nbytes, timeout=5)
-        order.append(name)
-        time.sleep(0.05)
+        got = budget.acquire(nbytes, timeout=10)
+        order.append(name)  # before the release: 8 + 3 never fit together, so no one overtakes it
         budget.release(got or 0)
 
     large = threading.Thread(target=take, args=("large", 8))
     large.start()
-    time.sleep(0.1)  # the large one waits first
-    small = threading.Thread(target=take, args=("small", 2))
+    wait_until(lambda: budget.waiting == 1)  # the large one waits first
+    small = threading.Thread(target=take, args=("small", 3))
     small.start()
-    time.sleep(0.1)
-    assert order == []  # the small one fits, but waits its turn behind the large one
+    wait_until(lambda: budget.waiting == 2)
+    assert order == []  # the small one fits beside the 6, but waits its turn behind the large one
     budget.release(6)
-    large.join(5)
-    small.join(5)
+    large.join(10)
+    small.join(10)
     assert order == ["large", "small"]
-    assert budget.reserved == 0 and budget.peak <= budget.capacity
+    assert budget.reserved == 0 and budget.waiting == 0 and budget.peak <= budget.capacity
 
 
 def test_budget_times_out_stops_and_clamps():

@@ -7,6 +7,15 @@ for a re-embedding under the write lock). A request that finds the budget full w
 CBIR_DECODE_BUDGET_WAIT_S, then gets 503 overloaded; an import waits until there is room or it
 stops. Nothing waits for the budget while holding the write lock: a request holding a reservation
 may be waiting for that lock.
+
+CBIR_MAX_DECODE_BYTES guards new input (uploads, searches, imports). A file the store already holds
+(re-embedding, training, evaluation, thumbnails, compare) was accepted under the settings of its
+day and stays decodable under a smaller cap (a smaller host, a smaller budget): it goes through
+``decoding_stored``, which never refuses it for its bytes. A JPEG is still decoded at the reduced
+scale the cap asks for (as a search with the same bytes is; 1/8 where none fits); anything else is
+decoded whole, holding its estimate, or the whole budget when the estimate is larger: such a file
+waits until it has the budget to itself (a request for it, 503 overloaded after
+CBIR_DECODE_BUDGET_WAIT_S).
 """
 
 from __future__ import annotations
@@ -15,17 +24,18 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from app.context import AppContext
-from app.decode_cost import DecodeCost
-from app.errors import CbirError
+from app.decode_cost import DecodeCost, jpeg_draft_scale, peak_bytes
+from app.errors import CbirError, ImageTooLarge
 from app.faults import delay_point
-from app.imaging import DecodedImage, decode_image, plan_decode
+from app.imaging import DecodedImage, ImageLimits, decode_image, plan_decode
 
 
 class DecodeStopped(Exception):
-    """An import stopped while its decode waited for room in the budget."""
+    """An import or a job stopped while its decode waited for room in the budget."""
 
 
 def _reservation(ctx: AppContext, plan: DecodeCost | None) -> int:
@@ -57,21 +67,55 @@ def acquire_for_import(ctx: AppContext, nbytes: int, *, stopped: Callable[[], bo
     DecodeStopped when ``stopped()`` turns true first."""
     got = ctx.decode_budget.acquire(nbytes, timeout=None, stopped=stopped)
     if got is None:
-        raise DecodeStopped("the import stopped while waiting for decode memory")
+        raise DecodeStopped("the work stopped while waiting for decode memory")
     return got
+
+
+def never_stopped() -> bool:
+    """The stop flag of work that waits for the budget as long as it takes (training, evaluation)."""
+    return False
+
+
+def stored_limits(ctx: AppContext) -> ImageLimits:
+    """The caps for a file the store holds: the pixel caps, and CBIR_MAX_DECODE_BYTES only as the
+    choice of a JPEG's reduced scale, never as a refusal."""
+    return replace(ctx.limits, refuse_over_decode_bytes=False)
 
 
 @contextmanager
 def decoding(
     ctx: AppContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
 ) -> Iterator[DecodedImage]:
-    """Decode ``data`` holding its reservation for the block (preprocess inside it).
+    """Decode new input ``data`` holding its reservation for the block (preprocess inside it).
 
     A request (``stopped`` None) waits CBIR_DECODE_BUDGET_WAIT_S at most (503 overloaded); an
     import passes its stop flag and waits. The caps (413) are checked before anything is reserved.
     ``budget=False`` reserves nothing: for a decode under the write lock, which must not wait.
     """
-    limits = ctx.limits
+    with _decoding(ctx, data, limits=ctx.limits, stopped=stopped, budget=budget) as decoded:
+        yield decoded
+
+
+@contextmanager
+def decoding_stored(
+    ctx: AppContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
+) -> Iterator[DecodedImage]:
+    """Decode a stored file as ``decoding`` does, never refused by CBIR_MAX_DECODE_BYTES (see the
+    module docstring). A request (``stopped`` None) still waits CBIR_DECODE_BUDGET_WAIT_S at most;
+    a job passes its stop flag (or ``never_stopped``) and waits its turn."""
+    with _decoding(ctx, data, limits=stored_limits(ctx), stopped=stopped, budget=budget) as decoded:
+        yield decoded
+
+
+@contextmanager
+def _decoding(
+    ctx: AppContext,
+    data: bytes,
+    *,
+    limits: ImageLimits,
+    stopped: Callable[[], bool] | None,
+    budget: bool,
+) -> Iterator[DecodedImage]:
     plan = plan_decode(data, limits=limits)
     nbytes = _reservation(ctx, plan) if budget else 0
     if stopped is None:
@@ -87,6 +131,28 @@ def decoding(
         yield decoded
     finally:
         ctx.decode_budget.release(got)
+
+
+@contextmanager
+def reserved_for_thumbnail(ctx: AppContext, data: bytes, *, side: int) -> Iterator[None]:
+    """Hold the decode memory of a stored file's thumbnail (a JPEG is drafted to about ``side``
+    pixels, anything else decoded whole) for a request: 503 overloaded when the budget stays full
+    for CBIR_DECODE_BUDGET_WAIT_S. Never refused by the byte cap, as ``decoding_stored``."""
+    try:
+        plan = plan_decode(data, limits=stored_limits(ctx))
+    except ImageTooLarge:
+        plan = None  # over pixel caps lowered since it was stored: count it as the largest image
+    if plan is None:
+        nbytes = ctx.decode_budget.capacity
+    else:
+        scale = (
+            jpeg_draft_scale(width=plan.width, height=plan.height, side=side) if plan.format == "JPEG" else 1
+        )
+        nbytes = peak_bytes(
+            image_format=plan.format, mode=plan.mode, width=plan.width, height=plan.height, scale=scale
+        )
+    with ctx.decode_budget.reserve(nbytes, wait_s=ctx.settings.decode_budget_wait_s):
+        yield
 
 
 class ChunkHold:

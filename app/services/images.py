@@ -15,7 +15,7 @@ from app.errors import ImageNotFound
 from app.faults import crash_point
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import _delete_unreferenced_files
-from app.services.decoding import reserved_for_request
+from app.services.decoding import reserved_for_thumbnail
 from app.services.ingest import WRITE_LOCK
 from app.storage import EXTENSIONS, MEDIA_TYPES, storage_fault, write_atomic
 
@@ -75,8 +75,9 @@ def thumbnail(ctx: AppContext, image_id: int, *, size: int) -> tuple[Path, str]:
     if not path.exists():
         source, _ = image_file(ctx, image_id)
         data = source.read_bytes()
-        # Within the decode memory budget, as uploads and searches (503 overloaded when it is full).
-        with reserved_for_request(ctx, [data]), Image.open(io.BytesIO(data)) as image:
+        # Within the decode memory budget (503 overloaded when it stays full); a stored file is
+        # never refused for its bytes, whatever CBIR_MAX_DECODE_BYTES is now.
+        with reserved_for_thumbnail(ctx, data, side=size), Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (size, size))
             image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
             image.thumbnail((size, size))

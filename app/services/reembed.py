@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,9 +22,9 @@ from sqlalchemy import delete, func, select, update
 from app.context import AppContext
 from app.embedders import validate_embedder_name
 from app.errors import CbirError, Conflict, InvalidRequest
-from app.imaging import decode_image
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, JobRecord, utcnow
 from app.services.collections import require_collection
+from app.services.decoding import DecodeStopped, decoding_stored, never_stopped
 from app.services.ingest import WRITE_LOCK, store_vectors
 from models import registry
 from models.base import Embedder
@@ -83,10 +84,19 @@ def _missing(session: Any, *, collection_id: int, version: str, limit: int) -> l
     ).all()
 
 
-def _embed_rows(ctx: AppContext, embedder: Embedder, rows: list[Any], pool: ThreadPoolExecutor) -> np.ndarray:
+def _embed_rows(
+    ctx: AppContext,
+    embedder: Embedder,
+    rows: list[Any],
+    pool: ThreadPoolExecutor,
+    *,
+    stopped: Callable[[], bool],
+    budget: bool,
+) -> np.ndarray:
     def prepare(row: Any) -> Any:
-        image = decode_image(ctx.store.read(row.sha256, row.format), limits=ctx.limits).image
-        return embedder.preprocess(image)
+        data = ctx.store.read(row.sha256, row.format)
+        with decoding_stored(ctx, data, stopped=stopped, budget=budget) as decoded:
+            return embedder.preprocess(decoded.image)
 
     prepared = list(pool.map(prepare, rows))
     return embedder.embed_prepared(prepared)
@@ -116,7 +126,10 @@ def run_reembed(
                 rows = _missing(session, collection_id=record.id, version=version, limit=BATCH)
             if not rows:
                 break
-            embedded = _embed_batch(ctx, embedder, rows, pool)
+            try:
+                embedded = _embed_batch(ctx, embedder, rows, pool, stopped=should_stop, budget=True)
+            except DecodeStopped:
+                return False  # stopped while waiting for decode memory: as any other stop
             with ctx.db.transaction() as session:
                 _store(session, embedded, spec=spec, version=version)
                 session.execute(
@@ -133,16 +146,24 @@ def run_reembed(
 
 
 def _embed_batch(
-    ctx: AppContext, embedder: Embedder, rows: list[Any], pool: ThreadPoolExecutor
+    ctx: AppContext,
+    embedder: Embedder,
+    rows: list[Any],
+    pool: ThreadPoolExecutor,
+    *,
+    stopped: Callable[[], bool],
+    budget: bool,
 ) -> list[tuple[int, np.ndarray]]:
     """(image id, vector) per row. A stored file that no longer decodes (changed or lost on disk)
-    fails the job, naming the image: the collection keeps serving its old vectors."""
+    fails the job, naming the image: the collection keeps serving its old vectors. Its size never
+    does: a stored file is decoded whatever CBIR_MAX_DECODE_BYTES is now (``decoding_stored``).
+    ``budget=False`` reserves no decode memory: under the write lock, which must not wait for it."""
     try:
-        vectors = _embed_rows(ctx, embedder, rows, pool)
+        vectors = _embed_rows(ctx, embedder, rows, pool, stopped=stopped, budget=budget)
     except (CbirError, OSError):
         for row in rows:  # find the culprit
             try:
-                _embed_rows(ctx, embedder, [row], pool)
+                _embed_rows(ctx, embedder, [row], pool, stopped=stopped, budget=budget)
             except (CbirError, OSError) as exc:
                 raise StoredFileUnreadable(
                     f"the stored file of image {row.id} cannot be read or decoded ({exc}); restore it "
@@ -176,9 +197,8 @@ def _switch(ctx: AppContext, *, collection: str, spec: str, embedder: Embedder) 
                 while rows := _missing(
                     session, collection_id=record.id, version=embedder.version, limit=BATCH
                 ):
-                    _store(
-                        session, _embed_batch(ctx, embedder, rows, pool), spec=spec, version=embedder.version
-                    )
+                    embedded = _embed_batch(ctx, embedder, rows, pool, stopped=never_stopped, budget=False)
+                    _store(session, embedded, spec=spec, version=embedder.version)
                     session.flush()
             live = session.get(CollectionRecord, record.id)
             assert live is not None

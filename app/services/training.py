@@ -15,9 +15,9 @@ from sqlalchemy import delete, select
 
 from app.context import AppContext
 from app.errors import InvalidRequest
-from app.imaging import decode_image
 from app.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services.collections import require_collection
+from app.services.decoding import decoding_stored, never_stopped
 from app.services.ingest import WRITE_LOCK, store_vectors
 from models import cdae, registry
 from models.base import Embedder
@@ -30,7 +30,11 @@ Progress = Callable[[int, int], None]  # (done, total)
 def iter_collection_images(
     ctx: AppContext, *, collection_id: int, batch_size: int = 1024
 ) -> Iterator[tuple[list[int], list[Image.Image], list[dict[str, Any]]]]:
-    """Decoded images of a collection in id order, in batches: (ids, images, metadata)."""
+    """Decoded images of a collection in id order, in batches: (ids, images, metadata).
+
+    Each decode waits for its room in the decode memory budget, as long as it takes, and is never
+    refused for its size (``decoding_stored``). The room is held while the file decodes, its peak;
+    the flat images a batch keeps are not counted (a batch of them may be larger than the budget)."""
     with ctx.db.session() as session:
         rows = session.execute(
             select(ImageRecord.id, ImageRecord.sha256, ImageRecord.format, ImageRecord.meta)
@@ -39,7 +43,8 @@ def iter_collection_images(
         ).all()
 
     def load(row: Any) -> Image.Image:
-        return decode_image(ctx.store.read(row.sha256, row.format), limits=ctx.limits).image
+        with decoding_stored(ctx, ctx.store.read(row.sha256, row.format), stopped=never_stopped) as decoded:
+            return decoded.image
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(rows), batch_size):
@@ -232,7 +237,10 @@ def _embed_stragglers(ctx: AppContext, *, session: Any, collection_id: int, embe
     ).all()
     if not rows:
         return
-    images = [decode_image(ctx.store.read(r.sha256, r.format), limits=ctx.limits).image for r in rows]
+    images = []
+    for r in rows:  # no decode memory reserved: nothing waits for the budget under the write lock
+        with decoding_stored(ctx, ctx.store.read(r.sha256, r.format), budget=False) as decoded:
+            images.append(decoded.image)
     vectors = embedder.embed(images)
     store_vectors(
         session,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -20,8 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from app import faults
+from app.context import open_context
 from app.main import create_app
+from app.services import decoding as decoding_service
+from app.services import ingest as ingest_service
+from app.services.collections import get_collection
+from app.services.training import train_cdae
 from app.settings import Settings
 from tests.api.helpers import assert_problem
 
@@ -68,15 +73,55 @@ def budget_of(client: TestClient):  # noqa: ANN201 - the app's DecodeBudget
     return client.app.state.context.decode_budget  # type: ignore[attr-defined]
 
 
+def wait_for_job(client: TestClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (job := client.get(f"{API}/jobs/{job_id}").json())["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+class Gate:
+    """Holds every request that reaches one of the delay points (``decode``: a search's decode,
+    holding its reservation; ``store_batch``: an upload's write, holding its reservation) until
+    ``open()``: the tests decide when reservations are given back, rather than sleep and hope."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self.holding = 0
+
+    def point(self, name: str) -> None:
+        if name not in ("decode", "store_batch"):
+            return
+        with self._lock:
+            self.holding += 1
+        try:
+            assert self._open.wait(60), "the test never opened the gate"
+        finally:
+            with self._lock:
+                self.holding -= 1
+
+    def open(self) -> None:
+        self._open.set()
+
+
 @pytest.fixture
-def slow_decodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each budgeted decode holds its reservation 0.5 s longer (the ``decode`` fault seam), so that
-    concurrent requests overlap for sure."""
-    monkeypatch.setenv(faults.DELAY_ENV, "decode:0.5")
-    faults.reset()
-    yield
-    monkeypatch.delenv(faults.DELAY_ENV)
-    faults.reset()
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    held = Gate()
+    monkeypatch.setattr(decoding_service, "delay_point", held.point)
+    monkeypatch.setattr(ingest_service, "delay_point", held.point)
+    yield held
+    held.open()  # a failed test must not leave a request held
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a slow machine only makes
+    it poll longer)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def small_budget(settings: Settings, **update: object) -> Settings:
@@ -104,48 +149,46 @@ def test_image_over_the_decode_byte_cap_is_a_413_within_the_pixel_caps(
     assert upload(client, "shapes", small).status_code == 201
 
 
-def test_concurrent_large_searches_beyond_the_budget_get_a_quick_503_overloaded(
-    slow_decodes: None, client_for: Callable[..., TestClient], settings: Settings
+def test_a_large_search_while_the_budget_is_held_gets_a_quick_503_overloaded(
+    gate: Gate, client_for: Callable[..., TestClient], settings: Settings
 ):
     client = client_for(small_budget(settings))
     client.post(f"{API}/collections", json={"name": "shapes", "embedder": "tiny"})
     big = png16_rgba(SIDE, SIDE)
-
-    def timed(_: int) -> tuple[float, int, object]:
-        began = time.perf_counter()
-        response = search(client, "shapes", big)
-        return time.perf_counter() - began, response.status_code, response
-
-    with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(timed, range(4)))
-    served = [o for o in outcomes if o[1] == 200]
-    refused = [o for o in outcomes if o[1] != 200]
-    assert len(served) >= 1 and len(refused) >= 1, [o[1] for o in outcomes]
-    for seconds, _, response in refused:
-        assert_problem(response, 503, "overloaded")  # type: ignore[arg-type]
-        assert response.headers["Retry-After"] == "1"  # type: ignore[attr-defined]
-        assert seconds < 2.0  # waited decode_budget_wait_s (0.2 s), not for the other decodes
     budget = budget_of(client)
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(search, client, "shapes", big)
+        wait_until(lambda: gate.holding == 1)  # decoded, holding its reservation
+        # Answered while the first decode still holds the budget: it waited decode_budget_wait_s
+        # (0.2 s), not for the other decode.
+        refused = search(client, "shapes", big)
+        assert_problem(refused, 503, "overloaded")
+        assert refused.headers["Retry-After"] == "1"
+        gate.open()
+        assert first.result(timeout=60).status_code == 200
     assert budget.peak <= budget.capacity == 12 * MIB
-    assert budget.reserved == 0
+    assert budget.reserved == 0 and budget.waiting == 0
 
 
 def test_concurrent_large_uploads_within_the_wait_are_served_one_after_another(
-    slow_decodes: None, client_for: Callable[..., TestClient], settings: Settings
+    gate: Gate, client_for: Callable[..., TestClient], settings: Settings
 ):
-    client = client_for(small_budget(settings, decode_budget_wait_s=30.0))
+    client = client_for(small_budget(settings, decode_budget_wait_s=60.0))
     client.post(f"{API}/collections", json={"name": "shapes", "embedder": "tiny"})
     images = [png16_rgba(SIDE, SIDE, seed=i + 1) for i in range(3)]
+    budget = budget_of(client)
 
     with ThreadPoolExecutor(3) as pool:
-        codes = list(
-            pool.map(lambda i: upload(client, "shapes", images[i], f"{i}.png").status_code, range(3))
-        )
+        futures = [pool.submit(upload, client, "shapes", images[i], f"{i}.png") for i in range(3)]
+        # One upload holds its reservation while it is written; the other two wait their turn.
+        wait_until(lambda: gate.holding == 1 and budget.waiting == 2)
+        gate.open()
+        codes = [future.result(timeout=60).status_code for future in futures]
     assert codes == [201, 201, 201]
-    budget = budget_of(client)
     # One decode's estimate at a time: two never fitted in the budget together.
     assert 0 < budget.peak <= budget.capacity < 2 * budget.peak
-    assert budget.reserved == 0
+    assert budget.reserved == 0 and budget.waiting == 0
 
 
 def test_failed_decodes_give_their_reservation_back(
@@ -182,14 +225,65 @@ def test_archive_import_of_large_images_waits_for_the_budget_and_stores_them_all
         f"{API}/collections/shapes/imports", files={"file": ("big.zip", out.getvalue(), "application/zip")}
     )
     assert response.status_code == 202, response.text
-    job_id = response.json()["job_id"]
-    deadline = time.monotonic() + 60
-    while (job := client.get(f"{API}/jobs/{job_id}").json())["state"] not in ("succeeded", "failed"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
+    job = wait_for_job(client, response.json()["job_id"])
     assert (job["state"], job["added"], job["failed"]) == ("succeeded", 4, 1), job
     budget = budget_of(client)
     assert 0 < budget.peak <= budget.capacity and budget.reserved == 0
+
+
+def stored_before_a_smaller_budget(settings: Settings, *, embedder: str) -> tuple[int, bytes]:
+    """A collection "shapes" holding one 1024x1024 16-bit RGBA PNG (about 9 MiB to decode) and a
+    small image, stored under the default settings; returns the large image's id and bytes."""
+    big = png16_rgba(SIDE, SIDE, seed=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert (
+            client.post(f"{API}/collections", json={"name": "shapes", "embedder": embedder}).status_code
+            == 201
+        )
+        response = upload(client, "shapes", big, "big.png")
+        assert response.status_code == 201, response.text
+        assert upload(client, "shapes", png16_rgba(64, 64, seed=2), "small.png").status_code == 201
+        return response.json()["id"], big
+
+
+def test_a_stored_image_over_a_smaller_decode_cap_still_reembeds_and_renders_its_thumbnail(
+    client_for: Callable[..., TestClient], settings: Settings
+):
+    # Stored on a large host, served on a small one: the cap (at most the budget, a quarter of the
+    # memory by default) is now below the stored image's estimate.
+    image_id, big = stored_before_a_smaller_budget(settings, embedder="tiny")
+    client = client_for(settings.model_copy(update={"decode_memory_budget_bytes": 4 * MIB}))
+    budget = budget_of(client)
+    assert budget.capacity == 4 * MIB
+    # New input is still capped...
+    assert_problem(search(client, "shapes", big), 413, "image_too_large")
+    assert budget.peak == 0
+    # ...a stored file is not: it waits for the whole budget and decodes.
+    thumb = client.get(f"{API}/images/{image_id}/thumbnail", params={"size": 64})
+    assert thumb.status_code == 200, thumb.text
+    assert thumb.headers["content-type"] == "image/webp"
+    assert budget.peak == budget.capacity and budget.reserved == 0
+
+    response = client.put(f"{API}/collections/shapes/embedder", json={"embedder": "pixels"})
+    assert response.status_code == 202, response.text
+    job = wait_for_job(client, response.json()["job_id"])
+    assert (job["state"], job["done"]) == ("succeeded", 2), job
+    info = client.get(f"{API}/collections/shapes").json()
+    assert info["embedder"] == "pixels" and info["image_count"] == info["index_size"] == 2
+    assert budget.peak == budget.capacity and budget.reserved == 0
+
+
+def test_training_decodes_stored_images_over_a_smaller_decode_cap(settings: Settings):
+    stored_before_a_smaller_budget(settings, embedder="cdae")
+    small = settings.model_copy(update={"decode_memory_budget_bytes": 4 * MIB})
+    ctx = open_context(small)
+    try:
+        checkpoint = train_cdae(ctx, collection="shapes", epochs=1, preset="tutorial")
+        info = get_collection(ctx, "shapes")
+        assert info.embedder_version == checkpoint.version and info.index_size == 2
+        assert ctx.decode_budget.peak == ctx.decode_budget.capacity and ctx.decode_budget.reserved == 0
+    finally:
+        ctx.close()
 
 
 @pytest.fixture
