@@ -23,11 +23,10 @@ from PIL import Image
 from app.cancel import NEVER, CancelToken
 from app.context import AppContext
 from app.errors import DegenerateImage, ImageNotFound, InvalidRequest
-from app.imaging import decode_image
 from app.records import CollectionRecord, ImageRecord
 from app.services import cost
 from app.services.codes import degenerate_codes
-from app.services.decoding import decoding
+from app.services.decoding import DecodeStopped, decoding, decoding_stored
 from app.services.evaluation import resolve_compare
 from app.services.images import get_image
 from app.services.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
@@ -86,17 +85,15 @@ def compare(
     _check_budget(ctx, record=record, own=own, other=other, label=other_label, ids=ids)
     token.check()
     if data is not None:
+        # Both sides' inputs are prepared while the decode holds its reservation.
         with decoding(ctx, data) as decoded:
-            image = decoded.image
-            own_query = _query_code(own, image, label=own.name)
+            own_query = _query_code(own, decoded.image, label=own.name)
+            other_query = _query_code(other, decoded.image, label=other_label)
     else:
         assert image_id is not None
         stored = get_image(ctx, image_id)
         if stored.collection != record.name:
             raise ImageNotFound(f"image {image_id} is not in collection {collection!r}")
-        image = decode_image(
-            ctx.store.read(stored.record.sha256, stored.record.format), limits=ctx.limits
-        ).image
         own_query = stored_vectors(ctx, record, np.asarray([image_id], dtype=np.int64))
         if own_query.shape[0] != 1 or own_query.size == 0:
             raise ImageNotFound(f"image {image_id} has no stored code yet")
@@ -106,6 +103,8 @@ def compare(
                 f"image {image_id} has a stored code its index refused (listed in /api/v1/ready); "
                 "it cannot be a query until it is re-embedded or deleted"
             )
+        with decoding_stored(ctx, ctx.store.read(stored.record.sha256, stored.record.format)) as decoded:
+            other_query = _query_code(other, decoded.image, label=other_label)
 
     start = time.perf_counter()
     left = _nearest(
@@ -114,7 +113,6 @@ def compare(
     left.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
 
     start = time.perf_counter()
-    other_query = _query_code(other, image, label=other_label)
     codes = _sample_codes(ctx, record=record, embedder=other, ids=ids, token=token)
     right = _nearest(ctx, vectors=codes, ids=ids, query=other_query, k=k, exclude=image_id)
     right.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
@@ -240,8 +238,9 @@ def _sample_codes(
 
     def load(image_id: int) -> torch.Tensor:
         row = rows[image_id]
-        image = decode_image(ctx.store.read(row.sha256, row.format), limits=ctx.limits).image
-        return embedder.preprocess(image)
+        data = ctx.store.read(row.sha256, row.format)
+        with decoding_stored(ctx, data, stopped=lambda: token.cancelled) as decoded:
+            return embedder.preprocess(decoded.image)
 
     chunks = []
     each = cost.per_image(ctx, embedder=embedder, collection_id=record.id, measure=False).seconds
@@ -249,7 +248,11 @@ def _sample_codes(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(ids), batch):
             token.check()
-            tensors = list(pool.map(load, [int(i) for i in ids[start : start + batch]]))
+            try:
+                tensors = list(pool.map(load, [int(i) for i in ids[start : start + batch]]))
+            except DecodeStopped:
+                token.check()  # the token stopped the wait for decode memory: Cancelled
+                raise
             chunks.append(embedder.embed_prepared(tensors))
     codes = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)
     with _CACHE_LOCK:
