@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from app import faults
+from app.cost_cache import CostCache
 from app.db import Database
 from app.decode_budget import DecodeBudget
 from app.embedders import EmbedderCache, validate_embedder_name
@@ -30,6 +31,8 @@ class AppContext:
     device: torch.device
     # Bytes that decodes in progress may hold at once (CBIR_DECODE_MEMORY_BUDGET_BYTES).
     decode_budget: DecodeBudget
+    # Embedders' measured speeds and collections' mean pixel counts, for cost estimates.
+    costs: CostCache
 
     @property
     def limits(self) -> ImageLimits:
@@ -76,6 +79,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
         ),
         device=device,
         decode_budget=DecodeBudget(settings.decode_budget_bytes),
+        costs=CostCache(),
     )
     if not read_only:
         _remove_unfinished_writes(context)

@@ -43,8 +43,9 @@ CRASH_POINTS = (
     "after_db_tombstone_before_remove_ids",
 )
 # A background index build; each write batch; each budgeted decode, while it holds its
-# reservation (app/services/decoding.py).
-DELAY_POINTS = ("index_build", "store_batch", "decode")
+# reservation (app/services/decoding.py); each look at a cancellation token, between two batches
+# of costly work (compare, evaluation, whitening: app/cancel.py).
+DELAY_POINTS = ("index_build", "store_batch", "decode", "cancel_check")
 
 FAIL_ENV = "CBIR_FAULT_FAIL_AT"
 FAIL_POINTS = ("labels",)  # GET /api/v1/collections/{name}/labels

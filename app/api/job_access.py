@@ -1,11 +1,12 @@
-"""What a caller may see of a job.
+"""What a caller may see and do of a job.
 
 - Server paths (folder, IDX, Holidays and manifest imports) are shown to admin keys only, as
   starting those imports needs one (``CBIR_AUTH=off`` shows them to everyone); others see the
   import root the path lies under.
-- A job's details (per-item errors, report, events) need the scope of the key that started it
-  (``creator`` in its parameters; jobs started without a key, or before creators were recorded,
-  are anonymous) while keys are enforced. Below that scope a job shows its state and counters.
+- A job's details (per-item errors, report, events), and cancelling it, need the scope of the key
+  that started it (``creator`` in its parameters; jobs started without a key, or before creators
+  were recorded, are anonymous) while keys are enforced. Below that scope a job shows its state
+  and counters. The page's background evaluations keep their creator the same way.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def creator(request: Request) -> str:
 
 
 def creator_scope(record: JobRecord) -> Scope | None:
-    name = (record.params or {}).get("creator", ANONYMOUS)
-    return Scope.__members__.get(name) if name != ANONYMOUS else None
+    return scope_named((record.params or {}).get("creator", ANONYMOUS))
+
+
+def scope_named(creator: str) -> Scope | None:
+    """The scope a recorded ``creator`` names; None for anonymous work."""
+    return Scope.__members__.get(creator) if creator != ANONYMOUS else None
 
 
 def viewer(request: Request, *, roots: Mapping[str, Path]) -> Viewer:
@@ -62,7 +67,13 @@ def viewer(request: Request, *, roots: Mapping[str, Path]) -> Viewer:
 
 
 def require_details(request: Request, record: JobRecord, *, what: str) -> None:
-    """Raise Unauthorized or Forbidden unless the caller has the scope of the job's creator."""
-    needed = creator_scope(record)
+    """Raise Unauthorized or Forbidden unless the caller has the scope of the job's creator (its
+    details, or cancelling it)."""
+    require_creator(request, (record.params or {}).get("creator", ANONYMOUS), what=what)
+
+
+def require_creator(request: Request, creator: str, *, what: str) -> None:
+    """Raise Unauthorized or Forbidden unless the caller has the scope ``creator`` names."""
+    needed = scope_named(creator)
     if needed is not None:
         security.require(request, needed, what=what)

@@ -19,9 +19,18 @@ MEDIA_TYPE = "application/problem+json"
 
 
 def problem(
-    *, status: int, title: str, detail: str, code: str, headers: dict[str, str] | None = None
+    *,
+    status: int,
+    title: str,
+    detail: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    """``extra``: extension members (RFC 9457 section 3.2) a client can act on, e.g. the sample
+    that fits of an ``over_budget``; they never replace the standard members."""
+    body = {**(extra or {}), "type": "about:blank", "title": title, "status": status, "detail": detail}
+    body["code"] = code
     # nosniff here too: a 500 is sent from outside every middleware (app/api/headers.py).
     headers = {"X-Content-Type-Options": "nosniff", **(headers or {})}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
@@ -39,7 +48,9 @@ def _render(exc: CbirError) -> JSONResponse:
     headers = {"Retry-After": "5"} if exc.status == 503 else None
     if getattr(exc, "headers", None):  # e.g. WWW-Authenticate of a 401, Retry-After of a 429
         headers = {**(headers or {}), **exc.headers}  # type: ignore[attr-defined]
-    return problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
+    return problem(
+        status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers, extra=exc.extra
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from app.api import security
+from app.api import job_access, security
 from app.api.deps import MAX_ID, ContextDep, FilterDep, JobsDep, TasksDep
 from app.api.presenters import collection_out, image_out, map_out
 from app.api.schemas import (
@@ -58,14 +58,16 @@ def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> Col
     response_model=JobAccepted,
     openapi_extra=security.ADMIN,
 )
-def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: JobsDep) -> JobAccepted:
+def change_embedder(
+    name: str, body: EmbedderChange, request: Request, ctx: ContextDep, runner: JobsDep
+) -> JobAccepted:
     """Re-embed every image with another pretrained embedder in a background job, then switch;
     searches use the old vectors until the new ones are complete (409 if it serves it already,
     422 for a trainable embedder: `cbir train` re-embeds with its checkpoint)."""
     from app.services.reembed import check_reembed
 
     spec, _ = check_reembed(ctx, collection=name, embedder=body.embedder)
-    job_id = runner.submit_reembed(collection=name, spec=spec)
+    job_id = runner.submit_reembed(collection=name, spec=spec, creator=job_access.creator(request))
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
@@ -75,7 +77,9 @@ def change_embedder(name: str, body: EmbedderChange, ctx: ContextDep, runner: Jo
     responses={202: {"model": JobAccepted, "description": "over CBIR_SYNC_COST_BUDGET_S: a job"}},
     openapi_extra=security.ADMIN,
 )
-def whiten(name: str, body: WhiteningIn, ctx: ContextDep, tasks: TasksDep) -> CollectionOut | JSONResponse:
+def whiten(
+    name: str, body: WhiteningIn, request: Request, ctx: ContextDep, tasks: TasksDep
+) -> CollectionOut | JSONResponse:
     """Fit a PCA-whitening on the collection's codes and serve the whitened codes (pretrained
     embedders; the index is rebuilt, searches keep using the old codes until it is). Estimated
     over CBIR_SYNC_COST_BUDGET_S (re-embedding a collection that serves whitened codes): a job."""
@@ -88,6 +92,7 @@ def whiten(name: str, body: WhiteningIn, ctx: ContextDep, tasks: TasksDep) -> Co
         collection=name,
         params={"dim": body.dim, "shrinkage": body.shrinkage, "estimate_s": round(found.seconds, 1)},
         work=partial(tuning.whitening_job, ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage),
+        creator=job_access.creator(request),
     )
     accepted = JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
     return JSONResponse(accepted.model_dump(), status_code=status.HTTP_202_ACCEPTED)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from app.api import job_access
 from app.api.deps import ContextDep, EvaluationsDep, TasksDep
 from app.api.disconnect import run_cancellable
 from app.api.presenters import evaluation_out
@@ -36,18 +37,26 @@ def get_evaluation(name: str, ctx: ContextDep, runner: EvaluationsDep) -> Evalua
     "/collections/{name}/evaluation", status_code=status.HTTP_202_ACCEPTED, response_model=EvaluationOut
 )
 def start_evaluation(
-    name: str, body: EvaluationStart, ctx: ContextDep, runner: EvaluationsDep
+    name: str, body: EvaluationStart, request: Request, ctx: ContextDep, runner: EvaluationsDep
 ) -> EvaluationOut:
     """Evaluate in the background (tens of seconds for 10,000 queries on a CPU); poll the GET.
     422 ``over_budget`` when estimated over CBIR_JOB_COST_BUDGET_S."""
-    runner.start(collection=name, queries=body.queries, limit=body.limit, compare=tuple(body.compare))
+    runner.start(
+        collection=name,
+        queries=body.queries,
+        limit=body.limit,
+        compare=tuple(body.compare),
+        creator=job_access.creator(request),
+    )
     return _out(ctx, runner, name)
 
 
 @router.delete("/collections/{name}/evaluation", response_model=EvaluationOut)
-def stop_evaluation(name: str, ctx: ContextDep, runner: EvaluationsDep) -> EvaluationOut:
+def stop_evaluation(name: str, request: Request, ctx: ContextDep, runner: EvaluationsDep) -> EvaluationOut:
     """Stop the collection's background evaluations in progress (within about a second); the
-    cached results stay."""
+    cached results stay. Needs the scope of the keys that started them."""
+    for creator in runner.creators(name):
+        job_access.require_creator(request, creator, what=f"stopping the evaluations of {name!r}")
     runner.cancel(name)
     return _out(ctx, runner, name)
 
@@ -88,6 +97,7 @@ async def evaluate(
         collection=name,
         params=plan.describe(),
         work=partial(evaluation_result, ctx, plan=plan),
+        creator=job_access.creator(request),
     )
     accepted = JobAccepted(
         job_id=job_id,

@@ -4,7 +4,7 @@ import asyncio
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -23,9 +23,12 @@ from app.services.collections import get_collection
 from app.services.keys import Scope
 from app.services.redaction import scrub_report
 from app.services.sources import MAX_MANIFEST_BYTES, Limits, in_root
+from app.services.tasks import KINDS as TASK_KINDS
 from app.services.url_source import check_urls
 
 router = APIRouter(tags=["imports"])
+# Imports and embedder switches (app/services/jobs.py), evaluations and whitening (tasks.py).
+JobKind = Literal["import", "reembed", "evaluate", "whiten"]
 
 IMPORT_BODY = {
     "requestBody": {
@@ -179,11 +182,12 @@ def list_jobs(
     ctx: ContextDep,
     collection: str | None = Query(None, description="only this collection's jobs"),
     state: str | None = Query(None, description="queued, running, succeeded or failed"),
+    kind: Annotated[list[JobKind] | None, Query(description="only jobs of these kinds (repeatable)")] = None,
     limit: int = Query(20, ge=1, le=200),
     errors: int = Query(20, ge=0, le=1000, description="per-item errors shown per job (GET /jobs/{id}: all)"),
 ) -> JobList:
     """The newest jobs first."""
-    infos = jobs.list_jobs(ctx, collection=collection, state=state, limit=limit)
+    infos = jobs.list_jobs(ctx, collection=collection, state=state, kinds=list(kind or ()), limit=limit)
     viewer = _viewer(request, ctx)
     return JobList(jobs=[job_out(info, viewer=viewer, max_errors=errors) for info in infos])
 
@@ -202,8 +206,11 @@ def _viewer(request: Request, ctx: AppContext) -> job_access.Viewer:
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, request: Request, ctx: ContextDep, runner: JobsDep, tasks: TasksDep) -> JobOut:
     """Stop a queued or running import after its current batch (what it stored stays), or an
-    evaluate or whiten job within about a second; 409 when it has already ended."""
-    info = tasks.cancel(job_id) if tasks.owns(job_id) else runner.cancel(job_id)
+    evaluate or whiten job within about a second; 409 when it has already ended. Needs the scope
+    of the key that started the job."""
+    record = jobs.get_job(ctx, job_id).record  # 404 for an unknown job
+    job_access.require_details(request, record, what=f"cancelling job {job_id}")
+    info = tasks.cancel(job_id) if record.kind in TASK_KINDS else runner.cancel(job_id)
     return job_out(info, viewer=_viewer(request, ctx))
 
 

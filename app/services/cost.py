@@ -3,8 +3,9 @@
 An estimate is images to embed x seconds per image, plus terms for reading stored vectors,
 ranking and fitting. Seconds per image = decoding (from the stored images' mean pixel count) +
 the embedder's forward pass, measured once per embedder version and device on a few blank images
-and cached for the process; until measured, a conservative built-in figure stands in, and a
-request that figure would refuse is measured first, so nothing is refused on a guess.
+and kept by the service (``ctx.costs``, app/cost_cache.py); until measured, a conservative
+built-in figure stands in, and a request that figure would refuse is measured first, so nothing
+is refused on a guess.
 
 Within CBIR_SYNC_COST_BUDGET_S work is done in the request; over it the caller refuses (compare,
 map: 422 over_budget, naming what fits) or starts a job (evaluate, whitening), which must fit
@@ -13,7 +14,6 @@ CBIR_JOB_COST_BUDGET_S.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,12 +44,6 @@ BATCH_S = 0.5  # a batch of work between two cancellation checks lasts about thi
 SYNC = "CBIR_SYNC_COST_BUDGET_S"
 JOB = "CBIR_JOB_COST_BUDGET_S"
 
-_SPEEDS: dict[tuple[str, str], float] = {}
-_SPEEDS_LOCK = threading.Lock()
-# A collection's mean pixel count, for a minute: one aggregate over its rows, not one per estimate.
-_PIXELS: dict[tuple[str, int], tuple[float, float]] = {}
-PIXELS_TTL_S = 60.0
-
 
 @dataclass(frozen=True)
 class PerImage:
@@ -71,11 +65,10 @@ class Estimate:
 NOTHING = Estimate(0.0, True, "")
 
 
-def forward_seconds(embedder: Embedder, *, measure: bool) -> tuple[float, bool]:
+def forward_seconds(ctx: AppContext, *, embedder: Embedder, measure: bool) -> tuple[float, bool]:
     """The embedder's seconds per image (forward pass and preprocessing), and whether measured."""
     key = (embedder.version, str(embedder.device))
-    with _SPEEDS_LOCK:
-        known = _SPEEDS.get(key)
+    known = ctx.costs.speed(key)
     if known is not None:
         return known, True
     if not measure:
@@ -85,8 +78,7 @@ def forward_seconds(embedder: Embedder, *, measure: bool) -> tuple[float, bool]:
     started = time.perf_counter()
     embedder.embed_prepared([embedder.preprocess(blank) for _ in range(PROBE_IMAGES)])
     seconds = max((time.perf_counter() - started) / PROBE_IMAGES, 1e-6)
-    with _SPEEDS_LOCK:
-        _SPEEDS[key] = seconds
+    ctx.costs.set_speed(key, seconds)
     return seconds, True
 
 
@@ -102,27 +94,22 @@ def _builtin(embedder: Embedder) -> float:
 
 def mean_pixels(ctx: AppContext, collection_id: int) -> float:
     """The mean pixel count of a collection's stored images (0 when empty)."""
-    key = (str(ctx.settings.data_dir), collection_id)
-    with _SPEEDS_LOCK:
-        known = _PIXELS.get(key)
-    if known is not None and time.monotonic() - known[1] < PIXELS_TTL_S:
-        return known[0]
+    known = ctx.costs.pixels(collection_id)
+    if known is not None:
+        return known
     with ctx.db.session() as session:
         value = session.scalar(
             select(func.avg(ImageRecord.width * ImageRecord.height)).where(
                 ImageRecord.collection_id == collection_id
             )
         )
-    with _SPEEDS_LOCK:
-        _PIXELS[key] = (float(value or 0.0), time.monotonic())
-        if len(_PIXELS) > 1000:  # many test apps in one process: forget the oldest
-            del _PIXELS[next(iter(_PIXELS))]
+    ctx.costs.set_pixels(collection_id, float(value or 0.0))
     return float(value or 0.0)
 
 
 def per_image(ctx: AppContext, *, embedder: Embedder, collection_id: int, measure: bool) -> PerImage:
     """Seconds to decode and embed one stored image of the collection."""
-    forward, measured = forward_seconds(embedder, measure=measure)
+    forward, measured = forward_seconds(ctx, embedder=embedder, measure=measure)
     return PerImage(mean_pixels(ctx, collection_id) * DECODE_S_PER_PIXEL + forward, measured)
 
 
@@ -156,11 +143,26 @@ def estimate(build: Callable[[bool], Estimate], *, budget: float) -> Estimate:
     return build(True)
 
 
-def over(what: str, estimate_: Estimate, *, budget: float, setting: str, cheaper: str) -> OverBudget:
+def over(
+    what: str,
+    estimate_: Estimate,
+    *,
+    budget: float,
+    setting: str,
+    cheaper: str,
+    fits_sample: int | None = None,
+) -> OverBudget:
+    """The 422 ``over_budget``; its problem also carries ``estimate_s``, ``budget_s`` and, for work
+    over a sample (compare, map), ``fits_sample``: the largest sample within the budget (0: none),
+    for a client to ask again with."""
     where = "an answer now" if setting == SYNC else "a job"
+    extra: dict[str, object] = {"estimate_s": float(f"{estimate_.seconds:.3g}"), "budget_s": budget}
+    if fits_sample is not None:
+        extra["fits_sample"] = fits_sample
     return OverBudget(
         f"{what} is estimated at {seconds(estimate_.seconds)} s of work ({estimate_.detail}), over "
-        f"the {budget:g} s budget for {where} ({setting}); {cheaper}"
+        f"the {budget:g} s budget for {where} ({setting}); {cheaper}",
+        **extra,
     )
 
 

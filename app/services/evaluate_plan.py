@@ -20,6 +20,7 @@ from app.errors import InvalidRequest
 from app.services import cost, evaluation
 from app.services import groundtruth as gt
 from app.services.collections import checkpoint_of, require_collection
+from app.services.filters import label_counts
 from app.services.training import collection_size
 from models import registry
 
@@ -111,6 +112,7 @@ def plan_evaluation(
             known = ", ".join(evaluation.query_sets())
             raise InvalidRequest(f"unknown query set {queries[:40]!r}; known: {known}")
         truth = None
+        check_labels(ctx, collection=collection, queries=queries)
         build = partial(_labelled_cost, ctx, collection=collection, queries=queries, specs=specs, limit=limit)
     found = cost.estimate(build, budget=min(settings.sync_cost_budget_s, settings.job_cost_budget_s))
     return EvaluationPlan(
@@ -159,6 +161,30 @@ def evaluation_result(ctx: AppContext, *, plan: EvaluationPlan, token: CancelTok
     return {"collection": plan.collection, "results": run_evaluation(ctx, plan=plan, token=token)}
 
 
+def check_labels(ctx: AppContext, *, collection: str, queries: str) -> None:
+    """InvalidRequest unless every image of the collection has a label and some label is one the
+    queries carry: what the evaluation would find out only after its costliest part (one GROUP
+    BY over the metadata)."""
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        counts = label_counts(session, collection_id=record.id)
+    unlabelled = sum(count for label, count in counts if label is None or not label.strip())
+    if unlabelled:
+        some = "image has" if unlabelled == 1 else "images have"
+        raise InvalidRequest(
+            f"{unlabelled:,} {some} no 'label' in the metadata of collection {collection!r}: every "
+            f"image of the collection needs a 'label' to be evaluated against {queries} (same label "
+            "= relevant); label them or delete them, or evaluate with a groundtruth"
+        )
+    known = evaluation.QUERY_SET_LABELS[queries]
+    if counts and not any(label in known for label, _ in counts):
+        shown = ", ".join(sorted(known)[:10])
+        raise InvalidRequest(
+            f"none of the labels of {queries} ({shown}) occur in this collection, so every result "
+            "would count as wrong; evaluate with queries labelled like the collection"
+        )
+
+
 # -- estimates ------------------------------------------------------------------------------------
 def _labelled_cost(
     ctx: AppContext,
@@ -184,7 +210,7 @@ def _labelled_cost(
     images = collection_size(ctx, record.id)
     total = cost.NOTHING
     for embedder, stored in sides:
-        forward, measured = cost.forward_seconds(embedder, measure=measure)
+        forward, measured = cost.forward_seconds(ctx, embedder=embedder, measure=measure)
         total += cost.Estimate(count * forward, measured, f"{count:,} queries with {embedder.version}")
         if stored:
             total += cost.plain(images * cost.ROW_READ_S)

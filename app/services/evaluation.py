@@ -35,6 +35,8 @@ from models.base import Embedder
 log = logging.getLogger(__name__)
 # Images in each query set, for estimates before anything is loaded.
 QUERY_SET_SIZES = {"mnist:train": 60_000, "mnist:test": 10_000}
+# The labels each query set's images carry (the digits), for checks before anything is loaded.
+QUERY_SET_LABELS = {name: frozenset(str(digit) for digit in range(10)) for name in QUERY_SET_SIZES}
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ def _labels_of(ctx: AppContext, *, collection_id: int, ids: np.ndarray) -> np.nd
                 select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.collection_id == collection_id)
             ).all()
         )
-    labels = [str((metas.get(int(i)) or {}).get("label", "")) for i in ids]
-    if any(label == "" for label in labels):
+    found = [(metas.get(int(i)) or {}).get("label") for i in ids]
+    labels = ["" if label is None else str(label) for label in found]
+    if any(not label.strip() for label in labels):
         raise InvalidRequest("every image of the collection needs a 'label' in its metadata to be evaluated")
     return np.asarray(labels)
 
@@ -133,10 +136,11 @@ def evaluate(
 
 
 def embed_checked(
-    embedder: Embedder, images: list[Image.Image], *, largest: int, token: CancelToken
+    ctx: AppContext, *, embedder: Embedder, images: list[Image.Image], token: CancelToken
 ) -> np.ndarray:
     """``embedder.embed(images)`` in batches of about half a second, checking ``token`` between."""
-    step = cost.batch_size(cost.forward_seconds(embedder, measure=False)[0], largest=largest)
+    largest = ctx.settings.embed_batch_size
+    step = cost.batch_size(cost.forward_seconds(ctx, embedder=embedder, measure=False)[0], largest=largest)
     chunks = []
     for start in range(0, len(images), step):
         token.check()
@@ -214,9 +218,7 @@ def _score(
 ) -> dict[str, Any]:
     if len(db_ids) == 0:
         raise InvalidRequest("the collection has no embedded images to evaluate")
-    query_vectors = embed_checked(
-        embedder, query_set.images, largest=ctx.settings.embed_batch_size, token=token
-    )
+    query_vectors = embed_checked(ctx, embedder=embedder, images=query_set.images, token=token)
     db_labels = _labels_of(ctx, collection_id=collection_id, ids=db_ids)
     if len(db_labels) and not np.isin(query_set.labels, db_labels).any():
         shown = ", ".join(sorted(set(query_set.labels.tolist()))[:10])
@@ -321,12 +323,20 @@ class EvaluationRunner:
         self._threads: list[threading.Thread] = []
         self._stopping = CancelToken()  # set at shutdown: every run stops at its next check
         self._tokens: dict[EvaluationRequest, CancelToken] = {}
+        # The scope of the key that started each run (app/api/job_access.py): stopping it needs it.
+        self._creators: dict[EvaluationRequest, str] = {}
 
     def folder(self, collection: str) -> Path:
         return self.ctx.settings.data_dir / "evaluations" / collection
 
     def start(
-        self, *, collection: str, queries: str, limit: int | None, compare: tuple[str, ...]
+        self,
+        *,
+        collection: str,
+        queries: str,
+        limit: int | None,
+        compare: tuple[str, ...],
+        creator: str = "anonymous",
     ) -> EvaluationRequest:
         """Check the request now (404/422 at once; 422 over_budget when estimated over
         CBIR_JOB_COST_BUDGET_S), then evaluate in the background; a request already running is
@@ -350,12 +360,18 @@ class EvaluationRunner:
                 return request
             self._running[request] = utcnow()
             self._tokens[request] = CancelToken(parent=self._stopping)
+            self._creators[request] = creator
             thread = threading.Thread(
                 target=self._run, args=(request,), name=f"cbir-eval-{collection}", daemon=True
             )
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
         return request
+
+    def creators(self, collection: str) -> set[str]:
+        """The scopes of the keys that started the collection's runs in progress."""
+        with self._lock:
+            return {self._creators[r] for r in self._tokens if r.collection == collection}
 
     def cancel(self, collection: str) -> int:
         """Stop the collection's runs in progress (at their next check); how many were asked to."""
@@ -422,6 +438,7 @@ class EvaluationRunner:
             with self._lock:
                 self._running.pop(request, None)
                 self._tokens.pop(request, None)
+                self._creators.pop(request, None)
 
     def status(self, collection: str) -> EvaluationStatus:
         with self.ctx.db.session() as session:

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 
 from app.context import AppContext
 from app.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
-from app.records import JobRecord, utcnow
+from app.records import CollectionRecord, JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import ItemResult
 from app.services.pipeline import Pipeline
@@ -188,8 +188,6 @@ class JobRunner:
             )
 
     def _collection_name(self, collection_id: int | None) -> str | None:
-        from app.records import CollectionRecord
-
         if collection_id is None:
             return None
         with self.ctx.db.session() as session:
@@ -233,18 +231,16 @@ class JobRunner:
         self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
         return job_id
 
-    def create_reembed_job(self, *, collection: str, spec: str) -> str:
-        job_id = uuid.uuid4().hex
+    def create_reembed_job(self, *, collection: str, spec: str, creator: str = "anonymous") -> str:
+        job_id, params = uuid.uuid4().hex, {"embedder": spec, "creator": creator}
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
-            session.add(
-                JobRecord(id=job_id, collection_id=record.id, kind="reembed", params={"embedder": spec})
-            )
+            session.add(JobRecord(id=job_id, collection_id=record.id, kind="reembed", params=params))
         return job_id
 
-    def submit_reembed(self, *, collection: str, spec: str) -> str:
+    def submit_reembed(self, *, collection: str, spec: str, creator: str = "anonymous") -> str:
         """Queue the switch of a collection to another embedder (see app.services.reembed)."""
-        job_id = self.create_reembed_job(collection=collection, spec=spec)
+        job_id = self.create_reembed_job(collection=collection, spec=spec, creator=creator)
         self._executor.submit(self.run_reembed, job_id=job_id, collection=collection, spec=spec)
         return job_id
 
@@ -437,8 +433,6 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 def get_job(ctx: AppContext, job_id: str) -> JobInfo:
-    from app.records import CollectionRecord
-
     with ctx.db.session() as session:
         row = session.execute(
             select(JobRecord, CollectionRecord.name)
@@ -451,11 +445,14 @@ def get_job(ctx: AppContext, job_id: str) -> JobInfo:
 
 
 def list_jobs(
-    ctx: AppContext, *, collection: str | None = None, state: str | None = None, limit: int = 20
+    ctx: AppContext,
+    *,
+    collection: str | None = None,
+    state: str | None = None,
+    kinds: list[str] | None = None,
+    limit: int = 20,
 ) -> list[JobInfo]:
-    """The newest jobs first, optionally of one collection and in one state."""
-    from app.records import CollectionRecord
-
+    """The newest jobs first, optionally of one collection, in one state, of some kinds."""
     if state is not None and state not in JOB_STATES:
         raise InvalidRequest(f"state must be one of {', '.join(JOB_STATES)}, not {state[:40]!r}")
     with ctx.db.session() as session:
@@ -466,6 +463,8 @@ def list_jobs(
             stmt = stmt.where(JobRecord.collection_id == require_collection(session, collection).id)
         if state is not None:
             stmt = stmt.where(JobRecord.state == state)
+        if kinds:
+            stmt = stmt.where(JobRecord.kind.in_(kinds))
         rows = session.execute(stmt.order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit)).all()
     return [_job_info(record, name) for record, name in rows]
 

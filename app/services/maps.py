@@ -114,7 +114,14 @@ def _check_budget(ctx: AppContext, *, record: CollectionRecord, sample: int, met
         else f"not even a sample of 1 fits: raise {cost.SYNC}"
     )
     found = cost.plain(fixed + sample * each, f"{method} of {sample:,} codes")
-    raise cost.over(f"the map of {record.name!r}", found, budget=budget, setting=cost.SYNC, cheaper=cheaper)
+    raise cost.over(
+        f"the map of {record.name!r}",
+        found,
+        budget=budget,
+        setting=cost.SYNC,
+        cheaper=cheaper,
+        fits_sample=fits,
+    )
 
 
 __all__ = ["CollectionMap", "MapPoint", "available_methods", "collection_map"]

@@ -5,7 +5,13 @@ Each run is a row of the jobs table (kind ``evaluate`` or ``whiten``), so ``GET 
 it and ``POST /jobs/{id}/cancel`` stops it. Runs go one at a time on a thread of their own and
 check a cancellation token between batches: a cancel, or the service shutting down, stops them
 within about a second. Unlike imports they are not resumed: what they compute is cheap to ask for
-again and costly to keep half-done, so a restart marks an interrupted one failed.
+again and costly to keep half-done, so a start marks failed the runs of processes that are gone.
+
+Several replicas share the jobs table: a row records its ``owner`` (the journal file its process
+holds locked while it lives, as import jobs do), a start leaves alone the runs of live owners, a
+cancel that reaches a replica not running the job marks the row and the owner's token notices it
+(it looks at the row about once a second), and a runner never writes over a row that something
+else has ended.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.cancel import CancelToken
 from app.context import AppContext
@@ -27,12 +33,14 @@ from app.errors import Cancelled, CbirError, JobFinished, JobNotFinished, JobNot
 from app.records import JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.jobs import FINAL_STATES, JobInfo, get_job
-from app.storage import write_atomic
+from app.storage import FileJournal, write_atomic
 
 log = logging.getLogger(__name__)
 
 KINDS = ("evaluate", "whiten")
 INTERRUPTED = "interrupted by a restart or shutdown before it finished; start it again"
+LIVE = ("queued", "running")
+CANCELLED = "the job was cancelled"
 # The work, called with ``token=``: the result to keep (JSON-serialisable), or None.
 Work = Callable[..., dict[str, Any] | None]
 
@@ -52,45 +60,69 @@ class TaskRunner:
         self._thread = threading.Thread(target=self._loop, name="cbir-task", daemon=True)
         self._thread.start()
 
-    def recover(self) -> int:
-        """Mark the runs a previous process left queued or running failed; how many there were."""
-        with self.ctx.db.transaction() as session:
-            result = session.execute(
-                update(JobRecord)
-                .where(JobRecord.kind.in_(KINDS), JobRecord.state.in_(("queued", "running")))
-                .values(state="failed", error=INTERRUPTED, finished_at=utcnow())
-            )
-        return int(getattr(result, "rowcount", 0) or 0)
+    @property
+    def owner(self) -> str:
+        """This process's name in the jobs table: its journal file, locked while it lives."""
+        return self.ctx.store.journal.path.name
 
-    def submit(self, *, kind: str, collection: str, params: dict[str, Any], work: Work) -> str:
-        """Record a queued job of ``kind`` and run ``work`` in the background; its id at once."""
+    def recover(self) -> int:
+        """Mark failed the runs that processes now gone left queued or running (a live replica's,
+        and this runner's own, are left alone); how many there were."""
+        with self.ctx.db.session() as session:
+            rows = session.execute(
+                select(JobRecord.id, JobRecord.owner).where(
+                    JobRecord.kind.in_(KINDS), JobRecord.state.in_(LIVE)
+                )
+            ).all()
+        journals = self.ctx.settings.journal_dir
+        with self._lock:
+            gone = [
+                job_id
+                for job_id, owner in rows
+                if job_id not in self._tokens
+                and not (owner and owner != self.owner and FileJournal.is_held(journals / owner))
+            ]
+        for job_id in gone:
+            self._finish(job_id, state="failed", error=INTERRUPTED)
+        return len(gone)
+
+    def submit(self, *, kind: str, collection: str, params: dict[str, Any], work: Work, creator: str) -> str:
+        """Record a queued job of ``kind`` and run ``work`` in the background; its id at once.
+        ``creator``: the scope of the key that asked (app/api/job_access.py), which its cancel,
+        report and events need."""
         assert kind in KINDS
         job_id = uuid.uuid4().hex
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
-            session.add(JobRecord(id=job_id, collection_id=record.id, kind=kind, params=params))
-        token = CancelToken(parent=self._stopping)
+            session.add(
+                JobRecord(
+                    id=job_id,
+                    collection_id=record.id,
+                    kind=kind,
+                    params={**params, "creator": creator},
+                    owner=self.owner,
+                )
+            )
+        token = CancelToken(parent=self._stopping, probe=lambda: self._ended_elsewhere(job_id))
         with self._lock:
             self._tokens[job_id] = token
         self._queue.put((job_id, work, token))
         return job_id
 
-    def owns(self, job_id: str) -> bool:
-        """Whether the job is one of this runner's, queued or running."""
-        with self._lock:
-            return job_id in self._tokens
-
     def cancel(self, job_id: str) -> JobInfo:
-        """Stop a queued or running job at its next check; 409 job_finished once it has ended."""
+        """Stop a queued or running job at its next check, wherever it runs; 409 job_finished once
+        it has ended, or once it is making its result permanent."""
         info = get_job(self.ctx, job_id)
         if info.record.state in FINAL_STATES:
             raise JobFinished(f"job {job_id} has already {info.record.state}; there is nothing to cancel")
         with self._lock:
             token = self._tokens.get(job_id)
-        if token is not None:
-            token.cancel("the job was cancelled")
-        if info.record.state == "queued":  # it may be waiting behind another: mark it now
-            self._update(job_id, state="cancelled", finished_at=utcnow())
+        if token is not None and not token.cancel(CANCELLED):
+            raise JobFinished(f"job {job_id} is storing its result; it can no longer be cancelled")
+        if token is None or info.record.state == "queued":
+            # Queued here, it may wait behind another: mark it now. Run by another process: the
+            # mark is what its token looks at.
+            self._finish(job_id, state="cancelled")
         return get_job(self.ctx, job_id)
 
     def result(self, job_id: str, *, kind: str, collection: str) -> dict[str, Any]:
@@ -118,40 +150,59 @@ class TaskRunner:
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            self._run(*item)
+            job_id, work, token = item
+            self._run(job_id=job_id, work=work, token=token)
 
-    def _run(self, job_id: str, work: Work, token: CancelToken) -> None:
+    def _run(self, *, job_id: str, work: Work, token: CancelToken) -> None:
         try:
             if token.cancelled:  # cancelled while queued, or shutting down: recover() marks those
                 return
-            self._update(job_id, state="running", started_at=utcnow(), updated_at=utcnow())
+            if not self._update(job_id, from_=("queued",), state="running", started_at=utcnow()):
+                return  # ended meanwhile by another process (a cancel there, its collection deleted)
             try:
                 result = work(token=token)
+                token.settle()  # a cancel accepted until now wins over the result
                 if result is not None:
                     payload = json.dumps(result, allow_nan=False).encode("utf-8")
                     write_atomic(result_path(self.ctx, job_id), payload, fsync=False)
-                self._update(job_id, state="succeeded", finished_at=utcnow())
+                self._finish(job_id, state="succeeded")
             except Cancelled:
-                stopped = self._stopping.cancelled
-                self._update(
+                stopped = self._stopping.cancelled and token.reason == self._stopping.reason
+                self._finish(
                     job_id,
                     state="failed" if stopped else "cancelled",
                     error=INTERRUPTED if stopped else None,
-                    finished_at=utcnow(),
                 )
             except CbirError as exc:
-                self._update(job_id, state="failed", error=f"{exc.code}: {exc.detail}", finished_at=utcnow())
+                self._finish(job_id, state="failed", error=f"{exc.code}: {exc.detail}")
             except Exception as exc:
                 log.exception("job %s failed", job_id)
-                self._update(
-                    job_id, state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=utcnow()
-                )
+                self._finish(job_id, state="failed", error=f"{type(exc).__name__}: {exc}")
         except Exception:  # the database itself failed: the job stays as it is; recover() ends it
             log.exception("job %s could not be recorded", job_id)
         finally:
             with self._lock:
                 self._tokens.pop(job_id, None)
 
-    def _update(self, job_id: str, **values: Any) -> None:
+    def _ended_elsewhere(self, job_id: str) -> str | None:
+        """Why the job should stop, when its row says it has ended (a cancel that reached another
+        replica) or is gone (its collection was deleted); None while it is still live."""
+        with self.ctx.db.session() as session:
+            state = session.scalar(select(JobRecord.state).where(JobRecord.id == job_id))
+        if state is None:
+            return "the job was deleted with its collection"
+        return CANCELLED if state == "cancelled" else None if state in LIVE else f"the job has {state}"
+
+    def _finish(self, job_id: str, **values: Any) -> bool:
+        return self._update(job_id, from_=LIVE, finished_at=utcnow(), **values)
+
+    def _update(self, job_id: str, *, from_: tuple[str, ...], **values: Any) -> bool:
+        """Set ``values`` on the job while it is in one of the states ``from_``: never over a row
+        another process has ended. Whether it was."""
         with self.ctx.db.transaction() as session:
-            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state.in_(from_))
+                .values(updated_at=utcnow(), **values)
+            )
+        return bool(getattr(result, "rowcount", 0))

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from app.cancel import CancelToken, checking
+from app.cancel import NEVER, CancelToken, checking
 from app.context import AppContext
 from app.errors import InvalidRequest
 from app.indexes import load_vectors
@@ -61,10 +61,15 @@ def whiten_collection(
     dim: int,
     shrinkage: float = DEFAULT_SHRINKAGE,
     progress: Progress | None = None,
+    token: CancelToken = NEVER,
 ) -> CheckpointRecord:
     """Fit a PCA-whitening to ``dim`` dims on the collection's own codes, record it as a checkpoint
-    and serve it (the index is rebuilt from the whitened codes; queries are whitened the same way)."""
+    and serve it (the index is rebuilt from the whitened codes; queries are whitened the same way).
+
+    ``token`` is checked between the steps (and between batches of a re-embedding); Cancelled
+    before anything is stored, never after: its last check comes before the checkpoint is saved."""
     record, checkpoint, base = _whitening_base(ctx, collection=collection, shrinkage=shrinkage)
+    token.check()
     if checkpoint is None and record.embedder_version == base.version:
         raw, ids = load_vectors(ctx.db, collection_id=record.id, embedder_version=base.version)
     else:  # the served codes are whitened already: start again from the network's own
@@ -73,7 +78,7 @@ def whiten_collection(
             ctx,
             collection=record,
             embedder=base,
-            progress=progress,
+            progress=checking(progress, token),
             batch_size=cost.batch_size(each, largest=ctx.settings.embed_batch_size),
         )
     if not 1 <= dim <= min(len(raw), base.dim):
@@ -81,8 +86,10 @@ def whiten_collection(
             f"whitening to {dim} dims needs at least {dim} images and {dim}-d codes "
             f"(the collection has {len(raw)} images of {base.dim} dims)"
         )
+    token.check()
     sample = raw[:: max(1, len(raw) // WHITENING_SAMPLE)]
     whitening = fit_whitening(sample, dim=dim, shrinkage=shrinkage)
+    token.settle()  # from here on the fit is stored and served: a cancel is refused (409)
     fit_id = uuid.uuid4().hex
     relative = f"checkpoints/whiten-{record.name}-{dim}-{fit_id[:8]}.npz"
     sha = save_whitening(
@@ -165,8 +172,6 @@ def whitening_cost(ctx: AppContext, *, collection: str, dim: int, shrinkage: flo
 def whitening_job(
     ctx: AppContext, *, collection: str, dim: int, shrinkage: float, token: CancelToken
 ) -> dict[str, Any]:
-    """``whiten_collection`` as a job's work: stops at the next batch once ``token`` is set."""
-    saved = whiten_collection(
-        ctx, collection=collection, dim=dim, shrinkage=shrinkage, progress=checking(None, token)
-    )
+    """``whiten_collection`` as a job's work: stops at the next step once ``token`` is set."""
+    saved = whiten_collection(ctx, collection=collection, dim=dim, shrinkage=shrinkage, token=token)
     return {"collection": collection, "checkpoint_id": saved.id, "version": saved.version}

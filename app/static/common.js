@@ -102,11 +102,15 @@
   // ---- the API ---------------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(title, detail, status) {
+    /** ``problem``: the problem+json body, whose extension members (``fits_sample`` of an
+     *  ``over_budget``) a page may act on; null when the body was not JSON. */
+    constructor(title, detail, status, problem = null) {
       super(detail);
       this.title = title;
       this.detail = detail;
       this.status = status;
+      this.problem = problem;
+      this.code = (problem && problem.code) || "";
     }
   }
 
@@ -175,7 +179,7 @@
       const title = (body && body.title) || `HTTP ${response.status}`;
       const detail = (body && body.detail) || response.statusText || "the request failed";
       if (body && (body.code === "unauthorized" || body.code === "forbidden")) askForKey();
-      throw new ApiError(title, String(detail), response.status);
+      throw new ApiError(title, String(detail), response.status, body);
     }
     return withHeaders ? { body, headers: response.headers } : body;
   }

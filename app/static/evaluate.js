@@ -265,13 +265,27 @@
     }
     if (!ui.against.value) return;
     const sample = Number(ui.sample.value) || 2000;
+    const against = encodeURIComponent(ui.against.value);
+    const compareOn = (size) => C.api(`/collections/${name()}/images/${id}/compare?against=${against}&k=10&sample=${size}`);
+    let note = "";
+    // A sample over the cost budget (a CNN computes its codes now) is refused with the largest
+    // that fits: ask once more with that one, and say so.
+    async function compareWithin() {
+      try {
+        return await compareOn(sample);
+      } catch (error) {
+        const problem = error && error.code === "over_budget" ? error.problem : null;
+        const fits = problem ? Number(problem.fits_sample) || 0 : 0;
+        if (!(fits > 0 && fits < sample)) throw error;
+        ui.compareStatus.textContent = `${C.count(sample)} images are over the time budget for ${ui.against.value}: searching ${C.count(fits)} twice…`;
+        note = `Compared on ${C.count(fits)} images, the most the ${Number(problem.budget_s)} s budget allows.`;
+        return compareOn(fits);
+      }
+    }
     ui.compareStart.disabled = true;
     ui.compareStatus.textContent = `Searching ${C.count(sample)} images twice…`;
     try {
-      const [data, image] = await Promise.all([
-        C.api(`/collections/${name()}/images/${id}/compare?against=${encodeURIComponent(ui.against.value)}&k=10&sample=${sample}`),
-        C.api(`/images/${id}`),
-      ]);
+      const [data, image] = await Promise.all([compareWithin(), C.api(`/images/${id}`)]);
       const label = C.labelOf(image.metadata);
       const img = el("img", { className: "compare-query-image", attrs: { alt: `Query: image #${image.id}${label ? `, label ${label}` : ""}`, width: 96, height: 96 } });
       const src = C.sameOrigin(image.image_url);
@@ -287,7 +301,7 @@
       );
       ui.compareQuery.hidden = false;
       ui.sides.replaceChildren(...data.sides.map((side) => sideColumn(side, label, data.k)));
-      ui.compareStatus.textContent = "";
+      ui.compareStatus.textContent = note;
       const url = new URL(window.location.href);
       url.searchParams.set("image", id);
       url.searchParams.set("against", ui.against.value);

@@ -108,7 +108,8 @@
 
   // ---- the jobs ------------------------------------------------------------------------------
 
-  function describeSource(params) {
+  function describeSource(params, kind) {
+    if (kind === "reembed") return `switch to ${(params && params.embedder) || "another embedder"}`;
     if (!params) return "import";
     if (params.source === "dataset") return `${params.dataset} ${params.split}`;
     if (params.source === "archive") return params.filename || "archive";
@@ -124,7 +125,7 @@
 
     const progress = el("progress", {
       className: `progress state-${job.state}`,
-      attrs: { max: 100, value: percent, "aria-label": `${describeSource(job.params)}: ${percent}%` },
+      attrs: { max: 100, value: percent, "aria-label": `${describeSource(job.params, job.kind)}: ${percent}%` },
     });
     const numbers = [];
     numbers.push(total ? `${C.count(done)} of ${C.count(total)}` : `${C.count(done)} done`);
@@ -141,7 +142,7 @@
 
     const children = [
       el("div", { className: "job-head" }, [
-        el("span", { className: "job-title", text: describeSource(job.params) }),
+        el("span", { className: "job-title", text: describeSource(job.params, job.kind) }),
         el("span", { className: "job-collection", text: job.collection ? `→ ${job.collection}` : "" }),
         el("span", { className: `badge state-${job.state}`, text: job.state }),
       ]),
@@ -204,7 +205,10 @@
   async function refresh() {
     clearTimeout(timer);
     const mine = ++polling;
-    const params = new URLSearchParams({ limit: "10", errors: "50" });
+    // Imports, and the embedder switches that re-import a collection; evaluations and whitening
+    // are jobs too, listed by GET /api/v1/jobs but not here.
+    const params = new URLSearchParams({ limit: "10", errors: "50", kind: "import" });
+    params.append("kind", "reembed");
     const name = ui.collection.value;
     if (!ui.all.checked && name) params.set("collection", name);
     let running = false;

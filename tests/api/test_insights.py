@@ -75,7 +75,7 @@ def test_evaluation_runs_in_the_background_and_is_cached_with_a_curve(
     assert len(cached) == 1
 
 
-def test_evaluation_of_a_collection_without_labels_reports_the_failure(
+def test_evaluation_of_a_collection_without_labels_is_refused_before_it_starts(
     client: TestClient, collection: str, make_png: Callable[..., bytes]
 ) -> None:
     for seed in range(11):
@@ -83,12 +83,10 @@ def test_evaluation_of_a_collection_without_labels_reports_the_failure(
     upload(client, collection, make_png(99), {})
 
     response = client.post(f"{API}/collections/{collection}/evaluation", json={"limit": 5})
-    assert response.status_code == 202
-    wait_for_evaluations(client)
-
+    assert response.status_code == 422, response.text
+    assert "needs a 'label'" in response.json()["detail"]
     after = evaluation(client, collection)
-    assert after["latest"] is None
-    assert "needs a 'label'" in after["failure"]["error"]
+    assert after["latest"] is None and after["running"] == []
 
 
 @pytest.mark.parametrize(
@@ -254,13 +252,12 @@ def test_a_second_checkpoint_of_the_collection_can_be_compared(client: TestClien
     assert all(len(side["hits"]) == 10 for side in sides)
 
 
-def test_evaluation_with_queries_labelled_unlike_the_collection_fails_clearly(
+def test_evaluation_with_queries_labelled_unlike_the_collection_is_refused_clearly(
     client: TestClient, collection: str, make_png: Callable[..., bytes]
 ) -> None:
     for seed in range(12):
         upload(client, collection, make_png(seed), {"label": "cat" if seed % 2 else "dog"})
 
-    client.post(f"{API}/collections/{collection}/evaluation", json={"limit": 5})
-    wait_for_evaluations(client)
-
-    assert "none of the labels of mnist:test" in evaluation(client, collection)["failure"]["error"]
+    response = client.post(f"{API}/collections/{collection}/evaluation", json={"limit": 5})
+    assert response.status_code == 422, response.text
+    assert "none of the labels of mnist:test" in response.json()["detail"]

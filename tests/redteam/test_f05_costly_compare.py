@@ -172,6 +172,9 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
         "CBIR_DEFAULT_EMBEDDER": "tiny",
         # big enough that the compare runs: the point here is what happens when its client leaves
         "CBIR_SYNC_COST_BUDGET_S": "100000",
+        # Each look at the cancellation token (between two batches of a couple of images) waits
+        # half a second first: the compare certainly outlasts its client, however fast the machine.
+        "CBIR_FAULT_DELAY_AT": "cancel_check:0.5",
     }
     server = LiveServer(tmp_path / "data", tmp_path / "server.log", env=env).start()
     try:
@@ -201,9 +204,11 @@ def assert_idle_after_leaving(live: LiveServer, request: Callable[[], httpx.Resp
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_compare_whose_client_disconnects_stops_computing(live: LiveServer) -> None:
-    import_digits(live, 400)  # 400 images x tens of ms each with EfficientNet on one core
+    # 100 images in batches of two (the built-in 0.25 s per EfficientNet image): 50 batches of
+    # at least half a second each, against a client that leaves after 4 s.
+    import_digits(live, 100)
     compare = f"{live.url}{API}/collections/digits"
-    params = {"against": "efficientnet_lite0", "sample": 400}
+    params = {"against": "efficientnet_lite0", "sample": 100}
     assert_idle_after_leaving(
         live, lambda: httpx.get(f"{compare}/images/1/compare", params=params, timeout=4.0), times=1
     )
