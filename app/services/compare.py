@@ -208,6 +208,7 @@ def _check_budget(
         budget=budget,
         setting=cost.SYNC,
         cheaper=cheaper,
+        fits_sample=fits,
     )
 
 

@@ -125,3 +125,18 @@ def test_the_never_token_holds_nothing_and_cannot_be_set() -> None:
     assert not hasattr(cancel.NEVER, "_lock")  # no state to share between its callers
     with pytest.raises(TypeError):
         cancel.NEVER.cancel("a caller that meant its own token")
+
+
+@pytest.mark.timeout(120)
+def test_a_compare_over_the_budget_says_which_sample_fits_and_that_sample_answers(settings: Settings) -> None:
+    # 5 ms: between the estimate of one pixels image (tens of microseconds) and of 200.
+    with app_client(settings, sync_cost_budget_s=5e-3) as client:
+        ids = fill(client, count=200)
+        path = f"{API}/collections/shapes/images/{ids[0]}/compare"
+        params = {"against": "pixels", "sample": 200}
+        problem = assert_problem(client.get(path, params=params), 422, "over_budget")
+        fits = problem["fits_sample"]
+        assert isinstance(fits, int) and 1 <= fits < 200 and problem["budget_s"] == 5e-3, problem
+        again = client.get(path, params={**params, "sample": fits})
+        assert again.status_code == 200, again.text
+        assert again.json()["sample"] == fits
