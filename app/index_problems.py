@@ -18,7 +18,7 @@ from typing import Any
 
 from app.records import CollectionRecord
 from index.kinds import AUTO, validate_factory
-from index.vector_index import SearchKnobs
+from index.vector_index import SearchKnobs, normalise_factory
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,41 @@ class IndexProblem:
     image_ids: tuple[int, ...] = ()  # vectors_refused: the rows set aside, ascending
 
 
+class FactoryChecks:
+    """``validate_factory``'s answers by (factory, dimension). The check has FAISS construct an
+    empty index, and ``_maybe_grow`` asks after every write, under the index lock: an upload must
+    not pay for that. Owned by the index manager; bounded, since PUT requests check any string."""
+
+    LIMIT = 512
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answers: dict[tuple[str, int | None], str | ValueError] = {}
+
+    def validate(self, factory: str, *, dim: int | None) -> str:
+        """The normalised factory, or ``ValueError`` (kinds.validate_factory)."""
+        key = (factory, dim)
+        with self._lock:
+            answer = self._answers.get(key)
+        if answer is None:
+            try:
+                answer = validate_factory(factory, dim=dim)
+            except ValueError as exc:
+                answer = exc
+            with self._lock:
+                if len(self._answers) >= self.LIMIT:
+                    self._answers.clear()
+                self._answers[key] = answer
+        if isinstance(answer, ValueError):
+            raise ValueError(str(answer))
+        return answer
+
+
 class IndexProblems:
     """Problems by collection id and code; thread-safe (searches read, builds write)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, checks: FactoryChecks | None = None) -> None:
+        self.checks = checks or FactoryChecks()
         self._lock = threading.Lock()
         self._problems: dict[int, dict[str, IndexProblem]] = {}
         self._open_failures: dict[int, float] = {}  # collection id -> time.monotonic() of the failure
@@ -96,10 +127,11 @@ class IndexProblems:
             )
         self.note(collection.id, refused_problem(collection, refused), code=VECTORS_REFUSED)
 
-    def settings(self, collection: CollectionRecord, *, dim: int | None) -> None:
-        """Record (or clear) what is wrong with the collection's stored kind and search parameters."""
+    def settings(self, collection: CollectionRecord, *, dim: int | None, served: str | None = None) -> None:
+        """Record (or clear) what is wrong with the collection's stored kind and search parameters;
+        ``served``: the factory of the index file serving it (kept_factory)."""
         checks = (
-            (BAD_INDEX_FACTORY, checked_factory(collection, dim=dim)[1]),
+            (BAD_INDEX_FACTORY, checked_factory(collection, dim=dim, checks=self.checks, served=served)[1]),
             (BAD_INDEX_PARAMS, checked_knobs(collection)[1]),
         )
         for code, problem in checks:
@@ -172,25 +204,46 @@ def refused_problem(collection: CollectionRecord, refused: dict[int, str]) -> In
     )
 
 
-def checked_factory(collection: CollectionRecord, *, dim: int | None) -> tuple[str, IndexProblem | None]:
+def checked_factory(
+    collection: CollectionRecord, *, dim: int | None, checks: FactoryChecks, served: str | None = None
+) -> tuple[str, IndexProblem | None]:
     """The collection's stored kind (``auto`` or a normalised factory) when cbir builds it, else
-    ``Flat`` (exact search) and the ``bad_index_factory`` problem saying why."""
+    ``Flat`` (exact search) and the ``bad_index_factory`` problem saying why; ``served``, the factory
+    of the index file serving the collection, words the problem for a file that is kept."""
     requested = collection.index_factory or AUTO
     if requested.strip().lower() == AUTO:
         return AUTO, None
     try:
-        return validate_factory(requested, dim=dim), None
+        return checks.validate(requested, dim=dim), None
     except ValueError as exc:
-        return "Flat", factory_problem(
-            collection, f"the stored index factory {requested[:80]!r} is refused: {exc}"
-        )
+        why = f"the stored index factory {requested[:80]!r} is refused: {exc}"
+        return "Flat", factory_problem(collection, why, kept=normalise_factory(requested) == served)
 
 
-def factory_problem(collection: CollectionRecord, why: str) -> IndexProblem:
+def kept_factory(
+    collection: CollectionRecord, *, served: str | None, dim: int | None, checks: FactoryChecks
+) -> bool:
+    """True when the collection's stored kind is one cbir does not build (an older version took
+    any string FAISS parsed) and ``served``, the factory of the index file that opened, is exactly
+    it: that file keeps serving as it is, rather than being rebuilt into exact search."""
+    requested = collection.index_factory
+    if served is None or not requested or normalise_factory(requested) != served:
+        return False
+    return checked_factory(collection, dim=dim, checks=checks)[1] is not None
+
+
+def factory_problem(collection: CollectionRecord, why: str, *, kept: bool = False) -> IndexProblem:
+    """``kept``: an index file of that very kind opened and serves (kept_factory)."""
+    outcome = (
+        "the index file of that kind opened and serves as it is, but cbir does not rebuild it (a "
+        "rebuild, after a lost file or a re-embed, gives exact search)"
+        if kept
+        else "serving exact search (Flat) instead"
+    )
     return IndexProblem(
         collection=collection.name,
         code=BAD_INDEX_FACTORY,
-        detail=f"{why}; serving exact search (Flat) instead",
+        detail=f"{why}; {outcome}",
         hint=f'set a kind cbir builds: PUT /api/v1/collections/{collection.name}/index {{"factory": "auto"}}',
     )
 
@@ -236,11 +289,13 @@ def checked_knobs(collection: CollectionRecord) -> tuple[SearchKnobs, IndexProbl
 
 
 def unavailable_problem(collection: CollectionRecord, exc: BaseException) -> IndexProblem:
+    # /ready is public: the exception's text (it can name server paths) stays in the log.
     return IndexProblem(
         collection=collection.name,
         code=INDEX_UNAVAILABLE,
-        detail=f"the index could not be opened or built ({type(exc).__name__}: {str(exc)[:300]}); "
-        "its searches answer 503 while the other collections serve",
-        hint="see the server log; the service tries again within a minute, or on "
+        detail=f"the index could not be opened or built ({type(exc).__name__}); its searches answer "
+        "503 while the other collections serve",
+        hint="the server log has the error in full (a disk or permission problem, a file another "
+        "program wrote); the service tries again within a minute, or on "
         f"PUT /api/v1/collections/{collection.name}/index",
     )

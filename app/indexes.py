@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,11 +34,14 @@ from app.index_problems import (
     BAD_INDEX_PARAMS,
     INDEX_UNAVAILABLE,
     VECTORS_REFUSED,
+    FactoryChecks,
     IndexProblems,
     checked_factory,
     checked_knobs,
     factory_problem,
+    kept_factory,
 )
+from app.index_status import IndexStatus, status_of
 from app.records import CollectionRecord
 from app.vector_rows import has_images, load_ids, load_vectors, stored_dim, vectors_of
 from index import IndexCorrupt, VectorIndex
@@ -61,10 +63,10 @@ def knobs_of(collection: CollectionRecord) -> SearchKnobs:
     return checked_knobs(collection)[0]
 
 
-def target_factory(collection: CollectionRecord, *, n: int, dim: int) -> str:
+def target_factory(collection: CollectionRecord, *, n: int, dim: int, checks: FactoryChecks) -> str:
     """The factory the collection's index should have now (``auto`` resolved by size), normalised;
     exact search for a stored factory cbir does not build (a restored backup's ``HNSW0``)."""
-    requested, _ = checked_factory(collection, dim=dim if n else None)
+    requested, _ = checked_factory(collection, dim=dim if n else None, checks=checks)
     return servable_factory(normalise_factory(auto_factory(n, dim) if requested == AUTO else requested), n)
 
 
@@ -80,31 +82,11 @@ class _Build:
     factory: str | None  # None: the collection's own (auto resolved by size when it runs)
     reason: str
     collection: str = ""
+    target: str = ""  # what GET .../index shows: ``factory``, else the collection's kind at the start
+    queued: str | None = None  # a kind set meanwhile: why the next build follows this one
     started_at: str = field(default_factory=_now)
     pending: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class IndexStatus:
-    """What ``GET /collections/{name}/index`` shows."""
-
-    state: str  # "ready", "rebuilding" (an old index serves), "building" (none serves: 503), "none"
-    factory: str  # the collection's setting: "auto" or a factory string
-    kind: str | None  # the served index's factory, e.g. "HNSW32"
-    ntotal: int
-    dim: int | None
-    memory_bytes: int
-    tombstones: int
-    high_water_mark: int
-    params: dict[str, Any]
-    recall_at_10: float | None
-    recall_measured_at: str | None
-    built_at: str | None
-    build_seconds: float | None
-    rebuild: dict[str, Any] | None  # the build in progress: target, reason, started_at
-    last_error: str | None
-    problems: list[dict[str, Any]]  # index_problems.IndexProblem fields: what /ready reports
 
 
 class IndexManager:
@@ -139,7 +121,8 @@ class IndexManager:
         # "checkpoint_failed" until one succeeds. The database still holds every row.
         self._checkpoint_errors: dict[int, str] = {}
         # Rows set aside, settings refused, indexes that cannot open: reported, never fatal.
-        self.problems = IndexProblems()
+        self.factory_checks = FactoryChecks()
+        self.problems = IndexProblems(checks=self.factory_checks)
         self._stop = threading.Event()
         self._saver: threading.Thread | None = None
 
@@ -263,7 +246,8 @@ class IndexManager:
                         index.ntotal,
                         time.perf_counter() - started,
                     )
-                    self.problems.settings(collection, dim=index.dim if index.ntotal else None)
+                    dim = index.dim if index.ntotal else None
+                    self.problems.settings(collection, dim=dim, served=index.factory)
                     self._maybe_grow(collection, index)
                     return index
                 reason = "the file is too far behind the database"
@@ -325,7 +309,11 @@ class IndexManager:
         self.problems.refused(collection, refused)
         dim = int(vectors.shape[1]) if len(ids) else 1
         self.problems.settings(collection, dim=dim if len(ids) else None)
-        chosen = normalise_factory(factory) if factory else target_factory(collection, n=len(ids), dim=dim)
+        chosen = (
+            normalise_factory(factory)
+            if factory
+            else target_factory(collection, n=len(ids), dim=dim, checks=self.factory_checks)
+        )
         if self._stop.is_set():
             raise _Stopped
         meta = {"collection": collection.name, "embedder_version": version}
@@ -366,19 +354,25 @@ class IndexManager:
         self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"
     ) -> bool:
         """Rebuild in the background (into ``factory``, else the collection's kind) while the
-        current index keeps serving; False when a build is already running."""
+        current index keeps serving; when a build is running, another follows it (it reads the
+        collection's kind when it starts). False when there is nothing to build."""
         if collection.embedder_version is None:
             return False
         with self._lock:
-            if collection.id in self._builds:
-                return False
-            self._start_build(collection, factory=factory, reason=reason)
+            if (running := self._builds.get(collection.id)) is not None:
+                running.queued = reason
+            else:
+                self._start_build(collection, factory=factory, reason=reason)
             return True
 
     def _start_build(self, collection: CollectionRecord, *, factory: str | None, reason: str) -> None:
         assert collection.embedder_version is not None
         build = _Build(
-            version=collection.embedder_version, factory=factory, reason=reason, collection=collection.name
+            version=collection.embedder_version,
+            factory=factory,
+            reason=reason,
+            collection=collection.name,
+            target=factory or collection.index_factory or AUTO,
         )
         self._builds[collection.id] = build
         self._errors.pop(collection.id, None)
@@ -426,7 +420,25 @@ class IndexManager:
                     del self._builds[collection.id]
                 self._errors[collection.id] = f"{type(exc).__name__}: {exc}"
         finally:
+            if build.queued is not None and not self._stop.is_set():
+                self._follow_up(collection.id, reason=build.queued)
             build.done.set()
+
+    def _follow_up(self, collection_id: int, *, reason: str) -> None:
+        """Start the build a kind set during the last one asked for, with the collection as stored now."""
+        try:
+            with self.db.session() as session:
+                record = session.get(CollectionRecord, collection_id)
+        except SQLAlchemyError:  # the next write or start sees the kind differ and builds it then
+            log.exception("the index build that was to follow cannot start")
+            return
+        with self._lock:
+            if (
+                record is not None
+                and record.embedder_version is not None
+                and collection_id not in self._builds
+            ):
+                self._start_build(record, factory=None, reason=reason)
 
     def wait_for_build(self, collection_id: int, timeout: float | None = None) -> bool:
         """Block until the collection's background build (if any) ends; False on timeout."""
@@ -438,7 +450,9 @@ class IndexManager:
         pile up. Called under the lock."""
         if collection.id in self._builds or index.ntotal == 0:
             return
-        wanted = target_factory(collection, n=index.ntotal, dim=index.dim)
+        if kept_factory(collection, served=index.factory, dim=index.dim, checks=self.factory_checks):
+            return  # a file of a kind cbir no longer builds serves as it is (reported, not rebuilt)
+        wanted = target_factory(collection, n=index.ntotal, dim=index.dim, checks=self.factory_checks)
         if wanted != index.factory:
             self._start_build(collection, factory=None, reason=f"{index.ntotal} vectors: {wanted[7:]} is due")
             return
@@ -449,7 +463,8 @@ class IndexManager:
     def build(self, collection: CollectionRecord) -> VectorIndex:
         """Rebuild from the database now (after a re-embed or version switch) and save."""
         with self._lock:
-            self._builds.pop(collection.id, None)  # a background build of the old state is moot
+            if (moot := self._builds.pop(collection.id, None)) is not None:
+                moot.queued = None  # a background build of the old state, and what was to follow, is moot
             self._unembedded.pop(collection.id, None)
             index = self._build_now(collection, reason="rebuild requested")
             self._indexes[collection.id] = index
@@ -492,7 +507,8 @@ class IndexManager:
     def drop(self, collection_id: int) -> None:
         with self._lock:
             self._indexes.pop(collection_id, None)
-            self._builds.pop(collection_id, None)
+            if (moot := self._builds.pop(collection_id, None)) is not None:
+                moot.queued = None
             self._dirty.discard(collection_id)
             self.problems.forget(collection_id)
             self.path_for(collection_id).unlink(missing_ok=True)
@@ -597,34 +613,13 @@ class IndexManager:
         index = self.get(collection)
         factory = self.problems.get(collection.id, BAD_INDEX_FACTORY)
         build = self._builds.get(collection.id)
-        meta = index.meta if index is not None else {}
-        if build is not None:
-            state = "rebuilding" if index is not None else "building"
-        else:
-            state = "ready" if index is not None else "none"
-        return IndexStatus(
-            state=state,
-            factory=collection.index_factory or AUTO,
-            kind=index.kind if index is not None else None,
-            ntotal=index.ntotal if index is not None else 0,
-            dim=index.dim if index is not None and index.ntotal else None,
-            memory_bytes=index.memory_bytes() if index is not None else 0,
-            tombstones=index.tombstones if index is not None else 0,
-            high_water_mark=index.high_water_mark if index is not None else -1,
-            params=index.search_knobs().as_dict() if index is not None else {},
-            recall_at_10=meta.get("recall_at_10"),
-            recall_measured_at=meta.get("recall_measured_at"),
-            built_at=meta.get("built_at"),
-            build_seconds=meta.get("build_seconds"),
-            rebuild=(
-                {
-                    "target": build.factory or collection.index_factory,
-                    "reason": build.reason,
-                    "started_at": build.started_at,
-                }
-                if build is not None
-                else None
-            ),
+        rebuild = None
+        if build is not None:  # "queued": a kind set meanwhile, built next
+            rebuild = {k: getattr(build, k) for k in ("target", "reason", "started_at", "queued")}
+        return status_of(
+            collection,
+            index=index,
+            rebuild=rebuild,
             last_error=self._errors.get(collection.id) or (factory.detail if factory is not None else None),
             problems=[asdict(p) for p in self.problems.of(collection.id)],
         )

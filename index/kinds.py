@@ -3,10 +3,15 @@
 Kinds (all inner product over unit rows, ids through ``IDMap2``):
 
 - exact: ``Flat``;
-- graph: ``HNSW{M}`` (``HNSW32``): no training, cannot remove (deletes become tombstones);
-- inverted lists with product quantisation: ``IVF{nlist},PQ{m}``, optionally ``OPQ{m},`` in front
-  (a learned rotation) and ``,RFlat`` behind (the candidates re-ranked exactly: high recall, but
-  the full vectors are kept too).
+- graph: ``HNSW{M}`` (``HNSW32``, also written ``HNSW32,Flat``; ``HNSW32_SQ8`` keeps 8-bit scalar
+  codes instead of the vectors): no training, cannot remove (deletes become tombstones);
+- inverted lists: ``IVF{nlist},Flat``, ``IVF{nlist},SQ8``, or with product quantisation
+  ``IVF{nlist},PQ{m}`` (``PQ{m}x4fs``: 4-bit fast-scan codes), optionally ``OPQ{m},`` in front (a
+  learned rotation) and ``,RFlat`` behind (the candidates re-ranked exactly: high recall, but the
+  full vectors are kept too);
+- any of them behind ``PCA{d},`` (or ``PCAR``), which reduces the vectors to ``d`` dimensions first.
+
+``index.factories`` holds the whole grammar and its bounds.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "AUTO",
     "EXACT_MAX",
     "auto_factory",
+    "check_ahead",
     "configure_construction",
     "default_knobs",
     "exact_knn",
@@ -40,6 +46,10 @@ AUTO = "auto"
 # collection stays exact until it is bigger than that.
 EXACT_MAX = 100_000
 GRAPH_MAX = 5_000_000  # beyond: HNSW's memory (full vectors + links) is the limit; IVF-PQ codes
+# A kind set ahead of the vectors it trains on may need at most this many times the collection's
+# vectors (and in any case this many): exact search serves until they exist.
+AHEAD_FACTOR = 100
+AHEAD_FLOOR = 10_000
 _HNSW_EF_SEARCH = 64
 _IVF_NPROBE = 16
 _REFINE_K_FACTOR = 8.0
@@ -73,15 +83,34 @@ def auto_factory(n: int, dim: int) -> str:
 
 
 def min_vectors(factory: str) -> int:
-    """How many vectors ``factory`` needs to train on: its IVF lists, and 2**bits per PQ codebook
-    (256 for the default 8 bits; OPQ trains 8-bit codebooks of its own)."""
+    """How many vectors ``factory`` needs to train on: its IVF lists, 2**bits per PQ codebook
+    (256 for the default 8 bits; OPQ trains 8-bit codebooks of its own), and as many as a PCA
+    outputs dimensions."""
     match = re.search(r"IVF(\d+)", factory)
     need = int(match.group(1)) if match else 0
     for bits in re.findall(r"(?<!O)PQ\d+(?:x(\d+))?", factory):
         need = max(need, 2 ** int(bits or 8))
     if "OPQ" in factory:
         need = max(need, 256)
+    if pca := re.search(r"PCAW?R?(\d+)", factory):
+        need = max(need, int(pca.group(1)))
     return need
+
+
+def check_ahead(factory: str, *, n: int) -> None:
+    """``ValueError`` when ``factory`` trains on far more vectors than a collection of ``n`` holds.
+    A kind may be set ahead of its vectors (exact search serves until they exist), but not by far:
+    past AHEAD_FACTOR times the collection, it is a slip of the keyboard or a guess, and its
+    training, the day it comes, costs what that size costs."""
+    need = min_vectors(factory)
+    room = max(AHEAD_FLOOR, AHEAD_FACTOR * n)
+    if need > room:
+        kind = factory.removeprefix("IDMap2,")
+        raise ValueError(
+            f"{kind} trains on at least {need:,} vectors and the collection holds {n:,}, too few by "
+            f"far: a kind set ahead of its vectors may need at most {room:,} (the larger of "
+            f"{AHEAD_FLOOR:,} and {AHEAD_FACTOR} times the collection); use fewer lists or bits, or auto"
+        )
 
 
 def servable_factory(factory: str, n: int) -> str:

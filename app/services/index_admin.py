@@ -12,7 +12,8 @@ from app.indexes import IndexStatus
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.collections import require_collection
 from app.services.ingest import WRITE_LOCK
-from index.kinds import AUTO, validate_factory
+from app.vector_rows import stored_dim
+from index.kinds import AUTO, check_ahead
 
 KNOBS = ("ef_search", "nprobe", "k_factor")
 
@@ -23,17 +24,20 @@ def index_status(ctx: AppContext, name: str) -> IndexStatus:
     return ctx.indexes.status(record)
 
 
-def _dim(ctx: AppContext, record: CollectionRecord) -> int | None:
+def _stored(ctx: AppContext, record: CollectionRecord) -> tuple[int, int | None]:
+    """How many vectors of its version the collection holds, and their dimension (None: none yet)."""
     if record.embedder_version is None:
-        return None
+        return 0, None
+    version = record.embedder_version
     with ctx.db.session() as session:
-        dim = session.scalar(
-            select(func.max(EmbeddingRecord.dim))
+        count = session.scalar(
+            select(func.count())
+            .select_from(EmbeddingRecord)
             .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
             .where(ImageRecord.collection_id == record.id)
-            .where(EmbeddingRecord.embedder_version == record.embedder_version)
+            .where(EmbeddingRecord.embedder_version == version)
         )
-    return int(dim) if dim else None
+    return int(count or 0), stored_dim(ctx.db, collection_id=record.id, embedder_version=version)
 
 
 def configure_index(
@@ -52,8 +56,10 @@ def configure_index(
             # Checked before it is stored: some strings FAISS parses abort the process when it
             # builds them, and a stored one would abort every start after. Without vectors yet,
             # what needs their dimension is checked at the build (a failure there serves Flat).
+            n, dim = _stored(ctx, record)
             try:
-                normalised = validate_factory(factory, dim=_dim(ctx, record))
+                normalised = ctx.indexes.factory_checks.validate(factory, dim=dim)
+                check_ahead(normalised, n=n)
             except ValueError as exc:
                 raise BadIndexFactory(f"index factory: {exc}") from None
             kind = normalised.split(",", 1)[1]

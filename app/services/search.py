@@ -10,7 +10,8 @@ import numpy as np
 from sqlalchemy import select
 
 from app.context import AppContext
-from app.errors import EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
+from app.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
+from app.index_problems import VECTORS_REFUSED
 from app.indexes import vectors_of
 from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.services.codes import degenerate_codes
@@ -141,8 +142,7 @@ def similar_to(
     if blob is None:
         raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
-    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
-        raise errors[0]  # a stored row the index set aside (app/indexes.py): it cannot be a query
+    _refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
     clock.lap("embed")
     result = _search(
         ctx,
@@ -157,6 +157,29 @@ def similar_to(
     )
     result.query_image_id = image_id
     return result
+
+
+def _refuse_set_aside(
+    ctx: AppContext, *, record: CollectionRecord, image_id: int, vector: np.ndarray
+) -> None:
+    """422 degenerate_image for a stored row the index set aside (app/vector_rows.py): it cannot be
+    a query. A row of another dimension than the index's is one, whatever the index's state: it
+    must not get the 503 "retry shortly" of a search during a rebuild, since no rebuild mends it."""
+    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
+        raise errors[0]
+    refused = ctx.indexes.problems.get(record.id, VECTORS_REFUSED)
+    index = ctx.indexes.get(record)
+    dim = int(vector.shape[1])
+    if index is not None and index.ntotal and index.dim != dim:
+        why = f"its stored vector has {dim} dimensions and the index's {index.dim}"
+    elif refused is not None and image_id in refused.image_ids:
+        why = "its stored vector is one the index cannot hold"
+    else:
+        return
+    raise DegenerateImage(
+        f"image {image_id} is set aside from the index of {record.name!r} ({why}), so it cannot be a "
+        "query; see GET /api/v1/ready (vectors_refused)"
+    )
 
 
 def _search(

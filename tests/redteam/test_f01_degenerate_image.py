@@ -237,3 +237,69 @@ def test_a_collection_whose_index_cannot_open_does_not_stop_the_others(
         assert client.post(f"{API}/collections/b/search", files=query).status_code == 200
         assert_problem(client.post(f"{API}/collections/a/search", files=query), 503, "index_unavailable")
         assert client.get(f"{API}/collections").status_code == 200
+
+
+def test_similar_to_a_set_aside_row_of_another_dimension_is_a_422_not_a_503(settings: Settings) -> None:
+    """A unit-norm 32-d row in a 64-d collection (a restored backup's) is set aside at the start; a
+    query by it is refused as degenerate, never "being rebuilt, retry shortly" forever."""
+    from sqlalchemy import select
+
+    from app.records import CollectionRecord
+    from app.services.synthetic import insert_synthetic
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.post(f"{API}/collections", json={"name": "c", "embedder": "tiny"}).status_code == 201
+        good = [upload(client.request, "c", noise_png(seed)).json()["id"] for seed in range(3)]
+        ctx = client.app.state.context  # type: ignore[attr-defined]
+        with ctx.db.session() as session:
+            record = session.scalar(select(CollectionRecord).where(CollectionRecord.name == "c"))
+        short = np.zeros((1, 32), dtype=np.float32)
+        short[0, 0] = 1.0  # unit norm: only its dimension is wrong
+        (odd,) = insert_synthetic(
+            ctx.db,
+            collection_id=record.id,
+            vectors=short,
+            embedder=record.embedder,
+            embedder_version=record.embedder_version,
+            tag="short",
+        )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:  # a restart
+        (problem,) = client.get(f"{API}/ready").json()["problems"]
+        assert (problem["code"], problem["image_ids"]) == ("vectors_refused", [int(odd)]), problem
+        for _ in range(2):
+            body = assert_problem(
+                client.get(f"{API}/collections/c/images/{int(odd)}/similar"), 422, "degenerate_image"
+            )
+            assert "32" in body["detail"] and "set aside" in body["detail"], body
+        hits = client.get(f"{API}/collections/c/images/{good[0]}/similar", params={"k": 2})
+        assert hits.status_code == 200 and [h["id"] for h in hits.json()["hits"]] != [], hits.text
+
+
+def test_ready_names_the_error_class_of_an_index_that_cannot_open_not_its_text(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/ready is public: the exception text (here a server path) stays in the log."""
+    from app import indexes
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.post(f"{API}/collections", json={"name": "a", "embedder": "tiny"}).status_code == 201
+        assert upload(client.request, "a", noise_png(1)).status_code == 201
+
+    secret = "/srv/private-volume/cbir/indexes/collection-1.cbidx"
+
+    def broken(self: indexes.IndexManager, collection: object) -> object:
+        raise PermissionError(13, "Permission denied", secret)
+
+    monkeypatch.setattr(indexes.IndexManager, "_open", broken)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready = client.get(f"{API}/ready")
+        (problem,) = ready.json()["problems"]
+        assert problem["code"] == "index_unavailable" and "PermissionError" in problem["detail"], problem
+        assert "/srv" not in ready.text and "private-volume" not in ready.text, ready.text
+        search = client.post(
+            f"{API}/collections/a/search", files={"file": ("q.png", noise_png(1), "image/png")}
+        )
+        assert "/srv" not in assert_problem(search, 503, "index_unavailable")["detail"]
+        index = client.get(f"{API}/collections/a/index")
+        assert "/srv" not in index.text, index.text
+    assert secret in caplog.text  # the operator still finds it in the log
