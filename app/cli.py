@@ -81,7 +81,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--host", default=None, help="default: CBIR_HOST (127.0.0.1)")
-@click.option("--port", type=int, default=None, help="default: CBIR_PORT (8000)")
+@click.option("--port", type=int, default=None, help="default: CBIR_PORT (8000); 0: any free port, logged")
 def serve(host: str | None, port: int | None) -> None:
     """Run the HTTP service (REST API under /api/v1, web page at /)."""
     import uvicorn
@@ -99,7 +99,7 @@ def serve(host: str | None, port: int | None) -> None:
     uvicorn.run(
         create_app(settings),
         host=settings.host,
-        port=port or settings.port,
+        port=settings.port if port is None else port,
         log_level="info",
         timeout_graceful_shutdown=10,
     )

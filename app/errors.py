@@ -100,6 +100,13 @@ class BadName(InvalidRequest):
     code, title = "bad_name", "Bad file name"
 
 
+class BadManifest(InvalidRequest):
+    """A manifest that cannot be read as a whole (not UTF-8, not CSV, no path column, too large):
+    uploaded, a 422; inside an archive, its report line and the job's error."""
+
+    code, title = "bad_manifest", "Bad manifest"
+
+
 class WeightsMissing(CbirError):
     """Pretrained weights are not on this machine; the detail says which file to put where."""
 

@@ -82,8 +82,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "of a collection (CNN neural codes or denoising-autoencoder embeddings, FAISS search).",
         lifespan=lifespan,
         form_limits=limits.FORM_LIMITS,
-        # A scalar parameter or form part given twice is refused, never silently one of them.
-        dependencies=[Depends(parameters.reject_repeated_parameters)],
     )
     problems.install(app)
     openapi.install(app)  # declares the problem+json error responses on every operation
@@ -95,7 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routes_health,
         routes_keys,
     ):
-        app.include_router(module.router, prefix="/api/v1")
+        # A scalar parameter or form part given twice is refused by the API, never silently one of
+        # them; pages stay lenient (app/api/pages.py).
+        app.include_router(
+            module.router, prefix="/api/v1", dependencies=[Depends(parameters.reject_repeated_parameters)]
+        )
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Inside the access checks (added after it): a refused key never takes an upload's slot.

@@ -41,7 +41,13 @@ def text_problem(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        return f"holds a lone surrogate (U+{ord(text[exc.start]):04X}), which is not UTF-8 text"
+        char = text[exc.start]
+        if "\udc80" <= char <= "\udcff":
+            # How Python keeps a byte that does not decode (surrogateescape): multipart parts
+            # (app/api/forms.py), tar and folder names. The offset counts bytes as they came.
+            offset = len(text[: exc.start].encode("utf-8", "surrogateescape"))
+            return f"is not UTF-8: byte 0x{ord(char) - 0xDC00:02X} at offset {offset} does not decode"
+        return f"holds a lone surrogate (U+{ord(char):04X}), which is not UTF-8 text"
     return None
 
 

@@ -11,12 +11,12 @@ from fastapi import Depends, Query, Request, UploadFile
 from app.api.parameters import MAX_ID as MAX_ID
 from app.api.parameters import ImageId as ImageId
 from app.context import AppContext
-from app.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
+from app.errors import BadMetadata, EmptyUpload, InvalidRequest, PayloadTooLarge
 from app.services.evaluation import EvaluationRunner
 from app.services.filters import ImageFilter, parse_filter
 from app.services.jobs import JobRunner
 from app.services.tasks import TaskRunner
-from app.usertext import check_metadata, parse_json
+from app.usertext import check_metadata, parse_json, text_problem
 
 CHUNK = 1024 * 1024
 MAX_METADATA_CHARS = 64 * 1024
@@ -105,6 +105,8 @@ def parse_metadata(raw: str | None) -> dict[str, Any]:
     ``bad_metadata`` otherwise), ``invalid_request`` for text that is not a JSON object."""
     if raw is None or raw.strip() == "":
         return {}
+    if (problem := text_problem(raw)) is not None:  # bytes that are not UTF-8 (app/api/forms.py)
+        raise BadMetadata(f"the metadata part {problem}")
     if len(raw) > MAX_METADATA_CHARS:  # before parsing: the size bounds the parser's work
         raise InvalidRequest("metadata must be at most 64 KiB of JSON")
     try:

@@ -46,19 +46,17 @@ def exposure(*, listen_host: str, server: Any) -> str | None:
     return None
 
 
-_warned = False
+def log_refusing(why: str) -> None:
+    """The log line an operator sees: the caller logs it once per service (app.api.security.Guard)."""
+    log.warning(
+        "refusing writes: the service is reachable from other machines (%s) and no API key "
+        "exists; create one with `cbir keys create --scope admin NAME` or set CBIR_API_KEYS",
+        why,
+    )
 
 
 def refusal(what: str, *, why: str) -> AuthRequired:
-    """The 403 auth_required for a write on an exposed keyless service (logged once per process)."""
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning(
-            "refusing writes: the service is reachable from other machines (%s) and no API key "
-            "exists; create one with `cbir keys create --scope admin NAME` or set CBIR_API_KEYS",
-            why,
-        )
+    """The 403 auth_required for a write on an exposed keyless service."""
     return AuthRequired(
         f"{what} is refused: this service is reachable from other machines ({why}) and no API key "
         "exists yet. Create an admin key with `cbir keys create --scope admin NAME` (in Docker: "

@@ -9,11 +9,13 @@ own answer is dropped.
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 from typing import TypedDict
 
 import anyio
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,7 +84,21 @@ def multipart_boundary(content_type: str) -> bytes | None:
         raise BadMultipart(
             "the multipart boundary must be 1-70 characters of RFC 2046 (letters, digits, '()+_,-./:=? )"
         )
+    _check_charset(content_type)
     return boundaries[0].encode("ascii")
+
+
+def _check_charset(content_type: str) -> None:
+    """BadMultipart for a declared charset Python does not know: Starlette would read every part
+    as Latin-1 (app/api/forms.py reads the parts in the declared charset, UTF-8 by default)."""
+    declared = parse_options_header(content_type)[1].get(b"charset")  # as the form parser reads it
+    if declared is None:
+        return
+    charset = declared.decode("latin-1")
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        raise BadMultipart(f"the multipart body declares an unknown charset {charset[:40]!r}") from None
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, error: CbirError) -> None:

@@ -7,9 +7,9 @@ images, counts, jobs and results come from the JSON API after the page is shown.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
@@ -29,6 +29,16 @@ NAV = (
     ("evaluate", "/evaluate", "Evaluate"),
     ("map", "/map", "Map"),
 )
+
+
+def _first_collection(request: Request) -> str | None:
+    """``?collection=``; given more than once, the first: a page renders what it can (the API
+    refuses a repeated parameter, app/api/parameters.py)."""
+    values = request.query_params.getlist("collection")
+    return values[0] if values else None
+
+
+ChosenCollection = Annotated[str | None, Depends(_first_collection)]
 
 
 def _selected(collections: list[CollectionInfo], wanted: str | None, *, ready_first: bool) -> str | None:
@@ -67,19 +77,19 @@ def _render(
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
+def home(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(request, ctx, template="index.html", page="search", collection=collection)
 
 
 @router.get("/browse", response_class=HTMLResponse)
-def browse(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
+def browse(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(
         request, ctx, template="browse.html", page="browse", collection=collection, ready_first=False
     )
 
 
 @router.get("/import", response_class=HTMLResponse)
-def import_page(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
+def import_page(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(
         request,
         ctx,
@@ -95,12 +105,12 @@ def import_page(request: Request, ctx: ContextDep, collection: str | None = None
 
 
 @router.get("/evaluate", response_class=HTMLResponse)
-def evaluate(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
+def evaluate(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(request, ctx, template="evaluate.html", page="evaluate", collection=collection)
 
 
 @router.get("/map", response_class=HTMLResponse)
-def map_page(request: Request, ctx: ContextDep, collection: str | None = None) -> HTMLResponse:
+def map_page(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(
         request, ctx, template="map.html", page="map", collection=collection, methods=available_methods()
     )

@@ -4,7 +4,8 @@ A query parameter that takes one value (``k``, ``limit``) given twice is a 422, 
 FastAPI would have kept; parameters declared as lists (``label``, ``meta``) stay repeatable. A
 form part a route takes once (the upload's ``file`` and ``metadata``, the query image of a
 search) sent twice is a 400 ``bad_multipart``. Decided from the route's own declarations, so a
-new route is covered without anyone remembering to.
+new API route is covered without anyone remembering to. Web pages are lenient: a link built by
+appending gives them ``?collection=a&collection=b`` and they render the first (app/api/pages.py).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _single_query_names(dependant: Any) -> list[str]:
 
 
 async def reject_repeated_parameters(request: Request) -> None:
-    """The app-wide dependency: 422 for a single-valued query parameter given more than once,
-    400 ``bad_multipart`` for a single form part sent more than once."""
+    """The dependency of every API router (app/main.py; pages take the first value): 422 for a
+    single-valued query parameter given more than once, 400 ``bad_multipart`` for a single form
+    part sent more than once."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
     if dependant is None:
         return

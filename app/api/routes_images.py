@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from app.api import security
 from app.api.deps import ContextDep, FilterDep, ImageId, parse_metadata, read_upload
 from app.api.disconnect import run_cancellable
+from app.api.forms import Utf8FormRoute
 from app.api.headers import IMAGE_CSP, download_name
 from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
@@ -17,7 +18,8 @@ from app.services.ingest import add_image
 from app.storage import EXTENSIONS
 from index.vector_index import SearchKnobs
 
-router = APIRouter(tags=["images"])
+# Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
+router = APIRouter(tags=["images"], route_class=Utf8FormRoute)
 IMMUTABLE = {
     "Cache-Control": "public, max-age=31536000, immutable",
     "X-Content-Type-Options": "nosniff",

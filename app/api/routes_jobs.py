@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import job_access, security
 from app.api.deps import CHUNK, ContextDep, JobsDep, TasksDep
+from app.api.forms import Utf8FormRoute
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
 from app.context import AppContext
@@ -26,7 +27,8 @@ from app.services.sources import MAX_MANIFEST_BYTES, Limits, in_root
 from app.services.tasks import KINDS as TASK_KINDS
 from app.services.url_source import check_urls
 
-router = APIRouter(tags=["imports"])
+# Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
+router = APIRouter(tags=["imports"], route_class=Utf8FormRoute)
 # Imports and embedder switches (app/services/jobs.py), evaluations and whitening (tasks.py).
 JobKind = Literal["import", "reembed", "evaluate", "whiten"]
 
@@ -137,15 +139,25 @@ async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSou
         filename = upload.filename or "upload"
         archive = await _save(upload, ctx, limit=limit, what=f"the archive {filename!r}", suffix=".archive")
         kept.append(archive)
-        manifest = None
+        manifest = manifest_name = None
         extra = form.get("manifest")
         if extra is not None and not isinstance(extra, str):
+            manifest_name = extra.filename  # messages name the file sent, never the temporary one
             manifest = await _save(
-                extra, ctx, limit=MAX_MANIFEST_BYTES, what="the manifest", suffix=".manifest"
+                extra,
+                ctx,
+                limit=MAX_MANIFEST_BYTES,
+                what=f"the manifest {manifest_name!r}",
+                suffix=".manifest",
             )
             kept.append(manifest)
         return await run_in_threadpool(
-            jobs.check_archive, archive, filename, manifest=manifest, limits=Limits.of(ctx.settings)
+            jobs.check_archive,
+            archive,
+            filename,
+            manifest=manifest,
+            manifest_name=manifest_name,
+            limits=Limits.of(ctx.settings),
         )
     except BaseException:
         for path in kept:

@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, compile_path, get_route_path
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from app.api.exposure import exposure, refusal
+from app.api.exposure import exposure, log_refusing, refusal
 from app.api.problems import problem
 from app.db import Database
 from app.errors import CbirError, DatabaseUnavailable, Forbidden, RateLimited, Unauthorized
@@ -172,6 +172,7 @@ class Guard:
         self.limiter = (
             RateLimiter(per_minute=per_minute, burst=settings.rate_limit_burst) if per_minute else None
         )
+        self.refusing_logged = False  # the exposed keyless refusal is logged once per service
 
     def open_keys(self, db: Database) -> KeyRing:
         self.keys = KeyRing(db, config_keys=self.settings.api_keys.get_secret_value())
@@ -199,6 +200,9 @@ class Guard:
                 )
         enforced = self.enforced()
         if exposed and not enforced and needed > Scope.read and self.settings.auth == "auto":
+            if not self.refusing_logged:
+                self.refusing_logged = True
+                log_refusing(exposed)
             raise refusal(what, why=exposed)
         if enforced and (key or needed > Scope.read or self.settings.search_requires_key):
             _check(principal, needed, what=what, presented=bool(key))

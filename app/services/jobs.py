@@ -27,6 +27,7 @@ from app.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
 from app.records import CollectionRecord, JobRecord, utcnow
 from app.services.collections import require_collection
 from app.services.ingest import ItemResult
+from app.services.manifests import finished_state
 from app.services.pipeline import Pipeline
 from app.services.sources import (
     ArchiveSource,
@@ -389,8 +390,8 @@ class JobRunner:
                 ctx.indexes.flush(require_collection(session, collection).id)
             if self._cancel_requested(job_id):
                 self._update(job_id, state="cancelled", finished_at=utcnow())
-            elif finished:
-                self._update(job_id, state="succeeded", finished_at=utcnow(), total=counts["done"])
+            elif finished:  # failed after all when a line says the source is unreadable (a bad manifest)
+                self._update(job_id, finished_at=utcnow(), total=counts["done"], **finished_state(errors))
             else:
                 return  # the service is shutting down: the job stays running and resumes on start
         except Exception as exc:

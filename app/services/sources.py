@@ -10,9 +10,7 @@ limit) is listed with a reason code and never read.
 from __future__ import annotations
 
 import copy
-import csv
 import io
-import json
 import os
 import re
 import stat
@@ -32,25 +30,32 @@ from PIL import Image
 from app.datasets import DATASETS, MNIST_FILES, load_mnist, read_idx
 from app.errors import (
     BadArchive,
-    BadMetadata,
-    BadName,
     CbirError,
     FolderNotAllowed,
     InvalidRequest,
     MemberRejected,
     PathOutsideRoot,
-    PayloadTooLarge,
     TooManyMembers,
     UnsupportedArchive,
 )
-from app.usertext import check_metadata, check_name, parse_json
+from app.services.manifests import (
+    MANIFEST_NAMES,
+    ManifestRow,
+    archive_manifest,
+    parse_manifest,
+    read_manifest,
+    unreadable,
+    zip_manifest,
+)
+
+# Re-exported: manifests were read in this module before app/services/manifests.py.
+from app.services.manifests import MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES
+from app.services.manifests import MAX_META_CHARS as MAX_META_CHARS
+from app.services.manifests import MAX_META_KEYS as MAX_META_KEYS
+from app.usertext import check_name
 
 SKIPPED_FOLDER = "__MACOSX"
-MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 GROUNDTRUTH_NAME = "groundtruth.json"
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-# Metadata a manifest row may carry: keys and values are kept short.
-MAX_META_KEYS, MAX_META_CHARS = 32, 512
 # The compression-ratio check spares members under this size: a small flat-colour BMP is no bomb.
 RATIO_FLOOR = 1024 * 1024
 READ_CHUNK = 1024 * 1024
@@ -111,6 +116,7 @@ class ArchiveSource:
     path: Path  # the uploaded zip or tar in the data folder, deleted when the job ends
     filename: str
     manifest: Path | None = None  # an uploaded manifest beside it (else manifest.csv/.jsonl inside)
+    manifest_name: str | None = None  # that manifest's name as the client sent it
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ def describe(source: Source, *, data_dir: Path) -> dict[str, Any]:
             "filename": source.filename,
             "path": str(source.path.relative_to(data_dir)),
             "manifest": str(source.manifest.relative_to(data_dir)) if source.manifest else None,
+            "manifest_name": source.manifest_name,
         }
     if isinstance(source, FolderSource):
         return {"source": "folder", "path": str(source.path)}
@@ -183,7 +190,10 @@ def from_params(params: dict[str, Any], *, data_dir: Path) -> Source:
     if kind == "archive":
         manifest = params.get("manifest")
         return ArchiveSource(
-            data_dir / params["path"], params["filename"], data_dir / manifest if manifest else None
+            data_dir / params["path"],
+            params["filename"],
+            data_dir / manifest if manifest else None,
+            params.get("manifest_name"),
         )
     if kind == "folder":
         return FolderSource(Path(params["path"]))
@@ -329,12 +339,19 @@ ARCHIVE_ERRORS = (*_ZIP_ERRORS, tarfile.TarError, EOFError, OSError, zlib.error)
 
 
 def check_archive(
-    path: Path, filename: str, *, manifest: Path | None = None, limits: Limits | None = None
+    path: Path,
+    filename: str,
+    *,
+    manifest: Path | None = None,
+    manifest_name: str | None = None,
+    limits: Limits | None = None,
 ) -> ArchiveSource:
     """An uploaded zip or tar: 415 when it is neither, 422 when it is one but damaged (truncated),
     413 when it holds more than ``limits.members`` entries. Of a tar only the headers in its first
     bytes are read (app/services/tar_listing.py): a tar.gz bomb is not inflated here."""
     limits = limits or Limits()
+    check_name(filename, what="the archive's name")  # kept in the job's parameters and shown
+    check_name(manifest_name, what="the manifest's name")
     kind = "zip" if zipfile.is_zipfile(path) else "tar" if _is_tar(path) else None
     if kind is None:
         with path.open("rb") as handle:
@@ -364,9 +381,10 @@ def check_archive(
         raise TooManyMembers(
             f"{filename!r} holds more than {limits.members} members (CBIR_MAX_ARCHIVE_MEMBERS)"
         )
-    source = ArchiveSource(path, filename, manifest)
-    if manifest is not None:
-        parse_manifest(read_manifest(manifest), name=manifest.name)
+    source = ArchiveSource(path, filename, manifest, manifest_name)
+    if manifest is not None:  # named as the client sent it, never by its temporary file
+        name = manifest_name or "manifest"
+        parse_manifest(read_manifest(manifest, name=name), name=name)
     return source
 
 
@@ -386,100 +404,6 @@ def _is_tar(path: Path) -> bool:
             return True
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         return False
-
-
-# -- manifests ------------------------------------------------------------------------------
-PATH_COLUMNS = ("path", "file", "filename", "member")
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    path: str | None  # None: the row is unusable, ``error`` says why
-    metadata: dict[str, Any]
-    error: str | None = None
-    code: str = "manifest_row_invalid"  # the report's code for a row with an error
-
-
-def read_manifest(path: Path) -> bytes:
-    """A manifest file's bytes, never more than MAX_MANIFEST_BYTES read (413 when larger)."""
-    with path.open("rb") as handle:
-        data = handle.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise PayloadTooLarge(f"the manifest {path.name!r} is larger than {MAX_MANIFEST_BYTES} bytes")
-    return data
-
-
-def parse_manifest(data: bytes, *, name: str) -> list[ManifestRow]:
-    """CSV with a header (a ``path`` column, optional ``label``, other columns as metadata) or JSON
-    lines (``{"path": ..., "label": ..., "metadata": {...}}``, other keys as metadata).
-
-    A file that cannot be read at all raises InvalidRequest; a bad row becomes a row with an error.
-    """
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"the manifest {name!r} is not UTF-8 text") from None
-    stripped = text.lstrip()
-    if name.endswith(".jsonl") or stripped.startswith("{"):
-        return [_jsonl_row(line, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    try:
-        return _csv_rows(text, name=name)
-    except csv.Error as exc:
-        raise InvalidRequest(f"the manifest {name!r} is not readable CSV: {exc}") from None
-
-
-def _csv_rows(text: str, *, name: str) -> list[ManifestRow]:
-    reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip().lower() for c in reader.fieldnames or []]
-    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
-    if path_column is None:
-        raise InvalidRequest(
-            f"the manifest {name!r} needs a header with one of the columns {', '.join(PATH_COLUMNS)}"
-        )
-    rows = []
-    for record in reader:
-        values = {(k or "").strip().lower(): v for k, v in record.items() if k is not None}
-        if None in record:
-            rows.append(ManifestRow(None, {}, "the row has more fields than the header"))
-            continue
-        path = (values.pop(path_column) or "").strip()
-        rows.append(_row(path, {k: v for k, v in values.items() if k and v not in (None, "")}))
-    return rows
-
-
-def _jsonl_row(line: str, number: int) -> ManifestRow:
-    try:
-        value = parse_json(line)
-    except json.JSONDecodeError as exc:
-        return ManifestRow(None, {}, f"line {number} is not JSON: {exc.msg}")
-    except BadMetadata as exc:  # NaN or infinity, a number past int64, nested far too deep
-        return ManifestRow(None, {}, f"line {number}: {exc.detail}", code=exc.code)
-    if not isinstance(value, dict):
-        return ManifestRow(None, {}, f"line {number} is not a JSON object")
-    path = next((value.pop(c) for c in PATH_COLUMNS if c in value), None)
-    if not isinstance(path, str):
-        return ManifestRow(None, {}, f"line {number} has no string 'path'")
-    nested = value.pop("metadata", None)
-    metadata = dict(nested) if isinstance(nested, dict) else {}
-    metadata.update(value)
-    return _row(path, metadata)
-
-
-def _row(path: str, metadata: dict[str, Any]) -> ManifestRow:
-    if not path:
-        return ManifestRow(None, {}, "the row has an empty path")
-    clean: dict[str, Any] = {}
-    for key, value in list(metadata.items())[:MAX_META_KEYS]:  # scalars only, but any label
-        if isinstance(value, str | int | float | bool) or value is None or key == "label":
-            clean[str(key)[:64]] = value[:MAX_META_CHARS] if isinstance(value, str) else value
-    try:  # the rules every path obeys (app/usertext.py): a label object is refused, not dropped
-        check_name(path, what="the path")
-        check_metadata(clean, what=f"the metadata of {path[:100]!r}")
-    except (BadMetadata, BadName) as exc:
-        return ManifestRow(None, {}, exc.detail, code=exc.code)
-    if "label" in clean and clean["label"] is not None:
-        clean["label"] = str(clean["label"])
-    return ManifestRow(path, clean)
 
 
 # -- members of each source -----------------------------------------------------------------
@@ -604,7 +528,15 @@ def _zip_members(source: ArchiveSource, *, limits: Limits) -> Iterator[Member]:
     with zipfile.ZipFile(source.path) as archive:
         entries = archive.infolist()
         infos = [i for i in entries[: limits.members] if not i.is_dir() and not skipped(i.filename)]
-        manifest = _archive_manifest(source, lambda n: _zip_manifest(archive, n), [i.filename for i in infos])
+        manifest = archive_manifest(
+            uploaded=source.manifest,
+            uploaded_name=source.manifest_name,
+            read=lambda n: zip_manifest(archive, n),
+            names=[i.filename for i in infos],
+        )
+        if unreadable(manifest):  # its one report line; the job fails with it
+            yield from _missing_rows(manifest)
+            return
         # The total cap counts declared sizes, or what reads really inflated where that is more
         # (headers that lie, members rejected after reading): a zip of many lying members
         # stops costing CPU there too.
@@ -724,34 +656,6 @@ def _read_member(handle: Any, *, limits: Limits, inflated: list[int] | None = No
     if data.startswith(ARCHIVE_MAGIC) or data[257:262] == b"ustar":
         raise MemberRejected("unsupported_format", "an archive inside the archive is not opened")
     return data
-
-
-def _zip_manifest(archive: zipfile.ZipFile, name: str) -> bytes:
-    """A manifest member, inflated no further than MAX_MANIFEST_BYTES (a zip bomb stops there)."""
-    with archive.open(name) as handle:
-        data = handle.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise InvalidRequest(
-            f"the manifest {name!r} in the archive is larger than {MAX_MANIFEST_BYTES} bytes"
-        )
-    return data
-
-
-def _archive_manifest(
-    source: ArchiveSource, read: Callable[[str], bytes], names: list[str]
-) -> dict[str, ManifestRow] | None:
-    if source.manifest is not None:
-        rows = parse_manifest(read_manifest(source.manifest), name=source.manifest.name)
-    else:
-        inside = next((n for n in names if PurePosixPath(n).as_posix() in MANIFEST_NAMES), None)
-        if inside is None:
-            return None
-        rows = parse_manifest(read(inside), name=inside)
-    table: dict[str, ManifestRow] = {}
-    for number, row in enumerate(rows):
-        key = PurePosixPath(row.path).as_posix() if row.path else f"\0row {number + 1}"
-        table.setdefault(key, row)
-    return table
 
 
 def _archive_member(

@@ -28,15 +28,18 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from app.services.sources import (
-    ARCHIVE_ERRORS,
+from app.services.manifests import (
     MANIFEST_NAMES,
     MAX_MANIFEST_BYTES,
+    ManifestRow,
+    archive_manifest,
+    unreadable,
+)
+from app.services.sources import (
+    ARCHIVE_ERRORS,
     ArchiveSource,
     Limits,
-    ManifestRow,
     Member,
-    _archive_manifest,
     _archive_member,
     _member_check,
     _missing_rows,
@@ -132,7 +135,12 @@ def _survey(source: ArchiveSource, *, limits: Limits) -> tuple[tuple[str, bytes]
 
 
 def _manifest(source: ArchiveSource, found: tuple[str, bytes] | None) -> dict[str, ManifestRow] | None:
-    return _archive_manifest(source, lambda _: found[1] if found else b"", [found[0]] if found else [])
+    return archive_manifest(
+        uploaded=source.manifest,
+        uploaded_name=source.manifest_name,
+        read=lambda _: found[1] if found else b"",
+        names=[found[0]] if found else [],
+    )
 
 
 def tar_count(source: ArchiveSource, *, limits: Limits) -> int | None:
@@ -155,6 +163,9 @@ def tar_members(
     manifest = _manifest(source, found)
     if on_total is not None and (manifest is not None or lines is not None):
         on_total(len(manifest) if manifest is not None else lines or 0)
+    if unreadable(manifest):  # its one report line, the stream never read; the job fails with it
+        yield from _missing_rows(manifest)
+        return
     with tarfile.open(source.path, "r:*") as archive:
         walk = HeaderWalk(archive, limits=limits)
         try:

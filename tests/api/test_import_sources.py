@@ -136,7 +136,7 @@ def test_an_unreadable_uploaded_manifest_is_422_and_keeps_nothing(
     response = client.post(
         IMPORTS, files={"file": ("photos.zip", make_zip(photos)), "manifest": ("manifest.csv", manifest)}
     )
-    assert_problem(response, 422, "invalid_request")
+    assert "'manifest.csv'" in assert_problem(response, 422, "bad_manifest")["detail"]
     assert list(settings.uploads_dir.iterdir()) == []
     assert list(settings.tmp_dir.iterdir()) == []
     assert client.get(f"{API}/jobs").json()["jobs"] == []
@@ -218,9 +218,9 @@ def test_a_server_manifest_outside_the_roots_is_403_and_a_bad_one_422(
         assert_problem(client.post(IMPORTS, json={"manifest": str(path)}), 403, "path_outside_root")
     assert_problem(client.post(IMPORTS, json={"manifest": str(root / "none.csv")}), 403, "path_outside_root")
     (root / "bad.csv").write_bytes(b"label\ncat\n")
-    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "bad.csv")}), 422, "invalid_request")
+    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "bad.csv")}), 422, "bad_manifest")
     (root / "bad.jsonl").write_bytes(b'{"path": "\xff"}\n')
-    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "bad.jsonl")}), 422, "invalid_request")
+    assert_problem(client.post(IMPORTS, json={"manifest": str(root / "bad.jsonl")}), 422, "bad_manifest")
     assert_problem(client.post(IMPORTS, json={"manifest": "lists/manifest.csv"}), 422, "invalid_request")
     assert client.get(f"{API}/jobs").json()["jobs"] == []
 

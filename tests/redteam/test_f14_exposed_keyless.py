@@ -11,8 +11,8 @@ creates an admin key on a first start without any and prints it once.
 
 from __future__ import annotations
 
+import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -159,6 +159,22 @@ def test_a_key_created_later_lifts_the_refusal_for_its_holder(service, settings:
     assert deleted.status_code == 204, deleted.text
 
 
+def test_each_service_logs_its_refusal_once(service, make_png, caplog: pytest.LogCaptureFixture):
+    # The "logged already" mark belongs to each service, not to the process: a second app in the
+    # same process (tests, an embedding host) still tells its operator.
+    for _ in range(2):
+        client = service(host="0.0.0.0")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="app.api.exposure"):
+            for _ in range(3):
+                assert_refused(
+                    client.post(f"{LOOPBACK}{API}/collections", json={"name": "x", "embedder": "tiny"})
+                )
+        logged = [r for r in caplog.records if r.getMessage().startswith("refusing writes")]
+        assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+        assert "CBIR_HOST=0.0.0.0" in logged[0].getMessage()
+
+
 # -- cbir serve with CBIR_CREATE_ADMIN_KEY (the compose file's first start) -----------------------
 @pytest.fixture
 def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
@@ -214,31 +230,47 @@ def test_without_the_setting_serve_creates_no_key(cli_env, settings):
     assert result.exit_code == 0 and stored_keys(settings) == []
 
 
+def test_serve_on_port_zero_lets_the_system_pick_a_free_port(cli_env):
+    assert CliRunner().invoke(main, ["serve", "--port", "0"]).exit_code == 0
+    assert CliRunner().invoke(main, ["serve"]).exit_code == 0
+    assert [run["port"] for run in cli_env] == [0, 8000]
+
+
 # -- real servers ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cbir_serve(data_dir: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
-    """`cbir serve` as the compose file runs it: on every interface, CBIR_CREATE_ADMIN_KEY on."""
+def cbir_serve(data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`cbir serve` as the compose file runs it: on every interface, CBIR_CREATE_ADMIN_KEY on; on a
+    port the system picks as it binds (``--port 0``), so no other process can take it first."""
     env = server_env(
         data_dir,
         CBIR_HOST="0.0.0.0",
-        CBIR_PORT=str(port),
         CBIR_CREATE_ADMIN_KEY="true",
         CBIR_DEFAULT_EMBEDDER="tiny",
         CBIR_IMPORT_PROCESSES="0",
     )
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [sys.executable, "-m", "app.cli", "serve", "--port", "0"],
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+RUNNING = re.compile(r"Uvicorn running on http://0\.0\.0\.0:(\d+)")
+
+
+def loopback_url(process: subprocess.Popen[bytes], log: Path, *, since: int) -> str:
+    """The server's address on 127.0.0.1, from the port uvicorn logs once it is bound (in the log
+    after byte ``since``: each start appends to the same log)."""
+    deadline = time.monotonic() + 120
+    while True:
+        found = RUNNING.search(log.read_bytes()[since:].decode(errors="replace"))
+        if found:
+            return f"http://127.0.0.1:{found.group(1)}"
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -260,10 +292,10 @@ def test_compose_first_start_prints_an_admin_key_that_opens_writes(tmp_path: Pat
     log = tmp_path / "serve.log"
     secrets_seen: list[str] = []
     for start in range(2):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        process = cbir_serve(tmp_path / "data", log, port)
+        since = log.stat().st_size if log.exists() else 0
+        process = cbir_serve(tmp_path / "data", log)
         try:
+            url = loopback_url(process, log, since=since)
             wait_healthy(url, process, log)
             secrets_seen = SECRET.findall(log.read_text(errors="replace"))
             assert len(secrets_seen) == 1, (start, log.read_text()[-2000:])  # printed on the first start only
