@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,8 @@ from app.main import create_app
 from app.settings import Settings
 from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import make_zip, run_import
-from tests.liveserver import LiveServer, run_in_sqlite_pass_only, server_env
+from tests.liveserver import LiveServer, server_env
+from tests.redteam.conftest import tiny_server
 
 API = "/api/v1"
 
@@ -99,18 +100,6 @@ def test_archive_with_a_black_member_rejects_it_and_stores_and_indexes_the_rest(
 
 
 # -- a stored row the index refuses, with a real server restart ------------------------------------
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveServer]]:
-    run_in_sqlite_pass_only()
-    started: list[LiveServer] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def _server(tmp_path: Path) -> LiveServer:
-    env = {"CBIR_IMPORT_PROCESSES": "0", "CBIR_DEFAULT_EMBEDDER": "tiny"}
-    return LiveServer(tmp_path / "data", tmp_path / "server.log", env=env)
 
 
 def _insert_rows(data_dir: Path, *, collection: str, vectors: dict[str, bytes]) -> dict[str, int]:
@@ -142,7 +131,7 @@ def _insert_rows(data_dir: Path, *, collection: str, vectors: dict[str, bytes]) 
 def test_stored_zero_nan_and_short_vectors_are_set_aside_at_restart_and_reported(
     tmp_path: Path, live: list[LiveServer]
 ) -> None:
-    server = _server(tmp_path)
+    server = tiny_server(tmp_path)
     live.append(server.start())
     for name in ("a", "b"):
         assert server.api("POST", "/collections", json={"name": name, "embedder": "tiny"}).status_code == 201
@@ -166,7 +155,7 @@ def test_stored_zero_nan_and_short_vectors_are_set_aside_at_restart_and_reported
     # The index file is gone too, as after a restore: the index is built from the database.
     (server.data_dir / "indexes" / "collection-1.cbidx").unlink()
 
-    server = _server(tmp_path)
+    server = tiny_server(tmp_path)
     live.append(server.start())
     ready = server.api("GET", "/ready")
     assert ready.status_code == 200, ready.text

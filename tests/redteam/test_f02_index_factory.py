@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.api.helpers import assert_problem
-from tests.liveserver import LiveServer, run_in_sqlite_pass_only
+from tests.liveserver import LiveServer
+from tests.redteam.conftest import tiny_server
 
 API = "/api/v1"
 N = 301  # as in the finding: enough vectors to train IVF16 and 8-bit PQ codebooks
@@ -73,20 +73,6 @@ def wait_until(condition, *, timeout: float = 120.0, what: str) -> None:  # type
         time.sleep(0.1)
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveServer]]:
-    run_in_sqlite_pass_only()
-    started: list[LiveServer] = []
-    yield started
-    for server in started:
-        server.kill()
-
-
-def _server(tmp_path: Path) -> LiveServer:
-    env = {"CBIR_IMPORT_PROCESSES": "0", "CBIR_DEFAULT_EMBEDDER": "tiny"}
-    return LiveServer(tmp_path / "data", tmp_path / "server.log", env=env)
-
-
 def _seeded(server: LiveServer) -> None:
     assert server.api("POST", "/collections", json={"name": "k", "embedder": "tiny"}).status_code == 201
     response = server.api("POST", "/collections/k/imports", files={"file": ("seed.tar", seed_tar())})
@@ -101,7 +87,7 @@ def _seeded(server: LiveServer) -> None:
 def test_malformed_factories_are_refused_and_a_stored_one_never_stops_the_restart(
     tmp_path: Path, live: list[LiveServer]
 ) -> None:
-    server = _server(tmp_path)
+    server = tiny_server(tmp_path)
     live.append(server.start())
     _seeded(server)
 
@@ -123,7 +109,7 @@ def test_malformed_factories_are_refused_and_a_stored_one_never_stops_the_restar
             "update collections set index_factory = 'HNSW0', index_params = ? where name = 'k'",
             ('{"ef_search": "many", "nprobe": -3}',),
         )
-    server = _server(tmp_path)
+    server = tiny_server(tmp_path)
     live.append(server.start())
     ready = server.api("GET", "/ready")
     assert ready.status_code == 200, ready.text
