@@ -113,6 +113,13 @@ def vectors_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The stored vectors of ``ids`` of one version: ((m, d) float32, (m,) int64 ascending ids);
     ids without such a vector are left out, and so are the rows set aside (into ``refused``)."""
+    found = blobs_of(db, ids=ids, embedder_version=embedder_version)
+    return _usable([(i, found[i]) for i in sorted(found)], refused)
+
+
+def blobs_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> dict[int, bytes]:
+    """Image id -> the stored vector blob of one version (little-endian float32), unscreened; ids
+    without such a vector are absent."""
     found: dict[int, bytes] = {}
     with db.session() as session:
         for start in range(0, len(ids), CHUNK):
@@ -124,4 +131,4 @@ def vectors_of(
                     .where(EmbeddingRecord.embedder_version == embedder_version)
                 ).all()
             )
-    return _usable([(i, found[i]) for i in sorted(found)], refused)
+    return found

@@ -8,7 +8,8 @@ import numpy as np
 from sqlalchemy import select
 
 from app.context import AppContext
-from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.records import CollectionRecord, ImageRecord
+from app.vector_rows import blobs_of
 from index.projection import sample_positions
 
 CHUNK = 5000  # ids per IN (...) list, well under SQLite's bound-parameter limit
@@ -30,17 +31,7 @@ def sample_ids(ids: np.ndarray, size: int) -> np.ndarray:
 
 def stored_vectors(ctx: AppContext, record: CollectionRecord, ids: np.ndarray) -> np.ndarray:
     """The served vectors of ``ids`` (n, d) float32 unit rows, in the order of ``ids``."""
-    found: dict[int, bytes] = {}
-    with ctx.db.session() as session:
-        for start in range(0, len(ids), CHUNK):
-            chunk = [int(i) for i in ids[start : start + CHUNK]]
-            found.update(
-                session.execute(
-                    select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-                    .where(EmbeddingRecord.image_id.in_(chunk))
-                    .where(EmbeddingRecord.embedder_version == record.embedder_version)
-                ).all()
-            )
+    found = blobs_of(ctx.db, ids=ids, embedder_version=record.embedder_version)
     if not found:
         return np.zeros((0, 0), dtype=np.float32)
     return np.frombuffer(b"".join(found[int(i)] for i in ids), dtype="<f4").reshape(len(ids), -1)
