@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.api.helpers import assert_problem
+from tests.api.test_imports import make_zip, start_archive_import
 from tests.liveserver import LiveServer, run_in_sqlite_pass_only
-from tests.redteam.test_f05_costly_compare import fill, import_digits
+from tests.redteam.test_f05_costly_compare import fill, import_digits, noise_png
 
 API = "/api/v1"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -180,3 +181,20 @@ def test_a_server_running_an_evaluation_exits_within_seconds_of_sigterm(tmp_path
         assert job["state"] == "failed" and "restart" in job["error"], job
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_an_evaluate_result_of_an_unknown_or_foreign_job_is_a_404(tight: TestClient) -> None:
+    """The result route's bad input: no such job, a job of another collection or of another kind."""
+    assert_problem(tight.get(f"{API}/collections/shapes/evaluate/no-such-job"), 404, "job_not_found")
+    accepted = tight.post(f"{API}/collections/shapes/evaluate", json=SHORT)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    assert wait_for(tight, job_id, FINAL)["state"] == "succeeded"
+    assert tight.get(accepted.json()["result_url"]).status_code == 200
+    assert tight.post(f"{API}/collections", json={"name": "other", "embedder": "tiny"}).status_code == 201
+    assert_problem(tight.get(f"{API}/collections/other/evaluate/{job_id}"), 404, "job_not_found")
+    started = start_archive_import(tight, "shapes", make_zip({"a/x.png": noise_png(99)}))
+    assert started.status_code == 202, started.text
+    import_id = started.json()["job_id"]  # a job of another kind is not an evaluation
+    assert_problem(tight.get(f"{API}/collections/shapes/evaluate/{import_id}"), 404, "job_not_found")
