@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -95,19 +94,16 @@ def test_tar_gz_of_zeros_is_accepted_at_once_and_every_member_gets_one_line(
         return member
 
     monkeypatch.setattr(tarfile.TarFile, "next", spy)
-    began = time.monotonic()
     response = start_archive_import(api, "shapes", data, name="zeros.tar.gz")
-    accepted = time.monotonic() - began
     assert response.status_code == 202, response.text
     with lock:
         in_request = sum(offset for name, offset in furthest.values() if not name.startswith("cbir-"))
     job = wait_for_job(api, response.json()["job_id"], timeout=100)
-    worked = time.monotonic() - began
     assert job["state"] == "succeeded", job
 
     # The request read the head of the stream only: not a count of 180 MiB of zeros.
+    # (Measured in bytes, not seconds: a shared machine makes wall-clock ratios flaky.)
     assert in_request < stream / 4, (in_request, stream)
-    assert accepted < worked / 2, (accepted, worked)
     # The job inflated the stream once, plus a bounded look for a manifest at its head.
     inflated = sum(offset for _, offset in furthest.values())
     assert inflated < stream * 1.5, (inflated, stream)
