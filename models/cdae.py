@@ -82,12 +82,13 @@ class CDAEConfig:
 
     @classmethod
     def preset(cls, name: str) -> CDAEConfig:
-        """``"tutorial"``: the reference network; ``"default"``: cbir's tuned CDAE."""
+        """``"tutorial"``: the reference network; ``"default"``: cbir's CDAE for any collection;
+        ``"strokes"``: the handwriting invariances (rotation, elastic wobble, erased strokes)."""
         if name == "tutorial":
             return cls()
-        if name == "default":
-            return cls(**_DEFAULT_PRESET)
-        raise ValueError(f"unknown CDAE preset {name!r}; known: tutorial, default")
+        if name in PRESETS:
+            return cls(**PRESETS[name])
+        raise ValueError(f"unknown CDAE preset {name!r}; known: tutorial, {', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -128,6 +129,8 @@ _DEFAULT_PRESET: dict[str, Any] = {
     "cosine_schedule": True,
     "epochs": 10,  # fits the ~10 minute budget on 2 CPU cores
 }
+_STROKES_PRESET = dict(_DEFAULT_PRESET)
+PRESETS: dict[str, dict[str, Any]] = {"default": _DEFAULT_PRESET, "strokes": _STROKES_PRESET}
 
 
 class CDAE(nn.Module):
