@@ -58,6 +58,10 @@ class CDAEConfig:
     scale_range: float = 0.0  # uniform zoom in [1 - a, 1 + a]
     elastic_pixels: float = 0.0  # std of a smooth random displacement field, in pixels
     erase_prob: float = 0.0  # chance of zeroing one random rectangle (2-20% of the area)
+    flip_prob: float = 0.0  # chance of a left-right mirror (only where mirrors mean the same)
+    blur_sigma: float = 0.0  # Gaussian blur, std uniform in [0, b] pixels (focus, resolution)
+    contrast: float = 0.0  # contrast factor uniform in [1 - c, 1 + c] about the image's mean
+    brightness: float = 0.0  # uniform shift in [-b, b] of the [0, 1] intensity scale
 
     # --- loss
     consistency_weight: float = 0.0  # > 0: two corrupted views per image, and a term that
@@ -73,6 +77,7 @@ class CDAEConfig:
     cosine_schedule: bool = False  # decay lr to 0 over the run: better end point, same cost
     batch_size: int = 128  # the tutorial's; small enough for many updates per epoch
     epochs: int = 20  # the default for `cbir train`; a training call may override it
+    min_steps: int = 0  # train at least this many batches: a small collection gets more epochs
 
     # --- code post-processing, fitted on the training set's own codes (unsupervised)
     whiten: bool = False  # PCA-whiten the L2-normalised codes; stored in the checkpoint
@@ -204,6 +209,9 @@ def corrupt(x: torch.Tensor, *, config: CDAEConfig, generator: torch.Generator) 
         return torch.rand(*shape, generator=generator, device=x.device) * 2 - 1
 
     c = config
+    if c.flip_prob:
+        flip = torch.rand(n, generator=generator, device=x.device) < c.flip_prob
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if c.rotate_degrees or c.shift_pixels or c.scale_range or c.elastic_pixels:
         angle = uniform(n) * math.radians(c.rotate_degrees)
         scale = 1 + uniform(n) * c.scale_range
@@ -222,6 +230,13 @@ def corrupt(x: torch.Tensor, *, config: CDAEConfig, generator: torch.Generator) 
             field = field * per_axis[:, None, None]
             grid = grid + field.permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if c.blur_sigma:
+        x = _blur(x, sigma=torch.rand(n, generator=generator, device=x.device) * c.blur_sigma)
+    if c.contrast or c.brightness:
+        factor = 1 + uniform(n) * c.contrast
+        shift = uniform(n) * c.brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor[:, None, None, None] + mean + shift[:, None, None, None]).clamp(0.0, 1.0)
     if c.erase_prob:
         area = 0.02 + 0.18 * torch.rand(n, generator=generator, device=x.device)
         aspect = torch.exp(uniform(n) * math.log(3))
@@ -246,6 +261,24 @@ def corrupt(x: torch.Tensor, *, config: CDAEConfig, generator: torch.Generator) 
     return x
 
 
+def _blur(x: torch.Tensor, *, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (n, C, H, W) with one std per image (0 leaves it as it is)."""
+    radius = 3
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    weights = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    weights = weights / weights.sum(1, keepdim=True)  # (n, 2r + 1); sigma ~0 -> a delta
+    n, ch, h, w = x.shape
+    flat = x.reshape(1, n * ch, h, w)
+    kernel = weights.repeat_interleave(ch, 0)
+    flat = F.conv2d(
+        F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=n * ch
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=n * ch
+    )
+    return flat.reshape(n, ch, h, w)
+
+
 def _consistency_loss(z1: torch.Tensor, z2: torch.Tensor, *, config: CDAEConfig) -> torch.Tensor:
     """Label-free agreement between the codes of two corruptions of the same images."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
@@ -268,6 +301,15 @@ class TrainResult:
     losses: list[float]  # mean training loss per epoch
     epoch_seconds: list[float]  # wall time per epoch
     whitening: dict[str, torch.Tensor] | None = None  # {"mean": (d,), "matrix": (d, k)}
+
+
+def epochs_for(config: CDAEConfig, *, images: int, epochs: int | None = None) -> int:
+    """Epochs to train on ``images`` images: ``epochs`` when given, else the config's, raised so
+    that at least ``config.min_steps`` batches are seen (a few hundred images still train)."""
+    if epochs is not None:
+        return epochs
+    steps = max(1, math.ceil(images / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / steps))
 
 
 def _as_batch(images: torch.Tensor, config: CDAEConfig) -> torch.Tensor:
