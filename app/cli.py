@@ -36,13 +36,16 @@ def _bar(description: str) -> Callable[[int, int | None], None]:
     return update
 
 
-def _epoch_bars() -> Callable[[int, int, int, float], None]:
-    """Training progress: one bar per epoch, with the running loss."""
+def _epoch_bars(name: str = "") -> Callable[[int, int, int, float], None]:
+    """Training progress: one bar per epoch, with the running loss (``name``: what trains)."""
     bars: dict[int, tqdm] = {}
+    prefix = f"{name} " if name else ""
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         if epoch not in bars:
-            bars[epoch] = tqdm(total=steps, desc=f"epoch {epoch}", dynamic_ncols=True, file=sys.stderr)
+            bars[epoch] = tqdm(
+                total=steps, desc=f"{prefix}epoch {epoch}", dynamic_ncols=True, file=sys.stderr
+            )
         bar = bars[epoch]
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -122,10 +125,14 @@ def _first_admin_key(settings: Settings) -> None:
 @main.command()
 @click.option("--name", default=None, help="default: CBIR_DEMO_COLLECTION (mnist)")
 @click.option(
-    "--epochs", type=int, default=None, help="CDAE epochs (default: CBIR_DEMO_EPOCHS or the preset's)"
+    "--epochs",
+    type=int,
+    default=None,
+    help="the selected embedder's epochs (default: CBIR_DEMO_EPOCHS or its recipe's)",
 )
 def demo(name: str | None, epochs: int | None) -> None:
-    """Build the demo collection when it is missing: MNIST train, a CDAE trained on it, indexed."""
+    """Build the demo collection when it is missing: MNIST train, an embedder selected on its labels
+    (pixels, PCA, CDAEs, LeNet-5; docs/selection.md), indexed."""
     from app.services.demo import ensure_demo
 
     settings = get_settings()
@@ -135,7 +142,7 @@ def demo(name: str | None, epochs: int | None) -> None:
             name=name or settings.demo_collection,
             epochs=epochs or settings.demo_epochs or None,
             bar=_bar,
-            epoch_bars=_epoch_bars(),
+            train_bars=_epoch_bars,
             say=lambda text: click.echo(text, err=True),
         )
 
@@ -535,8 +542,28 @@ def train() -> None:
 
 @train.command("cdae")
 @click.option("--collection", required=True)
-@click.option("--epochs", type=int, default=None, help="default: the preset's recommended count")
-@click.option("--preset", type=click.Choice(["default", "tutorial"]), default="default", show_default=True)
+@click.option(
+    "--epochs", type=int, default=None, help="default: the preset's (with selection: the winner's) count"
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "strokes", "tutorial"]),
+    default=None,
+    help="train this CDAE preset alone (no selection)",
+)
+@click.option(
+    "--select/--no-select",
+    default=True,
+    show_default=True,
+    help="choose among pixels, PCA, CDAEs and LeNet-5 on the collection's held-out labels "
+    "(without labels: the default CDAE, not validated); --no-select trains the default CDAE alone",
+)
+@click.option(
+    "--screen-images", type=int, default=None, help="selection: images each candidate is screened on"
+)
+@click.option(
+    "--screen-epochs", type=int, default=None, help="selection: epochs each candidate is screened for"
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--activate/--no-activate",
@@ -544,23 +571,52 @@ def train() -> None:
     show_default=True,
     help="make it the collection's embedder (re-embed + re-index) or only record the checkpoint",
 )
-def train_cdae_command(collection: str, epochs: int | None, preset: str, seed: int, activate: bool) -> None:
-    """Train the denoising autoencoder on the collection's own images (no labels)."""
+def train_cdae_command(
+    collection: str,
+    epochs: int | None,
+    preset: str | None,
+    select: bool,
+    screen_images: int | None,
+    screen_epochs: int | None,
+    seed: int,
+    activate: bool,
+) -> None:
+    """Train the collection's embedder: by default a selection measured on its held-out labels
+    (docs/selection.md); the denoising autoencoder alone with --no-select or --preset."""
     from app.services.training import train_cdae
 
     with _context(threads=os.cpu_count()) as ctx:
+        if select and preset is None:
+            from app.services import selection
+
+            outcome = selection.select_and_train(
+                ctx,
+                collection=collection,
+                epochs=epochs,
+                seed=seed,
+                activate=activate,
+                screen_images=screen_images or selection.SCREEN_IMAGES,
+                screen_epochs=screen_epochs or selection.SCREEN_EPOCHS,
+                load_progress=_bar("read images"),
+                train_bars=_epoch_bars,
+                embed_progress=_bar("embed + index"),
+                say=lambda text: click.echo(text, err=True),
+            )
+            click.echo(selection.format_table(outcome.selection.summary()))
+            _report_checkpoint(outcome.checkpoint, label=outcome.selection.winner, active=activate)
+            return
         checkpoint = train_cdae(
             ctx,
             collection=collection,
             epochs=epochs,
-            preset=preset,
+            preset=preset or "default",
             seed=seed,
             activate=activate,
             load_progress=_bar("read images"),
             train_progress=_epoch_bars(),
             embed_progress=_bar("embed + index"),
         )
-        _report_checkpoint(checkpoint, label=preset, active=activate)
+        _report_checkpoint(checkpoint, label=preset or "default", active=activate)
 
 
 def _arch_names() -> list[str]:
@@ -665,7 +721,7 @@ def eval_command(
                 collection=collection,
                 groundtruth=gt.read_groundtruth(groundtruth),
                 embedders=embedders + compare,
-                whiten=whiten or (0,),
+                whiten=whiten or None,  # none given: as served
                 qe=qe,
                 qe_alpha=qe_alpha,
                 progress=_bar("embed"),

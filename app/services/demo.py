@@ -1,4 +1,4 @@
-"""The demo collection: MNIST's 60,000 training digits, a CDAE trained on them, codes indexed."""
+"""The demo collection: MNIST's 60,000 training digits, an embedder selected on their labels, indexed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from app.datasets import keep_local_copy
 from app.records import CollectionRecord
 from app.services.collections import create_collection, get_collection
 from app.services.jobs import JobRunner
+from app.services.selection import format_table, select_and_train
 from app.services.sources import DatasetSource, count_members
-from app.services.training import train_cdae
 
 Step = Callable[[str], None]
 
@@ -23,12 +23,13 @@ def ensure_demo(
     name: str,
     epochs: int | None,
     bar: Callable[[str], Callable[[int, int | None], None]],
-    epoch_bars: Callable[[int, int, int, float], None] | None = None,
+    train_bars: Callable[[str], Callable[[int, int, int, float], None] | None] | None = None,
     say: Step = print,
 ) -> None:
     """Build whatever part of the demo is missing; a complete demo costs a few queries.
 
-    ``bar(description)`` returns an ``update(done, total)`` callback (a progress bar).
+    ``bar(description)`` returns an ``update(done, total)`` callback (a progress bar);
+    ``train_bars(name)`` one for the epochs of a training. ``epochs``: the winner's full training.
     """
     with ctx.db.session() as session:
         exists = session.scalar(select(CollectionRecord.id).where(CollectionRecord.name == name))
@@ -52,14 +53,17 @@ def ensure_demo(
         info = get_collection(ctx, name)
         say(f"stored {info.image_count} images")
     if info.checkpoint is None:
-        train_cdae(
+        # MNIST train has labels: the embedder is chosen on a held-out part of them (docs/selection.md).
+        outcome = select_and_train(
             ctx,
             collection=name,
             epochs=epochs,
             load_progress=bar("read images"),
-            train_progress=epoch_bars,
+            train_bars=train_bars,
             embed_progress=bar("embed + index"),
+            say=say,
         )
+        say(format_table(outcome.selection.summary()))
         info = get_collection(ctx, name)
     say(
         f"collection {name!r}: {info.image_count} images, {info.index_size} indexed, "

@@ -83,6 +83,21 @@ def load_pixels(
     return np.stack(arrays) if arrays else np.zeros((0, config.image_size, config.image_size), np.uint8)
 
 
+def check_trainable(ctx: AppContext, *, record: CollectionRecord) -> None:
+    """InvalidRequest unless the collection may be given a CDAE (or a selection's winner).
+
+    A collection serving another trained embedder (LeNet-5), or an untrained baseline that a
+    selection chose (raw pixels, PCA), may switch; one created with a fixed embedder may not."""
+    if record.embedder == "cdae" or registry.get_spec(record.embedder).trainable:
+        return
+    if record.checkpoint_id is not None:
+        with ctx.db.session() as session:
+            active = session.get(CheckpointRecord, record.checkpoint_id)
+        if active is not None and (active.config or {}).get("selected_by") == "selection":
+            return
+    raise InvalidRequest(f"collection {record.name!r} uses embedder {record.embedder!r}, not 'cdae'")
+
+
 def train_cdae(
     ctx: AppContext,
     *,
@@ -99,9 +114,7 @@ def train_cdae(
     make it the collection's embedder: its codes are recomputed and the index rebuilt."""
     with ctx.db.session() as session:
         record = require_collection(session, collection)
-    # A collection serving another trained embedder (LeNet-5) may switch back; a fixed one may not.
-    if record.embedder != "cdae" and not registry.get_spec(record.embedder).trainable:
-        raise InvalidRequest(f"collection {collection!r} uses embedder {record.embedder!r}, not 'cdae'")
+    check_trainable(ctx, record=record)
     config = cdae.CDAEConfig.preset(preset)
     epochs = epochs or config.epochs
     pixels = load_pixels(ctx, collection=record, config=config, progress=load_progress)
