@@ -231,7 +231,8 @@ def corrupt(x: torch.Tensor, *, config: CDAEConfig, generator: torch.Generator) 
             grid = grid + field.permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if c.blur_sigma:
-        x = _blur(x, sigma=torch.rand(n, generator=generator, device=x.device) * c.blur_sigma)
+        sigma = torch.rand(n, generator=generator, device=x.device) * c.blur_sigma
+        x = _blur(x, sigma=sigma).clamp(0.0, 1.0)  # float sums may land a hair past 1
     if c.contrast or c.brightness:
         factor = 1 + uniform(n) * c.contrast
         shift = uniform(n) * c.brightness

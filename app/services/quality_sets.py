@@ -8,6 +8,8 @@ relevant. They change what matters between images, so that a default tuned to on
 - ``mnist-inverted``: the same digits, dark on light: the background is no longer zero.
 - ``mnist-thick``: the strokes re-drawn thick and soft (3x3 dilation, then a blur): shape kept,
   stroke texture changed.
+- ``mnist-turned``: orientation is the class: digits 0-4 as written, and the same digits turned
+  30 degrees clockwise, ten classes (a code invariant to rotation merges them).
 - ``digits-8x8``: scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels), another hand
   and scanner, upsampled to a 20x20 box in a 28x28 frame as MNIST is.
 - ``holidays-28``: the INRIA Holidays photos (groups 1000-1149) reduced to a 28x28 grey thumbnail
@@ -70,6 +72,17 @@ def _thicken(images: np.ndarray) -> np.ndarray:
     rows = sum(kernel[i] * padded[:, i : i + SIZE, :] for i in range(3))
     blurred = sum(kernel[j] * rows[:, :, j : j + SIZE] for j in range(3))
     return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
+def _turned(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Digits 0-4; every other one turned 30 degrees clockwise and labelled 5 + digit."""
+    keep = labels < 5
+    images, labels = images[keep], labels[keep].copy()
+    turn = np.arange(len(images)) % 2 == 1
+    for i in np.flatnonzero(turn):
+        images[i] = np.asarray(Image.fromarray(images[i]).rotate(-30, resample=Image.Resampling.BILINEAR))
+    labels[turn] += 5
+    return images, labels
 
 
 def _stratified(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +157,20 @@ def _split_by_role(images: np.ndarray, groups: np.ndarray, is_query: np.ndarray)
     return images[~is_query], labels[~is_query], images[is_query], labels[is_query]
 
 
-SET_NAMES = ("mnist", "mnist-inverted", "mnist-thick", "digits-8x8", "holidays-28", "holidays-patches")
+def _turned_mnist(root: Path, *, db: int, queries: int) -> tuple[np.ndarray, ...]:
+    train_images, train_labels, test_images, test_labels = _mnist(root, db=db, queries=queries)
+    return (*_turned(train_images, train_labels), *_turned(test_images, test_labels))
+
+
+SET_NAMES = (
+    "mnist",
+    "mnist-inverted",
+    "mnist-thick",
+    "mnist-turned",
+    "digits-8x8",
+    "holidays-28",
+    "holidays-patches",
+)
 
 
 def load_set(name: str, *, datasets_dir: Path, db: int = 60_000, queries: int = 10_000) -> QualitySet:
@@ -157,6 +183,7 @@ def load_set(name: str, *, datasets_dir: Path, db: int = 60_000, queries: int = 
         "mnist-thick": lambda: tuple(
             _thicken(a) if a.dtype == np.uint8 else a for a in _mnist(datasets_dir, db=db, queries=queries)
         ),
+        "mnist-turned": lambda: _turned_mnist(datasets_dir, db=db, queries=queries),
         "digits-8x8": _digits_8x8,
         "holidays-28": lambda: _holidays_thumbnails(datasets_dir),
         "holidays-patches": lambda: _holidays_patches(datasets_dir),
