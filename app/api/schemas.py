@@ -76,6 +76,16 @@ class CollectionOut(BaseModel):
     whitening: int | None = Field(None, description="dims of the PCA-whitening served, if any")
     ready: bool = Field(description="True when the collection can be searched")
     created_at: UtcDateTime
+    tuning: dict[str, Any] | None = Field(
+        None,
+        description="automatic search tuning of a pretrained-CNN collection: auto (the switch), "
+        "state, steps (whitening, qe: on/off, validated, reason), table (mAP per setting on the "
+        "validation), validated, fitted_on (images), threshold",
+    )
+
+
+class TuningIn(BaseModel):
+    auto: bool = Field(description="tune whitening and query expansion by itself after imports")
 
 
 class CollectionList(BaseModel):

@@ -37,6 +37,7 @@ class CollectionInfo:
     whitening: int | None
     ready: bool
     created_at: datetime
+    tuning: dict[str, Any] | None = None  # the automatic tuning's switch, decision and table
 
 
 def require_collection(session: Session, name: str) -> CollectionRecord:
@@ -116,11 +117,37 @@ def _info(ctx: AppContext, session: Session, record: CollectionRecord) -> Collec
         embedded_count=embedded or 0,
         index_size=index.ntotal if index is not None else 0,
         index_factory=record.index_factory,
-        search_options={"qe": 0, "qe_alpha": 3.0, **(record.search_options or {})},
+        search_options={
+            "qe": int((record.search_options or {}).get("qe", 0)),
+            "qe_alpha": float((record.search_options or {}).get("qe_alpha", 3.0)),
+        },
         whitening=whitening,
         ready=record.embedder_version is not None,
         created_at=record.created_at,
+        tuning=tuning_of(record, threshold=ctx.settings.autotune_min_images),
     )
+
+
+def tuning_of(record: CollectionRecord, *, threshold: int) -> dict[str, Any]:
+    """The automatic tuning's record (app/services/autotune.py) as shown by the API: its switch
+    (``auto``), the steps served and why, the validation table and the images it was fitted on;
+    before the first tuning, a record saying what it waits for."""
+    options = record.search_options or {}
+    auto = bool(options.get("autotune", True))
+    stored = options.get("tuning")
+    if isinstance(stored, dict):
+        return {**stored, "auto": auto, "threshold": threshold}
+    pretrained = registry.get_spec(record.embedder).pretrained
+    return {
+        "auto": auto,
+        "applies": pretrained,
+        "state": "waiting" if pretrained else "not_applicable",
+        "threshold": threshold,
+        "validated": False,
+        "fitted_on": None,
+        "steps": [],
+        "table": [],
+    }
 
 
 def get_collection(ctx: AppContext, name: str) -> CollectionInfo:

@@ -150,7 +150,7 @@ def evaluate_with_groundtruth(
     collection: str,
     groundtruth: dict[str, list[str]],
     embedders: Sequence[str] = (),
-    whiten: Sequence[int] = (0,),
+    whiten: Sequence[int] | None = None,
     qe: Sequence[int] | None = None,
     qe_alpha: float | None = None,
     progress: Progress | None = None,
@@ -158,9 +158,10 @@ def evaluate_with_groundtruth(
 ) -> list[dict[str, Any]]:
     """One row per (embedder, whitening dim, QE depth); 0 means no whitening / no expansion.
 
-    Without ``embedders`` the collection's own embedder is evaluated: its stored vectors, or,
-    when it serves whitened codes, the network's codes computed afresh (whitening is a row
-    setting here). Any other spec embeds the collection on the fly (nothing is stored) and
+    Without ``embedders`` and ``whiten`` the collection is evaluated as served: its stored vectors
+    (whitened when it serves a whitening) and its query expansion. With ``whiten`` (0: off) the
+    network's own codes are evaluated (computed afresh when the served ones are whitened) and
+    whitened here, one row per dim. Any other spec embeds the collection on the fly (nothing is stored) and
     reports its images per second. ``qe``/``qe_alpha`` default to the collection's search options.
     ``token`` is checked between batches and rows (Cancelled once it is set).
     """
@@ -172,13 +173,21 @@ def evaluate_with_groundtruth(
     qe_alpha = float(served.get("qe_alpha", DEFAULT_QE_ALPHA)) if qe_alpha is None else qe_alpha
     specs = [validate_embedder_name(spec) for spec in embedders] or [record.embedder]
     rows = []
+    served_dim = (checkpoint.config or {}).get("dim") if _whitened(checkpoint) else None
+    as_served = whiten is None and not embedders and record.embedder_version is not None
     for spec in specs:
         token.check()
-        vectors, ids, speed = _vectors(
-            ctx, record=record, spec=spec, checkpoint=checkpoint, progress=progress, token=token
-        )
+        if as_served:
+            vectors, ids = load_vectors(
+                ctx.db, collection_id=record.id, embedder_version=str(record.embedder_version)
+            )
+            speed = None
+        else:
+            vectors, ids, speed = _vectors(
+                ctx, record=record, spec=spec, checkpoint=checkpoint, progress=progress, token=token
+            )
         truth = match_groundtruth(ctx, collection_id=record.id, ids=ids, data=groundtruth)
-        for dim in whiten:
+        for dim in (0,) if as_served or whiten is None else whiten:
             token.check()
             started = time.perf_counter()
             if dim < 0:
@@ -200,7 +209,8 @@ def evaluate_with_groundtruth(
                 rows.append(
                     {
                         "embedder": spec,
-                        "whiten": int(dim),
+                        "whiten": int(served_dim or 0) if as_served else int(dim),
+                        "as_served": as_served,
                         "qe": int(depth),
                         "qe_alpha": qe_alpha if depth else None,
                         "queries": int(metrics["queries"]),
@@ -216,6 +226,10 @@ def evaluate_with_groundtruth(
     return rows
 
 
+def _whitened(checkpoint: Any) -> bool:
+    return checkpoint is not None and (checkpoint.config or {}).get("kind") == "whitening"
+
+
 def _vectors(
     ctx: AppContext,
     *,
@@ -225,8 +239,7 @@ def _vectors(
     progress: Progress | None,
     token: CancelToken,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
-    whitened = checkpoint is not None and (checkpoint.config or {}).get("kind") == "whitening"
-    if spec == record.embedder and record.embedder_version is not None and not whitened:
+    if spec == record.embedder and record.embedder_version is not None and not _whitened(checkpoint):
         vectors, ids = load_vectors(ctx.db, collection_id=record.id, embedder_version=record.embedder_version)
         return vectors, ids, None
     if registry.get_spec(spec).trainable:

@@ -391,6 +391,7 @@ class JobRunner:
             if self._cancel_requested(job_id):
                 self._update(job_id, state="cancelled", finished_at=utcnow())
             elif finished:  # failed after all when a line says the source is unreadable (a bad manifest)
+                self._autotune(collection)
                 self._update(job_id, finished_at=utcnow(), total=counts["done"], **finished_state(errors))
             else:
                 return  # the service is shutting down: the job stays running and resumes on start
@@ -403,6 +404,16 @@ class JobRunner:
                 reason = f"{exc.code}: {exc.detail}"
             self._update(job_id, state="failed", finished_at=utcnow(), error=reason)
         self._discard_uploads(source)
+
+    def _autotune(self, collection: str) -> None:
+        """Tune the collection's search before the job reports success (app/services/autotune.py);
+        a failure there is logged and leaves the imported images served as they are."""
+        from app.services import autotune
+
+        try:
+            autotune.after_import(self.ctx, collection=collection)
+        except Exception:
+            log.exception("automatic tuning of %s failed; its search stays as it was", collection)
 
     @staticmethod
     def _discard_uploads(source: Source) -> None:

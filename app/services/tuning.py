@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from app.cancel import NEVER, CancelToken, checking
 from app.context import AppContext
 from app.errors import InvalidRequest
@@ -50,7 +52,8 @@ def set_search_options(ctx: AppContext, *, collection: str, qe: int, qe_alpha: f
     options = SearchOptions(qe=qe, qe_alpha=qe_alpha)
     with ctx.db.transaction() as session:
         record = require_collection(session, collection)
-        record.search_options = options.to_dict()
+        # other keys (the automatic tuning's switch and record) stay
+        record.search_options = {**(record.search_options or {}), **options.to_dict()}
     return options
 
 
@@ -70,23 +73,56 @@ def whiten_collection(
     before anything is stored, never after: its last check comes before the checkpoint is saved."""
     record, checkpoint, base = _whitening_base(ctx, collection=collection, shrinkage=shrinkage)
     token.check()
-    if checkpoint is None and record.embedder_version == base.version:
-        raw, ids = load_vectors(ctx.db, collection_id=record.id, embedder_version=base.version)
-    else:  # the served codes are whitened already: start again from the network's own
-        each = cost.per_image(ctx, embedder=base, collection_id=record.id, measure=False).seconds
-        raw, ids = embed_collection(
-            ctx,
-            collection=record,
-            embedder=base,
-            progress=checking(progress, token),
-            batch_size=cost.batch_size(each, largest=ctx.settings.embed_batch_size),
-        )
+    raw, ids = network_codes(
+        ctx, record=record, checkpoint=checkpoint, base=base, progress=progress, token=token
+    )
     if not 1 <= dim <= min(len(raw), base.dim):
         raise InvalidRequest(
             f"whitening to {dim} dims needs at least {dim} images and {dim}-d codes "
             f"(the collection has {len(raw)} images of {base.dim} dims)"
         )
     token.check()
+    return serve_whitening(
+        ctx, record=record, base=base, codes=(raw, ids), dim=dim, shrinkage=shrinkage, token=token
+    )
+
+
+def network_codes(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    checkpoint: CheckpointRecord | None,
+    base: Embedder,
+    progress: Progress | None = None,
+    token: CancelToken = NEVER,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pretrained network's own codes of every image ((n, d) float32 unit rows, (n,) int64 ids):
+    the stored ones while they are served, else computed afresh (the served ones are whitened)."""
+    if checkpoint is None and record.embedder_version == base.version:
+        return load_vectors(ctx.db, collection_id=record.id, embedder_version=base.version)
+    each = cost.per_image(ctx, embedder=base, collection_id=record.id, measure=False).seconds
+    return embed_collection(
+        ctx,
+        collection=record,
+        embedder=base,
+        progress=checking(progress, token),
+        batch_size=cost.batch_size(each, largest=ctx.settings.embed_batch_size),
+    )
+
+
+def serve_whitening(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    base: Embedder,
+    codes: tuple[np.ndarray, np.ndarray],
+    dim: int,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    token: CancelToken = NEVER,
+) -> CheckpointRecord:
+    """Fit a whitening on the network's ``codes`` (vectors, ids), store it as a checkpoint and serve
+    it: the index is rebuilt from the whitened codes, and queries are whitened the same way."""
+    raw, ids = codes
     sample = raw[:: max(1, len(raw) // WHITENING_SAMPLE)]
     whitening = fit_whitening(sample, dim=dim, shrinkage=shrinkage)
     token.settle()  # from here on the fit is stored and served: a cancel is refused (409)
@@ -109,7 +145,7 @@ def whiten_collection(
         session.flush()
         checkpoint_id = saved.id
     activate_checkpoint(
-        ctx, collection=collection, checkpoint_id=checkpoint_id, computed=(whitening.apply(raw), ids)
+        ctx, collection=record.name, checkpoint_id=checkpoint_id, computed=(whitening.apply(raw), ids)
     )
     with ctx.db.session() as session:
         stored = session.get(CheckpointRecord, checkpoint_id)

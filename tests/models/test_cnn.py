@@ -333,7 +333,8 @@ def categories() -> list[str]:
 
 @pytest.fixture(scope="module")
 def lite0() -> cnn.CNNEmbedder:
-    embedder = registry.create("efficientnet_lite0", download=False)
+    # the weights' own transform (resize, centre crop), whose batches stack and feed the classifier
+    embedder = registry.create("efficientnet_lite0:input=crop,pooling=avg", download=False)
     assert isinstance(embedder, cnn.CNNEmbedder)
     embedder.load()
     return embedder
