@@ -592,6 +592,12 @@ def train() -> None:
 @click.option(
     "--screen-epochs", type=int, default=None, help="selection: epochs each candidate is screened for"
 )
+@click.option(
+    "--budget",
+    type=float,
+    default=None,
+    help="selection: seconds for the winner's full training (its epochs cut to fit; default: no limit)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--activate/--no-activate",
@@ -606,6 +612,7 @@ def train_cdae_command(
     select: bool,
     screen_images: int | None,
     screen_epochs: int | None,
+    budget: float | None,
     seed: int,
     activate: bool,
 ) -> None:
@@ -625,6 +632,7 @@ def train_cdae_command(
                 activate=activate,
                 screen_images=screen_images or selection.SCREEN_IMAGES,
                 screen_epochs=screen_epochs or selection.SCREEN_EPOCHS,
+                full_budget_s=budget,
                 load_progress=_bar("read images"),
                 train_bars=_epoch_bars,
                 embed_progress=_bar("embed + index"),

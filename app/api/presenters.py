@@ -19,6 +19,7 @@ from app.api.schemas import (
     MapOut,
     MapPointOut,
     SearchResponse,
+    SelectionOut,
 )
 from app.records import ImageRecord
 from app.services.collections import CollectionInfo
@@ -38,7 +39,11 @@ def image_urls(image_id: int) -> tuple[str, str]:
 
 
 def collection_out(info: CollectionInfo) -> CollectionOut:
-    return CollectionOut.model_validate(info, from_attributes=True)
+    out = CollectionOut.model_validate(info, from_attributes=True)
+    recorded = ((info.checkpoint or {}).get("metrics") or {}).get("selection")
+    if isinstance(recorded, dict):  # app/services/selection.py records it with the winner
+        out.selection = SelectionOut.model_validate(recorded)
+    return out
 
 
 def _name(name: str | None) -> str | None:

@@ -62,6 +62,31 @@ class CheckpointOut(BaseModel):
     metrics: dict[str, Any]
 
 
+class SelectionRowOut(BaseModel):
+    name: str = Field(description="pixels, pca64, cdae-default, cdae-strokes, lenet5 ...")
+    kind: str = Field(description="baseline (untrained), unsupervised or supervised")
+    stage: str = Field(
+        description="baseline, screen (a sample, few epochs) or full (every non-held-out image)"
+    )
+    p_at_10: float | None = Field(description="P@10 of the held-out queries; null when not validated")
+    map_all: float | None = Field(description="mAP@all of the held-out queries; null when not validated")
+    epochs: int
+    images: int = Field(description="images it was fitted on")
+    seconds: float
+    chosen: bool
+    notes: str
+    checkpoint_id: int | None = None
+
+
+class SelectionOut(BaseModel):
+    winner: str
+    validated: bool = Field(description="False: no usable labels, the default CDAE was trained unmeasured")
+    reason: str
+    held_out: int = Field(description="held-out labelled images (the queries)")
+    database: int = Field(description="labelled images they were ranked against")
+    table: list[SelectionRowOut]
+
+
 class CollectionOut(BaseModel):
     name: str
     embedder: str
@@ -76,6 +101,9 @@ class CollectionOut(BaseModel):
     whitening: int | None = Field(None, description="dims of the PCA-whitening served, if any")
     ready: bool = Field(description="True when the collection can be searched")
     created_at: UtcDateTime
+    selection: SelectionOut | None = Field(
+        None, description="how the served embedder was chosen (`cbir train cdae`), if it was"
+    )
     tuning: dict[str, Any] | None = Field(
         None,
         description="automatic search tuning of a pretrained-CNN collection: auto (the switch), "

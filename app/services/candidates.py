@@ -78,6 +78,7 @@ class Candidate:
     name: str
     kind: str
     fit: Fit
+    recipe_epochs: Callable[[int], int] = lambda _images: 0  # its full training's epochs for n images
 
     @property
     def learned(self) -> bool:
@@ -147,7 +148,7 @@ def cdae_candidate(preset: str) -> Candidate:
         **_: Any,
     ) -> Fitted:
         config = cdae.CDAEConfig.preset(preset)
-        epochs = epochs or config.epochs
+        epochs = cdae.epochs_for(config, images=len(images), epochs=epochs)
         started = time.perf_counter()
         result = cdae.train_cdae(
             at_size(images, config.image_size),
@@ -173,7 +174,10 @@ def cdae_candidate(preset: str) -> Candidate:
             seconds=time.perf_counter() - started,
         )
 
-    return Candidate(f"cdae-{preset}", "unsupervised", fit)
+    def recipe(images: int) -> int:
+        return cdae.epochs_for(cdae.CDAEConfig.preset(preset), images=images)
+
+    return Candidate(f"cdae-{preset}", "unsupervised", fit, recipe)
 
 
 def classifier_candidate(arch: str = "lenet5") -> Candidate:
@@ -216,7 +220,7 @@ def classifier_candidate(arch: str = "lenet5") -> Candidate:
             seconds=time.perf_counter() - started,
         )
 
-    return Candidate(arch, "supervised", fit)
+    return Candidate(arch, "supervised", fit, lambda _images: get_arch(arch).default_epochs)
 
 
 PIXELS = Candidate("pixels", "baseline", _fit_pixels)
@@ -307,6 +311,7 @@ def select_embedder(
     screen_images: int = 5000,
     screen_epochs: int = 2,
     full_epochs: int | None = None,
+    full_budget_s: float | None = None,
     seed: int = 0,
     device: torch.device | None = None,
     progress: Say | None = None,
@@ -318,8 +323,9 @@ def select_embedder(
     ``labels`` int (n,) with negatives for unlabelled images, or None. ``candidates``: by default
     ``default_candidates``. Learned candidates are screened on ``screen_images`` non-held-out
     images for ``screen_epochs``; the best of them is trained on all of them for ``full_epochs``
-    (None: its recipe's) and measured again. Without usable labels the default CDAE is trained on
-    every image and the selection says it was not validated.
+    (None: its recipe's, fewer when ``full_budget_s`` is given and the rate measured while
+    screening says the recipe would take longer) and measured again. Without usable labels the
+    default CDAE is trained on every image and the selection says it was not validated.
     """
     device = device or torch.device("cpu")
     say = progress or (lambda _text: None)
@@ -393,7 +399,7 @@ def select_embedder(
 
     table: list[dict[str, Any]] = []
     kept: list[Fitted] = []
-    screened: list[tuple[dict[str, Any], Candidate]] = []
+    screened: list[tuple[dict[str, Any], Candidate, Fitted]] = []
     final: list[tuple[dict[str, Any], Fitted]] = []
     for candidate in pool:
         started = time.perf_counter()
@@ -406,17 +412,23 @@ def select_embedder(
             fitted = fit(candidate, sample, epochs=screen_epochs, stage="screen")
             note = f"screened on {fitted.images} images for {fitted.epochs} epochs"
             row = measure(fitted, stage="screen", started=started, note=note)
-            screened.append((row, candidate))
+            screened.append((row, candidate, fitted))
             kept.append(fitted)
         table.append(row)
     if screened:
-        best_row, best = max(screened, key=lambda pair: score(pair[0]))
+        best_row, best, trial = max(screened, key=lambda entry: score(entry[0]))
+        rows = split.database if best.kind == "supervised" else split.pool
+        epochs = full_epochs
+        if epochs is None and full_budget_s is not None:
+            epochs = budget_epochs(
+                trial, images=len(rows), recipe=best.recipe_epochs(len(rows)), budget_s=full_budget_s
+            )
         started = time.perf_counter()
-        say(f"training {best.name} fully on {len(split.pool)} images (best screened learned candidate)")
-        fitted = fit(best, split.pool, epochs=full_epochs, stage="full")
-        note = (
-            f"best screened learned candidate, trained on every non-held-out image for {fitted.epochs} epochs"
-        )
+        say(f"training {best.name} fully on {len(rows)} images (best screened learned candidate)")
+        fitted = fit(best, split.pool, epochs=epochs, stage="full")
+        note = f"best screened, trained on every non-held-out image for {fitted.epochs} epochs"
+        if full_epochs is None and fitted.epochs < best.recipe_epochs(len(rows)):
+            note += f" (the recipe's {best.recipe_epochs(len(rows))} would not fit {full_budget_s:g} s)"
         row = measure(fitted, stage="full", started=started, note=note)
         table.append(row)
         kept.append(fitted)
@@ -439,6 +451,14 @@ def select_embedder(
         held_out=len(split.held),
         database=len(split.database),
     )
+
+
+def budget_epochs(trial: Fitted, *, images: int, recipe: int, budget_s: float) -> int:
+    """The recipe's epochs, or fewer (at least one) when the seconds per image and epoch that
+    ``trial`` (the screening fit) took say the recipe would not fit in ``budget_s``."""
+    rate = trial.seconds / max(1, trial.images * trial.epochs)
+    fits = int(budget_s // max(rate * images, 1e-9))
+    return max(1, min(recipe, fits))
 
 
 def _unvalidated(

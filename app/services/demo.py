@@ -11,7 +11,7 @@ from app.datasets import keep_local_copy
 from app.records import CollectionRecord
 from app.services.collections import create_collection, get_collection
 from app.services.jobs import JobRunner
-from app.services.selection import format_table, select_and_train
+from app.services.selection import DEMO_FULL_BUDGET_S, format_table, select_and_train
 from app.services.sources import DatasetSource, count_members
 
 Step = Callable[[str], None]
@@ -58,6 +58,7 @@ def ensure_demo(
             ctx,
             collection=name,
             epochs=epochs,
+            full_budget_s=DEMO_FULL_BUDGET_S,
             load_progress=bar("read images"),
             train_bars=train_bars,
             embed_progress=bar("embed + index"),

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 SCREEN_IMAGES = 5000  # learned candidates are screened on this many images ...
 SCREEN_EPOCHS = 2  # ... for this many epochs: about a minute each on 2 CPU cores for MNIST
+# The demo's time plan (about 10 minutes on 2 CPU cores): the winner's full training gets this
+# many seconds, its recipe's epochs cut to what the rate measured while screening allows.
+DEMO_FULL_BUDGET_S = 240.0
 
 
 @dataclass
@@ -89,6 +92,7 @@ def select_and_train(
     activate: bool = True,
     screen_images: int = SCREEN_IMAGES,
     screen_epochs: int = SCREEN_EPOCHS,
+    full_budget_s: float | None = None,
     load_progress: Progress | None = None,
     train_bars: TrainBars | None = None,
     embed_progress: Progress | None = None,
@@ -96,7 +100,8 @@ def select_and_train(
 ) -> SelectionOutcome:
     """Select, record and (by default) activate the collection's embedder.
 
-    ``epochs``: the winner's full training (None: its recipe's). With fewer than two labels of
+    ``epochs``: the winner's full training (None: its recipe's, cut to ``full_budget_s`` when
+    given). With fewer than two labels of
     ten images or more, the default CDAE is trained on every image, marked not validated."""
     with ctx.db.session() as session:
         record = require_collection(session, collection)
@@ -110,6 +115,7 @@ def select_and_train(
         screen_images=screen_images,
         screen_epochs=screen_epochs,
         full_epochs=epochs,
+        full_budget_s=full_budget_s,
         seed=seed,
         device=ctx.device,
         progress=say,

@@ -14,6 +14,8 @@ from app.records import CheckpointRecord
 from app.services.candidates import (
     PIXELS,
     UNVALIDATED,
+    Fitted,
+    budget_epochs,
     cdae_candidate,
     score,
     select_embedder,
@@ -144,3 +146,12 @@ def test_unlabelled_collection_gets_the_default_cdae_not_validated(ctx: AppConte
     assert recorded["winner"] == "cdae-default"
     [row] = recorded["table"]
     assert row["p_at_10"] is None and row["chosen"] and row["notes"].startswith("not validated")
+
+
+def test_the_full_training_budget_cuts_the_recipe_by_the_screening_rate() -> None:
+    trial = Fitted(
+        "lenet5", "supervised", lambda x: x, epochs=2, images=1000, seconds=10.0
+    )  # 5 ms per image-epoch
+    assert budget_epochs(trial, images=10_000, recipe=15, budget_s=120) == 2  # 50 s an epoch
+    assert budget_epochs(trial, images=10_000, recipe=15, budget_s=10) == 1  # never none
+    assert budget_epochs(trial, images=10_000, recipe=15, budget_s=1e6) == 15  # never more than the recipe
