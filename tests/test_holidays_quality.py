@@ -1,46 +1,58 @@
-"""The neural-codes acceptance bar: INRIA Holidays (dev groups), the Holidays protocol, mAP >= 0.87."""
+"""The photo acceptance bar, through the CLI as a user runs it: a collection created with
+``efficientnet_lite0`` and no options, the INRIA Holidays dev photos imported, and with no further
+call ``cbir eval --groundtruth`` (as served) reaches mAP >= 0.88 (the Holidays protocol, 150
+queries against the 405 photos)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from pathlib import Path
 
 import pytest
+import torch
+from click.testing import CliRunner, Result
 
-from app.context import AppContext, open_context
-from app.services import groundtruth as gt
-from app.services import jobs
-from app.services.collections import create_collection, get_collection
-from app.settings import Settings
+from app.cli import main
+from app.settings import get_settings
+from tests.conftest import DATASETS_DIR
 from tests.holidays import require_holidays
-
-# The best offline configuration measured (README "Neural codes on INRIA Holidays").
-BEST = "efficientnet_lite0:input=whole,pooling=rmac,sizes=288"
-
-
-@pytest.fixture
-def ctx(settings: Settings) -> Iterator[AppContext]:
-    context = open_context(settings.model_copy(update={"torch_threads": 2}))
-    yield context
-    context.close()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_efficientnet_rmac_whitened_codes_reach_the_holidays_bar(ctx: AppContext) -> None:
+def test_a_photo_collection_with_no_options_reaches_the_holidays_bar_as_served(
+    tmp_path: Path, database_url: str
+) -> None:
     root = require_holidays()
-    create_collection(ctx, name="holidays", embedder=BEST)
-    runner = jobs.JobRunner(ctx)
-    source = jobs.check_folder(root / "jpg")
-    job_id = runner.create_job(collection="holidays", source=source)
-    runner.run_import(job_id=job_id, collection="holidays", source=source)
-    info = get_collection(ctx, "holidays")
-    assert (info.image_count, info.embedded_count) == (402, 402)  # 3 files repeat other files' bytes
+    env = {
+        "CBIR_DATA_DIR": str(tmp_path / "data"),
+        "CBIR_DATABASE_URL": database_url,
+        "CBIR_DATASETS_DIR": str(DATASETS_DIR),
+        "CBIR_DEVICE": "cpu",
+    }
+    threads = torch.get_num_threads()
 
-    truth = gt.read_groundtruth(root / "groundtruth.json")
-    rows = gt.evaluate_with_groundtruth(
-        ctx, collection="holidays", groundtruth=truth, whiten=[0, 128], qe=[0, 2]
+    def cbir(*args: str) -> Result:
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(main, list(args), env=env)
+        finally:
+            get_settings.cache_clear()
+            torch.set_num_threads(threads)
+        assert result.exit_code == 0, result.output
+        return result
+
+    cbir("collections", "create", "holidays", "--embedder", "efficientnet_lite0")
+    cbir("import", str(root / "jpg"), "--collection", "holidays")
+    result = cbir(
+        "eval", "--collection", "holidays", "--groundtruth", str(root / "groundtruth.json"), "--json"
     )
-    by_setting = {(r["whiten"], r["qe"]): r for r in rows}
-    assert all(r["queries"] == 150 and r["database"] == 405 for r in rows)
-    assert by_setting[(0, 0)]["map_all"] > 0.8  # the codes alone
-    assert by_setting[(128, 2)]["map_all"] >= 0.87, rows
+    (row,) = json.loads(result.output.strip().splitlines()[-1])["results"]
+    # tuned by the import itself: the folder has no labels, so whitening on, QE off
+    assert row["as_served"] and (row["whiten"], row["qe"]) == (128, 0)
+    assert row["queries"] == 150 and row["database"] == 405
+    assert row["map_all"] >= 0.88, row
+
+    tuning = json.loads(cbir("collections", "tune", "holidays").output)
+    assert tuning["fitted_on"] == 402 and tuning["validated"] is False  # 3 files repeat others' bytes
+    assert [(s["step"], s["on"]) for s in tuning["steps"]] == [("whitening", True), ("qe", False)]
