@@ -202,7 +202,7 @@ def _record(
             embedder = str(fitted.config.get("arch", fitted.name))
             sha = result.save(ctx.settings.data_dir / relative, dataset=dataset)
         version = f"{embedder}-{sha[:12]}"
-        config = {**fitted.config, "images": fitted.images}
+        config = {**fitted.config, "epochs": fitted.epochs, "images": fitted.images}  # epochs run
         if fitted.kind == "supervised":
             config["classes"] = list(result.classes)
         metrics.update({k: v for k, v in (getattr(result, "metrics", None) or {}).items()})
