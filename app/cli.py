@@ -554,6 +554,48 @@ def bench_import_command(workloads: tuple[str, ...], images: int, as_json: bool)
         click.echo(json.dumps({"workloads": [r.as_json() for r in results]}))
 
 
+@bench.command("quality")
+@click.option("--set", "sets", multiple=True, help="a data set of the suite (repeatable; default: all)")
+@click.option("--method", "methods", multiple=True, help="pixels, pca, cdae-tutorial, cdae-default, selected")
+@click.option(
+    "--db", type=click.IntRange(min=100), default=10_000, show_default=True, help="MNIST sets: images stored"
+)
+@click.option(
+    "--queries", type=click.IntRange(min=10), default=2_000, show_default=True, help="MNIST sets: queries"
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="CDAE epochs (default: the preset's schedule)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_quality_command(
+    sets: tuple[str, ...], methods: tuple[str, ...], db: int, queries: int, epochs: int | None, as_json: bool
+) -> None:
+    """The generalisation suite: P@10 and mAP@all per data set for every method."""
+    from app.services import bench_quality as service
+    from models.device import pick_device
+
+    try:
+        settings = get_settings()
+        rows = service.run_suite(
+            datasets_dir=settings.datasets_dir or Path("../shared/datasets"),
+            sets=sets or service.SET_NAMES,
+            methods=methods or service.METHODS,
+            db=db,
+            queries=queries,
+            device=pick_device(settings.device),
+            epochs=epochs,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except (CbirError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in service.format_table(rows):
+        click.echo(line)
+    if as_json:
+        click.echo(json.dumps(service.summary(rows, db=db, queries=queries)))
+
+
 def _report_checkpoint(checkpoint: Any, *, label: str, active: bool) -> None:
     losses = checkpoint.metrics.get("epoch_losses", [])
     click.echo(
