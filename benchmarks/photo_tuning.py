@@ -26,6 +26,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def collections(
     whitening fitted on its own codes, evaluated on its own queries."""
     vectors = codes(DEFAULT, names=names, cache=cache)
     groups = sorted({n[:4] for n in names})
-    out = []
+    out: list[dict[str, object]] = []
     for k in (50, 100, 150, 200, 300, len(names)):
         rows = []
         for seed in range(seeds if k < len(names) else 1):
@@ -170,7 +171,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     truth = json.loads((ROOT / "groundtruth.json").read_text())
     names = sorted(p.name for p in (ROOT / "jpg").glob("*.jpg"))
-    study = {"halves": halves, "enough": enough, "collections": collections}[args.study]
+    study: Callable[..., list[dict[str, object]]] = {
+        "halves": halves,
+        "enough": enough,
+        "collections": collections,
+    }[args.study]
     extra = {"configs": tuple(args.embedder)} if args.embedder and args.study == "halves" else {}
     rows = study(names=names, truth=truth, cache=args.cache, **extra)
     for row in rows:

@@ -108,7 +108,8 @@ def test_bench_efficientnet_lite0_on_real_photos(bench: Callable[..., Result], p
     parsed = summary(result)
     assert parsed["embedder"] == "efficientnet_lite0" and parsed["batch"] == 2
     assert parsed["raw_img_s"] > 0 and parsed["pipeline_img_s"] > 0  # type: ignore[operator]
-    assert "3x224x224" in result.stdout and "runtime torch" in result.stdout
+    # the default input: the whole 640x480 probe, its shorter side at 288 px
+    assert "3x288x384" in result.stdout and "runtime torch" in result.stdout
 
 
 def test_bench_reads_the_datasets_folder_by_default(bench: Callable[..., Result]):

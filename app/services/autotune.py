@@ -118,7 +118,7 @@ def label_validation(ctx: AppContext, *, collection_id: int, ids: np.ndarray) ->
     """Same label = relevant; queries: the images whose ``role`` is query if any, else every labelled
     image (itself never counted); None when fewer than MIN_QUERIES queries have a relevant image."""
     with ctx.db.session() as session:
-        metas = dict(
+        metas: dict[int, Any] = dict(
             session.execute(
                 select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.collection_id == collection_id)
             ).all()
@@ -169,7 +169,8 @@ def after_import(ctx: AppContext, *, collection: str) -> dict[str, Any] | None:
     images = collection_size(ctx, record.id)
     if images < ctx.settings.autotune_min_images:
         return None
-    last = options.get("tuning") if isinstance(options.get("tuning"), dict) else {}
+    stored = options.get("tuning")
+    last: dict[str, Any] = stored if isinstance(stored, dict) else {}
     base = ctx.embedders.get(record.embedder)
     fitted = last.get("fitted_on") if last.get("base_version") == base.version else None
     if fitted and images < REFIT_GROWTH * int(fitted):
@@ -237,6 +238,8 @@ def tune_collection(
     }
     with ctx.db.transaction() as session:
         live = require_collection(session, collection)
+        # what the record describes: another embedder or a hand-made whitening later makes it stale
+        tuning["served_version"] = live.embedder_version
         live.search_options = {
             **(live.search_options or {}),
             "qe": QE_DEPTH if decision.qe else 0,

@@ -136,7 +136,10 @@ def tuning_of(record: CollectionRecord, *, threshold: int) -> dict[str, Any]:
     auto = bool(options.get("autotune", True))
     stored = options.get("tuning")
     if isinstance(stored, dict):
-        return {**stored, "auto": auto, "threshold": threshold}
+        served = stored.get("served_version")
+        # the collection serves other codes since (a switch of embedder, a whitening by hand)
+        state = "outdated" if served and served != record.embedder_version else stored.get("state")
+        return {**stored, "state": state, "auto": auto, "threshold": threshold}
     pretrained = registry.get_spec(record.embedder).pretrained
     return {
         "auto": auto,

@@ -173,7 +173,9 @@ def evaluate_with_groundtruth(
     qe_alpha = float(served.get("qe_alpha", DEFAULT_QE_ALPHA)) if qe_alpha is None else qe_alpha
     specs = [validate_embedder_name(spec) for spec in embedders] or [record.embedder]
     rows = []
-    served_dim = (checkpoint.config or {}).get("dim") if _whitened(checkpoint) else None
+    served_dim = (
+        (checkpoint.config or {}).get("dim") if checkpoint is not None and _whitened(checkpoint) else None
+    )
     as_served = whiten is None and not embedders and record.embedder_version is not None
     for spec in specs:
         token.check()

@@ -60,7 +60,7 @@ def _rewrite(*, before: dict[str, str], after: dict[str, str]) -> None:
         if not changes:
             continue
         # One statement, so a new spelling is never rewritten again as some other row's old one.
-        column = sa.column("embedder")
+        column = sa.column("embedder", sa.String())
         bind.execute(
             sa.table(table, column)
             .update()

@@ -263,3 +263,11 @@ def test_the_whitening_is_fitted_again_once_the_collection_has_doubled(
         assert info.embedded_count == info.image_count
     finally:
         ctx.close()
+
+
+def test_the_record_says_outdated_once_the_collection_serves_other_codes(tuned: AppContext) -> None:
+    from app.services.tuning import whiten_collection
+
+    whiten_collection(tuned, collection="photos", dim=8)  # by hand, over whatever was tuned
+    tuning = get_collection(tuned, "photos").tuning
+    assert tuning is not None and tuning["state"] == "outdated"
