@@ -349,7 +349,10 @@ class EvaluateIn(BaseModel):
     groundtruth: dict[str, list[str]] | None = Field(None, max_length=100_000)
     embedders: list[str] = Field(default_factory=list, max_length=8, description="embedder specs")
     whiten: list[Annotated[int, Field(ge=0, le=4096)]] = Field(
-        default_factory=lambda: [0], max_length=8, description="0: off"
+        default_factory=list,
+        max_length=8,
+        description="0: off; empty (with no embedders): the collection as served, whitened if it "
+        "serves a whitening",
     )
     qe: list[Annotated[int, Field(ge=0, le=20)]] = Field(
         default_factory=list, max_length=8, description="0: off; empty: the collection's search option"

@@ -88,7 +88,7 @@ def plan_evaluation(
     queries: str | None = None,
     groundtruth: dict[str, list[str]] | None = None,
     embedders: Sequence[str] = (),
-    whiten: Sequence[int] = (0,),
+    whiten: Sequence[int] = (),
     qe: Sequence[int] = (),
     qe_alpha: float | None = None,
     limit: int | None = None,
@@ -97,7 +97,8 @@ def plan_evaluation(
     if (queries is None) == (groundtruth is None):
         raise InvalidRequest("give either queries (a labelled query set) or groundtruth, not both")
     specs = distinct_embedders(embedders)
-    dims, depths = tuple(dict.fromkeys(whiten)) or (0,), tuple(dict.fromkeys(qe))
+    # no dims (and no embedders): the collection as served, whitened if it serves a whitening
+    dims, depths = tuple(dict.fromkeys(whiten)), tuple(dict.fromkeys(qe))
     settings = ctx.settings
     if groundtruth is not None:
         truth = gt.check_groundtruth(groundtruth)
@@ -140,7 +141,7 @@ def run_evaluation(
             collection=plan.collection,
             groundtruth=plan.groundtruth,
             embedders=plan.embedders,
-            whiten=plan.whiten,
+            whiten=plan.whiten or None,
             qe=plan.qe,
             qe_alpha=plan.qe_alpha,
             token=token,
@@ -240,8 +241,10 @@ def _groundtruth_cost(
     images = collection_size(ctx, record.id)
     count = min(len(truth), images)
     total = cost.NOTHING
+    as_served = not dims and not specs
     for spec in [validate_embedder_name(s) for s in specs] or [record.embedder]:
-        if spec == record.embedder and record.embedder_version is not None and not whitened:
+        stored = spec == record.embedder and record.embedder_version is not None
+        if stored and (as_served or not whitened):
             dim = ctx.embedders.for_collection(record, checkpoint).dim
             total += cost.plain(images * cost.ROW_READ_S)
         else:
@@ -255,7 +258,7 @@ def _groundtruth_cost(
             total += cost.embedding(
                 ctx, embedder=embedder, collection_id=record.id, images=images, measure=measure
             )
-        for whiten in dims:
+        for whiten in dims or (0,):
             if whiten:
                 total += cost.plain((images * dim * dim + 4 * dim**3) * cost.FLOP_S)
             for depth in depths or (0,):

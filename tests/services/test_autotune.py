@@ -162,12 +162,24 @@ def test_a_labelled_collection_at_the_threshold_is_tuned_and_validated(
     assert (row["whiten"], row["qe"]) == (info.whitening or 0, info.search_options["qe"])
 
 
-def test_the_tuning_is_shown_and_switched_through_the_api(tuned: AppContext) -> None:
+def test_the_tuning_is_shown_and_switched_through_the_api(
+    tuned: AppContext, photos: tuple[Path, dict[str, list[str]]]
+) -> None:
     settings = tuned.settings
+    (served,) = gt.evaluate_with_groundtruth(tuned, collection="photos", groundtruth=photos[1])
     tuned.close()
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         body = client.get("/api/v1/collections/photos").json()
         assert body["tuning"]["auto"] and body["tuning"]["validated"] and len(body["tuning"]["table"]) == 3
+        # the API's evaluation with no whiten is the collection as served too
+        evaluated = client.post("/api/v1/collections/photos/evaluate", json={"groundtruth": photos[1]})
+        assert evaluated.status_code == 200, evaluated.text
+        (row,) = evaluated.json()["results"]
+        assert (row["whiten"], row["qe"], row["map_all"]) == (
+            served["whiten"],
+            served["qe"],
+            served["map_all"],
+        )
         off = client.put("/api/v1/collections/photos/tuning", json={"auto": False})
         assert off.status_code == 200 and off.json()["tuning"]["auto"] is False
         assert client.put("/api/v1/collections/photos/tuning", json={"auto": "maybe"}).status_code == 422
