@@ -34,6 +34,7 @@ PCA_FIT_IMAGES = 20_000  # the covariance of 20,000 rows is as good as of 60,000
 UNVALIDATED = "not validated: the collection has no labels"
 
 Say = Callable[[str], None]
+TrainBars = Callable[[str], Callable[[int, int, int, float], None] | None]  # name -> epoch progress
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -248,13 +249,15 @@ class Split:
     pool: np.ndarray  # the database plus the unlabelled images: what unsupervised candidates train on
 
 
-def split_held_out(labels: np.ndarray, *, held_fraction: float, max_held: int, seed: int) -> Split | None:
-    """A stratified held-out part: ``held_fraction`` of every class with at least ``MIN_PER_CLASS``
+def split_held_out(
+    labels: np.ndarray, *, held_fraction: float, max_held: int, seed: int, min_per_class: int = MIN_PER_CLASS
+) -> Split | None:
+    """A stratified held-out part: ``held_fraction`` of every class with at least ``min_per_class``
     images (at least one each), scaled down to ``max_held`` in all; None when fewer than
     ``MIN_CLASSES`` classes are that large. ``labels`` int (n,), negative = unlabelled."""
     labels = np.asarray(labels)
     classes, counts = np.unique(labels[labels >= 0], return_counts=True)
-    eligible = classes[counts >= MIN_PER_CLASS]
+    eligible = classes[counts >= max(2, min_per_class)]  # one to query, one to find
     if len(eligible) < MIN_CLASSES:
         return None
     rng = np.random.default_rng(seed)
@@ -298,9 +301,6 @@ class Selection:
         }
 
 
-TrainBars = Callable[[str], Callable[[int, int, int, float], None] | None]
-
-
 def select_embedder(
     images: np.ndarray,
     labels: np.ndarray | None,
@@ -308,6 +308,7 @@ def select_embedder(
     candidates: Sequence[Candidate] | None = None,
     held_fraction: float = 0.1,
     max_held: int = 2000,
+    min_per_class: int = MIN_PER_CLASS,
     screen_images: int = 5000,
     screen_epochs: int = 2,
     full_epochs: int | None = None,
@@ -336,11 +337,13 @@ def select_embedder(
         labels = np.asarray(labels).astype(np.int64)
         if labels.shape != (len(images),):
             raise ValueError(f"labels must be (n,) = ({len(images)},), got {labels.shape}")
-        split = split_held_out(labels, held_fraction=held_fraction, max_held=max_held, seed=seed)
+        split = split_held_out(
+            labels, held_fraction=held_fraction, max_held=max_held, seed=seed, min_per_class=min_per_class
+        )
     if split is None:
         reason = UNVALIDATED
         if labels is not None and (labels >= 0).any():
-            reason = f"not validated: fewer than {MIN_CLASSES} labels have {MIN_PER_CLASS} or more images"
+            reason = f"not validated: fewer than {MIN_CLASSES} labels have {min_per_class} or more images"
         return _unvalidated(
             images, reason=reason, epochs=full_epochs, seed=seed, device=device, say=say, bars=bars
         )

@@ -60,6 +60,10 @@ def test_held_out_split_is_stratified_capped_and_never_in_the_database() -> None
     assert set(split.database) == {i for i in split.pool if labels[i] >= 0}  # label 2 stays in the db
     assert len(split.pool) == len(labels) - 5
     assert split_held_out(np.array([0] * 50 + [1] * 9), held_fraction=0.1, max_held=10, seed=0) is None
+    small = split_held_out(
+        np.array([0] * 50 + [1] * 9), held_fraction=0.1, max_held=10, seed=0, min_per_class=5
+    )
+    assert small is not None and len(small.held) == 6  # 5 of label 0, 1 of label 1
 
 
 def test_raw_pixels_beat_a_one_step_cdae_and_are_chosen_on_real_digits(ctx: AppContext) -> None:
