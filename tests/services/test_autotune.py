@@ -185,18 +185,20 @@ def test_the_tuning_is_shown_and_switched_through_the_api(
         assert client.put("/api/v1/collections/photos/tuning", json={"auto": "maybe"}).status_code == 422
 
 
-def test_below_the_threshold_nothing_is_tuned(
-    settings: Settings, photos: tuple[Path, dict[str, list[str]]]
+@pytest.mark.parametrize(("threshold", "state"), [(29, "tuned"), (30, "waiting")])
+def test_the_tuning_fires_at_the_threshold_and_not_below(
+    settings: Settings, photos: tuple[Path, dict[str, list[str]]], threshold: int, state: str
 ) -> None:
-    ctx = context(settings, threshold=33)
+    ctx = context(settings, threshold=threshold)
     try:
         create_collection(ctx, name="photos", embedder=SMALL)
         import_folder(ctx, collection="photos", folder=photos[0])
         info = get_collection(ctx, "photos")
-        assert 20 <= info.image_count < 33 and info.whitening is None
-        assert (
-            info.tuning is not None and info.tuning["state"] == "waiting" and info.tuning["fitted_on"] is None
-        )
+        assert info.image_count == 29
+        assert info.tuning is not None and info.tuning["state"] == state
+        assert info.tuning["fitted_on"] == (29 if state == "tuned" else None)
+        if state == "waiting":
+            assert info.whitening is None and info.search_options["qe"] == 0
     finally:
         ctx.close()
 
