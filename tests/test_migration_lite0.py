@@ -60,6 +60,13 @@ def test_a_bare_lite0_collection_keeps_its_version_and_vectors(settings: Setting
             ),
             {"p": json.dumps({"embedder": "efficientnet_lite0"})},
         )
+        connection.execute(
+            text(
+                "INSERT INTO checkpoints (embedder, version, sha256, path, config, metrics, created_at) "
+                "VALUES ('cnn_head', 'cnn_head-1', 'x', 'h.pt', :c, '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"c": json.dumps({"arch": "head", "base": "efficientnet_lite0:input=whole,sizes=128"})},
+        )
     engine.dispose()
 
     ctx = open_context(settings.model_copy(update={"database_url": url}))  # upgrades to head
@@ -78,6 +85,11 @@ def test_a_bare_lite0_collection_keeps_its_version_and_vectors(settings: Setting
             params = session.execute(text("SELECT params FROM jobs WHERE id = 'j1'")).scalar_one()
         params = json.loads(params) if isinstance(params, str) else params
         assert params["embedder"] == "efficientnet_lite0:input=crop,pooling=avg"
+        # a classifier head's base network: whole image at 128 px, average pooling, as before
+        with ctx.db.session() as session:
+            config = session.execute(text("SELECT config FROM checkpoints")).scalar_one()
+        config = json.loads(config) if isinstance(config, str) else config
+        assert config == {"arch": "head", "base": "efficientnet_lite0:pooling=avg,sizes=128"}
     finally:
         ctx.close()
 
