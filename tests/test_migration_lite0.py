@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import JSON, column, create_engine, table, text
 
 from app.context import open_context
 from app.db import alembic_config
+from app.records import utcnow
 from app.services.collections import get_collection
 from app.settings import Settings
 from models import cnn
@@ -52,20 +53,39 @@ def test_a_bare_lite0_collection_keeps_its_version_and_vectors(settings: Setting
                 ),
                 {"n": name, "e": spec, "v": stored},
             )
-        connection.execute(
-            text(
-                "INSERT INTO jobs (id, kind, state, params, done, added, duplicates, failed, errors, "
-                "cursor, resumes, created_at) VALUES ('j1', 'reembed', 'queued', :p, 0, 0, 0, 0, '[]', 0, 0, "
-                "CURRENT_TIMESTAMP)"
-            ),
-            {"p": json.dumps({"embedder": "efficientnet_lite0"})},
+        # JSON columns through SQLAlchemy's JSON type: the same on SQLite and PostgreSQL
+        counts = ("done", "added", "duplicates", "failed", "cursor", "resumes")
+        jobs = table(
+            "jobs",
+            *(column(c) for c in ("id", "kind", "state", "created_at", *counts)),
+            column("params", JSON()),
+            column("errors", JSON()),
         )
         connection.execute(
-            text(
-                "INSERT INTO checkpoints (embedder, version, sha256, path, config, metrics, created_at) "
-                "VALUES ('cnn_head', 'cnn_head-1', 'x', 'h.pt', :c, '{}', CURRENT_TIMESTAMP)"
-            ),
-            {"c": json.dumps({"arch": "head", "base": "efficientnet_lite0:input=whole,sizes=128"})},
+            jobs.insert().values(
+                id="j1",
+                kind="reembed",
+                state="queued",
+                created_at=utcnow(),
+                params={"embedder": "efficientnet_lite0"},
+                errors=[],
+                **dict.fromkeys(counts, 0),
+            )
+        )
+        names = ("embedder", "version", "sha256", "path", "created_at")
+        checkpoints = table(
+            "checkpoints", *(column(c) for c in names), column("config", JSON()), column("metrics", JSON())
+        )
+        connection.execute(
+            checkpoints.insert().values(
+                embedder="cnn_head",
+                version="cnn_head-1",
+                sha256="x",
+                path="h.pt",
+                created_at=utcnow(),
+                config={"arch": "head", "base": "efficientnet_lite0:input=whole,sizes=128"},
+                metrics={},
+            )
         )
     engine.dispose()
 
