@@ -186,10 +186,7 @@ def tune_collection(
         record = require_collection(session, collection)
         checkpoint = checkpoint_of(session, record)
     if not registry.get_spec(record.embedder).pretrained:
-        raise InvalidRequest(
-            f"automatic tuning applies to pretrained embedders; {record.embedder!r} is trained "
-            "on the collection"
-        )
+        raise InvalidRequest(f"automatic tuning applies to pretrained CNN embedders, not {record.embedder!r}")
     base = ctx.embedders.get(record.embedder)
     raw, ids = network_codes(ctx, record=record, checkpoint=checkpoint, base=base)
     if len(raw) < 2:

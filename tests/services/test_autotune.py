@@ -285,3 +285,28 @@ def test_the_record_says_outdated_once_the_collection_serves_other_codes(tuned: 
     whiten_collection(tuned, collection="photos", dim=8)  # by hand, over whatever was tuned
     tuning = get_collection(tuned, "photos").tuning
     assert tuning is not None and tuning["state"] == "outdated"
+
+
+def test_cbir_collections_tune_shows_switches_and_refuses_cleanly(settings: Settings) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from app.settings import get_settings
+
+    env = {"CBIR_DATA_DIR": str(settings.data_dir), "CBIR_DATABASE_URL": settings.database_url}
+
+    def cbir(*args: str) -> tuple[int, str]:
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(main, list(args), env=env)
+        finally:
+            get_settings.cache_clear()
+        return result.exit_code, result.output
+
+    assert cbir("collections", "create", "thumbs", "--embedder", "tiny")[0] == 0
+    code, output = cbir("collections", "tune", "thumbs", "--auto", "off")
+    assert code == 0 and json.loads(output)["auto"] is False
+    code, output = cbir("collections", "tune", "thumbs", "--now")
+    assert code == 1 and "pretrained CNN embedders, not 'tiny'" in output and "Traceback" not in output
+    code, output = cbir("collections", "tune", "thumbs", "--groundtruth", __file__)
+    assert code == 2 and "--groundtruth goes with --now" in output
