@@ -74,8 +74,7 @@ def cdae_codes(
     result = cdae.train_cdae(data.db_images, config=config, epochs=runs, device=device, seed=seed)
 
     def codes(images: np.ndarray) -> np.ndarray:
-        raw = cdae.encode_images(result.model, torch.from_numpy(images), config=config)
-        return cdae.apply_whitening(raw, result.whitening).cpu().numpy()
+        return cdae.embed_uint8(result, torch.from_numpy(images), config=config).cpu().numpy()
 
     return codes(data.db_images), codes(data.query_images), f"{runs} epochs"
 

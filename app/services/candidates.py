@@ -161,8 +161,7 @@ def cdae_candidate(preset: str) -> Candidate:
         )
 
         def codes(x: torch.Tensor) -> torch.Tensor:
-            raw = cdae.encode_images(result.model, x, config=config)
-            return cdae.apply_whitening(raw, result.whitening)
+            return cdae.embed_uint8(result, x, config=config)  # as the embedder serves them
 
         return Fitted(
             f"cdae-{preset}",
