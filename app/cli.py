@@ -566,14 +566,30 @@ def bench_import_command(workloads: tuple[str, ...], images: int, as_json: bool)
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="CDAE epochs (default: the preset's schedule)"
 )
+@click.option(
+    "--cdae-set", "changes", multiple=True, metavar="KEY=VALUE", help="change the default CDAE (an ablation)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def bench_quality_command(
-    sets: tuple[str, ...], methods: tuple[str, ...], db: int, queries: int, epochs: int | None, as_json: bool
+    sets: tuple[str, ...],
+    methods: tuple[str, ...],
+    db: int,
+    queries: int,
+    epochs: int | None,
+    changes: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """The generalisation suite: P@10 and mAP@all per data set for every method."""
     from app.services import bench_quality as service
     from models.device import pick_device
 
+    overrides: dict[str, Any] = {}
+    for change in changes:
+        key, _, raw = change.partition("=")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
     try:
         settings = get_settings()
         rows = service.run_suite(
@@ -584,6 +600,7 @@ def bench_quality_command(
             queries=queries,
             device=pick_device(settings.device),
             epochs=epochs,
+            overrides=overrides,
             say=lambda text: click.echo(text, err=True),
         )
     except ValidationError as exc:

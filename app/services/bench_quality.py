@@ -66,10 +66,17 @@ def pca_codes(db: np.ndarray, queries: np.ndarray, *, dims: int) -> tuple[np.nda
 
 
 def cdae_codes(
-    data: QualitySet, *, preset: str, device: torch.device, seed: int, epochs: int | None
+    data: QualitySet,
+    *,
+    preset: str,
+    device: torch.device,
+    seed: int,
+    epochs: int | None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Train the preset on the database images (no labels); codes of database and queries."""
-    config = cdae.CDAEConfig.preset(preset)
+    """Train the preset (with ``overrides``) on the database images, no labels; codes of database
+    and queries as the embedder serves them."""
+    config = cdae.CDAEConfig.from_dict({**cdae.CDAEConfig.preset(preset).to_dict(), **(overrides or {})})
     runs = cdae.epochs_for(config, images=len(data.db_images), epochs=epochs)
     result = cdae.train_cdae(data.db_images, config=config, epochs=runs, device=device, seed=seed)
 
@@ -86,8 +93,10 @@ def run_set(
     device: torch.device,
     seed: int = 0,
     epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
     say: Say = lambda _: None,
 ) -> list[QualityRow]:
+    """Every method on one set; ``overrides`` change the default CDAE's config (an ablation)."""
     rows: list[QualityRow] = []
 
     def add(method: str, started: float, db: np.ndarray, queries: np.ndarray, note: str = "") -> None:
@@ -104,7 +113,11 @@ def run_set(
             add(method, started, *pca_codes(db_pixels, query_pixels, dims=PCA_DIMS), f"{PCA_DIMS} dims")
         elif method in ("cdae-tutorial", "cdae-default"):
             preset = method.removeprefix("cdae-")
-            add(method, started, *cdae_codes(data, preset=preset, device=device, seed=seed, epochs=epochs))
+            changed = overrides if preset == "default" else None
+            codes = cdae_codes(
+                data, preset=preset, device=device, seed=seed, epochs=epochs, overrides=changed
+            )
+            add(method, started, *codes)
         elif method == "selected":
             add(method, started, *selected_codes(data, device=device, seed=seed))
         else:
@@ -132,13 +145,18 @@ def run_suite(
     device: torch.device,
     seed: int = 0,
     epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
     say: Say = lambda _: None,
 ) -> list[QualityRow]:
     rows: list[QualityRow] = []
     for name in sets:
         data = load_set(name, datasets_dir=datasets_dir, db=db, queries=queries)
         say(f"{name}: {len(data.db_images)} stored, {len(data.query_images)} queries ({data.about})")
-        rows.extend(run_set(data, methods=methods, device=device, seed=seed, epochs=epochs, say=say))
+        rows.extend(
+            run_set(
+                data, methods=methods, device=device, seed=seed, epochs=epochs, overrides=overrides, say=say
+            )
+        )
     return rows
 
 

@@ -97,7 +97,10 @@ def _stratified(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.n
 
 
 def _digits_8x8() -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_digits  # bundled in the wheel: no download
+    try:
+        from sklearn.datasets import load_digits  # bundled in the wheel: no download
+    except ImportError:
+        raise ValueError("digits-8x8 needs scikit-learn: pip install 'cbir[bench]'") from None
 
     digits = load_digits()
     frames = []
