@@ -12,6 +12,10 @@ P@10, mAP@10 and mAP@all. Labels are read for scoring only, never for training.
 
 MNIST is read from the shared IDX .gz files (never copied into the repo).
 
+The ablation below chose what is now the ``strokes`` preset (the handwriting invariances; it was
+cbir's default until the generalisation suite, ``cbir bench quality``, docs/quality.md, chose a
+default for any collection). Its "default" rows are today's ``--preset strokes``.
+
 Ablation (seed 0, 1 torch thread on a shared 2-core machine, so s/epoch is noisy; "*" with
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, which removes ~35% page-fault time).
 Screening: 3 epochs, first 2,000 test queries. Each row adds to the one above unless noted.
@@ -101,7 +105,7 @@ def load_mnist(root: Path) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0], presets=["tutorial", "default"])
+    parser = base_parser(__doc__.splitlines()[0], presets=["tutorial", "default", "strokes"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument(
         "--whiten-grid",

@@ -158,6 +158,15 @@ def set_autotune(ctx: AppContext, *, collection: str, on: bool) -> None:
         record.search_options = {**(record.search_options or {}), "autotune": on}
 
 
+def after_import_logged(ctx: AppContext, *, collection: str) -> None:
+    """``after_import`` for the end of an import job: a failure is logged and leaves the imported
+    images served as they are (the import itself succeeded)."""
+    try:
+        after_import(ctx, collection=collection)
+    except Exception:
+        log.exception("automatic tuning of %s failed; its search stays as it was", collection)
+
+
 def after_import(ctx: AppContext, *, collection: str) -> dict[str, Any] | None:
     """The policy run at the end of an import: tune when the collection reached the threshold or
     has doubled since the last tuning, never when switched off or for a trained embedder."""

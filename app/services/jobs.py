@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from app.context import AppContext
 from app.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
 from app.records import CollectionRecord, JobRecord, utcnow
+from app.services import autotune
 from app.services.collections import require_collection
 from app.services.ingest import ItemResult
 from app.services.manifests import finished_state
@@ -135,9 +136,8 @@ class JobRunner:
         self._stopping = threading.Event()
 
     def recover(self) -> int:
-        """Queue again the jobs a previous process left queued or running; they resume at their
-        high-water mark. A job whose source is gone (an upload deleted by hand) is marked failed.
-        Returns how many were resumed."""
+        """Queue again the jobs a previous process left queued or running (they resume at their
+        high-water mark; one whose source is gone is marked failed); return how many resumed."""
         with self.ctx.db.session() as session:
             rows = session.execute(
                 select(
@@ -391,7 +391,7 @@ class JobRunner:
             if self._cancel_requested(job_id):
                 self._update(job_id, state="cancelled", finished_at=utcnow())
             elif finished:  # failed after all when a line says the source is unreadable (a bad manifest)
-                self._autotune(collection)
+                autotune.after_import_logged(self.ctx, collection=collection)  # before success shows
                 self._update(job_id, finished_at=utcnow(), total=counts["done"], **finished_state(errors))
             else:
                 return  # the service is shutting down: the job stays running and resumes on start
@@ -404,16 +404,6 @@ class JobRunner:
                 reason = f"{exc.code}: {exc.detail}"
             self._update(job_id, state="failed", finished_at=utcnow(), error=reason)
         self._discard_uploads(source)
-
-    def _autotune(self, collection: str) -> None:
-        """Tune the collection's search before the job reports success (app/services/autotune.py);
-        a failure there is logged and leaves the imported images served as they are."""
-        from app.services import autotune
-
-        try:
-            autotune.after_import(self.ctx, collection=collection)
-        except Exception:
-            log.exception("automatic tuning of %s failed; its search stays as it was", collection)
 
     @staticmethod
     def _discard_uploads(source: Source) -> None:
