@@ -732,14 +732,24 @@ def _arch_names() -> list[str]:
     show_default=True,
     help="make it the collection's embedder (re-embed + re-index) or only record the checkpoint",
 )
+@click.option(
+    "--select/--no-select",
+    default=True,
+    show_default=True,
+    help="--arch head: hold out a part of the labels and activate the head only if it beats the "
+    "served codes there (docs/selection.md); --no-select trains on every label and activates",
+)
 def train_classifier_command(
-    collection: str, arch: str, epochs: int | None, seed: int, dim: int | None, activate: bool
+    collection: str, arch: str, epochs: int | None, seed: int, dim: int | None, activate: bool, select: bool
 ) -> None:
     """Train a classifier on the collection's labels (the 'label' metadata); its features become the codes.
 
     --arch head keeps a pretrained CNN collection's backbone frozen and trains a projection with
-    a cosine-margin classifier on its codes; the projection becomes the codes."""
-    _train_classifier(collection=collection, arch=arch, epochs=epochs, seed=seed, activate=activate, dim=dim)
+    a cosine-margin classifier on its codes; the projection becomes the codes when it beats the
+    served codes on a held-out part of the labels (--no-select: always)."""
+    _train_classifier(
+        collection=collection, arch=arch, epochs=epochs, seed=seed, activate=activate, dim=dim, select=select
+    )
 
 
 @train.command("lenet5")
@@ -753,9 +763,17 @@ def train_lenet5_command(collection: str, epochs: int | None, seed: int, activat
 
 
 def _train_classifier(
-    *, collection: str, arch: str, epochs: int | None, seed: int, activate: bool, dim: int | None = None
+    *,
+    collection: str,
+    arch: str,
+    epochs: int | None,
+    seed: int,
+    activate: bool,
+    dim: int | None = None,
+    select: bool = False,
 ) -> None:
     from app.services.classifier import train_classifier
+    from app.services.selection import format_table
 
     with _context(threads=os.cpu_count()) as ctx:
         checkpoint = train_classifier(
@@ -766,10 +784,15 @@ def _train_classifier(
             seed=seed,
             dim=dim,
             activate=activate,
+            select=select,
             load_progress=_bar("read images"),
             train_progress=_epoch_bars(),
             embed_progress=_bar("embed + index"),
         )
+        summary = (checkpoint.metrics or {}).get("selection")
+        if summary:
+            click.echo(format_table(summary))
+            activate = bool(summary["activated"])
         _report_checkpoint(checkpoint, label=arch, active=activate)
 
 

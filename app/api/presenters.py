@@ -40,9 +40,8 @@ def image_urls(image_id: int) -> tuple[str, str]:
 
 def collection_out(info: CollectionInfo) -> CollectionOut:
     out = CollectionOut.model_validate(info, from_attributes=True)
-    recorded = ((info.checkpoint or {}).get("metrics") or {}).get("selection")
-    if isinstance(recorded, dict):  # app/services/selection.py records it with the winner
-        out.selection = SelectionOut.model_validate(recorded)
+    if info.selection is not None:  # selection.py records it with the winner, classifier.py with a head
+        out.selection = SelectionOut.model_validate(info.selection)
     return out
 
 

@@ -21,6 +21,7 @@ from app.errors import InvalidRequest
 from app.indexes import load_vectors
 from app.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
 from app.services.collections import require_collection
+from app.services.head_selection import compare, head_split, served_codes, too_few_labels, unvalidated
 from app.services.training import (
     Progress,
     activate_checkpoint,
@@ -99,6 +100,7 @@ def train_classifier(
     seed: int = 0,
     dim: int | None = None,
     activate: bool = True,
+    select: bool = False,
     load_progress: Progress | None = None,
     train_progress: Callable[[int, int, int, float], None] | None = None,
     embed_progress: Progress | None = None,
@@ -109,6 +111,9 @@ def train_classifier(
     Images without a ``label`` are left out of training (and still embedded on activation);
     a collection with fewer than two labels is refused with InvalidRequest. ``dim`` (the code's
     dimensions) applies to archs on codes (``head``: a pretrained CNN collection only).
+    ``select`` (archs on codes): the head trains without a held-out part of the labels and is
+    activated only when it beats the served codes there (``app.services.head_selection``); the
+    table goes to ``metrics["selection"]``. Pixel archs are candidates of ``cbir train cdae``.
     """
     try:
         spec = get_arch(arch)
@@ -123,6 +128,7 @@ def train_classifier(
     with ctx.db.session() as session:
         record = require_collection(session, collection)
     computed: tuple[np.ndarray, np.ndarray] | None = None
+    summary: dict[str, Any] | None = None  # the head's held-out check (select=True)
     if spec.on_codes:
         base_spec = pretrained_base(ctx, collection=record, arch=spec)
         classes = check_labels(ctx, collection=record)
@@ -132,9 +138,19 @@ def train_classifier(
         labelled = labels >= 0
         if unlabelled:
             log.warning("%s: %d images have no label and are left out of training", collection, unlabelled)
+        split, reason, served = None, "", None
+        if select:
+            split = head_split(labels, seed=seed)
+            reason = too_few_labels()
+            if split is not None:
+                served = served_codes(ctx, record=record, ids=ids)
+                if served[0] is None:
+                    split = None
+                    reason = "not validated: some labelled images have no served code (index them first)"
+        train_rows = np.flatnonzero(labelled) if split is None else split.database
         result = spec.train(
-            codes[labelled],
-            labels[labelled],
+            codes[train_rows],
+            labels[train_rows],
             classes=classes,
             base_spec=base_spec,
             base_version=base_version,
@@ -145,7 +161,32 @@ def train_classifier(
             progress=train_progress,
         )
         computed = (result.project(codes), ids)  # type: ignore[attr-defined]
-        trained = int(labelled.sum())
+        trained = len(train_rows)
+        if select:
+            head_fit = {
+                "epochs": len(result.metrics.get("epoch_losses", [])),
+                "images": trained,
+                "seconds": sum(result.metrics.get("epoch_seconds", [])),
+            }
+            if split is None or served is None or served[0] is None:
+                summary = unvalidated(
+                    reason=reason,
+                    head_fit=head_fit,
+                    served_version=record.embedder_version,
+                    activate=activate,
+                )
+            else:
+                summary = compare(
+                    served=served[0],
+                    described=served[1],
+                    head=computed[0],
+                    labels=labels,
+                    split=split,
+                    head_fit=head_fit,
+                    served_version=record.embedder_version,
+                    activate=activate,
+                )
+                activate = bool(summary["activated"])
     else:
         classes = check_labels(ctx, collection=record)
         pixels, labels, unlabelled = load_labelled_pixels(
@@ -190,6 +231,12 @@ def train_classifier(
             metrics=result.metrics,
         )
         session.add(checkpoint)
+        if summary is not None:
+            session.flush()  # the id, for the head's row
+            summary["table"][-1]["checkpoint_id"] = checkpoint.id
+            checkpoint.metrics = {**result.metrics, "selection": summary}
+    if summary is not None:
+        log.info("%s: head selection: %s (%s)", collection, summary["winner"], summary["reason"])
     if activate:
         activate_checkpoint(
             ctx,

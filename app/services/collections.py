@@ -38,6 +38,7 @@ class CollectionInfo:
     ready: bool
     created_at: datetime
     tuning: dict[str, Any] | None = None  # the automatic tuning's switch, decision and table
+    selection: dict[str, Any] | None = None  # how the served codes were chosen (docs/selection.md)
 
 
 def require_collection(session: Session, name: str) -> CollectionRecord:
@@ -64,6 +65,29 @@ def checkpoint_summary(checkpoint: CheckpointRecord | None) -> dict[str, Any] | 
         "config": checkpoint.config,
         "metrics": checkpoint.metrics,
     }
+
+
+def selection_of(
+    session: Session, record: CollectionRecord, active: CheckpointRecord | None
+) -> dict[str, Any] | None:
+    """The selection table shown with a collection: its active checkpoint's, else that of its
+    latest checkpoint recorded with one that was measured and not activated (a CNN head that did
+    not beat the codes), while the collection still serves the codes it was measured against."""
+    recorded = ((active.metrics if active is not None else None) or {}).get("selection")
+    if isinstance(recorded, dict):
+        return recorded
+    latest = session.scalars(
+        select(CheckpointRecord)
+        .where(CheckpointRecord.collection_id == record.id)
+        .order_by(CheckpointRecord.id.desc())
+        .limit(20)
+    )
+    for checkpoint in latest:
+        recorded = (checkpoint.metrics or {}).get("selection")
+        if isinstance(recorded, dict):
+            kept = recorded.get("activated") is False
+            return recorded if kept and recorded.get("served_version") == record.embedder_version else None
+    return None
 
 
 def create_collection(ctx: AppContext, *, name: str, embedder: str) -> CollectionInfo:
@@ -125,6 +149,7 @@ def _info(ctx: AppContext, session: Session, record: CollectionRecord) -> Collec
         ready=record.embedder_version is not None,
         created_at=record.created_at,
         tuning=tuning_of(record, threshold=ctx.settings.autotune_min_images),
+        selection=selection_of(session, record, checkpoint),
     )
 
 
