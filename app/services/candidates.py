@@ -357,6 +357,7 @@ def select_embedder(
         if len(split.pool) <= screen_images
         else np.sort(rng.choice(split.pool, screen_images, replace=False))
     )
+    labelled = sample if (db_codes[sample] >= 0).all() else rng.permutation(split.database)[:screen_images]
     k = min(10, len(split.database))
 
     def measure(fitted: Fitted, *, stage: str, started: float, note: str) -> dict[str, Any]:
@@ -387,8 +388,8 @@ def select_embedder(
         return row
 
     def fit(candidate: Candidate, rows: np.ndarray, *, epochs: int | None, stage: str) -> Fitted:
-        if candidate.kind == "supervised":
-            rows = rows[db_codes[rows] >= 0]  # labelled, never held out
+        if candidate.kind == "supervised":  # labelled, never held out; the sample may hold no label
+            rows = rows[db_codes[rows] >= 0] if stage == "full" else labelled
         return candidate.fit(
             images[rows],
             db_codes[rows] if candidate.kind == "supervised" else None,

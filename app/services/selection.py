@@ -200,6 +200,8 @@ def _record(
             )
         else:
             embedder = str(fitted.config.get("arch", fitted.name))
+            # trained on label values (indices into ``classes``): its file and row name the labels
+            result.classes = [classes[int(c)] for c in result.classes]
             sha = result.save(ctx.settings.data_dir / relative, dataset=dataset)
         version = f"{embedder}-{sha[:12]}"
         config = {**fitted.config, "epochs": fitted.epochs, "images": fitted.images}  # epochs run

@@ -116,10 +116,11 @@ def train_cdae(
         record = require_collection(session, collection)
     check_trainable(ctx, record=record)
     config = cdae.CDAEConfig.preset(preset)
-    epochs = epochs or config.epochs
     pixels = load_pixels(ctx, collection=record, config=config, progress=load_progress)
     if len(pixels) == 0:
         raise InvalidRequest(f"collection {collection!r} has no images to train on")
+    # the preset's schedule, as the selection trains it: a small collection gets more epochs
+    epochs = cdae.epochs_for(config, images=len(pixels), epochs=epochs or None)
     result = cdae.train_cdae(
         pixels, config=config, epochs=epochs, device=ctx.device, seed=seed, progress=train_progress
     )
