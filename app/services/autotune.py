@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.context import AppContext
 from app.errors import InvalidRequest
-from app.records import CollectionRecord, ImageRecord, utcnow
+from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.services import reembed
 from app.services.collections import checkpoint_of, require_collection
 from app.services.groundtruth import match_groundtruth, rank_scores
@@ -262,6 +262,16 @@ def _serve_network_codes(
     """Serve the network's own codes again (whitening measured worse): store them, then switch."""
     vectors, ids = codes
     with WRITE_LOCK, ctx.db.transaction() as session:
+        # rows of that version left by an interrupted switch (or a re-embedding) would collide
+        session.execute(
+            delete(EmbeddingRecord)
+            .where(EmbeddingRecord.embedder_version == base.version)
+            .where(
+                EmbeddingRecord.image_id.in_(
+                    select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
+                )
+            )
+        )
         for start in range(0, len(ids), 5000):
             store_vectors(
                 session,

@@ -89,3 +89,31 @@ def test_the_default_cdae_alone_trains_the_presets_minimum_steps_on_a_small_coll
     assert expected == 1000  # one batch an epoch: 1,000 batches
     assert checkpoint.config["epochs"] == expected
     assert len(checkpoint.metrics["epoch_losses"]) == expected
+
+
+def test_serving_the_network_codes_again_survives_rows_left_by_an_interrupted_switch(
+    ctx: AppContext,
+) -> None:
+    """autotune's switch back from a whitening stores the network's codes in one transaction and
+    switches in the next: a kill in between leaves those rows, and the next switch collided with
+    them (unique image and version)."""
+    from app.services import autotune, tuning
+    from app.services.collections import checkpoint_of, get_collection, require_collection
+    from app.services.ingest import store_vectors
+
+    images, _ = digits(ctx)
+    create_collection(ctx, name="photos", embedder="tiny")
+    items = [Item(f"d{i}.png", png(images[i]), {}) for i in range(30)]
+    assert {r.status for r in ingest_batch(ctx, collection="photos", items=items)} == {"added"}
+    tuning.whiten_collection(ctx, collection="photos", dim=8)
+    base = ctx.embedders.get("tiny")
+    with ctx.db.session() as session:
+        record = require_collection(session, "photos")
+        checkpoint = checkpoint_of(session, record)
+    assert record.embedder_version != base.version  # whitened codes served
+    raw, ids = tuning.network_codes(ctx, record=record, checkpoint=checkpoint, base=base)
+    with ctx.db.transaction() as session:  # what the first transaction of a killed switch left
+        store_vectors(session, image_ids=ids, vectors=raw, embedder="tiny", embedder_version=base.version)
+    autotune._serve_network_codes(ctx, record=record, base=base, codes=(raw, ids))
+    info = get_collection(ctx, "photos")
+    assert info.embedder_version == base.version and info.embedded_count == 30 and info.index_size == 30
