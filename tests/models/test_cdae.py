@@ -169,8 +169,13 @@ def test_checkpoint_is_self_describing_and_hashed(tmp_path: Path, trained: Train
 
 def test_checkpoint_round_trip_gives_identical_embeddings(checkpoint: Path, trained: TrainResult) -> None:
     x = torch.from_numpy(stroke_images(32, seed=1)).float().div(255).unsqueeze(1)
+    pca = trained.pixel_pca
+    assert pca is not None  # the default appends the pixels' principal components to the code
     with torch.inference_mode():
-        expected = F.normalize(apply_whitening(trained.model.encode(x), trained.whitening), dim=1)
+        code = F.normalize(apply_whitening(trained.model.encode(x), trained.whitening), dim=1)
+        linear = F.normalize((x.flatten(1) - pca["mean"]) @ pca["matrix"], dim=1)
+        weight = trained.model.config.pixel_pca_weight
+        expected = F.normalize(torch.cat([code, weight * linear], 1), dim=1)
     first = registry.create("cdae", checkpoint=checkpoint).embed_batch(x)
     second = CDAEEmbedder(checkpoint=checkpoint).embed_batch(x)
     np.testing.assert_array_equal(first, second)
