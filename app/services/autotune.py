@@ -246,12 +246,20 @@ def tune_collection(
         live = require_collection(session, collection)
         # what the record describes: another embedder or a hand-made whitening later makes it stale
         tuning["served_version"] = live.embedder_version
-        live.search_options = {
-            **(live.search_options or {}),
-            "qe": QE_DEPTH if decision.qe else 0,
-            "qe_alpha": QE_ALPHA,
-            "tuning": tuning,
-        }
+        current = dict(live.search_options or {})
+        if current.get("qe_by_hand"):  # `search-options` was set by hand: that choice stays
+            qe_step = tuning["steps"][1]
+            qe_step["on"] = int(current.get("qe", 0)) > 0
+            by_hand = f"set by hand (qe {current.get('qe', 0)}), kept"
+            qe_step["reason"] = f"{by_hand}; measured: {qe_step['reason']}"
+            live.search_options = {**current, "tuning": tuning}
+        else:
+            live.search_options = {
+                **current,
+                "qe": QE_DEPTH if decision.qe else 0,
+                "qe_alpha": QE_ALPHA,
+                "tuning": tuning,
+            }
     log.info("tuned %s: %s", collection, "; ".join(decision.reasons.values()))
     return tuning
 

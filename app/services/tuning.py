@@ -52,8 +52,9 @@ def set_search_options(ctx: AppContext, *, collection: str, qe: int, qe_alpha: f
     options = SearchOptions(qe=qe, qe_alpha=qe_alpha)
     with ctx.db.transaction() as session:
         record = require_collection(session, collection)
-        # other keys (the automatic tuning's switch and record) stay
-        record.search_options = {**(record.search_options or {}), **options.to_dict()}
+        # other keys (the automatic tuning's switch and record) stay; a hand-set QE is never
+        # overridden by the automatic tuning
+        record.search_options = {**(record.search_options or {}), **options.to_dict(), "qe_by_hand": True}
     return options
 
 

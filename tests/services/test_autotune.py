@@ -310,3 +310,26 @@ def test_cbir_collections_tune_shows_switches_and_refuses_cleanly(settings: Sett
     assert code == 1 and "pretrained CNN embedders, not 'tiny'" in output and "Traceback" not in output
     code, output = cbir("collections", "tune", "thumbs", "--groundtruth", __file__)
     assert code == 2 and "--groundtruth goes with --now" in output
+
+
+def test_a_qe_set_by_hand_is_kept_by_the_tuning(
+    settings: Settings, photos: tuple[Path, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    from app.services.tuning import set_search_options
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for image in photos[0].glob("*.jpg"):
+        shutil.copyfile(image, plain / image.name)
+    ctx = context(settings, threshold=20)
+    try:
+        create_collection(ctx, name="photos", embedder=SMALL)
+        set_search_options(ctx, collection="photos", qe=3, qe_alpha=2.0)
+        import_folder(ctx, collection="photos", folder=plain)  # unlabelled: QE would be switched off
+        info = get_collection(ctx, "photos")
+        assert info.search_options["qe"] == 3 and info.search_options["qe_alpha"] == 2.0
+        qe_step = info.tuning["steps"][1]
+        assert qe_step["on"] is True and qe_step["reason"].startswith("set by hand (qe 3), kept")
+        assert info.whitening == info.image_count  # the whitening is still tuned
+    finally:
+        ctx.close()
