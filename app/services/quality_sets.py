@@ -194,7 +194,7 @@ def load_set(name: str, *, datasets_dir: Path, db: int = 60_000, queries: int = 
     if name not in builders:
         raise ValueError(f"unknown quality set {name!r}; known: {', '.join(SET_NAMES)}")
     db_images, db_labels, query_images, query_labels = builders[name]()
-    about = (__doc__ or "").split(f"``{name}``: ", 1)[-1].split("\n- ")[0]
+    about = (__doc__ or "").split(f"``{name}``: ", 1)[-1].split("\n- ")[0].split("\n\n")[0]
     return QualitySet(
         name=name,
         db_images=np.ascontiguousarray(db_images),
