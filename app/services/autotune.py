@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from app.context import AppContext
 from app.errors import InvalidRequest
-from app.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.records import CollectionRecord, ImageRecord, utcnow
 from app.services import reembed
 from app.services.collections import checkpoint_of, require_collection
 from app.services.groundtruth import match_groundtruth, rank_scores
-from app.services.ingest import WRITE_LOCK, store_vectors
-from app.services.training import collection_size
+from app.services.ingest import WRITE_LOCK
+from app.services.training import collection_size, replace_version
 from app.services.tuning import WHITENING_SAMPLE, network_codes, serve_whitening
 from index.metrics import evaluate_groundtruth
 from index.rerank import DEFAULT_SHRINKAGE, fit_whitening
@@ -268,24 +268,8 @@ def _serve_network_codes(
     ctx: AppContext, *, record: CollectionRecord, base: Any, codes: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """Serve the network's own codes again (whitening measured worse): store them, then switch."""
-    vectors, ids = codes
     with WRITE_LOCK, ctx.db.transaction() as session:
-        # rows of that version left by an interrupted switch (or a re-embedding) would collide
-        session.execute(
-            delete(EmbeddingRecord)
-            .where(EmbeddingRecord.embedder_version == base.version)
-            .where(
-                EmbeddingRecord.image_id.in_(
-                    select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
-                )
-            )
+        replace_version(
+            session, collection_id=record.id, embedder=record.embedder, version=base.version, codes=codes
         )
-        for start in range(0, len(ids), 5000):
-            store_vectors(
-                session,
-                image_ids=ids[start : start + 5000],
-                vectors=vectors[start : start + 5000],
-                embedder=record.embedder,
-                embedder_version=base.version,
-            )
     reembed._switch(ctx, collection=record.name, spec=record.embedder, embedder=base)

@@ -204,23 +204,13 @@ def activate_checkpoint(
         vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
     with WRITE_LOCK:
         with ctx.db.transaction() as session:
-            session.execute(
-                delete(EmbeddingRecord)
-                .where(EmbeddingRecord.embedder_version == embedder.version)
-                .where(
-                    EmbeddingRecord.image_id.in_(
-                        select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
-                    )
-                )
+            replace_version(
+                session,
+                collection_id=record.id,
+                embedder=checkpoint.embedder,
+                version=embedder.version,
+                codes=(vectors, ids),
             )
-            for start in range(0, len(ids), 5000):
-                store_vectors(
-                    session,
-                    image_ids=ids[start : start + 5000],
-                    vectors=vectors[start : start + 5000],
-                    embedder=checkpoint.embedder,
-                    embedder_version=embedder.version,
-                )
             _embed_stragglers(ctx, session=session, collection_id=record.id, embedder=embedder)
             live = session.get(CollectionRecord, record.id)
             assert live is not None
@@ -239,6 +229,31 @@ def activate_checkpoint(
             )
         with ctx.db.session() as session:
             ctx.indexes.build(require_collection(session, collection))
+
+
+def replace_version(
+    session: Any, *, collection_id: int, embedder: str, version: str, codes: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Store ``codes`` (vectors, ids) as a collection's rows of ``version``, replacing any it has
+    (an interrupted switch or a re-embedding may have left some). Call under the write lock."""
+    vectors, ids = codes
+    session.execute(
+        delete(EmbeddingRecord)
+        .where(EmbeddingRecord.embedder_version == version)
+        .where(
+            EmbeddingRecord.image_id.in_(
+                select(ImageRecord.id).where(ImageRecord.collection_id == collection_id)
+            )
+        )
+    )
+    for start in range(0, len(ids), 5000):
+        store_vectors(
+            session,
+            image_ids=ids[start : start + 5000],
+            vectors=vectors[start : start + 5000],
+            embedder=embedder,
+            embedder_version=version,
+        )
 
 
 def _embed_stragglers(ctx: AppContext, *, session: Any, collection_id: int, embedder: Embedder) -> None:
