@@ -203,13 +203,19 @@ def test_the_tuning_fires_at_the_threshold_and_not_below(
         ctx.close()
 
 
+def unlabelled_copy(folder: Path, tmp_path: Path) -> Path:
+    """The photos without the Holidays layout's ground truth: a folder of JPEGs, no labels."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for image in folder.glob("*.jpg"):
+        shutil.copyfile(image, plain / image.name)
+    return plain
+
+
 def test_an_unlabelled_collection_is_whitened_but_not_validated(
     settings: Settings, photos: tuple[Path, dict[str, list[str]]], tmp_path: Path
 ) -> None:
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for image in photos[0].glob("*.jpg"):
-        shutil.copyfile(image, plain / image.name)
+    plain = unlabelled_copy(photos[0], tmp_path)
     ctx = context(settings, threshold=20)
     try:
         create_collection(ctx, name="photos", embedder=SMALL)
@@ -317,10 +323,7 @@ def test_a_qe_set_by_hand_is_kept_by_the_tuning(
 ) -> None:
     from app.services.tuning import set_search_options
 
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for image in photos[0].glob("*.jpg"):
-        shutil.copyfile(image, plain / image.name)
+    plain = unlabelled_copy(photos[0], tmp_path)
     ctx = context(settings, threshold=20)
     try:
         create_collection(ctx, name="photos", embedder=SMALL)
