@@ -80,7 +80,9 @@ class SelectionRowOut(BaseModel):
 
 class SelectionOut(BaseModel):
     winner: str
-    validated: bool = Field(description="False: no usable labels, the default CDAE was trained unmeasured")
+    validated: bool = Field(
+        description="False: too few labels to hold out; the default CDAE (or the head) was not measured"
+    )
     reason: str
     held_out: int = Field(description="held-out labelled images (the queries)")
     database: int = Field(description="labelled images they were ranked against")
@@ -102,7 +104,9 @@ class CollectionOut(BaseModel):
     ready: bool = Field(description="True when the collection can be searched")
     created_at: UtcDateTime
     selection: SelectionOut | None = Field(
-        None, description="how the served embedder was chosen (`cbir train cdae`), if it was"
+        None,
+        description="how the served embedder was chosen on held-out labels (`cbir train cdae`, "
+        "`cbir train classifier --arch head`), if it was",
     )
     tuning: dict[str, Any] | None = Field(
         None,
