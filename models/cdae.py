@@ -10,7 +10,6 @@ principal components to the learned code, so what an invariance drops is not los
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -27,148 +26,15 @@ from PIL import Image
 from torch import nn
 
 from models.base import Embedder
-from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoint
+from models.cdae_config import CDAEConfig
+from models.checkpoints import read_checkpoint, write_checkpoint
+from models.corruptions import corrupt
 from models.registry import EmbedderSpec, register
+
+__all__ = ["CDAE", "CDAEConfig", "CDAEEmbedder", "corrupt", "epochs_for", "train_cdae"]
 
 CHECKPOINT_FORMAT = "cbir-cdae"
 CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class CDAEConfig:
-    """Everything that defines a CDAE: input, network, corruption, loss, optimisation.
-
-    The defaults are the tutorial network (Keras blog "Building autoencoders in Keras",
-    denoising section) so that an empty config means the well-known reference;
-    ``CDAEConfig.preset("default")`` is the tuned one cbir trains.
-    """
-
-    # --- input: what the collection's images are turned into (preprocessing travels with it)
-    image_size: int = 28  # square side in pixels; MNIST's native size
-    channels: int = 1  # 1 = greyscale; the only kind trained so far
-
-    # --- network
-    encoder_channels: tuple[int, ...] = (16, 8, 8)  # 3x3 conv + 2x2 max-pool per entry
-    code_dim: int | None = None  # None: the last conv map is the code (4x4x8 = 128 for MNIST);
-    # an int adds a linear bottleneck of that width, free of the spatial layout of the map
-    batch_norm: bool = False  # the tutorial has none; a small net trains fine without it
-
-    # --- corruption (training only): the input is corrupted, the CLEAN image is the target
-    noise_factor: float = 0.5  # Gaussian noise std, then clipped to [0, 1] (tutorial: 0.5)
-    rotate_degrees: float = 0.0  # uniform rotation in [-r, r]
-    shift_pixels: float = 0.0  # uniform translation in [-s, s] pixels on each axis
-    scale_range: float = 0.0  # uniform zoom in [1 - a, 1 + a]
-    elastic_pixels: float = 0.0  # std of a smooth random displacement field, in pixels
-    erase_prob: float = 0.0  # chance of zeroing one random rectangle (2-20% of the area)
-    flip_prob: float = 0.0  # chance of a left-right mirror (only where mirrors mean the same)
-    blur_sigma: float = 0.0  # Gaussian blur, std uniform in [0, b] pixels (focus, resolution)
-    contrast: float = 0.0  # contrast factor uniform in [1 - c, 1 + c] about the image's mean
-    brightness: float = 0.0  # uniform shift in [-b, b] of the [0, 1] intensity scale
-
-    # --- loss
-    consistency_weight: float = 0.0  # > 0: two corrupted views per image, and a term that
-    # pulls their codes together; no labels, the pairing comes from the corruption itself
-    consistency: str = "nt_xent"  # "cosine": 1 - cos(z1, z2); "nt_xent": contrastive, the
-    # other images of the batch are the negatives, which keeps the codes from collapsing
-    temperature: float = 0.1  # nt_xent softmax temperature (SimCLR's usual range 0.1-0.5)
-
-    # --- optimisation
-    optimizer: str = "adadelta"  # "adadelta" (lr 1.0, the tutorial's) or "adam"
-    lr: float = 1.0
-    weight_decay: float = 0.0
-    cosine_schedule: bool = False  # decay lr to 0 over the run: better end point, same cost
-    batch_size: int = 128  # the tutorial's; small enough for many updates per epoch
-    epochs: int = 20  # the default for `cbir train`; a training call may override it
-    min_steps: int = 0  # train at least this many batches: a small collection gets more epochs
-
-    # --- code post-processing, fitted on the training set's own codes (unsupervised)
-    whiten: bool = False  # PCA-whiten the L2-normalised codes; stored in the checkpoint
-    whiten_dims: int | None = None  # keep the top components (None: all)
-    whiten_shrinkage: float = 0.0  # eigenvalues += shrinkage * mean eigenvalue, so noise
-    # directions with tiny variance are not blown up to the same weight as the digit's shape
-
-    # --- a linear part of the code: the image's top principal components, fitted on the training
-    # images' pixels (unsupervised). The learned part carries the invariances; this part keeps
-    # what they throw away, so a wrong invariance costs less.
-    pixel_pca_dims: int = 0  # > 0: append that many components (capped by pixels and images)
-    pixel_pca_weight: float = 1.0  # both parts are unit vectors; this scales the linear one
-
-    @classmethod
-    def preset(cls, name: str) -> CDAEConfig:
-        """``"tutorial"``: the reference network; ``"default"``: cbir's CDAE for any collection;
-        ``"strokes"``: the handwriting invariances (rotation, elastic wobble, erased strokes)."""
-        if name == "tutorial":
-            return cls()
-        if name in PRESETS:
-            return cls(**PRESETS[name])
-        raise ValueError(f"unknown CDAE preset {name!r}; known: tutorial, {', '.join(PRESETS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["encoder_channels"] = list(self.encoder_channels)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CDAEConfig:
-        values = dict(data)
-        if "encoder_channels" in values:
-            values["encoder_channels"] = tuple(int(c) for c in values["encoder_channels"])
-        return config_from_dict(cls, values, what="CDAE")
-
-
-# The handwriting preset, chosen on MNIST by the ablation in benchmarks/cdae_mnist.py (table in
-# its docstring). Every change is against the tutorial; all of it is label-free.
-_STROKES_PRESET: dict[str, Any] = {
-    # Denoise against what handwriting retrieval must ignore: the same digit moved, turned,
-    # resized, bent or partly missing must reconstruct to the same clean image.
-    "noise_factor": 0.3,  # lighter than 0.5: the geometry now does most of the corrupting
-    "rotate_degrees": 15.0,
-    "shift_pixels": 2.0,
-    "scale_range": 0.1,
-    "elastic_pixels": 1.0,
-    "erase_prob": 0.3,
-    # Two corruptions per image and NT-Xent between their codes: the biggest single gain
-    # (mAP@all 0.37 -> 0.59 at 3 epochs); the cosine-only term barely helps (0.41).
-    "consistency_weight": 1.0,
-    "consistency": "nt_xent",
-    "temperature": 0.1,  # 0.05: same P@10, lower mAP; 0.2: lower P@10
-    # A linear, signed code instead of the post-ReLU 4x4x8 map: P@10 0.93 -> 0.96.
-    "code_dim": 128,
-    # 16 channels in every stage (the tutorial narrows to 8): +9% time, +0.01 P@10. The
-    # first stage stays at 16 because the 28x28 convs dominate the cost (32: 2.2x).
-    "encoder_channels": (16, 16, 16),
-    "optimizer": "adam",  # adadelta learns too slowly for a 10-epoch budget
-    "lr": 2e-3,
-    "cosine_schedule": True,
-    "epochs": 10,  # fits the ~10 minute budget on 2 CPU cores
-}
-
-# cbir's default for any collection: the same network, loss and optimiser, with corruptions that
-# are not specific to one domain, and a linear part of the code. Chosen on the generalisation
-# suite (`cbir bench quality`; docs/quality.md has the ablation on all of its sets).
-_DEFAULT_PRESET: dict[str, Any] = {
-    **_STROKES_PRESET,
-    # Out: the invariances of handwriting. Elastic wobble and erased rectangles teach the code to
-    # ignore local shape and missing parts, which are the class on garments, logos or parts.
-    "elastic_pixels": 0.0,
-    "erase_prob": 0.0,
-    # Kept small: a camera's framing (2 px, 10% zoom) and tilt (10 degrees; 15 lost P@10 where
-    # orientation is the class, 0 lost it everywhere else).
-    "rotate_degrees": 10.0,
-    # In: what any camera or scanner varies: focus, exposure and contrast, sensor noise.
-    "blur_sigma": 1.0,
-    "contrast": 0.2,
-    "brightness": 0.1,
-    # The top 64 principal components of the collection's pixels, appended to the code with equal
-    # weight: where a learned invariance is wrong for a collection, its cosine still sees the image
-    # as raw pixels do (+0.01-0.02 P@10 where orientation is the class).
-    "pixel_pca_dims": 64,
-    "pixel_pca_weight": 1.0,
-    # At least 1,000 batches: a collection of a few thousand images still trains (10 epochs of
-    # 1,500 images would be 120 steps).
-    "min_steps": 1000,
-}
-PRESETS: dict[str, dict[str, Any]] = {"default": _DEFAULT_PRESET, "strokes": _STROKES_PRESET}
 
 
 class CDAE(nn.Module):
@@ -228,89 +94,6 @@ class CDAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(self.encode(x)))
-
-
-def corrupt(x: torch.Tensor, *, config: CDAEConfig, generator: torch.Generator) -> torch.Tensor:
-    """(n, C, H, W) clean batch in [0, 1] -> a corrupted copy, each image its own draw.
-
-    Order: geometry (one affine warp plus an elastic field, one resampling), then erasing,
-    then Gaussian noise clipped to [0, 1]. ``generator`` lives on ``x.device``.
-    """
-    n, _, h, w = x.shape
-
-    def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
-        return torch.rand(*shape, generator=generator, device=x.device) * 2 - 1
-
-    c = config
-    if c.flip_prob:
-        flip = torch.rand(n, generator=generator, device=x.device) < c.flip_prob
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if c.rotate_degrees or c.shift_pixels or c.scale_range or c.elastic_pixels:
-        angle = uniform(n) * math.radians(c.rotate_degrees)
-        scale = 1 + uniform(n) * c.scale_range
-        # affine_grid maps output to input coordinates in [-1, 1]: 1 pixel = 2 / size.
-        shift = uniform(n, 2) * c.shift_pixels * 2 / torch.tensor([w, h], device=x.device)
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack(
-            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-        )
-        grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-        if c.elastic_pixels:
-            # A coarse 4x4 random field, upsampled smoothly: strokes bend, they do not shatter.
-            coarse = torch.randn(n, 2, 4, 4, generator=generator, device=x.device)
-            field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
-            per_axis = c.elastic_pixels * 2 / torch.tensor([w, h], device=x.device)
-            field = field * per_axis[:, None, None]
-            grid = grid + field.permute(0, 2, 3, 1)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if c.blur_sigma:
-        sigma = torch.rand(n, generator=generator, device=x.device) * c.blur_sigma
-        x = _blur(x, sigma=sigma).clamp(0.0, 1.0)  # float sums may land a hair past 1
-    if c.contrast or c.brightness:
-        factor = 1 + uniform(n) * c.contrast
-        shift = uniform(n) * c.brightness
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - mean) * factor[:, None, None, None] + mean + shift[:, None, None, None]).clamp(0.0, 1.0)
-    if c.erase_prob:
-        area = 0.02 + 0.18 * torch.rand(n, generator=generator, device=x.device)
-        aspect = torch.exp(uniform(n) * math.log(3))
-        eh = (torch.sqrt(area * aspect) * h).clamp(1, h)
-        ew = (torch.sqrt(area / aspect) * w).clamp(1, w)
-        top = torch.rand(n, generator=generator, device=x.device) * (h - eh)
-        left = torch.rand(n, generator=generator, device=x.device) * (w - ew)
-        erase = torch.rand(n, generator=generator, device=x.device) < c.erase_prob
-        ys = torch.arange(h, device=x.device)[None, :, None]
-        xs = torch.arange(w, device=x.device)[None, None, :]
-        box = (
-            (ys >= top[:, None, None])
-            & (ys < (top + eh)[:, None, None])
-            & (xs >= left[:, None, None])
-            & (xs < (left + ew)[:, None, None])
-            & erase[:, None, None]
-        )
-        x = x.masked_fill(box[:, None], 0.0)
-    if c.noise_factor:
-        noise = torch.randn(x.shape, generator=generator, device=x.device)
-        x = (x + c.noise_factor * noise).clamp(0.0, 1.0)
-    return x
-
-
-def _blur(x: torch.Tensor, *, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of (n, C, H, W) with one std per image (0 leaves it as it is)."""
-    radius = 3
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    weights = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    weights = weights / weights.sum(1, keepdim=True)  # (n, 2r + 1); sigma ~0 -> a delta
-    n, ch, h, w = x.shape
-    flat = x.reshape(1, n * ch, h, w)
-    kernel = weights.repeat_interleave(ch, 0)
-    flat = F.conv2d(
-        F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=n * ch
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=n * ch
-    )
-    return flat.reshape(n, ch, h, w)
 
 
 def _consistency_loss(z1: torch.Tensor, z2: torch.Tensor, *, config: CDAEConfig) -> torch.Tensor:
