@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from app.api.evaluation_schemas import EvaluationOut
 from app.api.job_access import Viewer
 from app.api.schemas import (
     CollectionOut,
     CompareResponse,
     CompareSide,
-    EvaluationOut,
     HitOut,
     ImageOut,
     JobError,

@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from app.api import job_access
 from app.api.deps import ContextDep, EvaluationsDep, TasksDep
 from app.api.disconnect import run_cancellable
+from app.api.evaluation_schemas import EvaluateIn, EvaluateOut, EvaluateRow, EvaluationOut, EvaluationStart
 from app.api.presenters import evaluation_out
-from app.api.schemas import EvaluateIn, EvaluateOut, EvaluateRow, EvaluationOut, EvaluationStart, JobAccepted
+from app.api.schemas import JobAccepted
 from app.services import evaluation
 from app.services.evaluate_plan import evaluation_result, plan_evaluation, run_evaluation
 
