@@ -7,15 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from app import faults
-from app.cost_cache import CostCache
-from app.db import Database
-from app.decode_budget import DecodeBudget
-from app.embedders import EmbedderCache, validate_embedder_name
-from app.imaging import ImageLimits
-from app.indexes import IndexManager
-from app.settings import Settings
-from app.storage import FileJournal, ImageStore, WriteGate
+from app.core import faults
+from app.core.settings import Settings
+from app.data.db import Database
+from app.data.storage import FileJournal, ImageStore, WriteGate
+from app.embedding.cost_cache import CostCache
+from app.embedding.embedders import EmbedderCache, validate_embedder_name
+from app.imaging.decode import ImageLimits
+from app.imaging.decode_budget import DecodeBudget
+from app.indexing.manager import IndexManager
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class AppContext:
         return ImageLimits.from_settings(self.settings)
 
     def close(self) -> None:
-        from app.services.pipeline import shutdown_worker_pools
+        from app.ingest.pipeline import shutdown_worker_pools
 
         shutdown_worker_pools()
         self.indexes.stop()
@@ -89,7 +89,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
 
 def _remove_unfinished_writes(context: AppContext) -> None:
     """Files that processes killed before their commit left behind (see FileJournal)."""
-    from app.services.ingest import remove_unreferenced_files
+    from app.ingest.store import remove_unreferenced_files
 
     for journal in FileJournal.orphaned(context.settings.journal_dir):
         removed = remove_unreferenced_files(context, journal)

@@ -17,7 +17,6 @@ from app.api import (
     headers,
     limits,
     openapi,
-    pages,
     parameters,
     problems,
     routes_collections,
@@ -28,17 +27,18 @@ from app.api import (
     routes_keys,
     security,
 )
+from app.catalog.collections import list_collections
+from app.catalog.metadata_repair import repair_on_start
 from app.context import open_context
-from app.memory import tune_malloc
-from app.services.collections import list_collections
-from app.services.evaluation import EvaluationRunner
-from app.services.jobs import JobRunner
-from app.services.metadata_repair import repair_on_start
-from app.services.tasks import TaskRunner
-from app.settings import Settings, get_settings
+from app.core.memory import tune_malloc
+from app.core.settings import Settings, get_settings
+from app.ingest.jobs import JobRunner
+from app.learning.evaluation import EvaluationRunner
+from app.learning.tasks import TaskRunner
+from app.web import pages
 
 log = logging.getLogger(__name__)
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routes_keys,
     ):
         # A scalar parameter or form part given twice is refused by the API, never silently one of
-        # them; pages stay lenient (app/api/pages.py).
+        # them; pages stay lenient (app/web/pages.py).
         app.include_router(
             module.router, prefix="/api/v1", dependencies=[Depends(parameters.reject_repeated_parameters)]
         )

@@ -22,8 +22,8 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from app.context import AppContext, open_context
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests import postgres
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -145,7 +145,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         max_pixels=4_000_000,
         max_side=4096,
         # Imports decode in threads here: a fresh data folder per test would start fresh worker
-        # processes per test. tests/services/test_pipeline_processes.py and the kill -9 test (a real
+        # processes per test. tests/ingest/test_pipeline_processes.py and the kill -9 test (a real
         # server) run the worker processes.
         import_processes=False,
     )

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from app.api.exposure import exposure
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH = "/api/v1/health"
@@ -151,11 +151,11 @@ def test_compose_first_start_prints_an_admin_key_once(
     the first start only; only its hash is stored."""
     import uvicorn
 
+    from app.access.keys import digest
     from app.cli import main
-    from app.db import Database
-    from app.records import ApiKeyRecord
-    from app.services.keys import digest
-    from app.settings import get_settings
+    from app.core.settings import get_settings
+    from app.data.db import Database
+    from app.data.records import ApiKeyRecord
 
     for variable, value in services["app"]["environment"].items():
         monkeypatch.setenv(variable, compose_value(value))

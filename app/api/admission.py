@@ -14,7 +14,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import problem
-from app.errors import Overloaded
+from app.core.errors import Overloaded
 
 # The requests that decode and embed an image: upload, search, compare.
 EMBEDDING_REQUESTS = re.compile(r"^/api/v1/collections/[^/]+/(images|search|compare)$")

@@ -10,13 +10,13 @@ from fastapi import Depends, Query, Request, UploadFile
 # Re-exported: an image id is a decimal integer in 1..MAX_ID (nothing else pydantic's lax int takes).
 from app.api.parameters import MAX_ID as MAX_ID
 from app.api.parameters import ImageId as ImageId
+from app.catalog.filters import ImageFilter, parse_filter
 from app.context import AppContext
-from app.errors import BadMetadata, EmptyUpload, InvalidRequest, PayloadTooLarge
-from app.services.evaluation import EvaluationRunner
-from app.services.filters import ImageFilter, parse_filter
-from app.services.jobs import JobRunner
-from app.services.tasks import TaskRunner
-from app.usertext import check_metadata, parse_json, text_problem
+from app.core.errors import BadMetadata, EmptyUpload, InvalidRequest, PayloadTooLarge
+from app.core.usertext import check_metadata, parse_json, text_problem
+from app.ingest.jobs import JobRunner
+from app.learning.evaluation import EvaluationRunner
+from app.learning.tasks import TaskRunner
 
 CHUNK = 1024 * 1024
 MAX_METADATA_CHARS = 64 * 1024
@@ -101,7 +101,7 @@ async def read_upload(upload: UploadFile, *, limit: int) -> bytes:
 
 
 def parse_metadata(raw: str | None) -> dict[str, Any]:
-    """An upload's ``metadata`` part: a JSON object that obeys app/usertext.py (422
+    """An upload's ``metadata`` part: a JSON object that obeys app/core/usertext.py (422
     ``bad_metadata`` otherwise), ``invalid_request`` for text that is not a JSON object."""
     if raw is None or raw.strip() == "":
         return {}

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from app.cancel import CancelToken
+from app.core.cancel import CancelToken
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 from typing import Any
 
-from app.errors import AuthRequired
+from app.core.errors import AuthRequired
 
 log = logging.getLogger(__name__)
 

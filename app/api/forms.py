@@ -8,7 +8,7 @@ refusing text that "looks mis-decoded" would refuse honest Latin-1 letters sent 
 
 So the routes that read a form (``Utf8FormRoute``) decode the bytes here instead: in the declared
 charset, a byte that does not fit kept as a lone surrogate (``surrogateescape``, as Python keeps a
-file name that is not UTF-8). app/usertext.py refuses such text wherever user text is checked,
+file name that is not UTF-8). app/core/usertext.py refuses such text wherever user text is checked,
 naming the byte and its offset: 422 ``bad_metadata`` for the ``metadata`` part, ``bad_name`` for a
 file name. A declared charset Python does not know is a 400 ``bad_multipart`` (app/api/limits.py),
 never a guess.

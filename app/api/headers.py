@@ -10,7 +10,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.settings import Settings, check_cors
+from app.core.settings import Settings, check_cors
 
 # The pages load their scripts and styles from /static only (no inline code, no handlers in
 # attributes); images come from the API or, for a query being shown, a blob: URL.

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from fastapi import Request
 
+from app.access.keys import Scope
 from app.api import security
-from app.records import JobRecord
-from app.services.keys import Scope
+from app.data.records import JobRecord
 
 ANONYMOUS = "anonymous"
 

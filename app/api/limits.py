@@ -21,8 +21,8 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem
-from app.errors import BadMultipart, BodyTimeout, CbirError, PayloadTooLarge
-from app.settings import Settings
+from app.core.errors import BadMultipart, BodyTimeout, CbirError, PayloadTooLarge
+from app.core.settings import Settings
 
 
 class FormLimits(TypedDict, total=False):

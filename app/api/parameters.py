@@ -5,7 +5,7 @@ FastAPI would have kept; parameters declared as lists (``label``, ``meta``) stay
 form part a route takes once (the upload's ``file`` and ``metadata``, the query image of a
 search) sent twice is a 400 ``bad_multipart``. Decided from the route's own declarations, so a
 new API route is covered without anyone remembering to. Web pages are lenient: a link built by
-appending gives them ``?collection=a&collection=b`` and they render the first (app/api/pages.py).
+appending gives them ``?collection=a&collection=b`` and they render the first (app/web/pages.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from fastapi import Path, Request, params
 from pydantic import BeforeValidator
 
-from app.errors import BadMultipart, InvalidRequest
+from app.core.errors import BadMultipart, InvalidRequest
 
 # The largest id the database stores (a signed 64-bit integer): a larger one is a 422, not an
 # OverflowError in the driver.

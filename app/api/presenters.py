@@ -21,15 +21,15 @@ from app.api.schemas import (
     SearchResponse,
     SelectionOut,
 )
-from app.records import ImageRecord
-from app.services.collections import CollectionInfo
-from app.services.compare import Comparison
-from app.services.evaluation import EvaluationStatus
-from app.services.jobs import JobInfo
-from app.services.maps import CollectionMap
-from app.services.redaction import redact_url, scrub_text
-from app.services.search import SearchResult
-from app.usertext import printable, servable
+from app.catalog.collections import CollectionInfo
+from app.core.redaction import redact_url, scrub_text
+from app.core.usertext import printable, servable
+from app.data.records import ImageRecord
+from app.ingest.jobs import JobInfo
+from app.learning.evaluation import EvaluationStatus
+from app.search.compare import Comparison
+from app.search.maps import CollectionMap
+from app.search.query import SearchResult
 
 API = "/api/v1"
 

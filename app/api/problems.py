@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import db, storage
-from app.db import is_unavailable
-from app.errors import CbirError, DatabaseUnavailable
+from app.core.errors import CbirError, DatabaseUnavailable
+from app.data import db, storage
+from app.data.db import is_unavailable
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"

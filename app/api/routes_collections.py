@@ -25,8 +25,11 @@ from app.api.schemas import (
     TuningIn,
     WhiteningIn,
 )
-from app.indexes import IndexStatus
-from app.services import autotune, collections, index_admin, maps, tuning
+from app.catalog import collections
+from app.indexing import admin as index_admin
+from app.indexing.manager import IndexStatus
+from app.learning import autotune, tuning
+from app.search import maps
 
 router = APIRouter(tags=["collections"])
 
@@ -73,7 +76,7 @@ def change_embedder(
     """Re-embed every image with another pretrained embedder in a background job, then switch;
     searches use the old vectors until the new ones are complete (409 if it serves it already,
     422 for a trainable embedder: `cbir train` re-embeds with its checkpoint)."""
-    from app.services.reembed import check_reembed
+    from app.learning.reembed import check_reembed
 
     spec, _ = check_reembed(ctx, collection=name, embedder=body.embedder)
     job_id = runner.submit_reembed(collection=name, spec=spec, creator=job_access.creator(request))

@@ -12,8 +12,8 @@ from app.api.disconnect import run_cancellable
 from app.api.evaluation_schemas import EvaluateIn, EvaluateOut, EvaluateRow, EvaluationOut, EvaluationStart
 from app.api.presenters import evaluation_out
 from app.api.schemas import JobAccepted
-from app.services import evaluation
-from app.services.evaluate_plan import evaluation_result, plan_evaluation, run_evaluation
+from app.learning import evaluation
+from app.learning.evaluate_plan import evaluation_result, plan_evaluation, run_evaluation
 
 router = APIRouter(tags=["evaluation"])
 API = "/api/v1"

@@ -6,7 +6,7 @@ from app import __version__
 from app.api import security
 from app.api.deps import ContextDep
 from app.api.schemas import CollectionHealth, Health, IndexProblemOut, Readiness
-from app.services.collections import list_collections
+from app.catalog.collections import list_collections
 
 router = APIRouter(tags=["health"])
 

@@ -13,9 +13,11 @@ from app.api.forms import Utf8FormRoute
 from app.api.headers import IMAGE_CSP, download_name
 from app.api.presenters import compare_out, image_out, search_out
 from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
-from app.services import compare, images, search
-from app.services.ingest import add_image
-from app.storage import EXTENSIONS
+from app.catalog import images
+from app.data.storage import EXTENSIONS
+from app.ingest.store import add_image
+from app.search import compare
+from app.search import query as search
 from index.vector_index import SearchKnobs
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.

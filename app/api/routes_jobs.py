@@ -12,24 +12,24 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.access.keys import Scope
 from app.api import job_access, security
 from app.api.deps import CHUNK, ContextDep, JobsDep, TasksDep
 from app.api.forms import Utf8FormRoute
 from app.api.presenters import job_out
 from app.api.schemas import DatasetImport, JobAccepted, JobList, JobOut
+from app.catalog.collections import get_collection
 from app.context import AppContext
-from app.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
-from app.services import jobs
-from app.services.collections import get_collection
-from app.services.keys import Scope
-from app.services.redaction import scrub_report
-from app.services.sources import MAX_MANIFEST_BYTES, Limits, in_root
-from app.services.tasks import KINDS as TASK_KINDS
-from app.services.url_source import check_urls
+from app.core.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
+from app.core.redaction import scrub_report
+from app.ingest import jobs
+from app.ingest.sources.kinds import MAX_MANIFEST_BYTES, Limits, in_root
+from app.ingest.sources.urls import check_urls
+from app.learning.tasks import KINDS as TASK_KINDS
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
 router = APIRouter(tags=["imports"], route_class=Utf8FormRoute)
-# Imports and embedder switches (app/services/jobs.py), evaluations and whitening (tasks.py).
+# Imports and embedder switches (app/ingest/jobs.py), evaluations and whitening (tasks.py).
 JobKind = Literal["import", "reembed", "evaluate", "whiten"]
 
 IMPORT_BODY = {

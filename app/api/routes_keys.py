@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
 
+from app.access import keys
 from app.api import security
 from app.api.deps import ContextDep
 from app.api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
-from app.errors import Forbidden, Unauthorized
-from app.services import keys
+from app.core.errors import Forbidden, Unauthorized
 
 router = APIRouter(tags=["keys"])
 

@@ -295,7 +295,7 @@ class IndexProblemOut(BaseModel):
 
     @classmethod
     def of(cls, problem: Any) -> IndexProblemOut:
-        """From an app.index_problems.IndexProblem, or its fields as a dict."""
+        """From an app.indexing.problems.IndexProblem, or its fields as a dict."""
         fields = dict(problem) if isinstance(problem, dict) else vars(problem)
         ids = list(fields.get("image_ids") or ())
         return cls(**{**fields, "image_ids": ids[:100], "count": len(ids)})

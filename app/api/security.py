@@ -28,12 +28,12 @@ from starlette.routing import BaseRoute, compile_path, get_route_path
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
+from app.access.keys import KeyRing, Principal, Scope, parse_config_keys
 from app.api.exposure import exposure, log_refusing, refusal
 from app.api.problems import problem
-from app.db import Database
-from app.errors import CbirError, DatabaseUnavailable, Forbidden, RateLimited, Unauthorized
-from app.services.keys import KeyRing, Principal, Scope, parse_config_keys
-from app.settings import Settings
+from app.core.errors import CbirError, DatabaseUnavailable, Forbidden, RateLimited, Unauthorized
+from app.core.settings import Settings
+from app.data.db import Database
 
 KEY_HEADER = "X-API-Key"
 SCHEME = "APIKeyHeader"

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from app.cli.bench import bench
 from app.cli.common import command_context, epoch_bars, progress_bar
 from app.cli.train import train
-from app.errors import CbirError
-from app.settings import Settings, get_settings
+from app.core.errors import CbirError
+from app.core.settings import Settings, get_settings
 
 
 @click.group()
@@ -61,7 +61,7 @@ def serve(host: str | None, port: int | None) -> None:
 def _first_admin_key(settings: Settings) -> None:
     """CBIR_CREATE_ADMIN_KEY: on a first start without any key, create the admin key "admin" and
     print it, on one line (a container's log keeps it); only its SHA-256 is stored."""
-    from app.services.keys import create_first_key
+    from app.access.keys import create_first_key
 
     with _database() as db:
         secret = create_first_key(db, config_keys=settings.api_keys.get_secret_value())
@@ -83,7 +83,7 @@ def _first_admin_key(settings: Settings) -> None:
 def demo(name: str | None, epochs: int | None) -> None:
     """Build the demo collection when it is missing: MNIST train, an embedder selected on its labels
     (pixels, PCA, CDAEs, LeNet-5; docs/selection.md), indexed."""
-    from app.services.demo import ensure_demo
+    from app.learning.demo import ensure_demo
 
     settings = get_settings()
     with command_context(threads=os.cpu_count()) as ctx:
@@ -104,7 +104,7 @@ def collections() -> None:
 
 @collections.command("list")
 def collections_list() -> None:
-    from app.services.collections import list_collections
+    from app.catalog.collections import list_collections
 
     with command_context() as ctx:
         for info in list_collections(ctx):
@@ -118,7 +118,7 @@ def collections_list() -> None:
 @click.argument("name")
 @click.option("--embedder", default=None, help="default: CBIR_DEFAULT_EMBEDDER")
 def collections_create(name: str, embedder: str | None) -> None:
-    from app.services.collections import create_collection
+    from app.catalog.collections import create_collection
 
     with command_context() as ctx:
         info = create_collection(ctx, name=name, embedder=embedder or ctx.settings.default_embedder)
@@ -131,7 +131,7 @@ def collections_create(name: str, embedder: str | None) -> None:
 @click.option("--qe-alpha", type=float, default=3.0, show_default=True)
 def collections_search_options(name: str, qe: int, qe_alpha: float) -> None:
     """Set the query-side re-ranking every search of the collection uses."""
-    from app.services.tuning import set_search_options
+    from app.learning.tuning import set_search_options
 
     with command_context() as ctx:
         options = set_search_options(ctx, collection=name, qe=qe, qe_alpha=qe_alpha)
@@ -151,9 +151,9 @@ def collections_search_options(name: str, qe: int, qe_alpha: float) -> None:
 def collections_tune(name: str, auto: str | None, now: bool, groundtruth: Path | None) -> None:
     """Show the automatic tuning (whitening, query expansion) of a pretrained-CNN collection: its
     switch, the steps served and the validation table, as JSON; --auto and --now change it."""
-    from app.services import autotune
-    from app.services import groundtruth as gt
-    from app.services.collections import get_collection
+    from app.catalog.collections import get_collection
+    from app.learning import autotune
+    from app.learning import groundtruth as gt
 
     if groundtruth is not None and not now:
         raise click.UsageError("--groundtruth goes with --now")
@@ -173,8 +173,8 @@ def collections_reembed(name: str, spec: str) -> None:
     """Switch a collection to another pretrained embedder: every image re-embedded, then served.
     Searches (of a server on the same data) use the old vectors until the new ones are complete;
     if this command is interrupted, the server resumes the job on its next start."""
-    from app.services import jobs
-    from app.services.reembed import check_reembed
+    from app.ingest import jobs
+    from app.learning.reembed import check_reembed
 
     with command_context(threads=os.cpu_count()) as ctx:
         spec, model = check_reembed(ctx, collection=name, embedder=spec)
@@ -197,7 +197,7 @@ def collections_reembed(name: str, spec: str) -> None:
 @click.option("--shrinkage", type=float, default=0.5, show_default=True, help="0: plain PCA-whitening")
 def collections_whiten(name: str, dim: int, shrinkage: float) -> None:
     """Fit a PCA-whitening on the collection's codes and serve the whitened codes."""
-    from app.services.tuning import whiten_collection
+    from app.learning.tuning import whiten_collection
 
     with command_context(threads=os.cpu_count()) as ctx:
         saved = whiten_collection(
@@ -237,14 +237,14 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
     import shutil
     import tempfile
 
-    from app.services import jobs
-    from app.services.collections import get_collection
+    from app.catalog.collections import get_collection
+    from app.ingest import jobs
 
     with command_context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
         path = Path(source)
         if urls:
-            from app.services.url_source import check_urls, read_url_list
+            from app.ingest.sources.urls import check_urls, read_url_list
 
             parsed: jobs.Source = check_urls(read_url_list(path), settings=ctx.settings)
         elif path.is_dir():
@@ -291,7 +291,7 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
 @contextmanager
 def _database() -> Iterator[Any]:
     """Just the database (migrated to head): what the key commands need, without any model."""
-    from app.db import Database
+    from app.data.db import Database
 
     try:
         settings = get_settings()
@@ -319,7 +319,7 @@ def keys() -> None:
 @click.option("--scope", type=click.Choice(["read", "write", "admin"]), required=True)
 def keys_create(name: str, scope: str) -> None:
     """Create a key and print it, once: only its SHA-256 is stored."""
-    from app.services.keys import Scope, create_key
+    from app.access.keys import Scope, create_key
 
     with _database() as db:
         info, secret = create_key(db, name=name, scope=Scope[scope])
@@ -330,7 +330,7 @@ def keys_create(name: str, scope: str) -> None:
 @keys.command("list")
 def keys_list() -> None:
     """The keys with their scope and visible prefix (never the secret)."""
-    from app.services.keys import list_keys, parse_config_keys
+    from app.access.keys import list_keys, parse_config_keys
 
     with _database() as db:
         configured = [info for info, _ in parse_config_keys(get_settings().api_keys.get_secret_value())]
@@ -345,7 +345,7 @@ def keys_list() -> None:
 @click.argument("name")
 def keys_revoke(name: str) -> None:
     """Revoke a key; running servers refuse it within seconds."""
-    from app.services.keys import revoke_key
+    from app.access.keys import revoke_key
 
     with _database() as db:
         info = revoke_key(db, name)
@@ -385,8 +385,8 @@ def eval_command(
 ) -> None:
     """P@10, mAP@10 and mAP over the full ranking, one row per embedder (and per whitening and
     query-expansion setting with --groundtruth). Same label = relevant, or the ground truth's lists."""
-    from app.services import groundtruth as gt
-    from app.services.evaluation import evaluate
+    from app.learning import groundtruth as gt
+    from app.learning.evaluation import evaluate
 
     with command_context(threads=os.cpu_count()) as ctx:
         if groundtruth is not None:

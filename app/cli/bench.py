@@ -9,8 +9,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from app.errors import CbirError
-from app.settings import get_settings
+from app.core.errors import CbirError
+from app.core.settings import get_settings
 
 
 @click.group()
@@ -44,7 +44,7 @@ def bench_embed_command(
     """Images/s of the raw forward pass and of decode + preprocess + forward, on the current device."""
     import torch
 
-    from app.services import bench as service
+    from app.bench import embedding as service
     from models.device import pick_device
 
     try:
@@ -108,7 +108,7 @@ def bench_index_command(
     as_json: bool,
 ) -> None:
     """Build time, bytes per vector, QPS and recall@10 of each index kind on tiled real codes."""
-    from app.services import bench_index as service
+    from app.bench import indexes as service
 
     try:
         settings = get_settings()
@@ -148,7 +148,7 @@ def bench_index_command(
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def bench_import_command(workloads: tuple[str, ...], images: int, as_json: bool) -> None:
     """End-to-end import images/s against each stage alone (read, decode, embed, write), in one run."""
-    from app.services import bench_import as service
+    from app.bench import imports as service
 
     try:
         settings = get_settings()
@@ -193,7 +193,7 @@ def bench_quality_command(
     as_json: bool,
 ) -> None:
     """The generalisation suite: P@10 and mAP@all per data set for every method."""
-    from app.services import bench_quality as service
+    from app.bench import quality as service
     from models.device import pick_device
 
     overrides: dict[str, Any] = {}

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from app.context import AppContext, open_context
-from app.errors import CbirError
-from app.settings import get_settings
+from app.core.errors import CbirError
+from app.core.settings import get_settings
 
 
 def progress_bar(description: str) -> Callable[[int, int | None], None]:

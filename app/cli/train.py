@@ -74,11 +74,11 @@ def train_cdae_command(
 ) -> None:
     """Train the collection's embedder: by default a selection measured on its held-out labels
     (docs/selection.md); the denoising autoencoder alone with --no-select or --preset."""
-    from app.services.training import train_cdae
+    from app.learning.training import train_cdae
 
     with command_context(threads=os.cpu_count()) as ctx:
         if select and preset is None:
-            from app.services import selection
+            from app.learning import selection
 
             outcome = selection.select_and_train(
                 ctx,
@@ -169,8 +169,8 @@ def _train_classifier(
     dim: int | None = None,
     select: bool = False,
 ) -> None:
-    from app.services.classifier import train_classifier
-    from app.services.selection import format_table
+    from app.learning.classifier import train_classifier
+    from app.learning.selection import format_table
 
     with command_context(threads=os.cpu_count()) as ctx:
         checkpoint = train_classifier(

@@ -7,7 +7,7 @@ import json
 import httpx
 from pydantic import SecretStr
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 PROBLEM = "application/problem+json"
 

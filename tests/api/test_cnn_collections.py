@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from models import registry
 from tests.api.helpers import assert_problem
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem
 from tests.api.test_imports import wait_for_job
 

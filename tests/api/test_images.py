@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
-from app.settings import Settings
+from app.core.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.conftest import encode
 

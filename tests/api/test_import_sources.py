@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem
 from tests.api.test_imports import counts, make_tar, make_zip, wait_for_job
 from tests.holidays import holidays_subset
-from tests.services.test_sources import mnist_subset
+from tests.ingest.test_sources import mnist_subset
 
 API = "/api/v1"
 IMPORTS = f"{API}/collections/pets/imports"

@@ -13,15 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app import indexes
 from app.context import AppContext
+from app.core.settings import Settings
+from app.data.records import CollectionRecord
+from app.indexing import manager as indexes
 from app.main import create_app
-from app.records import CollectionRecord
-from app.services.synthetic import insert_synthetic
-from app.settings import Settings
 from index import VectorIndex
 from index.kinds import exact_knn
 from tests.api.helpers import assert_problem
+from tests.synthetic import insert_synthetic
 
 API = "/api/v1"
 DIM = 64  # the tiny embedder's
@@ -222,7 +222,7 @@ def test_bad_filters_are_a_422(client: TestClient, collection: str, seeded: np.n
 def test_large_filtered_set_goes_through_the_index_with_a_selector(
     client: TestClient, collection: str, seeded: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.services import search
+    from app.search import query as search
 
     monkeypatch.setattr(search, "EXACT_PASS_MAX", 10)
     set_kind(client, collection, factory="HNSW32")

@@ -222,9 +222,9 @@ def test_map_rejects_bad_input(client: TestClient, collection: str) -> None:
 
 
 def test_a_second_checkpoint_of_the_collection_can_be_compared(client: TestClient) -> None:
-    from app.datasets import load_mnist
-    from app.services.ingest import Item, ingest_batch
-    from app.services.training import train_cdae
+    from app.ingest.sources.datasets import load_mnist
+    from app.ingest.store import Item, ingest_batch
+    from app.learning.training import train_cdae
 
     ctx = client.app.state.context  # type: ignore[attr-defined]
     images, labels = load_mnist(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from app.catalog.collections import create_collection, get_collection
 from app.context import AppContext
-from app.services import jobs
-from app.services.collections import create_collection, get_collection
+from app.ingest import jobs
 from tests.api.helpers import assert_problem
 from tests.api.test_imports import make_zip, wait_for_job
 

@@ -8,13 +8,13 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.catalog.collections import create_collection
 from app.context import open_context
-from app.datasets import load_mnist
+from app.core.settings import Settings
+from app.ingest.sources.datasets import load_mnist
+from app.ingest.store import Item, ingest_batch
+from app.learning.selection import select_and_train
 from app.main import create_app
-from app.services.collections import create_collection
-from app.services.ingest import Item, ingest_batch
-from app.services.selection import select_and_train
-from app.settings import Settings
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 from PIL import Image
 
-from app.datasets import load_mnist
+from app.ingest.sources.datasets import load_mnist
 from tests.browser.conftest import NARROW, SCREENSHOTS, WIDE, LiveServer, assert_fits, at_width, shot
 from tests.conftest import DATASETS_DIR
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.datasets import load_mnist
+from app.ingest.sources.datasets import load_mnist
 from models import registry
 from models.classifier import arch_names, get_arch
 from models.lenet import (

@@ -11,8 +11,8 @@ from PIL import Image
 from sqlalchemy import select
 
 from app.context import open_context
+from app.data.records import EmbeddingRecord
 from app.main import create_app
-from app.records import EmbeddingRecord
 from tests.api.helpers import assert_problem
 
 API = "/api/v1"

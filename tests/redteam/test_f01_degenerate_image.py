@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import make_zip, run_import
 from tests.liveserver import LiveServer, server_env
@@ -198,7 +198,7 @@ def test_stored_zero_nan_and_short_vectors_are_set_aside_at_restart_and_reported
 def test_a_collection_whose_index_cannot_open_does_not_stop_the_others(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import indexes
+    from app.indexing import manager as indexes
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         for name in ("a", "b"):
@@ -233,8 +233,8 @@ def test_similar_to_a_set_aside_row_of_another_dimension_is_a_422_not_a_503(sett
     query by it is refused as degenerate, never "being rebuilt, retry shortly" forever."""
     from sqlalchemy import select
 
-    from app.records import CollectionRecord
-    from app.services.synthetic import insert_synthetic
+    from app.data.records import CollectionRecord
+    from tests.synthetic import insert_synthetic
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert client.post(f"{API}/collections", json={"name": "c", "embedder": "tiny"}).status_code == 201
@@ -268,7 +268,7 @@ def test_ready_names_the_error_class_of_an_index_that_cannot_open_not_its_text(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """/ready is public: the exception text (here a server path) stays in the log."""
-    from app import indexes
+    from app.indexing import manager as indexes
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert client.post(f"{API}/collections", json={"name": "a", "embedder": "tiny"}).status_code == 201

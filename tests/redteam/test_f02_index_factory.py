@@ -145,7 +145,7 @@ GOOD = [
 
 @pytest.mark.slow
 def test_the_supported_kinds_are_accepted_and_built(client: TestClient, collection: str) -> None:
-    from app.services.ingest import Item, ingest_batch
+    from app.ingest.store import Item, ingest_batch
 
     ctx = client.app.state.context  # type: ignore[attr-defined]
     results = ingest_batch(
@@ -174,7 +174,7 @@ def clustered(n: int, *, dim: int = 64, seed: int = 0) -> np.ndarray:
 def _record(client: TestClient, name: str):  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
-    from app.records import CollectionRecord
+    from app.data.records import CollectionRecord
 
     with client.app.state.context.db.session() as session:  # type: ignore[attr-defined]
         return session.scalar(select(CollectionRecord).where(CollectionRecord.name == name))
@@ -182,7 +182,7 @@ def _record(client: TestClient, name: str):  # type: ignore[no-untyped-def]
 
 def _seed(client: TestClient, name: str, n: int) -> np.ndarray:
     """A ``tiny`` collection of ``n`` synthetic rows (no files), its index caught up with them."""
-    from app.services.synthetic import insert_synthetic
+    from tests.synthetic import insert_synthetic
 
     assert client.post(f"{API}/collections", json={"name": name, "embedder": "tiny"}).status_code == 201
     ctx = client.app.state.context  # type: ignore[attr-defined]
@@ -247,9 +247,9 @@ def test_a_stored_kind_cbir_no_longer_builds_keeps_serving_its_file(settings) ->
     is, reported as advice, instead of being rebuilt into exact search at the first start."""
     from sqlalchemy import update
 
+    from app.data.records import CollectionRecord
+    from app.data.vector_rows import load_vectors
     from app.main import create_app
-    from app.records import CollectionRecord
-    from app.vector_rows import load_vectors
     from index.kinds import build_index
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
@@ -341,7 +341,7 @@ def test_an_upload_does_not_check_the_factory_again(
         return real(factory, dim=dim)
 
     monkeypatch.setattr(index.kinds, "validate_factory", counted)
-    monkeypatch.setattr("app.index_problems.validate_factory", counted)
+    monkeypatch.setattr("app.indexing.problems.validate_factory", counted)
     for seed in range(5):
         response = client.post(
             f"{API}/collections/k/images", files={"file": ("a.png", noise_png(seed), "image/png")}
@@ -356,7 +356,7 @@ def test_a_kind_set_while_a_rebuild_runs_is_built_after_it(
 ) -> None:
     import threading
 
-    from app import indexes
+    from app.indexing import manager as indexes
 
     _seed(client, "k", 300)
     gate = threading.Event()

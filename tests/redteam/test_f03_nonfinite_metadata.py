@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import Settings
+from app.core.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.conftest import ON_POSTGRES
 from tests.redteam.user_text import (

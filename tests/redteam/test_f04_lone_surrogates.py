@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import Settings
+from app.core.settings import Settings
 from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import start_archive_import, wait_for_job
 from tests.redteam.user_text import (

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app import cancel
+from app.core import cancel
+from app.core.settings import Settings
+from app.embedding import cost
 from app.main import create_app
-from app.services import cost, maps
-from app.settings import Settings
+from app.search import maps
 from tests.api.helpers import assert_problem
 from tests.redteam.test_f05_costly_compare import fill, noise_png
 

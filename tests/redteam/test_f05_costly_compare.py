@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.liveserver import LiveServer, run_in_sqlite_pass_only
 

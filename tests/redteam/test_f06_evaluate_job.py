@@ -17,8 +17,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.api.test_imports import make_zip, start_archive_import
 from tests.liveserver import LiveServer, run_in_sqlite_pass_only

@@ -23,11 +23,11 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import update
 
-from app import faults
+from app.catalog.collections import require_collection
+from app.core import faults
+from app.core.settings import Settings
+from app.data.records import JobRecord
 from app.main import create_app
-from app.records import JobRecord
-from app.services.collections import require_collection
-from app.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.redteam.test_f05_costly_compare import ADMIN_KEY, READ_KEY, WRITE_KEY, fill, noise_png
 

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
+from app.catalog.collections import get_collection
 from app.context import open_context
+from app.core.settings import Settings
+from app.imaging import decoding as decoding_service
+from app.ingest import store as ingest_service
+from app.learning.training import train_cdae
 from app.main import create_app
-from app.services import decoding as decoding_service
-from app.services import ingest as ingest_service
-from app.services.collections import get_collection
-from app.services.training import train_cdae
-from app.settings import Settings
 from tests.api.helpers import assert_problem
 
 API = "/api/v1"

@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import assert_problem
 from tests.reliability.test_e_urls import FIXTURE, Server, png_bytes, send
 

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 
 API = "/api/v1"
 ADMIN = {"X-API-Key": "admin-key-of-the-job-path-tests"}

@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import job_report
 from tests.api.test_imports import counts, start_archive_import, wait_for_job
 from tests.conftest import encode

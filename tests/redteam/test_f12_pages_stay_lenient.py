@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.helpers import assert_problem
-from tests.api.test_pages import Tags
 from tests.redteam.user_text import API
+from tests.web.test_pages import Tags
 
 
 @pytest.mark.parametrize("page", ["/", "/browse", "/import", "/evaluate", "/map"])

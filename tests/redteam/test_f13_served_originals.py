@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.image_end import strip_trailing
+from app.imaging.image_end import strip_trailing
 from tests.api.test_imports import run_import
 from tests.conftest import encode
 

@@ -27,12 +27,12 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
 
+from app.access.keys import Scope, create_key, digest
 from app.cli import main
-from app.db import Database
+from app.core.settings import Settings, get_settings
+from app.data.db import Database
+from app.data.records import ApiKeyRecord
 from app.main import create_app
-from app.records import ApiKeyRecord
-from app.services.keys import Scope, create_key, digest
-from app.settings import Settings, get_settings
 from tests.api.helpers import assert_problem
 from tests.liveserver import ROOT, run_in_sqlite_pass_only, server_env
 

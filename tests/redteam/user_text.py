@@ -13,8 +13,8 @@ import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import job_report
 from tests.api.test_imports import make_zip, start_archive_import, wait_for_job
 

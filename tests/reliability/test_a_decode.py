@@ -26,10 +26,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import GifImagePlugin, Image, ImageFile, MpoImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from app.errors import CbirError, EmptyUpload, ImageRejected, ImageTooLarge
-from app.imaging import ImageLimits, decode_image, pixel_cap
+from app.core.errors import CbirError, EmptyUpload, ImageRejected, ImageTooLarge
+from app.core.settings import Settings
+from app.imaging.decode import ImageLimits, decode_image, pixel_cap
 from app.main import create_app
-from app.settings import Settings
 from fuzz import samples
 from tests.api.helpers import assert_problem
 

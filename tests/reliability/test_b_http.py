@@ -30,15 +30,15 @@ from fastapi.testclient import TestClient
 from starlette import formparsers
 
 from app.api import limits, routes_images
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.api.helpers import PROBLEM, assert_problem
 from tests.liveserver import LiveServer
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
-STATIC = Path(__file__).resolve().parents[2] / "app" / "static"
-TEMPLATES = Path(__file__).resolve().parents[2] / "app" / "templates"
+STATIC = Path(__file__).resolve().parents[2] / "app" / "web" / "static"
+TEMPLATES = Path(__file__).resolve().parents[2] / "app" / "web" / "templates"
 
 
 # -- helpers -------------------------------------------------------------------------------------

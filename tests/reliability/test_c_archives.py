@@ -22,9 +22,9 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.settings import Settings
+from app.ingest.sources import kinds as sources
 from app.main import create_app
-from app.services import sources
-from app.settings import Settings
 from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import counts, make_tar, make_zip, start_archive_import, wait_for_job
 

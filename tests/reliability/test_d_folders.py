@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.errors import PathOutsideRoot
+from app.core.errors import PathOutsideRoot
+from app.core.settings import Settings
+from app.ingest.sources import kinds as sources
 from app.main import create_app
-from app.services import sources
-from app.settings import Settings
 from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem, job_report
 from tests.api.test_imports import counts, wait_for_job
 

@@ -33,13 +33,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.cli import main
-from app.errors import CbirError
+from app.core.errors import CbirError
+from app.core.redaction import redact_url
+from app.core.settings import Settings, get_settings
+from app.ingest.sources import fetch as fetcher
+from app.ingest.sources.fetch import FetchPolicy, blocked_reason, fetch, parse_url
+from app.ingest.sources.kinds import UrlSource, describe, from_params, members_of
 from app.main import create_app
-from app.services import fetch as fetcher
-from app.services.fetch import FetchPolicy, blocked_reason, fetch, parse_url
-from app.services.redaction import redact_url
-from app.services.sources import UrlSource, describe, from_params, members_of
-from app.settings import Settings, get_settings
 from tests.api.helpers import assert_problem
 
 API = "/api/v1"

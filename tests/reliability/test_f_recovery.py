@@ -1,7 +1,7 @@
 """Section F of the reliability plan: consistency, crashes and recovery.
 
 Most tests run a real server (tests/liveserver.py), make it die at a named crash point
-(``CBIR_FAULT_CRASH_AT``, app/faults.py) or kill -9 it, start it again without the fault and check
+(``CBIR_FAULT_CRASH_AT``, app/core/faults.py) or kill -9 it, start it again without the fault and check
 the state: the database is the truth, and the index, the files and the jobs agree with it.
 
 Plan names mapped to ours: ``FAULT_CRASH_AT`` is ``CBIR_FAULT_CRASH_AT``; ``index_state.hwm_id`` is
@@ -34,12 +34,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import faults
+from app.catalog.collections import create_collection, require_collection
 from app.context import open_context
-from app.indexes import load_vectors
-from app.services.collections import create_collection, require_collection
-from app.services.ingest import Item, ingest_batch
-from app.settings import Settings
+from app.core import faults
+from app.core.settings import Settings
+from app.indexing.manager import load_vectors
+from app.ingest.store import Item, ingest_batch
 from index import VectorIndex
 from tests.api.helpers import assert_problem
 from tests.liveserver import LiveServer, run_in_sqlite_pass_only
@@ -324,7 +324,7 @@ def test_r44_crash_point_leaves_a_state_that_restarts_consistent(
     server = start(live, with_env(server))
     assert not temp_files(data_dir), "a half-written checkpoint outlived the restart"
     expected = dict(acknowledged)
-    from app.storage import sha256_hex
+    from app.data.storage import sha256_hex
 
     for seed in unanswered:  # committed or not: either way the database decides, exactly once
         image_id = stored.get(sha256_hex(png(seed)))
@@ -542,7 +542,7 @@ def test_r50_job_killed_mid_import_reports_its_resume_and_a_resubmission_adds_no
     assert again["state"] == "succeeded", again
     assert (again["added"], again["duplicates"], again["resumes"]) == (0, len(members), 0)
     ids = ids_by_sha(server.data_dir)
-    from app.storage import sha256_hex
+    from app.data.storage import sha256_hex
 
     assert_consistent(server, {ids[sha256_hex(data)]: data for _, data in members}, queries=100)
 
@@ -685,7 +685,7 @@ def test_r43_kill_9_at_random_moments_during_bulk_indexing_ends_exact(
             time.sleep(0.3)
         assert killed_mid_job >= 1, f"only {killed_mid_job} of {kills} kills hit a running job"
         ids = ids_by_sha(data_dir)
-        from app.storage import sha256_hex
+        from app.data.storage import sha256_hex
 
         images = {ids[sha256_hex(data)]: data for data in by_name.values()}
         assert len(images) == 300
@@ -725,7 +725,7 @@ def exact_agreement(ctx: object, name: str, *, queries: np.ndarray) -> tuple[flo
 def test_r52_recall_at_10_is_the_same_before_and_after_restart_and_recovery(
     kind: str, settings: Settings, tmp_path: Path
 ) -> None:
-    from app.services.index_admin import configure_index
+    from app.indexing.admin import configure_index
 
     rng = np.random.default_rng(52)
     queries = rng.standard_normal((200, EMBEDDER_DIM)).astype(np.float32)

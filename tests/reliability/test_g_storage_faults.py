@@ -1,6 +1,6 @@
 """Reliability plan, section G: a full disk, a read-only disk and database faults (55-59).
 
-The disk faults go through the storage seam (``app.storage.write_atomic``, the function every image
+The disk faults go through the storage seam (``app.data.storage.write_atomic``, the function every image
 file is written with) on the in-process app, except 56, where the kernel itself refuses the write:
 a live server runs under RLIMIT_FSIZE. PostgreSQL faults (59) run on the PostgreSQL pass of
 ``make test`` and are skipped on SQLite.
@@ -31,19 +31,19 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-import app.storage
+import app.data.storage
+from app.core.settings import Settings
+from app.data.records import EmbeddingRecord, ImageRecord
 from app.main import create_app
-from app.records import EmbeddingRecord, ImageRecord
-from app.settings import Settings
 from index import VectorIndex
 from tests.api.helpers import assert_problem
 from tests.api.test_imports import make_zip, start_archive_import, wait_for_job
 from tests.conftest import ON_POSTGRES
+from tests.data.test_postgres import race_uploads_and_imports
 from tests.liveserver import ROOT, LiveServer, server_env
-from tests.test_postgres import race_uploads_and_imports
 
 API = "/api/v1"
-REAL_WRITE = app.storage.write_atomic
+REAL_WRITE = app.data.storage.write_atomic
 # Live servers run on SQLite in both passes of `make test`: their tests run once, in the SQLite pass.
 sqlite_pass_only = pytest.mark.skipif(ON_POSTGRES, reason="a live server on SQLite: runs in the SQLite pass")
 
@@ -101,7 +101,7 @@ class DiskFault:
 @contextmanager
 def disk_fault(monkeypatch: pytest.MonkeyPatch, code: int, *, after: int = 0) -> Iterator[DiskFault]:
     fault = DiskFault(code, after=after)
-    monkeypatch.setattr(app.storage, "write_atomic", fault)
+    monkeypatch.setattr(app.data.storage, "write_atomic", fault)
     yield fault
     fault.clear()
 
@@ -147,7 +147,7 @@ def test_r55_full_disk_stops_a_bulk_import_with_its_reason_and_keeps_committed_b
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings,
 ):
-    monkeypatch.setattr("app.services.pipeline.CHUNK_ITEMS", 4)  # batches of 4, with the setting
+    monkeypatch.setattr("app.ingest.pipeline.CHUNK_ITEMS", 4)  # batches of 4, with the setting
     archive = make_zip({f"digits/{seed:02d}.png": make_png(seed) for seed in range(12)})
     # Batches of 4 (settings above): the 6th file write fails, in the second batch.
     with disk_fault(monkeypatch, errno.ENOSPC, after=5):
@@ -175,7 +175,7 @@ def test_r55_full_disk_stops_a_bulk_import_with_its_reason_and_keeps_committed_b
 # -- 56: real EFBIG from the kernel while checkpointing the index ----------------------------
 def _digits_tar(path: Path, *, count: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    from app.services.sources import png_bytes
+    from app.ingest.sources.kinds import png_bytes
 
     with tarfile.open(path, "w") as archive:
         for i in range(count):
@@ -508,7 +508,7 @@ def test_r58_two_bulk_jobs_in_two_processes_and_eight_uploads_on_sqlite_never_50
 def test_r59_postgres_connection_killed_mid_transaction_is_a_503_writes_nothing_and_pool_recovers(
     client: TestClient, collection: str, make_png: Callable[..., bytes], pg_admin: Any
 ):
-    from tests.test_postgres import _kill_own_connection, app_engine, before_first, image_rows
+    from tests.data.test_postgres import _kill_own_connection, app_engine, before_first, image_rows
 
     data = make_png(3)
     engine = app_engine(client)
@@ -561,7 +561,7 @@ def test_r59_postgres_has_fsync_on_here_and_in_the_compose_file(pg_admin: Any, c
         assert connection.scalar(text("SHOW synchronous_commit")) == "on"
     # CBIR_READ_ONLY on PostgreSQL: every transaction of the app is read-only.
     settings = client.app.state.context.settings.model_copy(update={"read_only": True})  # type: ignore[attr-defined]
-    from app.db import Database, storage_fault
+    from app.data.db import Database, storage_fault
 
     database = Database(settings.sqlalchemy_url, read_only=True)
     try:

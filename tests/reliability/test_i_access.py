@@ -26,12 +26,12 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import func, inspect, select
 
+from app.access.keys import Scope
 from app.api.security import RateLimiter, route_rules
 from app.cli import main
+from app.core.settings import Settings, get_settings
+from app.data.records import ApiKeyRecord, ImageRecord
 from app.main import create_app
-from app.records import ApiKeyRecord, ImageRecord
-from app.services.keys import Scope
-from app.settings import Settings, get_settings
 from tests.api.helpers import assert_problem
 
 ADMIN_KEY = "admin-" + "a" * 30
@@ -250,7 +250,7 @@ def test_r63_auto_mode_turns_on_with_the_first_key_and_stays_on(client: TestClie
     assert_problem(client.get("/api/v1/keys"), 401, "unauthorized")  # keys over HTTP need an admin key
 
     db = client.app.state.context.db  # type: ignore[attr-defined]
-    from app.services.keys import create_key, revoke_key
+    from app.access.keys import create_key, revoke_key
 
     _, admin = create_key(db, name="root", scope=Scope.admin)
     client.app.state.guard.keys.invalidate()  # type: ignore[attr-defined]
@@ -522,7 +522,7 @@ def test_r67_the_sqlite_file_still_holds_every_row(labelled: TestClient, setting
 def test_r63_key_endpoints_refuse_bad_input_with_clear_problems(client: TestClient) -> None:
     """Bad names and scopes are 422, a taken name 409, an unknown key 404; nothing is stored."""
     db = client.app.state.context.db  # type: ignore[attr-defined]
-    from app.services.keys import create_key, list_keys
+    from app.access.keys import create_key, list_keys
 
     _, admin = create_key(db, name="root", scope=Scope.admin)
     client.app.state.guard.keys.invalidate()  # type: ignore[attr-defined]

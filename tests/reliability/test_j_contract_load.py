@@ -35,10 +35,10 @@ from schemathesis.python.asgi import shutdown_lifespans
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from app.datasets import MNIST_FILES
+from app.core.settings import Settings
+from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.ingest.sources.datasets import MNIST_FILES
 from app.main import create_app
-from app.records import CollectionRecord, EmbeddingRecord, ImageRecord
-from app.settings import Settings
 from tests.liveserver import ROOT, LiveServer, run_in_sqlite_pass_only
 
 COLLECTION = "shapes"

@@ -1,0 +1,164 @@
+"""Loads each collection's embedder once and keeps it: models are expensive, collections share them."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from app.core.errors import (
+    EmbedderNotReady,
+    IndexMismatch,
+    InvalidEmbedderOptions,
+    UnknownEmbedderName,
+    WeightsMissing,
+)
+from app.core.settings import Settings
+from app.data.records import CheckpointRecord, CollectionRecord
+from models import registry
+from models.base import Embedder
+from models.whitened import WhitenedEmbedder
+
+
+def validate_embedder_name(name: str) -> str:
+    """A spec string (``name[:key=value,...]``) checked and in its canonical spelling."""
+    try:
+        return registry.canonical(name)
+    except registry.UnknownEmbedder as exc:
+        raise UnknownEmbedderName(str(exc.args[0])) from None
+    except registry.InvalidEmbedderOptions as exc:
+        raise InvalidEmbedderOptions(str(exc)) from None
+
+
+class EmbedderCache:
+    """Embedders keyed by (name, checkpoint SHA-256); created under a lock, loaded lazily."""
+
+    def __init__(self, *, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], Embedder] = {}
+
+    def for_collection(self, collection: CollectionRecord, checkpoint: CheckpointRecord | None) -> Embedder:
+        """The embedder that produced the collection's served vectors (EmbedderNotReady if untrained)."""
+        spec = registry.get_spec(collection.embedder)
+        if spec.trainable and checkpoint is None:
+            raise EmbedderNotReady(
+                f"collection {collection.name!r} uses the trainable embedder {collection.embedder!r} "
+                f"and has no trained checkpoint yet; run `cbir train {collection.embedder} "
+                f"--collection {collection.name}`"
+            )
+        embedder = self.get(collection.embedder, checkpoint)
+        if collection.embedder_version is not None and embedder.version != collection.embedder_version:
+            # the weights or preprocessing changed under the stored vectors: searching them with the
+            # new codes would be silently wrong
+            raise IndexMismatch(
+                f"collection {collection.name!r} stores {collection.embedder_version} vectors but "
+                f"{collection.embedder!r} now gives {embedder.version} (its weights file changed?); "
+                "restore the weights or re-create the collection"
+            )
+        return embedder
+
+    def get(self, name: str, checkpoint: CheckpointRecord | None = None) -> Embedder:
+        path = self.settings.data_dir / checkpoint.path if checkpoint is not None else None
+        # Keyed by content, not path: a checkpoint is identified by its SHA-256.
+        key = (name, checkpoint.sha256 if checkpoint is not None else "")
+        with self._lock:
+            embedder = self._cache.get(key)
+            if (
+                embedder is None
+                and checkpoint is not None
+                and (checkpoint.config or {}).get("kind") == "whitening"
+            ):
+                embedder = self._whitened(name, checkpoint)
+            elif embedder is None and checkpoint is not None and (checkpoint.config or {}).get("base"):
+                embedder = self._on_base(name, checkpoint)
+            if embedder is None:
+                try:
+                    embedder = registry.create(
+                        name,
+                        checkpoint=path,
+                        device=self.device,
+                        weights_dir=self.settings.weights_dir,
+                        download=self.settings.weights_download,
+                        runtime=self.settings.cnn_runtime,
+                        onnx_dir=self.settings.onnx_dir,
+                    )
+                except registry.InvalidEmbedderOptions as exc:
+                    raise InvalidEmbedderOptions(str(exc)) from None
+                except (OSError, ValueError) as exc:  # a checkpoint file missing or torn
+                    raise IndexMismatch(
+                        f"checkpoint file {checkpoint.path if checkpoint else '?'} cannot be used: {exc}; "
+                        "restore it or retrain"
+                    ) from None
+            if checkpoint is not None and embedder.version != checkpoint.version:
+                raise IndexMismatch(
+                    f"checkpoint file {checkpoint.path} no longer matches the database "
+                    f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+                )
+            self._cache[key] = embedder
+        try:
+            embedder.load()
+        except registry.WeightsMissing as exc:
+            with self._lock:  # a file put in place later is found without a restart
+                self._cache.pop(key, None)
+            raise WeightsMissing(str(exc)) from None
+        return embedder
+
+    def _pretrained(self, name: str) -> Embedder:
+        """The pretrained embedder ``name``, cached and loaded (called under the lock)."""
+        key = (name, "")
+        base = self._cache.get(key)
+        if base is None:
+            base = registry.create(
+                name,
+                device=self.device,
+                weights_dir=self.settings.weights_dir,
+                download=self.settings.weights_download,
+                runtime=self.settings.cnn_runtime,
+                onnx_dir=self.settings.onnx_dir,
+            )
+            self._cache[key] = base
+        try:
+            base.load()
+        except registry.WeightsMissing as exc:
+            self._cache.pop(key, None)
+            raise WeightsMissing(str(exc)) from None
+        return base
+
+    def _whitened(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
+        """A pretrained embedder followed by the collection's PCA-whitening (called under the lock)."""
+        base = self._pretrained(name)
+        try:
+            return WhitenedEmbedder(base=base, path=self.settings.data_dir / checkpoint.path)
+        except (OSError, ValueError) as exc:
+            raise IndexMismatch(f"whitening of checkpoint {checkpoint.id} cannot be used: {exc}") from None
+
+    def _on_base(self, name: str, checkpoint: CheckpointRecord) -> Embedder:
+        """A trained embedder over a frozen pretrained one (``cnn_head``): the base is built with this
+        service's weights settings, then handed to the trained embedder's factory (under the lock)."""
+        base = self._pretrained(str(checkpoint.config["base"]))
+        try:
+            embedder = registry.get_spec(name).factory(
+                checkpoint=self.settings.data_dir / checkpoint.path, device=self.device, base=base
+            )
+        except (OSError, ValueError) as exc:
+            raise IndexMismatch(
+                f"checkpoint {checkpoint.id} ({checkpoint.path}) cannot be used: {exc}"
+            ) from None
+        if embedder.version != checkpoint.version:
+            raise IndexMismatch(
+                f"checkpoint file {checkpoint.path} no longer matches the database "
+                f"(expected {checkpoint.version}, found {embedder.version}); restore it or retrain"
+            )
+        self._cache[(name, checkpoint.sha256)] = embedder
+        return embedder
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def embedder_choices() -> list[registry.EmbedderSpec]:
+    """Every registered embedder, by name (what a new collection can use)."""
+    return [registry.get_spec(name) for name in registry.names()]

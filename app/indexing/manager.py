@@ -1,0 +1,633 @@
+"""Keeps each collection's FAISS index in memory, checked against the database, saved atomically.
+
+The database is the source of truth: an index file is a cache. On load it must carry the
+collection's embedder version; its ids are compared with the database's (ids only, one query):
+what the file lacks is replayed from the embeddings table and what the database no longer holds is
+removed, unless the difference is too large, or the file is missing, torn or of another version:
+then the index is rebuilt from the database. A small collection is rebuilt at once; a large one
+in the background, and meanwhile its searches answer 503 (``IndexRebuilding``), never an empty
+result. Rebuilding into another kind (``rebuild``) runs in the background while the old index keeps
+serving; writes that arrive meanwhile go to both, and the new index takes over when it is ready.
+
+Writes mark the index dirty; a saver thread checkpoints dirty indexes (atomically, with the
+high-water mark of the ids they hold) at most every ``save_interval`` seconds, or less often when
+saving takes long, and ``flush`` saves at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.core.errors import IndexMismatch, IndexRebuilding, ReembedRequired
+from app.core.faults import crash_point, delay_point
+from app.data.db import Database
+from app.data.records import CollectionRecord
+from app.data.vector_rows import has_images, load_ids, load_vectors, stored_dim, vectors_of
+from app.indexing.problems import (
+    BAD_INDEX_FACTORY,
+    BAD_INDEX_PARAMS,
+    INDEX_UNAVAILABLE,
+    VECTORS_REFUSED,
+    FactoryChecks,
+    IndexProblems,
+    checked_factory,
+    checked_knobs,
+    factory_problem,
+    kept_factory,
+)
+from app.indexing.status import IndexStatus, status_of
+from index import IndexCorrupt, VectorIndex
+from index.kinds import AUTO, auto_factory, build_index, default_knobs, recall_at_k, servable_factory
+from index.vector_index import SearchKnobs, normalise_factory, stale_temp_files
+
+log = logging.getLogger(__name__)
+
+RECALL_QUERIES = 200
+# A loaded file may lack this share of the database's rows and still be caught up by replaying
+# them (beyond it, rebuilding from the database reads no more and gives a freshly trained index).
+REPLAY_MAX_SHARE = 0.5
+# Deleted vectors a graph index may carry as tombstones before it is rebuilt without them.
+TOMBSTONE_SHARE = 0.1
+
+
+def knobs_of(collection: CollectionRecord) -> SearchKnobs:
+    """The collection's valid stored search parameters (index_problems.checked_knobs)."""
+    return checked_knobs(collection)[0]
+
+
+def target_factory(collection: CollectionRecord, *, n: int, dim: int, checks: FactoryChecks) -> str:
+    """The factory the collection's index should have now (``auto`` resolved by size), normalised;
+    exact search for a stored factory cbir does not build (a restored backup's ``HNSW0``)."""
+    requested, _ = checked_factory(collection, dim=dim if n else None, checks=checks)
+    return servable_factory(normalise_factory(auto_factory(n, dim) if requested == AUTO else requested), n)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Build:
+    """A background build: the writes that arrive while it reads the database are replayed on it."""
+
+    version: str
+    factory: str | None  # None: the collection's own (auto resolved by size when it runs)
+    reason: str
+    collection: str = ""
+    target: str = ""  # what GET .../index shows: ``factory``, else the collection's kind at the start
+    queued: str | None = None  # a kind set meanwhile: why the next build follows this one
+    started_at: str = field(default_factory=_now)
+    pending: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class IndexManager:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        index_dir: Path,
+        save_interval: float = 2.0,
+        sync_rebuild_max: int = 50_000,
+        read_only: bool = False,
+    ) -> None:
+        self.db = db
+        # CBIR_READ_ONLY: indexes are loaded or built in memory, never written.
+        self.read_only = read_only
+        self.index_dir = index_dir
+        self.save_interval = save_interval
+        # Rebuilds of at most this many vectors run in the caller (well under a second for exact
+        # search); larger ones in the background, with 503s meanwhile.
+        self.sync_rebuild_max = sync_rebuild_max
+        self._lock = threading.RLock()
+        self._indexes: dict[int, VectorIndex] = {}
+        self._builds: dict[int, _Build] = {}
+        self._errors: dict[int, str] = {}
+        # Collections with images but no vector of their version: 503 reembed_required, never an
+        # empty index (or one of another model).
+        self._unembedded: dict[int, str] = {}
+        self._dirty: set[int] = set()
+        self._save_cost: dict[int, float] = {}
+        self._last_save: dict[int, float] = {}
+        # Collections whose last checkpoint failed (a full disk, a file size limit): health shows
+        # "checkpoint_failed" until one succeeds. The database still holds every row.
+        self._checkpoint_errors: dict[int, str] = {}
+        # Rows set aside, settings refused, indexes that cannot open: reported, never fatal.
+        self.factory_checks = FactoryChecks()
+        self.problems = IndexProblems(checks=self.factory_checks)
+        self._stop = threading.Event()
+        self._saver: threading.Thread | None = None
+
+    def path_for(self, collection_id: int) -> Path:
+        return self.index_dir / f"collection-{collection_id}.cbidx"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.read_only:
+            return  # nothing to clean up or checkpoint
+        for path in stale_temp_files(self.index_dir):
+            log.warning("removing %s, a checkpoint that a killed process left half written", path.name)
+            path.unlink(missing_ok=True)
+        if self._saver is None:
+            self._stop.clear()
+            self._saver = threading.Thread(target=self._save_loop, name="index-saver", daemon=True)
+            self._saver.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._saver is not None:
+            self._saver.join(timeout=10)
+            self._saver = None
+        for build in list(self._builds.values()):
+            build.done.wait(timeout=1)  # a build notices the stop between its phases
+        self.flush_all(force=True)
+
+    def _save_loop(self) -> None:
+        while not self._stop.wait(self.save_interval):
+            try:
+                self.flush_all()
+            except Exception:  # a failed checkpoint must not kill the saver; the DB still has it all
+                log.exception("index checkpoint failed")
+
+    # -- access ----------------------------------------------------------------------------
+    def get(self, collection: CollectionRecord) -> VectorIndex | None:
+        """The served index of a collection: None while it has no embedder version, or while its
+        only index is being built in the background (``serving`` raises then)."""
+        if collection.embedder_version is None:
+            return None
+        with self._lock:
+            index = self._indexes.get(collection.id)
+            if index is not None and index.meta.get("embedder_version") == collection.embedder_version:
+                return index
+            build = self._builds.get(collection.id)
+            if build is not None and build.version == collection.embedder_version:
+                return None
+            if not self.problems.may_open(collection.id):
+                return None  # it failed moments ago: 503 until it is tried again
+            try:
+                index = self._open(collection)
+            except (SQLAlchemyError, _Stopped):
+                raise  # the database is away (a 503 per request) or the service is stopping
+            except Exception as exc:  # one broken index must stop neither the start nor the others
+                self.problems.open_failed(collection, exc)
+                index = None
+            else:
+                self.problems.opened(collection.id)
+            if index is not None:
+                self._indexes[collection.id] = index
+            else:
+                self._indexes.pop(collection.id, None)
+            return index
+
+    def serving(self, collection: CollectionRecord) -> VectorIndex | None:
+        """The index searches use; ``IndexRebuilding`` (503) while none can serve yet, None when
+        the collection has no embedder version."""
+        index = self.get(collection)
+        if index is None and collection.embedder_version is not None:
+            if collection.id in self._unembedded:
+                raise ReembedRequired(self._unembedded[collection.id])
+            broken = self.problems.get(collection.id, INDEX_UNAVAILABLE)
+            if broken is not None and collection.id not in self._builds:
+                raise IndexMismatch(f"collection {collection.name!r}: {broken.detail}")
+            build = self._builds.get(collection.id)
+            detail = f"the index of {collection.name!r} is being built from the database"
+            if build is not None:
+                detail += f" (since {build.started_at}: {build.reason})"
+            raise IndexRebuilding(f"{detail}; retry shortly")
+        return index
+
+    def _open(self, collection: CollectionRecord) -> VectorIndex | None:
+        """Load the file and catch it up with the database, or rebuild (here when small, else in
+        the background, returning None). Called under the lock."""
+        version = collection.embedder_version
+        assert version is not None
+        started = time.perf_counter()
+        db_ids = load_ids(self.db, collection_id=collection.id, embedder_version=version)
+        if not len(db_ids) and has_images(self.db, collection_id=collection.id):
+            if collection.id not in self._unembedded:
+                log.error(
+                    "collection %s has images but none has a %s vector; searches answer 503 until "
+                    "it is re-embedded",
+                    collection.name,
+                    version,
+                )
+            self._unembedded[collection.id] = (
+                f"collection {collection.name!r} has images but none has a vector of its embedder "
+                f"version {version}; re-embed it (PUT /api/v1/collections/{collection.name}/embedder) first"
+            )
+            return None
+        self._unembedded.pop(collection.id, None)
+        path = self.path_for(collection.id)
+        reason = ""
+        try:
+            index = VectorIndex.load(path)
+            dim = stored_dim(self.db, collection_id=collection.id, embedder_version=version)
+            if index.meta.get("embedder_version") != version:
+                reason = (
+                    f"the file holds embedder version {index.meta.get('embedder_version')!r}, not {version!r}"
+                )
+            elif index.ntotal and dim is not None and dim != index.dim:
+                reason = f"the file holds {index.dim}-d vectors, the database {dim}-d ones"
+            else:
+                caught_up = self._catch_up(collection, index, db_ids)
+                if caught_up:
+                    log.info(
+                        "index of %s loaded from %s (%d vectors, %.2f s)",
+                        collection.name,
+                        path,
+                        index.ntotal,
+                        time.perf_counter() - started,
+                    )
+                    dim = index.dim if index.ntotal else None
+                    self.problems.settings(collection, dim=dim, served=index.factory)
+                    self._maybe_grow(collection, index)
+                    return index
+                reason = "the file is too far behind the database"
+        except FileNotFoundError:
+            reason = "there is no index file"
+        except IndexCorrupt as exc:
+            reason = f"the index file is unreadable ({exc})"
+            if not self.read_only:  # a read-only data folder keeps it; the index is built in memory
+                path.replace(path.with_suffix(".corrupt"))
+        level = logging.WARNING if len(db_ids) else logging.INFO
+        log.log(level, "index of %s not loaded: %s; building it from the database", collection.name, reason)
+        if len(db_ids) <= self.sync_rebuild_max:
+            return self._build_now(collection, reason=reason)
+        self._start_build(collection, factory=None, reason=reason)
+        return None
+
+    def _catch_up(self, collection: CollectionRecord, index: VectorIndex, db_ids: np.ndarray) -> bool:
+        """Replay into ``index`` the database's rows it lacks and drop the ones the database no
+        longer has; False when that is too much to be worth it (rebuild instead)."""
+        have = index.ids()
+        missing = np.setdiff1d(db_ids, have, assume_unique=True)
+        extra = np.setdiff1d(have, db_ids, assume_unique=True)
+        if not missing.size and not extra.size:
+            self.problems.note(collection.id, None, code=VECTORS_REFUSED)  # none left aside
+            return True
+        if missing.size > max(1000, REPLAY_MAX_SHARE * len(db_ids)):
+            return False
+        version = collection.embedder_version
+        assert version is not None
+        if extra.size:
+            index.remove(extra)
+        if missing.size:
+            refused: dict[int, str] = {}  # rows the index cannot hold are always "missing"
+            vectors, ids = vectors_of(self.db, ids=missing, embedder_version=version, refused=refused)
+            if len(ids) and vectors.shape[1] != index.dim:
+                return False
+            if len(ids):
+                index.add(vectors, ids)
+            self.problems.refused(collection, refused)
+        log.info(
+            "index of %s caught up with the database: %d replayed above high-water mark %d, %d removed",
+            collection.name,
+            missing.size,
+            index.high_water_mark,
+            extra.size,
+        )
+        self._dirty.add(collection.id)
+        return True
+
+    def _fresh(self, collection: CollectionRecord, *, factory: str | None) -> tuple[VectorIndex, float]:
+        """A new index of the collection's vectors as the database holds them now, recall measured."""
+        version = collection.embedder_version
+        assert version is not None
+        started = time.perf_counter()
+        refused: dict[int, str] = {}
+        vectors, ids = load_vectors(
+            self.db, collection_id=collection.id, embedder_version=version, refused=refused
+        )
+        self.problems.refused(collection, refused)
+        dim = int(vectors.shape[1]) if len(ids) else 1
+        self.problems.settings(collection, dim=dim if len(ids) else None)
+        chosen = (
+            normalise_factory(factory)
+            if factory
+            else target_factory(collection, n=len(ids), dim=dim, checks=self.factory_checks)
+        )
+        if self._stop.is_set():
+            raise _Stopped
+        meta = {"collection": collection.name, "embedder_version": version}
+        try:
+            index = build_index(vectors, ids, factory=chosen, meta=meta, knobs=knobs_of(collection))
+        except ValueError as exc:
+            if chosen == normalise_factory("Flat"):
+                raise
+            # A kind FAISS cannot build for these vectors (PQ m not dividing d, ...): serve exact
+            # search rather than nothing, and say why.
+            log.error("index of %s cannot be built as %s (%s); serving Flat", collection.name, chosen, exc)
+            self._errors[collection.id] = f"cannot build {chosen[7:]}: {exc}; serving Flat"
+            problem = factory_problem(collection, f"FAISS cannot build {chosen[7:]}: {exc}")
+            self.problems.note(collection.id, problem, code=BAD_INDEX_FACTORY)
+            index = build_index(vectors, ids, factory="Flat", meta=meta)
+        seconds = time.perf_counter() - started
+        index.update_meta(built_at=_now(), build_seconds=round(seconds, 3))
+        self._measure(index, vectors, ids)
+        return index, seconds
+
+    def _measure(self, index: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> float:
+        if index.kind == "Flat" or len(ids) == 0:
+            recall = 1.0  # exact search is its own ground truth
+        else:
+            recall = recall_at_k(index, vectors, ids, k=10, queries=RECALL_QUERIES)
+        index.update_meta(recall_at_10=round(recall, 4), recall_measured_at=_now())
+        return recall
+
+    def _build_now(self, collection: CollectionRecord, *, reason: str) -> VectorIndex:
+        index, seconds = self._fresh(collection, factory=None)
+        self._dirty.discard(collection.id)
+        self._checkpoint(collection.id, index)
+        log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
+        return index
+
+    # -- background builds -----------------------------------------------------------------
+    def rebuild(
+        self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"
+    ) -> bool:
+        """Rebuild in the background (into ``factory``, else the collection's kind) while the
+        current index keeps serving; when a build is running, another follows it (it reads the
+        collection's kind when it starts). False when there is nothing to build."""
+        if collection.embedder_version is None:
+            return False
+        with self._lock:
+            if (running := self._builds.get(collection.id)) is not None:
+                running.queued = reason
+            else:
+                self._start_build(collection, factory=factory, reason=reason)
+            return True
+
+    def _start_build(self, collection: CollectionRecord, *, factory: str | None, reason: str) -> None:
+        assert collection.embedder_version is not None
+        build = _Build(
+            version=collection.embedder_version,
+            factory=factory,
+            reason=reason,
+            collection=collection.name,
+            target=factory or collection.index_factory or AUTO,
+        )
+        self._builds[collection.id] = build
+        self._errors.pop(collection.id, None)
+        thread = threading.Thread(
+            target=self._run_build, args=(collection, build), name=f"index-build-{collection.id}", daemon=True
+        )
+        thread.start()
+
+    def _run_build(self, collection: CollectionRecord, build: _Build) -> None:
+        try:
+            delay_point("index_build")
+            index, seconds = self._fresh(collection, factory=build.factory)
+            with self._lock:
+                current = self._builds.get(collection.id)
+                if current is not build:
+                    return  # dropped or superseded meanwhile
+                for op, ids, vectors in build.pending:
+                    if op == "add" and vectors is not None:
+                        keep = ~np.isin(ids, index.ids())
+                        if keep.any():
+                            index.add(vectors[keep], ids[keep])
+                    elif op == "remove":
+                        index.remove(ids)
+                self._indexes[collection.id] = index
+                del self._builds[collection.id]
+                self._dirty.add(collection.id)
+                self.problems.opened(collection.id)
+            log.info(
+                "index of %s rebuilt as %s in the background (%s; %d vectors, %.1f s)",
+                collection.name,
+                index.kind,
+                build.reason,
+                index.ntotal,
+                seconds,
+            )
+            self.flush(collection.id)
+        except _Stopped:
+            with self._lock:
+                if self._builds.get(collection.id) is build:
+                    del self._builds[collection.id]
+        except Exception as exc:
+            log.exception("background index build of %s failed", collection.name)
+            with self._lock:
+                if self._builds.get(collection.id) is build:
+                    del self._builds[collection.id]
+                self._errors[collection.id] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if build.queued is not None and not self._stop.is_set():
+                self._follow_up(collection.id, reason=build.queued)
+            build.done.set()
+
+    def _follow_up(self, collection_id: int, *, reason: str) -> None:
+        """Start the build a kind set during the last one asked for, with the collection as stored now."""
+        try:
+            with self.db.session() as session:
+                record = session.get(CollectionRecord, collection_id)
+        except SQLAlchemyError:  # the next write or start sees the kind differ and builds it then
+            log.exception("the index build that was to follow cannot start")
+            return
+        with self._lock:
+            if (
+                record is not None
+                and record.embedder_version is not None
+                and collection_id not in self._builds
+            ):
+                self._start_build(record, factory=None, reason=reason)
+
+    def wait_for_build(self, collection_id: int, timeout: float | None = None) -> bool:
+        """Block until the collection's background build (if any) ends; False on timeout."""
+        build = self._builds.get(collection_id)
+        return True if build is None else build.done.wait(timeout)
+
+    def _maybe_grow(self, collection: CollectionRecord, index: VectorIndex) -> None:
+        """Rebuild in the background when ``auto`` now calls for another kind, or when tombstones
+        pile up. Called under the lock."""
+        if collection.id in self._builds or index.ntotal == 0:
+            return
+        if kept_factory(collection, served=index.factory, dim=index.dim, checks=self.factory_checks):
+            return  # a file of a kind cbir no longer builds serves as it is (reported, not rebuilt)
+        wanted = target_factory(collection, n=index.ntotal, dim=index.dim, checks=self.factory_checks)
+        if wanted != index.factory:
+            self._start_build(collection, factory=None, reason=f"{index.ntotal} vectors: {wanted[7:]} is due")
+            return
+        if index.tombstones > max(1000, TOMBSTONE_SHARE * index.ntotal):
+            self._start_build(collection, factory=None, reason=f"{index.tombstones} deleted vectors to drop")
+
+    # -- writes ----------------------------------------------------------------------------
+    def build(self, collection: CollectionRecord) -> VectorIndex:
+        """Rebuild from the database now (after a re-embed or version switch) and save."""
+        with self._lock:
+            if (moot := self._builds.pop(collection.id, None)) is not None:
+                moot.queued = None  # a background build of the old state, and what was to follow, is moot
+            self._unembedded.pop(collection.id, None)
+            index = self._build_now(collection, reason="rebuild requested")
+            self._indexes[collection.id] = index
+            self.problems.opened(collection.id)
+            return index
+
+    def add(self, collection: CollectionRecord, *, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(ids) == 0 or collection.embedder_version is None:
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            build = self._builds.get(collection.id)
+            if build is not None:
+                build.pending.append(("add", ids.copy(), np.array(vectors, dtype=np.float32)))
+            index = self.get(collection)
+            if index is None:
+                return  # the build in progress reads these rows or replays them from pending
+            keep = ~index.contains_many(ids)  # a first load after the commit already holds them
+            if not keep.any():
+                return
+            if index.ntotal == 0 and index.dim != vectors.shape[1]:
+                # An empty index is created before the dimension is known; recreate it with the right one.
+                index = VectorIndex(vectors.shape[1], factory=index.factory, meta=index.meta)
+                self._indexes[collection.id] = index
+            index.add(vectors[keep], ids[keep])
+            self._dirty.add(collection.id)
+            self._maybe_grow(collection, index)
+
+    def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
+        self.problems.forget_ids(collection.id, ids)
+        with self._lock:
+            build = self._builds.get(collection.id)
+            if build is not None:
+                build.pending.append(("remove", np.asarray(ids, dtype=np.int64), None))
+            index = self.get(collection)
+            if index is not None and index.remove(ids):
+                self._dirty.add(collection.id)
+                self._maybe_grow(collection, index)
+
+    def drop(self, collection_id: int) -> None:
+        with self._lock:
+            self._indexes.pop(collection_id, None)
+            if (moot := self._builds.pop(collection_id, None)) is not None:
+                moot.queued = None
+            self._dirty.discard(collection_id)
+            self.problems.forget(collection_id)
+            self.path_for(collection_id).unlink(missing_ok=True)
+
+    def set_knobs(self, collection: CollectionRecord) -> None:
+        """Apply the collection's stored search parameters to its served index."""
+        self.problems.note(collection.id, checked_knobs(collection)[1], code=BAD_INDEX_PARAMS)
+        index = self.get(collection)
+        if index is not None:
+            index.set_search_knobs(default_knobs(index.kind).merged(knobs_of(collection)))
+            with self._lock:
+                self._dirty.add(collection.id)
+
+    def measure_recall(self, collection: CollectionRecord) -> float | None:
+        """Recall@10 of the served index against exact search over the stored vectors, now."""
+        index = self.serving(collection)
+        if index is None or collection.embedder_version is None:
+            return None
+        vectors, ids = load_vectors(
+            self.db, collection_id=collection.id, embedder_version=collection.embedder_version
+        )
+        live = np.isin(ids, index.ids())  # rows committed but not yet added are not the index's fault
+        recall = self._measure(index, vectors[live], ids[live])
+        with self._lock:
+            self._dirty.add(collection.id)
+        return recall
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def flush(self, collection_id: int, *, force: bool = True) -> None:
+        with self._lock:
+            if collection_id not in self._dirty:
+                return
+            if not force:
+                # Saving a big index takes seconds: never spend more than a fifth of the time on it.
+                wait = max(self.save_interval, 5 * self._save_cost.get(collection_id, 0.0))
+                if time.monotonic() - self._last_save.get(collection_id, 0.0) < wait:
+                    return
+            self._dirty.discard(collection_id)
+            index = self._indexes.get(collection_id)
+        if index is not None:
+            self._checkpoint(collection_id, index)
+
+    def _checkpoint(self, collection_id: int, index: VectorIndex) -> bool:
+        """Save, or log why not and keep the index dirty: a failed checkpoint (ENOSPC, EFBIG) leaves
+        the previous file whole (``save`` renames a complete temporary file into place) and costs
+        nothing but a longer replay on the next start, so serving and writes go on."""
+        if self.read_only:
+            return False
+        started = time.perf_counter()
+        try:
+            self._save(collection_id, index)
+        except Exception as exc:
+            with self._lock:
+                self._dirty.add(collection_id)
+                self._checkpoint_errors[collection_id] = f"{type(exc).__name__}: {exc}"
+            # Try again after 10 s rather than every save interval: the disk will not empty itself.
+            self._save_cost[collection_id] = max(self._save_cost.get(collection_id, 0.0), 2.0)
+            self._last_save[collection_id] = time.monotonic()
+            log.error("index checkpoint of collection %d failed (old file kept): %s", collection_id, exc)
+            return False
+        self._save_cost[collection_id] = time.perf_counter() - started
+        self._last_save[collection_id] = time.monotonic()
+        if self._checkpoint_errors.pop(collection_id, None) is not None:
+            log.warning("index checkpoint of collection %d succeeded again", collection_id)
+        return True
+
+    def _save(self, collection_id: int, index: VectorIndex) -> None:
+        """Write a checkpoint. Its high-water mark is in the file's own header, renamed into place
+        with the vectors, so the two never disagree: the crash point ``after_replace_before_hwm``
+        is the rename not yet made durable (directory fsync), ``after_hwm`` the save complete."""
+        index.save(self.path_for(collection_id), on_stage=_crash_stage)
+        crash_point("after_hwm")
+
+    def flush_all(self, *, force: bool = False) -> None:
+        with self._lock:
+            dirty = list(self._dirty)
+        for collection_id in dirty:
+            self.flush(collection_id, force=force)
+
+    # -- reporting -------------------------------------------------------------------------
+    def checkpoint_errors(self) -> dict[int, str]:
+        """Collection id -> why its last checkpoint failed (empty when all succeeded)."""
+        with self._lock:
+            return dict(self._checkpoint_errors)
+
+    def unavailable(self) -> dict[str, str]:
+        """Collections whose searches answer 503 index_rebuilding now (a build in progress and no
+        index serving meanwhile), with the build's reason: what keeps the service not ready."""
+        with self._lock:
+            return {
+                build.collection: build.reason
+                for collection_id, build in self._builds.items()
+                if (index := self._indexes.get(collection_id)) is None
+                or index.meta.get("embedder_version") != build.version
+            }
+
+    def size(self, collection: CollectionRecord) -> int:
+        index = self._indexes.get(collection.id)
+        return index.ntotal if index is not None else 0
+
+    def status(self, collection: CollectionRecord) -> IndexStatus:
+        index = self.get(collection)
+        factory = self.problems.get(collection.id, BAD_INDEX_FACTORY)
+        build = self._builds.get(collection.id)
+        rebuild = None
+        if build is not None:  # "queued": a kind set meanwhile, built next
+            rebuild = {k: getattr(build, k) for k in ("target", "reason", "started_at", "queued")}
+        return status_of(
+            collection,
+            index=index,
+            rebuild=rebuild,
+            last_error=self._errors.get(collection.id) or (factory.detail if factory is not None else None),
+            problems=[asdict(p) for p in self.problems.of(collection.id)],
+        )
+
+
+def _crash_stage(stage: str) -> None:
+    crash_point("during_write_index" if stage == "half_written" else "after_replace_before_hwm")
+
+
+class _Stopped(Exception):
+    """The manager is stopping: a background build gives up between its phases."""

@@ -1,0 +1,434 @@
+"""Store images: decode, deduplicate by SHA-256, write file + row + vector, add to the index.
+
+One function, ``ingest_batch``, serves single uploads and bulk imports, so both obey the same
+invariants: a row is committed only after its file is on disk; vectors are committed with their
+rows; the index is updated after the commit (a crash in between is repaired on start, because
+the index is checked against the database).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.catalog.collections import checkpoint_of, require_collection
+from app.context import AppContext
+from app.core.errors import CbirError, EmbedderNotReady
+from app.core.faults import crash_point, delay_point
+from app.core.usertext import check_metadata, check_name
+from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.data.storage import FileJournal, sha256_hex, storage_faults
+from app.embedding.codes import degenerate_codes
+from app.imaging.decode import DecodedImage, decode_image
+from app.imaging.decoding import reserved_for_request
+from app.imaging.image_end import strip_trailing
+
+log = logging.getLogger(__name__)
+
+# One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
+WRITE_LOCK = threading.RLock()
+_DECODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cbir-decode")
+_FILE_WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cbir-files")
+# Tries of one batch's transaction when other processes store the same bytes at the same time.
+STORE_ATTEMPTS = 3
+
+
+@dataclass
+class Item:
+    """One image to store: raw bytes, a display name and JSON metadata (e.g. {"label": "7"})."""
+
+    name: str | None
+    data: bytes
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ItemResult:
+    name: str | None
+    status: str  # "added", "duplicate" or "rejected"
+    image_id: int | None = None
+    code: str | None = None
+    detail: str | None = None
+    error: CbirError | None = field(default=None, repr=False)
+
+
+@dataclass
+class Accepted:
+    """A decoded image ready to store: its position in the batch's results and what the row needs."""
+
+    index: int
+    item: Item
+    sha256: str
+    format: str
+    width: int
+    height: int
+
+
+def ingest_batch(
+    ctx: AppContext, *, collection: str, items: Sequence[Item], durable: bool = True
+) -> list[ItemResult]:
+    """Store a batch of images in one transaction; returns one result per item, in order.
+
+    ``durable=False`` skips the per-file fsync and syncs once before the commit instead
+    (bulk imports); either way no row is committed before its file is on disk.
+    """
+    ctx.store.gate.check()  # read-only: a 503 before any decoding or embedding
+    # Bytes after an image's end (a polyglot's HTML) are neither stored nor hashed.
+    items = [replace(item, data=strip_trailing(item.data)) for item in items]
+    # The decoded images live until they are stored (a re-embedding under the write lock may need
+    # them): their decode memory stays reserved until then (503 overloaded when there is none).
+    with reserved_for_request(ctx, [item.data for item in items]):
+        return _decode_embed_store(ctx, collection=collection, items=items, durable=durable)
+
+
+def _decode_embed_store(
+    ctx: AppContext, *, collection: str, items: Sequence[Item], durable: bool
+) -> list[ItemResult]:
+    results: list[ItemResult | None] = [None] * len(items)
+    accepted: list[Accepted] = []
+    images: list[DecodedImage] = []
+
+    def decode(item: Item) -> DecodedImage | CbirError:
+        try:
+            return decode_image(item.data, limits=ctx.limits)
+        except CbirError as exc:
+            return exc
+
+    # Pillow releases the GIL while decoding: a batch decodes on several threads, so a GPU embedder
+    # does not wait on one core's worth of JPEG decoding.
+    outcomes = _DECODERS.map(decode, items) if len(items) > 1 else map(decode, items)
+    for position, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if isinstance(outcome, CbirError):
+            results[position] = ItemResult(
+                item.name, "rejected", code=outcome.code, detail=outcome.detail, error=outcome
+            )
+            continue
+        accepted.append(
+            Accepted(position, item, sha256_hex(item.data), outcome.format, outcome.width, outcome.height)
+        )
+        images.append(outcome)
+
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoint = checkpoint_of(session, record)
+    vectors = _embed(ctx, record, checkpoint, images)
+
+    with WRITE_LOCK:
+        with ctx.db.session() as session:
+            live = require_collection(session, collection)
+            if live.embedder_version != record.embedder_version:
+                # A training or whitening switched the served version while we embedded (it holds
+                # this lock when it switches): embed again, or these images would have no vector.
+                record, checkpoint = live, checkpoint_of(session, live)
+                vectors = _embed(ctx, record, checkpoint, images)
+        store_accepted(
+            ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
+        )
+    return [result for result in results if result is not None]
+
+
+def store_accepted(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    accepted: list[Accepted],
+    vectors: np.ndarray | None,
+    results: list[ItemResult | None],
+    durable: bool,
+    in_transaction: Callable[[Any], None] | None = None,
+) -> None:
+    """Write files, rows and vectors of ``accepted`` in one transaction (the caller holds
+    WRITE_LOCK), then add the new vectors to the index. ``in_transaction(session)`` runs last,
+    inside the transaction, once every result is filled in (an import job's counters and
+    high-water mark commit with its rows)."""
+    # Load the index before the commit: a first load after it would already hold the new rows.
+    ctx.indexes.get(record)
+    # Named in the journal before any file is written: if the transaction never commits (a crash,
+    # a kill -9), the next start finds these files and removes those no row refers to.
+    with storage_faults(ctx.store.gate):
+        ctx.store.journal.note(_entries(accepted))
+    delay_point("store_batch")
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with ctx.db.transaction() as session:
+                new_ids, new_vectors = _store(
+                    ctx,
+                    session,
+                    record=record,
+                    accepted=accepted,
+                    vectors=vectors,
+                    results=results,
+                    durable=durable,
+                )
+                if in_transaction is not None:
+                    in_transaction(session)
+            ctx.store.journal.settle(_entries(accepted))
+            break
+        except IntegrityError:
+            # Another writer (a second process: `cbir import` beside the server, a second
+            # replica) stored some of these bytes since we looked. The transaction rolled back;
+            # the next attempt finds them and answers with their ids, as duplicates.
+            if attempt == STORE_ATTEMPTS:
+                remove_unreferenced_files(ctx, entries=_entries(accepted))
+                raise
+        except BaseException:
+            remove_unreferenced_files(ctx, entries=_entries(accepted))
+            with storage_faults(ctx.store.gate):  # a full disk is a 507, a read-only one a 503
+                raise
+    if len(new_ids):
+        crash_point("after_db_commit_before_faiss_add")
+        ctx.indexes.add(record, vectors=new_vectors, ids=new_ids)
+        crash_point("after_faiss_add_before_response")
+
+
+def _without_degenerate(
+    record: CollectionRecord,
+    *,
+    fresh: list[tuple[Accepted, int]],
+    vectors: np.ndarray | None,
+    results: list[ItemResult | None],
+    repeats: list[tuple[int, int]],
+) -> list[tuple[Accepted, int]]:
+    """``fresh`` without the items whose code is degenerate (a zero vector, NaN, infinity): those,
+    and their repeats in the batch, are rejected with 422 degenerate_image before any file, row or
+    vector is written, since no index could hold them. Only rows about to be written are checked
+    (a bulk import's already-stored members carry no vector of their own)."""
+    if vectors is None or not fresh:
+        return fresh
+    errors = degenerate_codes(vectors[[row for _, row in fresh]], embedder=record.embedder)
+    if not errors:
+        return fresh
+    for position, (a, _) in enumerate(fresh):
+        if position in errors:
+            error = errors[position]
+            results[a.index] = ItemResult(
+                a.item.name, "rejected", code=error.code, detail=error.detail, error=error
+            )
+    for position, first in repeats:
+        rejected = results[first]
+        if rejected is not None and rejected.status == "rejected":
+            results[position] = replace(rejected, name=results[position].name)  # type: ignore[union-attr]
+    return [pair for position, pair in enumerate(fresh) if position not in errors]
+
+
+def _entries(accepted: list[Accepted]) -> list[tuple[str, str]]:
+    return [(a.sha256, a.format) for a in accepted]
+
+
+def remove_unreferenced_files(
+    ctx: AppContext, journal: FileJournal | None = None, *, entries: list[tuple[str, str]] | None = None
+) -> int:
+    """Delete the files a journal names that no image row refers to: ``entries`` of this
+    process's journal (a transaction that rolled back, a pipeline that stopped), or everything a
+    dead process's journal names. Returns how many files went."""
+    journal = journal or ctx.store.journal
+    if entries is None:
+        entries = journal.entries()
+    if not entries:
+        return 0
+    removed = 0
+    try:
+        with ctx.db.session() as session:
+            shas = sorted({sha for sha, _ in entries})
+            kept: set[str] = set()
+            for start in range(0, len(shas), 500):
+                kept.update(
+                    session.scalars(
+                        select(ImageRecord.sha256)
+                        .where(ImageRecord.sha256.in_(shas[start : start + 500]))
+                        .distinct()
+                    )
+                )
+    except Exception:  # the database is away: keep the journal for the next start
+        log.warning("could not check %d journalled files against the database", len(entries))
+        return 0
+    for sha, image_format in entries:
+        if sha not in kept:
+            removed += ctx.store.discard(sha, image_format)
+    if journal is ctx.store.journal:
+        journal.settle(entries)
+    else:
+        journal.clear()
+    return removed
+
+
+def _embed(
+    ctx: AppContext, record: CollectionRecord, checkpoint: Any, images: list[DecodedImage]
+) -> np.ndarray | None:
+    if not images or record.embedder_version is None:
+        return None  # an untrained embedder: rows are stored now, vectors after training
+    try:
+        embedder = ctx.embedders.for_collection(record, checkpoint)
+    except EmbedderNotReady:
+        return None
+    batch_size = ctx.settings.embed_batch_size
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        prepared = [embedder.preprocess(d.image) for d in images[start : start + batch_size]]
+        chunks.append(embedder.embed_prepared(prepared))
+    return np.concatenate(chunks)
+
+
+def _store(
+    ctx: AppContext,
+    session: Any,
+    *,
+    record: CollectionRecord,
+    accepted: list[Accepted],
+    vectors: np.ndarray | None,
+    results: list[ItemResult | None],
+    durable: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    shas = list({a.sha256 for a in accepted})
+    existing: dict[str, tuple[int, str | None]] = {}
+    for start in range(0, len(shas), 500):
+        existing.update(
+            (sha, (image_id, name))
+            for sha, image_id, name in session.execute(
+                select(ImageRecord.sha256, ImageRecord.id, ImageRecord.original_name)
+                .where(ImageRecord.collection_id == record.id)
+                .where(ImageRecord.sha256.in_(shas[start : start + 500]))
+            )
+        )
+    fresh: list[tuple[Accepted, int]] = []  # (item, row in vectors)
+    seen: dict[str, Accepted] = {}
+    repeats: list[tuple[int, int]] = []  # (item position, position of its first copy)
+    # Other names of a stored image (the same bytes under another file name): kept as
+    # metadata "aliases" so that name-based ground truth still finds every file.
+    new_aliases: dict[int, set[str]] = {}  # existing image id -> names
+    batch_aliases: dict[int, set[str]] = {}  # position of a first copy -> names
+    for row, a in enumerate(accepted):
+        name = (a.item.name or None) and a.item.name[-512:]
+        if a.sha256 in existing:
+            image_id, stored_name = existing[a.sha256]
+            results[a.index] = ItemResult(a.item.name, "duplicate", image_id=image_id)
+            if name and name != stored_name:
+                new_aliases.setdefault(image_id, set()).add(name)
+        elif a.sha256 in seen:
+            original = seen[a.sha256]
+            results[a.index] = ItemResult(a.item.name, "duplicate", detail="repeated in this batch")
+            repeats.append((a.index, original.index))
+            if name and name != original.item.name:
+                batch_aliases.setdefault(original.index, set()).add(name)
+        else:
+            seen[a.sha256] = a
+            fresh.append((a, row))
+    if new_aliases:
+        _add_aliases(session, new_aliases)
+    fresh = _without_degenerate(record, fresh=fresh, vectors=vectors, results=results, repeats=repeats)
+    if not fresh:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+
+    def put(a: Accepted) -> None:
+        ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.format, fsync=durable)
+
+    # Creating files is system-call work that releases the GIL: a few threads overlap it with
+    # each other and with the rest of the batch's Python (a bulk batch writes hundreds).
+    if len(fresh) > 8:
+        list(_FILE_WRITERS.map(put, (a for a, _ in fresh)))
+    else:
+        for a, _ in fresh:
+            put(a)
+    if not durable:
+        os.sync()  # one flush for the whole batch instead of one fsync per file
+
+    now = utcnow()
+    ids = session.scalars(
+        insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True),
+        [
+            {
+                "collection_id": record.id,
+                "sha256": a.sha256,
+                "byte_size": len(a.item.data),
+                "format": a.format,
+                "width": a.width,
+                "height": a.height,
+                "original_name": (a.item.name or None) and a.item.name[-512:],
+                "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
+                "created_at": now,
+            }
+            for a, _ in fresh
+        ],
+    ).all()
+    id_array = np.asarray(ids, dtype=np.int64)
+    for (a, _), image_id in zip(fresh, ids, strict=True):
+        results[a.index] = ItemResult(a.item.name, "added", image_id=image_id)
+    for position, first in repeats:
+        results[position].image_id = results[first].image_id  # type: ignore[union-attr]
+
+    if vectors is None:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    rows = np.asarray([row for _, row in fresh])
+    new_vectors = np.ascontiguousarray(vectors[rows])
+    store_vectors(
+        session,
+        image_ids=id_array,
+        vectors=new_vectors,
+        embedder=record.embedder,
+        embedder_version=record.embedder_version or "",
+    )
+    return id_array, new_vectors
+
+
+MAX_ALIASES = 64
+
+
+def _with_aliases(meta: dict[str, Any] | None, names: set[str] | None) -> dict[str, Any]:
+    meta = dict(meta or {})
+    if names:
+        known = meta.get("aliases") if isinstance(meta.get("aliases"), list) else []
+        meta["aliases"] = sorted(set(known) | names)[:MAX_ALIASES]
+    return meta
+
+
+def _add_aliases(session: Any, aliases: dict[int, set[str]]) -> None:
+    rows = session.execute(
+        select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.id.in_(list(aliases)))
+    ).all()
+    for image_id, meta in rows:
+        merged = _with_aliases(meta, aliases[image_id])
+        if merged != (meta or {}):
+            session.execute(update(ImageRecord).where(ImageRecord.id == image_id).values(meta=merged))
+
+
+def store_vectors(
+    session: Any, *, image_ids: np.ndarray, vectors: np.ndarray, embedder: str, embedder_version: str
+) -> None:
+    """Insert (n, d) float32 unit rows as blobs keyed by image id and embedder version."""
+    now = utcnow()
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    session.execute(
+        insert(EmbeddingRecord),
+        [
+            {
+                "image_id": int(image_id),
+                "embedder": embedder,
+                "embedder_version": embedder_version,
+                "dim": vectors.shape[1],
+                "vector": vectors[i].tobytes(),
+                "created_at": now,
+            }
+            for i, image_id in enumerate(image_ids)
+        ],
+    )
+
+
+def add_image(
+    ctx: AppContext, *, collection: str, data: bytes, name: str | None, metadata: dict[str, Any] | None
+) -> ItemResult:
+    """Store one uploaded image; a rejected one raises its CbirError (a 4xx for the client)."""
+    check_name(name)  # text the database, the JSON encoder and SQL JSON functions all accept
+    item = Item(name=name, data=data, metadata=check_metadata(metadata or {}))
+    (result,) = ingest_batch(ctx, collection=collection, items=[item])
+    if result.error is not None:
+        raise result.error
+    return result

@@ -1,0 +1,478 @@
+"""Retrieval quality of a labelled collection: query images against it, same label = relevant."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.catalog.collections import checkpoint_of, require_collection
+from app.context import AppContext
+from app.core.cancel import NEVER, CancelToken, checking
+from app.core.errors import Cancelled, InvalidRequest, UnknownEmbedderName
+from app.data.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
+from app.data.storage import write_atomic
+from app.embedding import cost
+from app.embedding.embedders import validate_embedder_name
+from app.indexing.manager import load_vectors
+from app.ingest.sources.datasets import DATASETS, load_mnist
+from app.learning.training import Progress, embed_collection
+from index.metrics import evaluate_retrieval, precision_recall_curve
+from models import registry
+from models.base import Embedder
+
+log = logging.getLogger(__name__)
+# Images in each query set, for estimates before anything is loaded.
+QUERY_SET_SIZES = {"mnist:train": 60_000, "mnist:test": 10_000}
+# The labels each query set's images carry (the digits), for checks before anything is loaded.
+QUERY_SET_LABELS = {name: frozenset(str(digit) for digit in range(10)) for name in QUERY_SET_SIZES}
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    name: str
+    images: list[Image.Image]
+    labels: np.ndarray  # (n,) str
+
+
+def load_queries(ctx: AppContext, spec: str, *, limit: int | None = None) -> QuerySet:
+    """``dataset:split`` (e.g. ``mnist:test``) as PIL images with string labels."""
+    dataset, _, split = spec.partition(":")
+    if dataset not in DATASETS or split not in DATASETS[dataset]:
+        known = ", ".join(f"{d}:{s}" for d, splits in DATASETS.items() for s in splits)
+        raise InvalidRequest(f"unknown query set {spec!r}; known: {known}")
+    pixels, labels = load_mnist(
+        split, datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets"
+    )
+    if limit:
+        pixels, labels = pixels[:limit], labels[:limit]
+    return QuerySet(spec, [Image.fromarray(p) for p in pixels], labels.astype(str))
+
+
+def _labels_of(ctx: AppContext, *, collection_id: int, ids: np.ndarray) -> np.ndarray:
+    """The ``label`` metadata of each image id, as strings, in the order of ``ids``."""
+    with ctx.db.session() as session:
+        metas = dict(
+            session.execute(
+                select(ImageRecord.id, ImageRecord.meta).where(ImageRecord.collection_id == collection_id)
+            ).all()
+        )
+    found = [(metas.get(int(i)) or {}).get("label") for i in ids]
+    labels = ["" if label is None else str(label) for label in found]
+    if any(not label.strip() for label in labels):
+        raise InvalidRequest("every image of the collection needs a 'label' in its metadata to be evaluated")
+    return np.asarray(labels)
+
+
+def evaluate(
+    ctx: AppContext,
+    *,
+    collection: str,
+    queries: str,
+    compare: tuple[str, ...] = (),
+    limit: int | None = None,
+    progress: Progress | None = None,
+    token: CancelToken = NEVER,
+) -> list[dict[str, Any]]:
+    """One result row per embedder: the collection's own first, then each ``compare`` spec.
+
+    A compare spec is a registered embedder name (``pixels``) or ``checkpoint:ID`` (a trained
+    checkpoint of this collection that is not the active one); the collection's images are
+    embedded with it on the fly, nothing is stored. ``token`` is checked between batches of about
+    half a second (Cancelled once it is set).
+    """
+    query_set = load_queries(ctx, queries, limit=limit)
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        active_checkpoint = checkpoint_of(session, record)
+        extra = [resolve_compare(ctx, session=session, collection=record, spec=spec) for spec in compare]
+    rows = []
+    if record.embedder_version is not None:
+        # The collection's own vectors as served, read back from the database.
+        embedder = ctx.embedders.for_collection(record, active_checkpoint)
+        label = _checkpoint_label(active_checkpoint) if active_checkpoint else embedder.version
+        extra.insert(0, (label, embedder))
+    for position, (label, embedder) in enumerate(extra):
+        token.check()
+        start = time.perf_counter()
+        if position == 0 and record.embedder_version is not None:
+            vectors, ids = load_vectors(
+                ctx.db, collection_id=record.id, embedder_version=record.embedder_version
+            )
+        else:
+            each = cost.per_image(ctx, embedder=embedder, collection_id=record.id, measure=False)
+            vectors, ids = embed_collection(
+                ctx,
+                collection=record,
+                embedder=embedder,
+                progress=checking(progress, token),
+                batch_size=cost.batch_size(each.seconds, largest=ctx.settings.embed_batch_size),
+            )
+        rows.append(
+            _score(
+                ctx,
+                label=label,
+                embedder=embedder,
+                query_set=query_set,
+                db_vectors=vectors,
+                db_ids=ids,
+                collection_id=record.id,
+                start=start,
+                token=token,
+            )
+        )
+    return rows
+
+
+def embed_checked(
+    ctx: AppContext, *, embedder: Embedder, images: list[Image.Image], token: CancelToken
+) -> np.ndarray:
+    """``embedder.embed(images)`` in batches of about half a second, checking ``token`` between."""
+    largest = ctx.settings.embed_batch_size
+    step = cost.batch_size(cost.forward_seconds(ctx, embedder=embedder, measure=False)[0], largest=largest)
+    chunks = []
+    for start in range(0, len(images), step):
+        token.check()
+        chunks.append(embedder.embed(images[start : start + step], batch_size=step))
+    return np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), dtype=np.float32)
+
+
+def resolve_compare(
+    ctx: AppContext, *, session: Session, collection: CollectionRecord, spec: str
+) -> tuple[str, Embedder]:
+    """A compare spec as (label, embedder): a registered embedder that needs no training
+    (``pixels``) or ``checkpoint:ID``, a checkpoint of this collection; InvalidRequest if neither."""
+    if spec.startswith("checkpoint:"):
+        raw = spec.split(":", 1)[1]
+        checkpoint = session.get(CheckpointRecord, int(raw)) if raw.isascii() and raw.isdigit() else None
+        if checkpoint is None or checkpoint.collection_id not in (None, collection.id):
+            raise InvalidRequest(f"collection {collection.name!r} has no checkpoint {raw[:20]!r}")
+        return _checkpoint_label(checkpoint), ctx.embedders.get(checkpoint.embedder, checkpoint)
+    try:
+        spec = validate_embedder_name(spec)
+        trainable = registry.get_spec(spec).trainable
+    except UnknownEmbedderName:
+        raise InvalidRequest(
+            f"unknown embedder {spec[:40]!r}; known: {', '.join(registry.names())}"
+        ) from None
+    if trainable:
+        raise InvalidRequest(f"{spec!r} is trained per collection; compare with checkpoint:ID")
+    return spec, ctx.embedders.get(spec)
+
+
+def compare_choices(ctx: AppContext, collection: str) -> list[dict[str, str]]:
+    """What a collection can be compared with: embedders that need no training, and its own
+    checkpoints other than the active one."""
+    with ctx.db.session() as session:
+        record = require_collection(session, collection)
+        checkpoints = session.scalars(
+            select(CheckpointRecord)
+            .where(CheckpointRecord.collection_id == record.id)
+            .order_by(CheckpointRecord.id.desc())
+        ).all()
+    weights_dir = ctx.settings.weights_dir
+    choices = [
+        {"spec": spec.name, "description": spec.description}
+        for spec in map(registry.get_spec, registry.names())
+        if not spec.trainable
+        and spec.name != record.embedder
+        # pretrained ones only when their weights are here: a choice must not fail when picked
+        and (spec.weights_available is None or spec.weights_available(weights_dir))
+    ]
+    choices += [
+        {"spec": f"checkpoint:{c.id}", "description": f"checkpoint {c.id}: {_checkpoint_label(c)}"}
+        for c in checkpoints
+        if c.id != record.checkpoint_id
+    ]
+    return choices
+
+
+def _checkpoint_label(checkpoint: CheckpointRecord) -> str:
+    config = checkpoint.config or {}
+    epochs = config.get("epochs", "?")
+    return f"{checkpoint.version} ({config.get('preset', '?')}, {epochs} epoch{'' if epochs == 1 else 's'})"
+
+
+def _score(
+    ctx: AppContext,
+    *,
+    label: str,
+    embedder: Embedder,
+    query_set: QuerySet,
+    db_vectors: np.ndarray,
+    db_ids: np.ndarray,
+    collection_id: int,
+    start: float,
+    token: CancelToken = NEVER,
+) -> dict[str, Any]:
+    if len(db_ids) == 0:
+        raise InvalidRequest("the collection has no embedded images to evaluate")
+    query_vectors = embed_checked(ctx, embedder=embedder, images=query_set.images, token=token)
+    db_labels = _labels_of(ctx, collection_id=collection_id, ids=db_ids)
+    if len(db_labels) and not np.isin(query_set.labels, db_labels).any():
+        shown = ", ".join(sorted(set(query_set.labels.tolist()))[:10])
+        raise InvalidRequest(
+            f"none of the labels of {query_set.name} ({shown}) occur in this collection, so every "
+            "result would count as wrong; evaluate with queries labelled like the collection"
+        )
+    metrics, curve = _ranked(
+        query_vectors=query_vectors,
+        query_labels=query_set.labels,
+        db_vectors=db_vectors,
+        db_labels=db_labels,
+        k=min(10, len(db_ids)),  # P@10 of a collection under 10 images: of all of them
+        token=token,
+    )
+    return {
+        "embedder": label,
+        "queries": int(metrics["queries"]),
+        "database": int(len(db_ids)),
+        "p_at_10": round(float(metrics["p_at_10"]), 4),
+        "map_at_10": round(float(metrics["map_at_10"]), 4),
+        "map_all": round(float(metrics["map_all"]), 4),
+        "pr_curve": {
+            "recall": [round(r, 4) for r in curve["recall"]],
+            "precision": [round(p, 4) for p in curve["precision"]],
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _ranked(
+    *,
+    query_vectors: np.ndarray,
+    query_labels: np.ndarray,
+    db_vectors: np.ndarray,
+    db_labels: np.ndarray,
+    k: int,
+    token: CancelToken,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``evaluate_retrieval`` and the 11-level ``precision_recall_curve`` over chunks of queries of
+    about half a second, ``token`` checked between; both are means over queries, so each chunk's
+    mean counts by its number of queries."""
+    step = max(64, cost.batch_size(len(db_vectors) * cost.PAIR_S, largest=len(query_vectors)))
+    sums = {"p_at_10": 0.0, "map_at_10": 0.0, "map_all": 0.0}
+    precision = np.zeros(11, dtype=np.float64)
+    recall = [i / 10 for i in range(11)]
+    total = 0
+    for start in range(0, len(query_vectors), step):
+        token.check()
+        queries, labels = query_vectors[start : start + step], query_labels[start : start + step]
+        metrics = evaluate_retrieval(
+            query_vectors=queries, query_labels=labels, db_vectors=db_vectors, db_labels=db_labels, k=k
+        )
+        curve = precision_recall_curve(
+            query_vectors=queries, query_labels=labels, db_vectors=db_vectors, db_labels=db_labels, levels=11
+        )
+        count = int(metrics["queries"])
+        for key in sums:
+            sums[key] += float(metrics[key]) * count
+        precision += np.asarray(curve["precision"], dtype=np.float64) * count
+        recall = list(curve["recall"])
+        total += count
+    means: dict[str, float] = {key: value / max(total, 1) for key, value in sums.items()}
+    means["queries"] = total
+    return means, {"recall": recall, "precision": (precision / max(total, 1)).tolist()}
+
+
+# -- in the background, cached -----------------------------------------------------------------
+def query_sets() -> list[str]:
+    return [f"{dataset}:{split}" for dataset, splits in DATASETS.items() for split in reversed(splits)]
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    collection: str
+    queries: str
+    limit: int | None
+    compare: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"queries": self.queries, "limit": self.limit, "compare": list(self.compare)}
+
+
+@dataclass(frozen=True)
+class EvaluationStatus:
+    collection: str
+    embedder_version: str | None
+    running: list[dict[str, Any]]  # requests in progress, with started_at
+    latest: dict[str, Any] | None  # the newest cached result for the served embedder version
+    failure: dict[str, Any] | None  # the last failed run of this collection, if newer than latest
+
+
+class EvaluationRunner:
+    """Runs evaluations on a background thread and caches each result as JSON in the data folder,
+    keyed by (collection, embedder version, query set, limit, compared embedders)."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._lock = threading.Lock()
+        self._running: dict[EvaluationRequest, datetime] = {}
+        self._failures: dict[str, dict[str, Any]] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = CancelToken()  # set at shutdown: every run stops at its next check
+        self._tokens: dict[EvaluationRequest, CancelToken] = {}
+        # The scope of the key that started each run (app/api/job_access.py): stopping it needs it.
+        self._creators: dict[EvaluationRequest, str] = {}
+
+    def folder(self, collection: str) -> Path:
+        return self.ctx.settings.data_dir / "evaluations" / collection
+
+    def start(
+        self,
+        *,
+        collection: str,
+        queries: str,
+        limit: int | None,
+        compare: tuple[str, ...],
+        creator: str = "anonymous",
+    ) -> EvaluationRequest:
+        """Check the request now (404/422 at once; 422 over_budget when estimated over
+        CBIR_JOB_COST_BUDGET_S), then evaluate in the background; a request already running is
+        not started twice."""
+        from app.learning.evaluate_plan import plan_evaluation  # it builds on this module
+
+        if queries not in query_sets():
+            raise InvalidRequest(f"unknown query set {queries[:40]!r}; known: {', '.join(query_sets())}")
+        if limit is not None and limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        with self.ctx.db.session() as session:
+            record = require_collection(session, collection)
+            for spec in compare:
+                resolve_compare(self.ctx, session=session, collection=record, spec=spec)
+        request = EvaluationRequest(collection, queries, limit, tuple(dict.fromkeys(compare)))
+        plan_evaluation(
+            self.ctx, collection=collection, queries=queries, embedders=request.compare, limit=limit
+        ).require(job=True)
+        with self._lock:
+            if request in self._running:
+                return request
+            self._running[request] = utcnow()
+            self._tokens[request] = CancelToken(parent=self._stopping)
+            self._creators[request] = creator
+            thread = threading.Thread(
+                target=self._run, args=(request,), name=f"cbir-eval-{collection}", daemon=True
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return request
+
+    def creators(self, collection: str) -> set[str]:
+        """The scopes of the keys that started the collection's runs in progress."""
+        with self._lock:
+            return {self._creators[r] for r in self._tokens if r.collection == collection}
+
+    def cancel(self, collection: str) -> int:
+        """Stop the collection's runs in progress (at their next check); how many were asked to."""
+        with self._lock:
+            tokens = [token for request, token in self._tokens.items() if request.collection == collection]
+        for token in tokens:
+            token.cancel("cancelled by a request")
+        return len(tokens)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every run at its next check (within about a second) and wait for them."""
+        self._stopping.cancel("the service is shutting down")
+        self.wait(timeout)
+
+    def wait(self, timeout: float = 300.0) -> None:
+        """Wait for running evaluations to end (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(self, request: EvaluationRequest) -> None:
+        started = time.perf_counter()
+        try:
+            with self.ctx.db.session() as session:
+                record = require_collection(session, request.collection)
+            version = record.embedder_version
+            with self._lock:
+                token = self._tokens[request]
+            rows = evaluate(
+                self.ctx,
+                collection=request.collection,
+                queries=request.queries,
+                compare=request.compare,
+                limit=request.limit,
+                token=token,
+            )
+            result = {
+                "collection": request.collection,
+                # A collection deleted and created again under the same name starts afresh.
+                "collection_created_at": record.created_at.isoformat(),
+                "embedder_version": version,
+                **request.describe(),
+                "computed_at": utcnow().isoformat(),
+                "seconds": round(time.perf_counter() - started, 1),
+                "results": rows,
+            }
+            path = self.folder(request.collection) / f"{_cache_key(request, version)}.json"
+            write_atomic(path, json.dumps(result, allow_nan=False).encode("utf-8"), fsync=False)
+            with self._lock:
+                self._failures.pop(request.collection, None)
+        except Exception as exc:  # reported on the page; never kills the service
+            if isinstance(exc, InvalidRequest | Cancelled):
+                detail = exc.detail
+            else:
+                log.exception("evaluation of %s failed", request.collection)
+                detail = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._failures[request.collection] = {
+                    **request.describe(),
+                    "failed_at": utcnow().isoformat(),
+                    "error": detail,
+                }
+        finally:
+            with self._lock:
+                self._running.pop(request, None)
+                self._tokens.pop(request, None)
+                self._creators.pop(request, None)
+
+    def status(self, collection: str) -> EvaluationStatus:
+        with self.ctx.db.session() as session:
+            record = require_collection(session, collection)
+        version = record.embedder_version
+        with self._lock:
+            running = [
+                {**r.describe(), "started_at": at.isoformat()}
+                for r, at in self._running.items()
+                if r.collection == collection
+            ]
+            failure = self._failures.get(collection)
+        latest = None
+        for path in (
+            sorted(self.folder(collection).glob("*.json")) if self.folder(collection).is_dir() else []
+        ):
+            try:
+                cached = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # a cache file that cannot be read is simply not shown
+            if (
+                cached.get("embedder_version") != version
+                or cached.get("collection_created_at") != record.created_at.isoformat()
+            ):
+                continue
+            if latest is None or cached.get("computed_at", "") > latest.get("computed_at", ""):
+                latest = cached
+        if failure and latest and failure["failed_at"] < latest["computed_at"]:
+            failure = None
+        return EvaluationStatus(
+            collection=collection, embedder_version=version, running=running, latest=latest, failure=failure
+        )
+
+
+def _cache_key(request: EvaluationRequest, version: str | None) -> str:
+    raw = json.dumps([request.collection, version, request.queries, request.limit, sorted(request.compare)])
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:24]

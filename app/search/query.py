@@ -1,0 +1,296 @@
+"""Query by example: decode, embed, search the index, fetch the rows; timed per stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.catalog.collections import checkpoint_of, require_collection
+from app.catalog.filters import ImageFilter, matching_ids
+from app.context import AppContext
+from app.core.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
+from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.embedding.codes import degenerate_codes
+from app.imaging.decoding import decoding
+from app.indexing.manager import vectors_of
+from app.indexing.problems import VECTORS_REFUSED
+from app.learning.tuning import SearchOptions
+from index.rerank import expand_queries
+from index.vector_index import SearchKnobs
+from models.base import Embedder
+
+# A filter that leaves at most this many images is answered by an exact pass over their stored
+# vectors (a few milliseconds), whatever the index kind: a graph or IVF search restricted by an id
+# selector to a small set misses most of it.
+EXACT_PASS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    image_id: int
+    score: float
+    record: ImageRecord
+
+
+@dataclass
+class SearchResult:
+    collection: str
+    k: int
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    query_image_id: int | None = None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self.last) * 1000, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        self.laps["total"] = round((time.perf_counter() - self.start) * 1000, 3)
+        return self.laps
+
+
+def _check_k(ctx: AppContext, k: int) -> None:
+    if not 1 <= k <= ctx.settings.max_k:
+        raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
+
+
+def served_collection(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
+    """The collection and its active checkpoint; EmbedderNotReady while it cannot be searched."""
+    return _served(ctx, name)
+
+
+def _served(ctx: AppContext, name: str) -> tuple[CollectionRecord, Any]:
+    with ctx.db.session() as session:
+        record = require_collection(session, name)
+        checkpoint = checkpoint_of(session, record)
+    if record.embedder_version is None:
+        raise EmbedderNotReady(
+            f"collection {name!r} has no trained {record.embedder} checkpoint yet, so it cannot be "
+            f"searched; run `cbir train {record.embedder} --collection {name}`"
+        )
+    return record, checkpoint
+
+
+def search_by_image(
+    ctx: AppContext,
+    *,
+    collection: str,
+    data: bytes,
+    k: int,
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
+    knobs: SearchKnobs | None = None,
+) -> SearchResult:
+    _check_k(ctx, k)
+    clock = _Clock()
+    record, checkpoint = _served(ctx, collection)
+    embedder, tensor = _prepare(ctx, record=record, checkpoint=checkpoint, data=data)
+    clock.lap("decode")
+    vector = embedder.embed_prepared([tensor])
+    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
+        raise errors[0]
+    clock.lap("embed")
+    return _search(
+        ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe, knobs=knobs
+    )
+
+
+def _prepare(
+    ctx: AppContext, *, record: CollectionRecord, checkpoint: Any, data: bytes
+) -> tuple[Embedder, Any]:
+    """The embedder and the query decoded and preprocessed for it, within the decode memory
+    budget; the decoded pixels are gone when this returns (the embedder's input is small)."""
+    with decoding(ctx, data) as decoded:
+        embedder = ctx.embedders.for_collection(record, checkpoint)
+        return embedder, embedder.preprocess(decoded.image)
+
+
+def similar_to(
+    ctx: AppContext,
+    *,
+    collection: str,
+    image_id: int,
+    k: int,
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
+    knobs: SearchKnobs | None = None,
+) -> SearchResult:
+    """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
+    _check_k(ctx, k)
+    clock = _Clock()
+    record, _ = _served(ctx, collection)
+    with ctx.db.session() as session:
+        blob = session.scalar(
+            select(EmbeddingRecord.vector)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(EmbeddingRecord.image_id == image_id)
+            .where(ImageRecord.collection_id == record.id)
+            .where(EmbeddingRecord.embedder_version == record.embedder_version)
+        )
+    if blob is None:
+        raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
+    vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
+    _refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
+    clock.lap("embed")
+    result = _search(
+        ctx,
+        record=record,
+        vector=vector,
+        k=k,
+        clock=clock,
+        exclude=image_id,
+        image_filter=image_filter,
+        qe=qe,
+        knobs=knobs,
+    )
+    result.query_image_id = image_id
+    return result
+
+
+def _refuse_set_aside(
+    ctx: AppContext, *, record: CollectionRecord, image_id: int, vector: np.ndarray
+) -> None:
+    """422 degenerate_image for a stored row the index set aside (app/data/vector_rows.py): it cannot be
+    a query. A row of another dimension than the index's is one, whatever the index's state: it
+    must not get the 503 "retry shortly" of a search during a rebuild, since no rebuild mends it."""
+    if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
+        raise errors[0]
+    refused = ctx.indexes.problems.get(record.id, VECTORS_REFUSED)
+    index = ctx.indexes.get(record)
+    dim = int(vector.shape[1])
+    if index is not None and index.ntotal and index.dim != dim:
+        why = f"its stored vector has {dim} dimensions and the index's {index.dim}"
+    elif refused is not None and image_id in refused.image_ids:
+        why = "its stored vector is one the index cannot hold"
+    else:
+        return
+    raise DegenerateImage(
+        f"image {image_id} is set aside from the index of {record.name!r} ({why}), so it cannot be a "
+        "query; see GET /api/v1/ready (vectors_refused)"
+    )
+
+
+def _search(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    vector: np.ndarray,
+    k: int,
+    clock: _Clock,
+    exclude: int | None = None,
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
+    knobs: SearchKnobs | None = None,
+) -> SearchResult:
+    """Search the index; with a filter, only among the ids that pass it: an exact pass over their
+    stored vectors when they are few, else the index with a FAISS id selector.
+
+    With query expansion (the collection's ``qe`` option, or ``qe`` here) the query is averaged
+    with its first results' stored codes, weighted by similarity^alpha, and searched again.
+    ``knobs`` (efSearch, nprobe, k_factor) override the index's search parameters for this search."""
+    index = ctx.indexes.serving(record)
+    if index is None:
+        raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
+    if index.ntotal == 0:
+        clock.lap("search")
+        return SearchResult(collection=record.name, k=k, hits=[], timings_ms=clock.done())
+    if index.dim != vector.shape[1]:
+        raise IndexMismatch(
+            f"the index of {record.name!r} holds {index.dim}-d vectors but the embedder gives "
+            f"{vector.shape[1]}-d; it is being rebuilt, retry shortly"
+        )
+    allowed = None
+    exact: tuple[np.ndarray, np.ndarray] | None = None  # (vectors, ids) of a small filtered set
+    if image_filter:
+        with ctx.db.session() as session:
+            allowed = matching_ids(session, collection_id=record.id, image_filter=image_filter)
+        if len(allowed) <= EXACT_PASS_MAX:
+            assert record.embedder_version is not None
+            exact = vectors_of(ctx.db, ids=allowed, embedder_version=record.embedder_version)
+        clock.lap("filter")
+    extra = 1 if exclude is not None else 0
+
+    def search(query: np.ndarray) -> list[tuple[int, float]]:
+        if exact is not None:
+            scores, ids = exact_top(query, exact, k + extra)
+        else:
+            scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
+        return [
+            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude
+        ][:k]
+
+    pairs = search(vector)
+    clock.lap("search")
+    options = SearchOptions.of(record)
+    if qe is not None:  # this search's depth, the collection's alpha
+        options = SearchOptions(qe=qe, qe_alpha=options.qe_alpha)
+    if options.qe and pairs:
+        expanded = _expand(ctx, record=record, vector=vector, top=pairs[: options.qe], alpha=options.qe_alpha)
+        pairs = search(expanded)
+        clock.lap("expand")
+    with ctx.db.session() as session:
+        rows = {
+            r.id: r
+            for r in session.scalars(select(ImageRecord).where(ImageRecord.id.in_([i for i, _ in pairs])))
+        }
+    hits = [
+        Hit(rank=rank, image_id=image_id, score=score, record=rows[image_id])
+        for rank, (image_id, score) in enumerate(((i, s) for i, s in pairs if i in rows), start=1)
+    ]
+    clock.lap("fetch")
+    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
+
+
+def exact_top(
+    query: np.ndarray, exact: tuple[np.ndarray, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``k`` best of ``exact`` ((m, d) vectors, (m,) ids) for a (1, d) query, as
+    ``VectorIndex.search`` answers: ((1, j) scores best first, (1, j) ids), j = min(k, m)."""
+    vectors, ids = exact
+    if len(ids) == 0:
+        return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
+    scores = vectors @ query[0].astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order][None].astype(np.float32), ids[order][None]
+
+
+def _expand(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    vector: np.ndarray,
+    top: list[tuple[int, float]],
+    alpha: float,
+) -> np.ndarray:
+    """alpha-QE with the stored codes of the first results (read from the database, so it works
+    the same whatever the index kind)."""
+    with ctx.db.session() as session:
+        blobs = dict(
+            session.execute(
+                select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
+                .where(EmbeddingRecord.image_id.in_([i for i, _ in top]))
+                .where(EmbeddingRecord.embedder_version == record.embedder_version)
+            ).all()
+        )
+    found = [(i, s) for i, s in top if i in blobs]
+    if not found:
+        return vector
+    neighbours = np.stack([np.frombuffer(blobs[i], dtype="<f4") for i, _ in found]).astype(np.float32)
+    return expand_queries(
+        queries=vector,
+        neighbours=neighbours[None],
+        scores=np.asarray([[s for _, s in found]], dtype=np.float32),
+        alpha=alpha,
+    )

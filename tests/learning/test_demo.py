@@ -1,0 +1,84 @@
+"""`cbir demo` (what `make run` does first): the whole MNIST collection, end to end."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import func, select
+
+from app.cli import main
+from app.core.settings import Settings, get_settings
+from app.data.db import Database
+from app.data.records import CheckpointRecord, JobRecord
+from app.ingest.sources.datasets import load_mnist
+from app.main import create_app
+
+# Imports 60,000 images, screens the candidates and trains the winner an epoch: about 4 minutes on 2
+# quiet cores, far more on a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+def png(pixels) -> bytes:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def counts(settings: Settings) -> tuple[int, int]:
+    db = Database(settings.sqlalchemy_url)
+    try:
+        with db.session() as session:
+            jobs = session.scalar(select(func.count()).select_from(JobRecord)) or 0
+            checkpoints = session.scalar(select(func.count()).select_from(CheckpointRecord)) or 0
+    finally:
+        db.dispose()
+    return jobs, checkpoints
+
+
+def test_demo_builds_mnist_once_and_serves_top_10(tmp_path: Path, settings: Settings) -> None:
+    env = {
+        "CBIR_DATA_DIR": str(settings.data_dir),
+        "CBIR_DATASETS_DIR": str(settings.datasets_dir),
+        "CBIR_DATABASE_URL": settings.database_url,
+        "CBIR_DEMO_EPOCHS": "1",
+    }
+    runner = CliRunner()
+    get_settings.cache_clear()
+    try:
+        first = runner.invoke(main, ["demo"], env=env, catch_exceptions=False)
+        assert first.exit_code == 0, first.output
+        jobs, checkpoints = counts(settings)
+        # The selection keeps each learned candidate it trained (three screened, one full).
+        assert jobs == 1 and checkpoints >= 1
+        get_settings.cache_clear()
+        second = runner.invoke(main, ["demo"], env=env, catch_exceptions=False)
+        assert second.exit_code == 0, second.output
+        assert counts(settings) == (jobs, checkpoints)  # complete already: nothing imported or trained again
+    finally:
+        get_settings.cache_clear()
+
+    train, _ = load_mnist("train", datasets_dir=settings.datasets_dir, download_dir=tmp_path)
+    test, _ = load_mnist("test", datasets_dir=settings.datasets_dir, download_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/api/v1/collections/mnist").json()
+        assert info["image_count"] == info["index_size"] == info["embedded_count"] == 60_000
+        assert info["checkpoint"] is not None
+        selection = info["selection"]  # MNIST train has labels: the embedder was chosen on them
+        assert selection["validated"] and selection["winner"] in {r["name"] for r in selection["table"]}
+        assert info["embedder"] in {"cdae", "lenet5", "pixels"}
+
+        hits = client.post("/api/v1/collections/mnist/search", files={"file": ("q.png", png(test[0]))})
+        assert hits.status_code == 200
+        assert len(hits.json()["hits"]) == 10
+
+        stored = client.post("/api/v1/collections/mnist/search", files={"file": ("s.png", png(train[123]))})
+        top = stored.json()["hits"][0]
+        assert top["original_name"] == "mnist-train-00123.png"
+        assert top["score"] >= 0.999
+    assert os.path.isdir(settings.data_dir / "checkpoints")
