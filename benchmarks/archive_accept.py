@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from app.core.settings import Settings  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.settings import Settings  # noqa: E402
 
 MEMBER_BYTES = 19 * 2**20
 

@@ -12,7 +12,7 @@ kernel allows it).
 
 To compare with another version of the service, run this file from that version's checkout (it
 needs nothing of the service but ``tests/liveserver.py``). The JSON line (the last line with
-``--json``): {"side", "png_bytes", "embedder", "estimate_bytes" (app/decode_cost.py, null where
+``--json``): {"side", "png_bytes", "embedder", "estimate_bytes" (app/imaging/decode_cost.py, null where
 absent), "baseline_rss_mb", "single": {...}, "concurrent": {...}} where each phase has
 "peak_rss_mb" (the larger of sampled VmRSS and VmHWM), "rise_mb" (over the baseline), "seconds"
 (wall time of the phase), "latencies_s" and "statuses".
@@ -94,7 +94,7 @@ class Sampler:
 
 def estimate(data: bytes) -> int | None:
     try:
-        from app.imaging import ImageLimits, plan_decode
+        from app.imaging.decode import ImageLimits, plan_decode
     except ImportError:  # a version without decode estimates
         return None
     plan = plan_decode(data, limits=ImageLimits(max_pixels=10**12, max_side=10**6))

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.datasets import load_mnist  # noqa: E402
+from app.ingest.sources.datasets import load_mnist  # noqa: E402
 from benchmarks.common import base_parser, embed_arrays, parse_overrides  # noqa: E402
 from index.metrics import evaluate_retrieval  # noqa: E402
 from models.lenet import LeNetConfig, LeNetEmbedder, train_lenet  # noqa: E402

@@ -1,7 +1,7 @@
 """The photo defaults, measured: which CNN configuration, and from how many images whitening helps.
 
 Two studies on the INRIA Holidays dev split (../shared/datasets/inria-holidays-dev), with the
-metric code ``cbir eval --groundtruth`` uses (``app.services.groundtruth.rank_scores`` and
+metric code ``cbir eval --groundtruth`` uses (``app.learning.groundtruth.rank_scores`` and
 ``index.metrics.evaluate_groundtruth``, INRIA's mAP over the full ranking):
 
 - ``halves``: each embedder configuration on two disjoint halves of the dev groups (1000-1074
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.imaging import ImageLimits, decode_image
-from app.services.groundtruth import rank_scores
+from app.imaging.decode import ImageLimits, decode_image
+from app.learning.groundtruth import rank_scores
 from index.metrics import evaluate_groundtruth
 from index.rerank import fit_whitening
 from models import registry

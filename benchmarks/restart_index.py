@@ -37,11 +37,11 @@ def prepare(data_dir: Path, *, n: int, factory: str, say=print) -> None:  # type
     """Fill the database and build the index, unless a previous run did."""
     from sqlalchemy import func, select
 
+    from app.catalog.collections import create_collection
     from app.context import open_context
-    from app.records import CollectionRecord, ImageRecord
-    from app.services.collections import create_collection
-    from app.services.synthetic import insert_synthetic
-    from app.settings import Settings
+    from app.core.settings import Settings
+    from app.data.records import CollectionRecord, ImageRecord
+    from tests.synthetic import insert_synthetic
 
     settings = Settings(data_dir=data_dir, default_embedder="tiny")
     ctx = open_context(settings)
@@ -86,8 +86,8 @@ def restart(data_dir: Path) -> dict[str, float]:
     """One cold start and first query; the timings in seconds."""
     from fastapi.testclient import TestClient
 
+    from app.core.settings import Settings
     from app.main import create_app
-    from app.settings import Settings
 
     started = time.perf_counter()
     app = create_app(Settings(data_dir=data_dir, default_embedder="tiny"))

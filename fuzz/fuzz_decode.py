@@ -1,4 +1,4 @@
-"""Atheris fuzz target for the decode path (app.imaging.decode_image), plan item 14.
+"""Atheris fuzz target for the decode path (app.imaging.decode.decode_image), plan item 14.
 
     python fuzz/fuzz_decode.py NEW_CORPUS_DIR tests/corpus/decode -max_total_time=300 \\
         -rss_limit_mb=1536 -timeout=10
@@ -32,9 +32,8 @@ with atheris.instrument_imports():
         WebPImagePlugin,
     )
 
-    from app import imaging
-
-from app.errors import CbirError  # noqa: E402
+    from app.imaging.decode import decode as imaging
+from app.core.errors import CbirError  # noqa: E402
 
 # The test settings' caps (tests/conftest.py): small enough that an accepted input stays cheap.
 LIMITS = imaging.ImageLimits(max_pixels=4_000_000, max_side=4096, max_frames=100)

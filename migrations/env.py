@@ -1,11 +1,11 @@
-"""Alembic environment: uses the connection handed over by app.db, or the configured URL."""
+"""Alembic environment: uses the connection handed over by app.data.db, or the configured URL."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from app.records import Base
+from app.data.records import Base
 
 config = context.config
 target_metadata = Base.metadata
