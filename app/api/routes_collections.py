@@ -25,8 +25,7 @@ from app.api.schemas import (
     TuningIn,
     WhiteningIn,
 )
-from app.catalog import collections
-from app.indexing import admin as index_admin
+from app.catalog import collections, index_admin
 from app.indexing.manager import IndexStatus
 from app.learning import autotune, tuning
 from app.search import maps

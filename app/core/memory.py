@@ -1,12 +1,50 @@
-"""Keep large, short-lived buffers from pinning memory (glibc's malloc)."""
+"""This process's memory: what it may use, the decode budget's default share of it, and keeping
+large, short-lived buffers from pinning it (glibc's malloc)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
+from contextlib import suppress
+from functools import lru_cache
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# Per core: decoding is CPU-bound, so more large decodes at once than cores only hold their
+# memory longer. A quarter of the memory at most: the models, the index and the rows need the rest.
+BUDGET_PER_CORE = 512 * MIB
+BUDGET_MEMORY_SHARE = 4
+MIN_BUDGET = 64 * MIB
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may use: the cgroup's limit where one is set, else the
+    machine's; None when neither can be read."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    with suppress(ValueError, OSError, AttributeError):  # no sysconf, or no such name
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(limits) if limits else None
+
+
+@lru_cache(maxsize=1)
+def default_budget() -> int:
+    """A quarter of the memory, at most 512 MiB per core, at least 64 MiB."""
+    per_cores = BUDGET_PER_CORE * (os.cpu_count() or 1)
+    memory = available_memory()
+    share = per_cores if memory is None else min(per_cores, memory // BUDGET_MEMORY_SHARE)
+    return max(MIN_BUDGET, share)
+
 
 # mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3

@@ -10,6 +10,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.hosts import parse_test_hosts
+from app.core.memory import default_budget
+
 # Every image within the default pixel caps fits: 40 megapixels of the costliest kind (an RGBA
 # WebP, about 17 bytes a pixel at the peak: app/imaging/decode_cost.py) need 680 MB.
 DEFAULT_MAX_DECODE_BYTES = 768 * 1024 * 1024
@@ -176,8 +179,6 @@ class Settings(BaseSettings):
     @field_validator("url_allow_test_hosts")
     @classmethod
     def _test_hosts(cls, value: dict[str, str]) -> dict[str, str]:
-        from app.ingest.sources.fetch import parse_test_hosts
-
         try:
             parse_test_hosts(value)
         except ValueError:
@@ -208,8 +209,6 @@ class Settings(BaseSettings):
     @property
     def decode_budget_bytes(self) -> int:
         """CBIR_DECODE_MEMORY_BUDGET_BYTES, or its default for this machine."""
-        from app.imaging.decode_budget import default_budget
-
         return self.decode_memory_budget_bytes or default_budget()
 
     @property

@@ -13,52 +13,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from functools import lru_cache
-from pathlib import Path
+from contextlib import contextmanager
 
 from app.core.errors import DecodeMemoryFull
+from app.core.memory import MIB, available_memory, default_budget  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-# Per core: decoding is CPU-bound, so more large decodes at once than cores only hold their
-# memory longer. A quarter of the memory at most: the models, the index and the rows need the rest.
-BUDGET_PER_CORE = 512 * MIB
-BUDGET_MEMORY_SHARE = 4
-MIN_BUDGET = 64 * MIB
 # How often a waiting import looks at its stop flag.
 _POLL_S = 0.2
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this process may use: the cgroup's limit where one is set, else the
-    machine's; None when neither can be read."""
-    limits = []
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limits.append(int(text))
-    with suppress(ValueError, OSError, AttributeError):  # no sysconf, or no such name
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return min(limits) if limits else None
-
-
-@lru_cache(maxsize=1)
-def default_budget() -> int:
-    """A quarter of the memory, at most 512 MiB per core, at least 64 MiB."""
-    per_cores = BUDGET_PER_CORE * (os.cpu_count() or 1)
-    memory = available_memory()
-    share = per_cores if memory is None else min(per_cores, memory // BUDGET_MEMORY_SHARE)
-    return max(MIN_BUDGET, share)
 
 
 class DecodeBudget:

@@ -725,7 +725,7 @@ def exact_agreement(ctx: object, name: str, *, queries: np.ndarray) -> tuple[flo
 def test_r52_recall_at_10_is_the_same_before_and_after_restart_and_recovery(
     kind: str, settings: Settings, tmp_path: Path
 ) -> None:
-    from app.indexing.admin import configure_index
+    from app.catalog.index_admin import configure_index
 
     rng = np.random.default_rng(52)
     queries = rng.standard_normal((200, EMBEDDER_DIM)).astype(np.float32)

@@ -51,6 +51,7 @@ from app.core.errors import (
     UnsupportedEncoding,
     UrlRejected,
 )
+from app.core.hosts import parse_test_hosts  # noqa: F401  (re-exported)
 from app.core.redaction import quoted
 
 log = logging.getLogger(__name__)
@@ -140,16 +141,6 @@ class FetchPolicy:
             deadline_s=settings.url_deadline_s,
             test_hosts=test_hosts,
         )
-
-
-def parse_test_hosts(rules: Mapping[str, str]) -> dict[str, tuple[str, int]]:
-    """{"fixture.test": "127.0.0.1:8123"} -> {"fixture.test": ("127.0.0.1", 8123)}."""
-    parsed = {}
-    for host, target in rules.items():
-        ip, _, port = target.rpartition(":")
-        address = ipaddress.ip_address(ip.strip("[]"))
-        parsed[host.lower().rstrip(".")] = (str(address), int(port))
-    return parsed
 
 
 @dataclass(frozen=True)
