@@ -12,11 +12,13 @@ COPY app ./app
 COPY models ./models
 COPY index ./index
 COPY migrations ./migrations
-# The Makefile's two install commands (`make run`), with torch from TORCH_INDEX: CPU wheels by
-# default; the compose `gpu` profile passes PyPI, whose Linux wheels are the CUDA build.
+# The Makefile's two install commands (`make run`), with TORCH_INDEX as an extra package index
+# for torch: CPU wheels by default. Empty (the compose `gpu` profile), pip uses its default index
+# alone, PyPI, whose Linux torch wheels are the CUDA build.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --quiet --upgrade pip \
- && pip install --extra-index-url "$TORCH_INDEX" -e '.[postgres]'
+ && if [ -n "$TORCH_INDEX" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX"; fi \
+ && pip install -e '.[postgres]'
 
 USER cbir
 VOLUME ["/data"]
