@@ -4,7 +4,8 @@ An arch turns labelled images into a checkpoint of one trainable embedder (``emb
 codes become the collection's vectors. LeNet-5 from scratch (``models/lenet.py``) is the first;
 an arch from pixels registers its own ``prepare`` (the embedder's preprocessing, as a uint8
 array), ``train`` and result with ``save``. ``head`` (``models/head.py``) trains on a frozen
-pretrained CNN's codes instead (``on_codes``).
+pretrained CNN's codes instead (``on_codes``). Each arch's module calls ``register_arch`` when
+``models`` is imported; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -61,19 +62,12 @@ def register_arch(arch: ClassifierArch) -> ClassifierArch:
 
 
 def arch_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_ARCHS)
 
 
 def get_arch(name: str) -> ClassifierArch:
-    _ensure_builtins()
     try:
         return _ARCHS[name]
     except KeyError:
         raise ValueError(f"unknown classifier arch {name!r}; known: {', '.join(sorted(_ARCHS))}") from None
 
-
-def _ensure_builtins() -> None:
-    # Imported for their register_arch() side effects (they import this module, not the reverse).
-    import models.head  # noqa: F401
-    import models.lenet  # noqa: F401

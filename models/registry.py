@@ -4,6 +4,10 @@ An embedder is chosen by a *spec string*: a registered name, optionally followed
 ``name:key=value,key=value`` (lists joined by ``+``), for example
 ``efficientnet_lite0:input=whole,sizes=224+320,flip=1``. ``canonical()`` gives each choice one
 spelling (options sorted, defaults dropped), which is what collections store.
+
+Each concrete model module calls ``register`` when it is imported, and ``models/__init__.py``
+imports them all, so the registry is full as soon as any part of ``models`` is imported; this
+module imports none of them.
 """
 
 from __future__ import annotations
@@ -66,7 +70,6 @@ def register(spec: EmbedderSpec) -> EmbedderSpec:
 
 def get_spec(name: str) -> EmbedderSpec:
     """The registered embedder of a name or spec string (options are ignored here)."""
-    _ensure_builtins()
     base = name.split(":", 1)[0]
     try:
         return _REGISTRY[base]
@@ -76,7 +79,6 @@ def get_spec(name: str) -> EmbedderSpec:
 
 
 def names() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
 
@@ -150,18 +152,3 @@ def create(
     except (TypeError, ValueError) as exc:
         raise InvalidEmbedderOptions(f"embedder {spec.name!r}: {exc}") from None
 
-
-_builtins_loaded = False
-
-
-def _ensure_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    # Imported for their register() side effects; kept here so importing the registry is cheap.
-    import models.cdae  # noqa: F401
-    import models.cnn  # noqa: F401
-    import models.head  # noqa: F401
-    import models.lenet  # noqa: F401
-    import models.pixels  # noqa: F401

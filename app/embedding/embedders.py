@@ -15,9 +15,9 @@ from app.core.errors import (
 )
 from app.core.settings import Settings
 from app.data.records import CheckpointRecord, CollectionRecord
+from app.embedding.whitened import WhitenedEmbedder
 from models import registry
 from models.base import Embedder
-from models.whitened import WhitenedEmbedder
 
 
 def validate_embedder_name(name: str) -> str:

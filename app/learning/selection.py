@@ -23,6 +23,7 @@ from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord, utcnow
+from app.embedding.whitened import save_whitening, whitened_version
 from app.learning.candidates import IMAGE_SIZE, Fitted, Selection, TrainBars, select_embedder
 from app.learning.training import (
     Progress,
@@ -33,7 +34,6 @@ from app.learning.training import (
 )
 from index.rerank import Whitening
 from models import cdae
-from models.whitened import save_whitening, whitened_version
 
 log = logging.getLogger(__name__)
 

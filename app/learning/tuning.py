@@ -14,12 +14,12 @@ from app.core.cancel import NEVER, CancelToken, checking
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord
 from app.embedding import cost
+from app.embedding.whitened import save_whitening, whitened_version
 from app.indexing.manager import load_vectors
 from app.learning.training import Progress, activate_checkpoint, collection_size, embed_collection
 from index.rerank import DEFAULT_SHRINKAGE, fit_whitening
 from models import registry
 from models.base import Embedder
-from models.whitened import save_whitening, whitened_version
 
 MAX_QE = 20
 # Beyond this many codes the covariance is estimated on an evenly spaced sample.

@@ -1,7 +1,9 @@
 """An embedder followed by a PCA-whitening fitted on one collection's codes (compressed codes).
 
 The whitening file (npz: mean, projection, base_version) is a per-collection artefact recorded
-like a checkpoint; the wrapped embedder's vectors are projected, then L2-normalised again.
+like a checkpoint; the wrapped embedder's vectors are projected, then L2-normalised again. It
+composes a model (``models``) with the index's post-processing (``index.rerank``), which know
+nothing of each other, so it lives here.
 """
 
 from __future__ import annotations
