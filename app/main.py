@@ -33,7 +33,7 @@ from app.context import open_context
 from app.core.memory import tune_malloc
 from app.core.settings import Settings, get_settings
 from app.ingest.jobs import JobRunner
-from app.learning.evaluation import EvaluationRunner
+from app.learning.evaluation_runs import EvaluationRunner
 from app.learning.tasks import TaskRunner
 from app.web import pages
 

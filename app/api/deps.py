@@ -15,7 +15,7 @@ from app.context import AppContext
 from app.core.errors import BadMetadata, EmptyUpload, InvalidRequest, PayloadTooLarge
 from app.core.usertext import check_metadata, parse_json, text_problem
 from app.ingest.jobs import JobRunner
-from app.learning.evaluation import EvaluationRunner
+from app.learning.evaluation_runs import EvaluationRunner
 from app.learning.tasks import TaskRunner
 
 CHUNK = 1024 * 1024

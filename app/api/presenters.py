@@ -26,7 +26,7 @@ from app.core.redaction import redact_url, scrub_text
 from app.core.usertext import printable, servable
 from app.data.records import ImageRecord
 from app.ingest.jobs import JobInfo
-from app.learning.evaluation import EvaluationStatus
+from app.learning.evaluation_runs import EvaluationStatus
 from app.search.compare import Comparison
 from app.search.maps import CollectionMap
 from app.search.query import SearchResult

@@ -77,9 +77,9 @@ def thumbnail(ctx: AppContext, image_id: int, *, size: int) -> tuple[Path, str]:
         data = source.read_bytes()
         # Within the decode memory budget (503 overloaded when it stays full); a stored file is
         # never refused for its bytes, whatever CBIR_MAX_DECODE_BYTES is now.
-        with reserved_for_thumbnail(ctx, data, side=size), Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (size, size))
-            image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+        with reserved_for_thumbnail(ctx, data, side=size), Image.open(io.BytesIO(data)) as opened:
+            opened.draft("RGB", (size, size))
+            image: Image.Image = opened.convert("RGB") if opened.mode not in ("RGB", "L") else opened
             image.thumbnail((size, size))
             out = io.BytesIO()
             image.save(out, format="WEBP", quality=80)

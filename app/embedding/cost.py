@@ -17,13 +17,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.context import AppContext
 from app.core.errors import OverBudget
+from app.data.db import Database
 from app.data.records import ImageRecord
+from app.embedding.cost_cache import CostCache
 from models import registry
 from models.base import Embedder
 
@@ -40,6 +42,17 @@ FLOP_S = 1e-10  # one multiply-add (exact search, PCA, whitening fits): float64 
 UMAP_S = 3e-3  # one point of a UMAP layout
 PROBE_IMAGES = 8
 BATCH_S = 0.5  # a batch of work between two cancellation checks lasts about this long
+
+
+class CostContext(Protocol):
+    """What the estimates need of the service (the application context has it)."""
+
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def costs(self) -> CostCache: ...
+
 
 SYNC = "CBIR_SYNC_COST_BUDGET_S"
 JOB = "CBIR_JOB_COST_BUDGET_S"
@@ -65,7 +78,7 @@ class Estimate:
 NOTHING = Estimate(0.0, True, "")
 
 
-def forward_seconds(ctx: AppContext, *, embedder: Embedder, measure: bool) -> tuple[float, bool]:
+def forward_seconds(ctx: CostContext, *, embedder: Embedder, measure: bool) -> tuple[float, bool]:
     """The embedder's seconds per image (forward pass and preprocessing), and whether measured."""
     key = (embedder.version, str(embedder.device))
     known = ctx.costs.speed(key)
@@ -92,7 +105,7 @@ def _builtin(embedder: Embedder) -> float:
     return BUILTIN_TRAINED_S if spec.trainable else BUILTIN_PIXELS_S
 
 
-def mean_pixels(ctx: AppContext, collection_id: int) -> float:
+def mean_pixels(ctx: CostContext, collection_id: int) -> float:
     """The mean pixel count of a collection's stored images (0 when empty)."""
     known = ctx.costs.pixels(collection_id)
     if known is not None:
@@ -107,14 +120,14 @@ def mean_pixels(ctx: AppContext, collection_id: int) -> float:
     return float(value or 0.0)
 
 
-def per_image(ctx: AppContext, *, embedder: Embedder, collection_id: int, measure: bool) -> PerImage:
+def per_image(ctx: CostContext, *, embedder: Embedder, collection_id: int, measure: bool) -> PerImage:
     """Seconds to decode and embed one stored image of the collection."""
     forward, measured = forward_seconds(ctx, embedder=embedder, measure=measure)
     return PerImage(mean_pixels(ctx, collection_id) * DECODE_S_PER_PIXEL + forward, measured)
 
 
 def embedding(
-    ctx: AppContext, *, embedder: Embedder, collection_id: int, images: int, measure: bool
+    ctx: CostContext, *, embedder: Embedder, collection_id: int, images: int, measure: bool
 ) -> Estimate:
     """Decoding and embedding ``images`` stored images of the collection."""
     if images <= 0:

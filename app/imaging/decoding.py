@@ -25,25 +25,39 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
-from app.context import AppContext
 from app.core.errors import CbirError, ImageTooLarge
 from app.core.faults import delay_point
+from app.core.settings import Settings
 from app.imaging.decode import DecodedImage, ImageLimits, decode_image, plan_decode
+from app.imaging.decode_budget import DecodeBudget
 from app.imaging.decode_cost import DecodeCost, jpeg_draft_scale, peak_bytes
+
+
+class DecodeContext(Protocol):
+    """What decoding needs of the service (the application context has it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def limits(self) -> ImageLimits: ...
+
+    @property
+    def decode_budget(self) -> DecodeBudget: ...
 
 
 class DecodeStopped(Exception):
     """An import or a job stopped while its decode waited for room in the budget."""
 
 
-def _reservation(ctx: AppContext, plan: DecodeCost | None) -> int:
+def _reservation(ctx: DecodeContext, plan: DecodeCost | None) -> int:
     # Where the header does not say, the most any image may hold: the decoder enforces that cap.
     return plan.nbytes if plan is not None else ctx.limits.max_decode_bytes or 0
 
 
-def estimated_bytes(ctx: AppContext, data: bytes) -> int:
+def estimated_bytes(ctx: DecodeContext, data: bytes) -> int:
     """What decoding ``data`` reserves; nothing for bytes refused before any pixel is decoded
     (empty, over the pixel or byte caps)."""
     try:
@@ -54,7 +68,7 @@ def estimated_bytes(ctx: AppContext, data: bytes) -> int:
 
 
 @contextmanager
-def reserved_for_request(ctx: AppContext, blobs: Sequence[bytes]) -> Iterator[None]:
+def reserved_for_request(ctx: DecodeContext, blobs: Sequence[bytes]) -> Iterator[None]:
     """Hold the decode memory of ``blobs`` decoded and kept together (a batch of uploads);
     503 overloaded when the budget stays full for CBIR_DECODE_BUDGET_WAIT_S."""
     nbytes = sum(estimated_bytes(ctx, data) for data in blobs)
@@ -62,7 +76,7 @@ def reserved_for_request(ctx: AppContext, blobs: Sequence[bytes]) -> Iterator[No
         yield
 
 
-def acquire_for_import(ctx: AppContext, nbytes: int, *, stopped: Callable[[], bool]) -> int:
+def acquire_for_import(ctx: DecodeContext, nbytes: int, *, stopped: Callable[[], bool]) -> int:
     """Wait for room for ``nbytes`` as long as it takes; returns the bytes to release.
     DecodeStopped when ``stopped()`` turns true first."""
     got = ctx.decode_budget.acquire(nbytes, timeout=None, stopped=stopped)
@@ -76,7 +90,7 @@ def never_stopped() -> bool:
     return False
 
 
-def stored_limits(ctx: AppContext) -> ImageLimits:
+def stored_limits(ctx: DecodeContext) -> ImageLimits:
     """The caps for a file the store holds: the pixel caps, and CBIR_MAX_DECODE_BYTES only as the
     choice of a JPEG's reduced scale, never as a refusal."""
     return replace(ctx.limits, refuse_over_decode_bytes=False)
@@ -84,7 +98,7 @@ def stored_limits(ctx: AppContext) -> ImageLimits:
 
 @contextmanager
 def decoding(
-    ctx: AppContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
+    ctx: DecodeContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
 ) -> Iterator[DecodedImage]:
     """Decode new input ``data`` holding its reservation for the block (preprocess inside it).
 
@@ -98,7 +112,7 @@ def decoding(
 
 @contextmanager
 def decoding_stored(
-    ctx: AppContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
+    ctx: DecodeContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
 ) -> Iterator[DecodedImage]:
     """Decode a stored file as ``decoding`` does, never refused by CBIR_MAX_DECODE_BYTES (see the
     module docstring). A request (``stopped`` None) still waits CBIR_DECODE_BUDGET_WAIT_S at most;
@@ -109,7 +123,7 @@ def decoding_stored(
 
 @contextmanager
 def _decoding(
-    ctx: AppContext,
+    ctx: DecodeContext,
     data: bytes,
     *,
     limits: ImageLimits,
@@ -134,7 +148,7 @@ def _decoding(
 
 
 @contextmanager
-def reserved_for_thumbnail(ctx: AppContext, data: bytes, *, side: int) -> Iterator[None]:
+def reserved_for_thumbnail(ctx: DecodeContext, data: bytes, *, side: int) -> Iterator[None]:
     """Hold the decode memory of a stored file's thumbnail (a JPEG is drafted to about ``side``
     pixels, anything else decoded whole) for a request: 503 overloaded when the budget stays full
     for CBIR_DECODE_BUDGET_WAIT_S. Never refused by the byte cap, as ``decoding_stored``."""
@@ -159,7 +173,7 @@ class ChunkHold:
     """Room held for a chunk decoded in a worker process, given back once (when its future is
     done, or when it was never submitted)."""
 
-    def __init__(self, ctx: AppContext, nbytes: int) -> None:
+    def __init__(self, ctx: DecodeContext, nbytes: int) -> None:
         self._budget = ctx.decode_budget
         self._nbytes = nbytes
         self._lock = threading.Lock()
@@ -177,7 +191,7 @@ class ChunkHold:
 
 @contextmanager
 def held_for_chunk(
-    ctx: AppContext, blobs: Sequence[bytes], *, stopped: Callable[[], bool]
+    ctx: DecodeContext, blobs: Sequence[bytes], *, stopped: Callable[[], bool]
 ) -> Iterator[ChunkHold]:
     """Room for the largest of ``blobs`` (a worker process decodes one at a time), waited for as
     long as it takes; hand it to the chunk's future with ``until_done``."""

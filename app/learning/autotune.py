@@ -212,7 +212,7 @@ def tune_collection(
         serve_whitening(ctx, record=record, base=base, codes=(raw, ids), dim=dim)
     elif whitened:
         _serve_network_codes(ctx, record=record, base=base, codes=(raw, ids))
-    tuning = {
+    tuning: dict[str, Any] = {
         "applies": True,
         "state": "tuned",
         "validated": validation is not None,
