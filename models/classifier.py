@@ -70,4 +70,3 @@ def get_arch(name: str) -> ClassifierArch:
         return _ARCHS[name]
     except KeyError:
         raise ValueError(f"unknown classifier arch {name!r}; known: {', '.join(sorted(_ARCHS))}") from None
-

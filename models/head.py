@@ -3,7 +3,7 @@
 The backbone stays frozen: the collection's pretrained codes (one L2-normalised vector per image,
 exactly what the CNN embedder serves) are computed once, and a small head learns on them: a
 linear projection to ``dim`` dimensions followed by LeNet-5's scaled-cosine classifier with an
-additive margin (``models.lenet.CosineClassifier``), trained with AdamW for a few epochs over the
+additive margin (``models.lenet_net.CosineClassifier``), trained with AdamW for a few epochs over the
 codes (seconds). The L2-normalised projection becomes the collection's code; the embedder
 (``cnn_head``) is the base CNN embedder followed by that projection.
 """
@@ -27,7 +27,8 @@ from torch import nn
 from models.base import Embedder
 from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoint
 from models.classifier import ClassifierArch, register_arch
-from models.lenet import CosineClassifier, train_epochs
+from models.lenet_net import CosineClassifier
+from models.lenet_training import train_epochs
 from models.registry import EmbedderSpec, register
 
 EMBEDDER_NAME = "cnn_head"

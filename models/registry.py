@@ -151,4 +151,3 @@ def create(
         return spec.factory(device=device, **extra, **options)
     except (TypeError, ValueError) as exc:
         raise InvalidEmbedderOptions(f"embedder {spec.name!r}: {exc}") from None
-
