@@ -56,9 +56,11 @@ test: $(BIN)/.installed-dev  ## the whole test suite on SQLite, then on PostgreS
 	echo "== SQLite: $$sqlite; PostgreSQL: $$postgres =="; \
 	[ "$$sqlite" = passed ] && case "$$postgres" in passed|skipped*) true;; *) false;; esac
 
-lint: $(BIN)/.installed-dev
+lint: $(BIN)/.installed-dev  ## ruff, mypy, and the architecture contracts (import-linter, pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy app models index
+	$(BIN)/lint-imports
 
 check: lint test
 
