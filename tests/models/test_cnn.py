@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import cnn, registry
+from models import cnn, cnn_archs, cnn_weights, registry
 from tests.conftest import BIG_CNNS, DATASETS_DIR, write_cnn_checkpoint
 
 HOLIDAYS = DATASETS_DIR / "inria-holidays-dev" / "jpg"
@@ -296,7 +296,7 @@ def test_efficientnet_weights_come_from_the_package_offline(tmp_path: Path, torc
 def test_efficientnet_without_its_package_says_what_to_install(
     tmp_path: Path, torch_hub_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cnn, "_efficientnet_lite0_file", lambda: None)
+    monkeypatch.setattr(cnn_archs, "_efficientnet_lite0_file", lambda: None)
     with pytest.raises(registry.WeightsMissing, match="install the Python package that ships it"):
         create("efficientnet_lite0", tmp_path).load()
 
@@ -404,7 +404,7 @@ def test_a_host_that_cannot_be_resolved_fails_within_seconds(
         time.sleep(30)  # what a resolver on a machine without DNS can do
 
     monkeypatch.setattr(socket, "getaddrinfo", hang)
-    monkeypatch.setattr(cnn, "RESOLVE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(cnn_weights, "RESOLVE_TIMEOUT_S", 0.2)
     started = time.monotonic()
     with pytest.raises(OSError, match="cannot resolve download.pytorch.org"):
         cnn.fetch("https://download.pytorch.org/models/resnet18-f37072fd.pth", tmp_path / "r.pth")
