@@ -26,8 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.ingest.sources.datasets import load_mnist  # noqa: E402
-from app.ingest.sources.kinds import png_bytes  # noqa: E402
+from app.ingest.sources.datasets import load_mnist, png_bytes  # noqa: E402
 from tests.liveserver import DATASETS_DIR, LiveServer  # noqa: E402
 
 TOTAL = 70_000

@@ -23,8 +23,9 @@ from app.context import AppContext
 from app.core.errors import BadMultipart, EmptyUpload, InvalidRequest, PayloadTooLarge, UnsupportedArchive
 from app.core.redaction import scrub_report
 from app.ingest import jobs
-from app.ingest.sources.kinds import MAX_MANIFEST_BYTES, Limits, in_root
-from app.ingest.sources.urls import check_urls
+from app.ingest.sources.base import Limits, Source
+from app.ingest.sources.choose import SourceRequest, choose_source
+from app.ingest.sources.manifests import MAX_MANIFEST_BYTES
 from app.learning.tasks import KINDS as TASK_KINDS
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
@@ -77,32 +78,25 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
             raise InvalidRequest(
                 f'expected {{"dataset": "mnist", "split": "train"}}: {exc.errors()[0]["msg"]}'
             ) from None
-        given = [k for k in ("dataset", "folder", "root", "manifest", "urls") if getattr(body, k) is not None]
-        if len(given) != 1:
-            raise InvalidRequest('give exactly one of "dataset", "folder", "root", "manifest" or "urls"')
-        if body.path and body.root is None:
-            raise InvalidRequest('"path" goes with "root" (a folder under that import root)')
-        if body.folder is not None or body.root is not None or body.manifest is not None:
+        wanted = SourceRequest.named(
+            dataset=body.dataset,
+            split=body.split,
+            folder=body.folder,
+            root=body.root,
+            path=body.path,
+            layout=body.layout,
+            manifest=body.manifest,
+            urls=body.urls,
+        )
+        if wanted.reads_server_files:
             # the server's own files: an admin key (even before any key exists; CBIR_AUTH=off
             # lifts it), checked before any path is looked at
             security.require(
                 request, Scope.admin, what="importing a server folder or manifest", even_keyless=True
             )
-        roots = ctx.settings.import_root_paths
-        if body.folder is not None or body.root is not None:
-            folder = Path(body.folder or "")
-            if body.root is not None:
-                folder = in_root(ctx.settings.import_root_map, body.root, body.path)
-            source: jobs.Source = await run_in_threadpool(
-                jobs.check_folder, folder, roots=roots, layout=body.layout
-            )
-        elif body.manifest is not None:
-            source = await run_in_threadpool(jobs.check_manifest, Path(body.manifest), roots=roots)
-        elif body.urls is not None:
-            source = check_urls(body.urls, settings=ctx.settings)
-        else:
-            assert body.dataset is not None
-            source = jobs.check_dataset(body.dataset, body.split)
+        source: Source = await run_in_threadpool(
+            choose_source, wanted, settings=ctx.settings, roots=ctx.settings.import_root_paths
+        )
     elif content_type.startswith("multipart/form-data"):
         source = await _receive_archive(request, ctx)
     else:
@@ -121,7 +115,7 @@ async def start_import(name: str, request: Request, ctx: ContextDep, runner: Job
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")
 
 
-async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSource:
+async def _receive_archive(request: Request, ctx: AppContext) -> Source:
     """Stream the multipart archive (and optional manifest) to disk, never whole in memory, and
     keep them in the uploads folder until the job ends (so an interrupted job can resume)."""
     limit = ctx.settings.max_archive_bytes
@@ -151,12 +145,17 @@ async def _receive_archive(request: Request, ctx: AppContext) -> jobs.ArchiveSou
                 suffix=".manifest",
             )
             kept.append(manifest)
+        wanted = SourceRequest(
+            archive=archive,
+            archive_name=filename,
+            archive_manifest=manifest,
+            archive_manifest_name=manifest_name,
+        )
         return await run_in_threadpool(
-            jobs.check_archive,
-            archive,
-            filename,
-            manifest=manifest,
-            manifest_name=manifest_name,
+            choose_source,
+            wanted,
+            settings=ctx.settings,
+            roots=ctx.settings.import_root_paths,
             limits=Limits.of(ctx.settings),
         )
     except BaseException:

@@ -34,15 +34,9 @@ from app.catalog.collections import create_collection
 from app.context import AppContext, open_context
 from app.core.settings import Settings
 from app.ingest.pipeline import Chunk, Pipeline, time_stages
-from app.ingest.sources.datasets import load_mnist
-from app.ingest.sources.kinds import (
-    DatasetSource,
-    FolderSource,
-    Source,
-    check_archive,
-    members_of,
-    png_bytes,
-)
+from app.ingest.sources.archive import check_archive
+from app.ingest.sources.datasets import load_mnist, png_bytes
+from app.ingest.sources.kinds import DatasetSource, FolderSource, Source, members_of
 from app.learning.training import train_cdae
 
 WORKLOADS = ("mnist", "holidays")

@@ -239,35 +239,22 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
 
     from app.catalog.collections import get_collection
     from app.ingest import jobs
+    from app.ingest.sources.choose import SourceRequest, choose_source
 
     with command_context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
-        path = Path(source)
-        if urls:
-            from app.ingest.sources.urls import check_urls, read_url_list
 
-            parsed: jobs.Source = check_urls(read_url_list(path), settings=ctx.settings)
-        elif path.is_dir():
-            parsed = jobs.check_folder(path, layout=layout)
-        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
-            parsed = jobs.check_manifest(path)
-        elif path.is_file():
-            jobs.check_archive(path, path.name)
+        # The job deletes its uploads when done: an archive is handed to it as a copy.
+        def keep_copy(original: Path, suffix: str) -> Path:
+            ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
+            os.close(fd)
+            shutil.copyfile(original, tmp)
+            return jobs.keep_upload(ctx, Path(tmp), suffix=suffix)
 
-            # The job deletes its uploads when done: hand it copies in the data folder.
-            def keep_copy(original: Path, suffix: str) -> Path:
-                ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=ctx.settings.tmp_dir, prefix="import-")
-                os.close(fd)
-                shutil.copyfile(original, tmp)
-                return jobs.keep_upload(ctx, Path(tmp), suffix=suffix)
-
-            kept = keep_copy(path, ".archive")
-            copy = keep_copy(manifest, ".manifest") if manifest is not None else None
-            parsed = jobs.check_archive(kept, path.name, manifest=copy)
-        else:
-            dataset, _, split = source.partition(":")
-            parsed = jobs.check_dataset(dataset, split or "train")
+        wanted = SourceRequest.from_argument(source, layout=layout, manifest=manifest, urls=urls)
+        # the operator's own files: not confined to CBIR_IMPORT_ROOTS
+        parsed = choose_source(wanted, settings=ctx.settings, roots=None, keep=keep_copy)
         runner = jobs.JobRunner(ctx)
         job_id = runner.create_job(collection=collection, source=parsed, creator="admin")  # the operator
         update = progress_bar(f"import {source}")

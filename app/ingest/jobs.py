@@ -28,6 +28,9 @@ from app.core.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
 from app.data.records import CollectionRecord, JobRecord, utcnow
 from app.data.storage import FileJournal
 from app.ingest.pipeline import Pipeline
+from app.ingest.sources.archive import check_archive
+from app.ingest.sources.dataset import check_dataset
+from app.ingest.sources.folder import check_folder
 from app.ingest.sources.kinds import (
     ArchiveSource,
     DatasetSource,
@@ -37,15 +40,12 @@ from app.ingest.sources.kinds import (
     Limits,
     ManifestSource,
     Source,
-    check_archive,
-    check_dataset,
-    check_folder,
-    check_manifest,
     count_members,
     describe,
     from_params,
     members_of,
 )
+from app.ingest.sources.manifest import check_manifest
 from app.ingest.sources.manifests import finished_state
 from app.ingest.store import ItemResult
 from app.learning import autotune
@@ -111,9 +111,8 @@ def keep_upload(ctx: AppContext, path: Path, *, suffix: str) -> Path:
 
 
 def uploads_of(source: Source) -> list[Path]:
-    if isinstance(source, ArchiveSource):
-        return [source.path] + ([source.manifest] if source.manifest else [])
-    return []
+    """The uploaded files the service keeps for ``source`` until its job ends."""
+    return source.uploads()
 
 
 # -- jobs -----------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ shows every configuration side by side.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,8 @@ from app.data.records import CollectionRecord, ImageRecord
 from app.embedding import cost
 from app.embedding.embedders import validate_embedder_name
 from app.indexing.manager import load_vectors
+from app.ingest.sources.holidays import check_groundtruth as check_groundtruth
+from app.ingest.sources.holidays import read_groundtruth as read_groundtruth
 from app.learning.training import Progress, embed_collection
 from index.metrics import evaluate_groundtruth
 from index.rerank import expand_queries, fit_whitening
@@ -46,24 +47,6 @@ class GroundTruth:
     queries: np.ndarray  # (q,) entries
     relevant: list[np.ndarray]  # entries relevant to each query (-1 for a name not found)
     unmatched: int  # relevant names that are not in the collection (they still count as misses)
-
-
-def read_groundtruth(path: Path) -> dict[str, list[str]]:
-    """A JSON object ``{query name: [relevant names]}``; InvalidRequest when it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequest(f"cannot read ground truth {str(path)[:200]!r}: {exc}") from None
-    return check_groundtruth(data)
-
-
-def check_groundtruth(data: Any) -> dict[str, list[str]]:
-    if not isinstance(data, dict) or not data:
-        raise InvalidRequest("the ground truth must be a non-empty JSON object {query: [relevant, ...]}")
-    for query, relevant in data.items():
-        if not isinstance(relevant, list) or not all(isinstance(r, str) for r in relevant):
-            raise InvalidRequest(f"ground truth entry {str(query)[:80]!r} must be a list of file names")
-    return {str(k): list(v) for k, v in data.items()}
 
 
 def match_groundtruth(

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.ingest.sources.datasets import load_mnist
-from app.ingest.sources.kinds import png_bytes
+from app.ingest.sources.datasets import load_mnist, png_bytes
 from tests.liveserver import DATASETS_DIR, LiveServer
 
 pytestmark = pytest.mark.slow

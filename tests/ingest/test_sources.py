@@ -21,7 +21,12 @@ from app.core.errors import FolderNotAllowed, InvalidRequest
 from app.core.settings import Settings
 from app.ingest.pipeline import Pipeline
 from app.ingest.sources import kinds as sources
+from app.ingest.sources.archive import check_archive
+from app.ingest.sources.choose import SourceRequest, choose_source
+from app.ingest.sources.dataset import check_dataset
 from app.ingest.sources.datasets import read_idx
+from app.ingest.sources.folder import check_folder
+from app.ingest.sources.idx import find_idx
 from app.ingest.sources.kinds import (
     ArchiveSource,
     DatasetSource,
@@ -30,8 +35,10 @@ from app.ingest.sources.kinds import (
     IdxSource,
     ManifestSource,
     Member,
-    parse_manifest,
+    UrlSource,
 )
+from app.ingest.sources.manifest import check_manifest
+from app.ingest.sources.manifests import MAX_META_CHARS, MAX_META_KEYS, parse_manifest
 from tests.conftest import DATASETS_DIR
 from tests.holidays import holidays_subset
 
@@ -128,8 +135,8 @@ def test_bad_jsonl_lines_become_rows_with_an_error() -> None:
 def test_metadata_is_capped_in_keys_and_length() -> None:
     row = {"path": "a.png", "long": "x" * 2000, **{f"k{i:02d}": i for i in range(40)}}
     (parsed,) = parse_manifest(json.dumps(row).encode(), name="m.jsonl")
-    assert len(parsed.metadata) == sources.MAX_META_KEYS
-    assert len(parsed.metadata["long"]) == sources.MAX_META_CHARS
+    assert len(parsed.metadata) == MAX_META_KEYS
+    assert len(parsed.metadata["long"]) == MAX_META_CHARS
 
 
 @pytest.mark.parametrize(
@@ -170,7 +177,7 @@ def test_server_manifest_rows_outside_the_roots_are_rejected_and_never_read(
         "photos/missing.png,x\n"
         ",x\n"
     )
-    source = sources.check_manifest(manifest, roots=[root])
+    source = check_manifest(manifest, roots=[root])
     assert source == ManifestSource(manifest, (root,))
     members = members_of(source, settings)
     assert [(m.name, m.reject[0] if m.reject else None) for m in members] == [
@@ -192,23 +199,23 @@ def test_server_manifest_outside_the_roots_is_not_allowed(roots: tuple[Path, Pat
     root, secret = roots
     (secret / "manifest.csv").write_text("path\nprivate.png\n")
     with pytest.raises(FolderNotAllowed):
-        sources.check_manifest(secret / "manifest.csv", roots=[root])
+        check_manifest(secret / "manifest.csv", roots=[root])
     (root / "link.csv").symlink_to(secret / "manifest.csv")
     with pytest.raises(FolderNotAllowed):
-        sources.check_manifest(root / "link.csv", roots=[root])
+        check_manifest(root / "link.csv", roots=[root])
     with pytest.raises(FolderNotAllowed):
-        sources.check_manifest(root / ".." / "secret" / "manifest.csv", roots=[root])
+        check_manifest(root / ".." / "secret" / "manifest.csv", roots=[root])
     with pytest.raises(FolderNotAllowed):
-        sources.check_manifest(secret / "manifest.csv", roots=[])
+        check_manifest(secret / "manifest.csv", roots=[])
 
 
 def test_unreadable_server_manifest_is_refused_before_a_job(roots: tuple[Path, Path]) -> None:
     root, _ = roots
     (root / "bad.csv").write_text("name\na.png\n")
     with pytest.raises(InvalidRequest):
-        sources.check_manifest(root / "bad.csv", roots=[root])
+        check_manifest(root / "bad.csv", roots=[root])
     with pytest.raises(InvalidRequest):
-        sources.check_manifest(root / "photos", roots=[root])  # a folder, not a file
+        check_manifest(root / "photos", roots=[root])  # a folder, not a file
 
 
 # -- folders: images, IDX, Holidays ------------------------------------------------------------
@@ -219,7 +226,7 @@ def test_image_folder_lists_files_in_name_order_labelled_by_subfolder(
     for name in ("z/1.png", "a/2.png", "a/10.png", ".hidden/3.png", "a/.DS_Store", "top.png"):
         (root / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "photos" / name).write_bytes(make_png(len(name)))
-    source = sources.check_folder(root / "photos", roots=[root], layout="images")
+    source = check_folder(root / "photos", roots=[root], layout="images")
     assert source == FolderSource(root / "photos")
     members = members_of(source, settings)
     assert [(m.name, m.metadata) for m in members] == [
@@ -238,8 +245,8 @@ def test_idx_folder_is_detected_and_lists_each_digit_with_its_label(
     tmp_path: Path, settings: Settings
 ) -> None:
     images, labels = mnist_subset(tmp_path / "digits", 50)
-    source = sources.check_folder(tmp_path / "digits")  # layout auto
-    assert source == sources.check_folder(tmp_path / "digits", layout="idx")
+    source = check_folder(tmp_path / "digits")  # layout auto
+    assert source == check_folder(tmp_path / "digits", layout="idx")
     assert source == IdxSource(
         (tmp_path / "digits" / "t10k-images-idx3-ubyte.gz",),
         (tmp_path / "digits" / "t10k-labels-idx1-ubyte.gz",),
@@ -259,7 +266,7 @@ def test_idx_files_put_training_before_test_and_prefer_one_copy(tmp_path: Path, 
     # the same file plain beside its .gz: imported once
     write_idx(folder / "train-images-idx3-ubyte", read_idx(folder / "train-images-idx3-ubyte.gz"))
     write_idx(folder / "extra-images-idx3-ubyte.gz", np.zeros((2, 4, 4), np.uint8))  # no labels file
-    source = sources.find_idx(folder)
+    source = find_idx(folder)
     assert source is not None
     assert [p.name for p in source.images] == [
         "train-images-idx3-ubyte",
@@ -291,8 +298,8 @@ def test_idx_file_linked_from_outside_the_roots_is_not_imported(
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (root / "digits" / name).symlink_to(secret / name)
     with pytest.raises(InvalidRequest):
-        sources.check_folder(root / "digits", roots=[root], layout="idx")
-    source = sources.check_folder(root / "digits", roots=[root])
+        check_folder(root / "digits", roots=[root], layout="idx")
+    source = check_folder(root / "digits", roots=[root])
     assert not isinstance(source, IdxSource)
     assert all(m.reject is not None for m in members_of(source, settings))
 
@@ -300,13 +307,13 @@ def test_idx_file_linked_from_outside_the_roots_is_not_imported(
 def test_layout_idx_on_a_folder_without_idx_files_is_invalid(roots: tuple[Path, Path]) -> None:
     root, _ = roots
     with pytest.raises(InvalidRequest, match="idx3"):
-        sources.check_folder(root / "photos", roots=[root], layout="idx")
+        check_folder(root / "photos", roots=[root], layout="idx")
     with pytest.raises(InvalidRequest, match="groundtruth.json"):
-        sources.check_folder(root / "photos", roots=[root], layout="holidays")
+        check_folder(root / "photos", roots=[root], layout="holidays")
     with pytest.raises(InvalidRequest, match="layout"):
-        sources.check_folder(root / "photos", roots=[root], layout="mnist")
+        check_folder(root / "photos", roots=[root], layout="mnist")
     with pytest.raises(InvalidRequest, match="not a folder"):
-        sources.check_folder(root / "photos" / "a.png", roots=[root])
+        check_folder(root / "photos" / "a.png", roots=[root])
 
 
 def test_holidays_folder_labels_each_image_by_its_query(tmp_path: Path, settings: Settings) -> None:
@@ -314,8 +321,8 @@ def test_holidays_folder_labels_each_image_by_its_query(tmp_path: Path, settings
     truth = holidays_subset(folder, (1000, 1001, 1002, 1003))
     (folder / "groundtruth.json").write_text(json.dumps(truth))
     (folder / "notes.txt").write_text("not an image")
-    source = sources.check_folder(folder)  # auto
-    assert source == HolidaysSource(folder) == sources.check_folder(folder, layout="holidays")
+    source = check_folder(folder)  # auto
+    assert source == HolidaysSource(folder) == check_folder(folder, layout="holidays")
     members = members_of(source, settings)
     expected = {q: (q[:-4], "query") for q in truth} | {
         r: (q[:-4], "relevant") for q, rel in truth.items() for r in rel
@@ -331,7 +338,7 @@ def test_holidays_images_may_sit_in_a_jpg_subfolder(tmp_path: Path, settings: Se
     truth = holidays_subset(folder / "jpg", (1000,))
     (folder / "groundtruth.json").write_text(json.dumps(truth))
     (folder / "jpg" / "999999.jpg").write_bytes((folder / "jpg" / "100000.jpg").read_bytes())
-    members = members_of(sources.check_folder(folder), settings)
+    members = members_of(check_folder(folder), settings)
     assert [(m.name, m.metadata) for m in members] == [
         ("100000.jpg", {"label": "100000", "role": "query"}),
         ("100001.jpg", {"label": "100000", "role": "relevant"}),
@@ -344,14 +351,14 @@ def test_holidays_folder_with_a_broken_groundtruth_is_invalid(tmp_path: Path) ->
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "groundtruth.json").write_text("[1, 2]")
     with pytest.raises(InvalidRequest):
-        sources.check_folder(tmp_path / "h")
+        check_folder(tmp_path / "h")
 
 
 # -- datasets -----------------------------------------------------------------------------------
 def test_dataset_split_all_counts_train_and_test(settings: Settings) -> None:
     if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST not found in {MNIST}")
-    assert sources.check_dataset("mnist", "all") == DatasetSource("mnist", "all")
+    assert check_dataset("mnist", "all") == DatasetSource("mnist", "all")
     assert count(DatasetSource("mnist", "test"), settings) == 10_000
     assert count(DatasetSource("mnist", "all"), settings) == 70_000
     first = next(
@@ -369,7 +376,7 @@ def test_dataset_split_all_counts_train_and_test(settings: Settings) -> None:
 @pytest.mark.parametrize(("dataset", "split"), [("mnist", "validation"), ("cifar", "all")])
 def test_unknown_dataset_or_split_is_invalid(dataset: str, split: str) -> None:
     with pytest.raises(InvalidRequest):
-        sources.check_dataset(dataset, split)
+        check_dataset(dataset, split)
 
 
 # -- descriptions survive a restart ---------------------------------------------------------------
@@ -392,6 +399,76 @@ def test_each_source_is_rebuilt_from_its_stored_parameters(settings: Settings, t
         assert sources.from_params(params, data_dir=data_dir) == source
     with pytest.raises(ValueError):
         sources.from_params({"source": "ftp"}, data_dir=data_dir)
+
+
+def test_stored_parameters_keep_their_format(settings: Settings, tmp_path: Path) -> None:
+    """Jobs stored by any version resume: each kind's parameters, key by key."""
+    data_dir = settings.data_dir
+    stored = [
+        (
+            ArchiveSource(
+                data_dir / "uploads" / "a.archive", "p.zip", data_dir / "uploads" / "b.manifest", "m.csv"
+            ),
+            {
+                "source": "archive",
+                "filename": "p.zip",
+                "path": "uploads/a.archive",
+                "manifest": "uploads/b.manifest",
+                "manifest_name": "m.csv",
+            },
+        ),
+        (FolderSource(tmp_path), {"source": "folder", "path": str(tmp_path)}),
+        (HolidaysSource(tmp_path), {"source": "holidays", "path": str(tmp_path)}),
+        (
+            IdxSource((tmp_path / "a",), (None,)),
+            {"source": "idx", "images": [str(tmp_path / "a")], "labels": [None]},
+        ),
+        (
+            ManifestSource(tmp_path / "m.csv", (tmp_path,)),
+            {"source": "manifest", "path": str(tmp_path / "m.csv"), "roots": [str(tmp_path)]},
+        ),
+        (DatasetSource("mnist", "test"), {"source": "dataset", "dataset": "mnist", "split": "test"}),
+        (
+            UrlSource(("https://example.org/a.png",)),
+            {"source": "urls", "urls": ["https://example.org/a.png"]},
+        ),
+    ]
+    for source, params in stored:
+        assert sources.describe(source, data_dir=data_dir) == params
+        assert list(sources.describe(source, data_dir=data_dir)) == list(params)  # same key order
+        assert sources.from_params(params, data_dir=data_dir) == source
+    assert sorted(sources.KINDS) == sorted(params["source"] for _, params in stored)
+
+
+def test_the_command_line_and_a_json_request_choose_the_same_source(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`cbir import SOURCE` and the route's JSON body go through one choose_source; the command line
+    is not confined to the import roots."""
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "cat" / "1.png").write_bytes(b"x")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\nphotos/cat/1.png,cat\n")
+    roots = [tmp_path]
+    for argument, body in (
+        (str(tmp_path / "photos"), {"folder": str(tmp_path / "photos")}),
+        (str(manifest), {"manifest": str(manifest)}),
+        ("mnist:test", {"dataset": "mnist", "split": "test"}),
+    ):
+        by_cli = choose_source(SourceRequest.from_argument(argument), settings=settings, roots=None)
+        by_http = choose_source(SourceRequest.named(**body), settings=settings, roots=roots)
+        assert type(by_cli) is type(by_http)
+        assert by_cli.kind == by_http.kind
+    assert SourceRequest.named(folder="/x").reads_server_files
+    assert not SourceRequest.named(dataset="mnist").reads_server_files
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        SourceRequest.named(dataset="mnist", folder="/x")
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        SourceRequest.named()
+    with pytest.raises(InvalidRequest, match='"path" goes with "root"'):
+        SourceRequest.named(dataset="mnist", path="a")
+    with pytest.raises(FolderNotAllowed):
+        choose_source(SourceRequest.named(folder=str(tmp_path / "photos")), settings=settings, roots=[])
 
 
 # -- fixed order and the resume skip --------------------------------------------------------------
@@ -463,7 +540,7 @@ def test_archive_member_order_is_fixed_and_manifest_rows_come_in_archive_order(
         ("a.tar", make_tar({"./manifest.csv": manifest, **{f"./{n}": d for n, d in members.items()}})),
     ):
         (tmp_path / name).write_bytes(data)
-        source = sources.check_archive(tmp_path / name, name)
+        source = check_archive(tmp_path / name, name)
         listed = [
             (m.name.removeprefix("./"), m.metadata, m.reject and m.reject[0])
             for m in members_of(source, settings)

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from app.core.settings import Settings
 from app.ingest.sources import kinds as sources
+from app.ingest.sources.archive import check_archive
 from app.main import create_app
 from tests.api.helpers import assert_problem, job_report
 from tests.api.test_imports import counts, make_tar, make_zip, start_archive_import, wait_for_job
@@ -331,7 +332,7 @@ def test_r28_links_are_rejected_without_reading_them(
         return real(self, member)
 
     monkeypatch.setattr(tarfile.TarFile, "extractfile", extractfile)
-    source = sources.check_archive(path, "special.tar", limits=sources.Limits.of(capped))
+    source = check_archive(path, "special.tar", limits=sources.Limits.of(capped))
     members = []
     for member in sources.members_of(source, capped):  # each read where the listing stands
         if member.read is not None:

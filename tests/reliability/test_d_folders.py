@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.core.errors import PathOutsideRoot
 from app.core.settings import Settings
-from app.ingest.sources import kinds as sources
+from app.ingest.sources import files as server_files
 from app.main import create_app
 from tests.api.helpers import ADMIN_HEADERS, admin_keyed, assert_problem, job_report
 from tests.api.test_imports import counts, wait_for_job
@@ -120,7 +120,7 @@ def test_r32_import_roots_are_named_by_entry_or_by_folder_name(tmp_path: Path) -
     }
     assert roots.import_root_paths == [tmp_path / "a", tmp_path / "scans", tmp_path / "x=y"]
     with pytest.raises(PathOutsideRoot):
-        sources.in_root(roots.import_root_map, "photos", "%2E%2E/scans")
+        server_files.in_root(roots.import_root_map, "photos", "%2E%2E/scans")
 
 
 # -- 33 ---------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_r34_fifos_sockets_and_vanished_files_are_skipped_without_a_hang(
     (cat / "vanishing.png").write_bytes(make_png(50))
     (cat / "swapped.png").write_bytes(make_png(51))
 
-    real_read = sources._read_file
+    real_read = server_files._read_file
 
     def between_walk_and_open(path: Path, *, max_bytes: int) -> bytes:
         # the hook the plan asks for: the file changes after it was listed, before it is opened
@@ -179,7 +179,7 @@ def test_r34_fifos_sockets_and_vanished_files_are_skipped_without_a_hang(
             os.mkfifo(path)  # a reader that opened it blocking would hang here
         return real_read(path, max_bytes=max_bytes)
 
-    monkeypatch.setattr(sources, "_read_file", between_walk_and_open)
+    monkeypatch.setattr(server_files, "_read_file", between_walk_and_open)
     try:
         job = run(api, {"root": "photos", "path": "cat"})
     finally:

@@ -175,7 +175,7 @@ def test_r55_full_disk_stops_a_bulk_import_with_its_reason_and_keeps_committed_b
 # -- 56: real EFBIG from the kernel while checkpointing the index ----------------------------
 def _digits_tar(path: Path, *, count: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    from app.ingest.sources.kinds import png_bytes
+    from app.ingest.sources.datasets import png_bytes
 
     with tarfile.open(path, "w") as archive:
         for i in range(count):

@@ -184,7 +184,7 @@ def test_r60_index_searches_during_adds_removes_and_checkpoints_stay_correct_in_
 
 # -- 61: searches through the API while a bulk import indexes ------------------------------------
 def _png(rng: np.random.Generator) -> bytes:
-    from app.ingest.sources.kinds import png_bytes
+    from app.ingest.sources.datasets import png_bytes
 
     return png_bytes(rng.integers(0, 256, size=(28, 28), dtype=np.uint8))
 

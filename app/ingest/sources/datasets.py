@@ -1,13 +1,16 @@
-"""Built-in datasets. MNIST is read from the datasets folder, else downloaded with torchvision."""
+"""Built-in datasets and IDX files. MNIST is read from the datasets folder, else downloaded with
+torchvision; its pixels become PNG members of an import."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from app.core.errors import CbirError
 
@@ -22,6 +25,13 @@ class DatasetUnavailable(CbirError):
     """The dataset is neither on disk nor downloadable."""
 
     status, code, title = 503, "dataset_unavailable", "Dataset unavailable"
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A uint8 image array (rows, cols) as PNG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def read_idx(path: Path) -> np.ndarray:

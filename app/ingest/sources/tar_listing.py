@@ -28,19 +28,17 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from app.ingest.sources.kinds import (
+from app.ingest.sources.archive_common import (
     ARCHIVE_ERRORS,
-    ArchiveSource,
-    Limits,
-    Member,
-    _archive_member,
-    _member_check,
-    _missing_rows,
-    _over_total,
-    _read_member,
-    _too_many,
-    skipped,
+    ArchiveFiles,
+    archive_member,
+    member_check,
+    missing_rows,
+    over_total,
+    read_member,
+    too_many,
 )
+from app.ingest.sources.base import Limits, Member, skipped
 from app.ingest.sources.manifests import (
     MANIFEST_NAMES,
     MAX_MANIFEST_BYTES,
@@ -112,7 +110,7 @@ def _posix(name: str) -> str:
     return PurePosixPath(name).as_posix()
 
 
-def _survey(source: ArchiveSource, *, limits: Limits) -> tuple[tuple[str, bytes] | None, int | None, int]:
+def _survey(source: ArchiveFiles, *, limits: Limits) -> tuple[tuple[str, bytes] | None, int | None, int]:
     """(the manifest inside: name and bytes, or None; the lines an import without a manifest gives,
     None when the survey did not reach the end; the survey's budget in bytes, None: all)."""
     with tarfile.open(source.path, "r:*") as archive:
@@ -134,7 +132,7 @@ def _survey(source: ArchiveSource, *, limits: Limits) -> tuple[tuple[str, bytes]
     return None, lines + (walk.end != "end"), 0  # a last line: too many members, damage, unlisted
 
 
-def _manifest(source: ArchiveSource, found: tuple[str, bytes] | None) -> dict[str, ManifestRow] | None:
+def _manifest(source: ArchiveFiles, found: tuple[str, bytes] | None) -> dict[str, ManifestRow] | None:
     return archive_manifest(
         uploaded=source.manifest,
         uploaded_name=source.manifest_name,
@@ -143,7 +141,7 @@ def _manifest(source: ArchiveSource, found: tuple[str, bytes] | None) -> dict[st
     )
 
 
-def tar_count(source: ArchiveSource, *, limits: Limits) -> int | None:
+def tar_count(source: ArchiveFiles, *, limits: Limits) -> int | None:
     """The lines an import of a plain tar gives; None for a compressed tar, which is counted (when
     it can be) by the import that reads it (``tar_members``' ``on_total``)."""
     with tarfile.open(source.path, "r:*") as archive:
@@ -155,7 +153,7 @@ def tar_count(source: ArchiveSource, *, limits: Limits) -> int | None:
 
 
 def tar_members(
-    source: ArchiveSource, *, limits: Limits, on_total: Callable[[int], None] | None = None
+    source: ArchiveFiles, *, limits: Limits, on_total: Callable[[int], None] | None = None
 ) -> Iterator[Member]:
     """The members of a tar in archive order (see the module's docstring), never extracted; with a
     manifest (uploaded, or found inside by the survey) only its rows."""
@@ -164,7 +162,7 @@ def tar_members(
     if on_total is not None and (manifest is not None or lines is not None):
         on_total(len(manifest) if manifest is not None else lines or 0)
     if unreadable(manifest):  # its one report line, the stream never read; the job fails with it
-        yield from _missing_rows(manifest)
+        yield from missing_rows(manifest)
         return
     with tarfile.open(source.path, "r:*") as archive:
         walk = HeaderWalk(archive, limits=limits)
@@ -177,14 +175,14 @@ def tar_members(
                         yield _late_manifest(member.name, budget)
                     continue
                 kind = stat.S_IFREG if member.isfile() else _TAR_KINDS.get(member.type, 0)
-                reject = _over_total(limits) if over else None
-                reject = _member_check(member.name, kind=kind, size=member.size, limits=limits) or reject
+                reject = over_total(limits) if over else None
+                reject = member_check(member.name, kind=kind, size=member.size, limits=limits) or reject
 
                 def read(member: tarfile.TarInfo = member) -> bytes:
                     handle = archive.extractfile(member)
-                    return _read_member(handle, limits=limits) if handle is not None else b""
+                    return read_member(handle, limits=limits) if handle is not None else b""
 
-                yield from _archive_member(member.name, reject=reject, read=read, manifest=manifest)
+                yield from archive_member(member.name, reject=reject, read=read, manifest=manifest)
         except ARCHIVE_ERRORS as exc:
             # a tar.gz cut short: what came before stays imported, the tail is one rejected item
             where = f"after {walk.last!r}" if walk.last else "at its start"
@@ -194,7 +192,7 @@ def tar_members(
             )
             return
     if walk.end == "too_many":
-        yield _too_many(source, limits)
+        yield too_many(source, limits)
     elif walk.end == "unlisted":
         yield Member(
             f"{source.filename} (members after {walk.last!r})",
@@ -205,7 +203,7 @@ def tar_members(
             ),
         )
     else:
-        yield from _missing_rows(manifest)
+        yield from missing_rows(manifest)
 
 
 def _late_manifest(name: str, budget: int) -> Member:

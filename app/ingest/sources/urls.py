@@ -1,4 +1,5 @@
-"""Import source: a list of image URLs, each fetched with the safe fetcher (app/ingest/sources/fetch.py).
+"""Source kind ``urls``: a list of image URLs, each fetched with the safe fetcher
+(app/ingest/sources/fetch.py).
 
 The list is checked when the job is queued (size cap, the feature on); each entry is judged when
 the job reaches it. What needs no network (syntax, scheme, port, an IP literal's range) makes a
@@ -11,18 +12,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.core.errors import FetchTimeout, InvalidRequest, TooManyUrls, UrlImportDisabled, UrlRejected
 from app.core.redaction import redact_url
-from app.ingest.sources.fetch import MAX_URL_CHARS, FetchPolicy, Target, check_target, fetch, parse_url
-from app.ingest.sources.kinds import Member, UrlSource
+from app.ingest.sources.base import Member, Reading, Source
+from app.ingest.sources.fetch import fetch
+from app.ingest.sources.url_checks import MAX_URL_CHARS, FetchPolicy, Target, check_target, parse_url
 
 # What is kept of an over-long entry (in the job row and the report): it is invalid anyway.
 MAX_KEPT_CHARS = MAX_URL_CHARS + 1
 MAX_NAME_CHARS = 300
 MAX_LIST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UrlSource(Source):
+    urls: tuple[str, ...]  # fetched one by one when the pipeline reads each member
+
+    kind = "urls"
+
+    def params(self, *, data_dir: Path) -> dict[str, Any]:
+        return {"urls": list(self.urls)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, data_dir: Path) -> UrlSource:
+        return cls(tuple(str(u) for u in params["urls"]))
+
+    def members(self, reading: Reading) -> Iterator[Member]:
+        if reading.settings is None:
+            raise TypeError("URL members need the service's fetch settings: use members_of")
+        yield from url_members(self, reading.settings)
+
+    def count(self, reading: Reading) -> int | None:
+        return len(self.urls)
 
 
 def check_urls(urls: list[Any], *, settings: Any) -> UrlSource:
