@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
 from app.core import faults
 from app.core.settings import Settings
+from app.core.workers import Workers
 from app.data.db import Database
+from app.data.orphans import remove_unreferenced_files
 from app.data.storage import FileJournal, ImageStore, WriteGate
 from app.embedding.cost_cache import CostCache
 from app.embedding.embedders import EmbedderCache, validate_embedder_name
@@ -33,15 +36,18 @@ class AppContext:
     decode_budget: DecodeBudget
     # Embedders' measured speeds and collections' mean pixel counts, for cost estimates.
     costs: CostCache
+    # One writer at a time: SQLite allows one anyway, and FAISS add is not thread-safe. Taken by
+    # whatever changes rows, vectors or the served embedder version (ingest, training, deletes).
+    write_lock: threading.RLock = field(default_factory=threading.RLock)
+    # Decoding and file-writing threads, and the bulk import's worker processes.
+    workers: Workers = field(default_factory=Workers)
 
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits.from_settings(self.settings)
 
     def close(self) -> None:
-        from app.ingest.pipeline import shutdown_worker_pools
-
-        shutdown_worker_pools()
+        self.workers.close()
         self.indexes.stop()
         # Entries still pending belong to writes that never committed: the next start checks them.
         self.store.journal.close(remove=not self.store.journal.pending)
@@ -89,10 +95,8 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
 
 def _remove_unfinished_writes(context: AppContext) -> None:
     """Files that processes killed before their commit left behind (see FileJournal)."""
-    from app.ingest.store import remove_unreferenced_files
-
     for journal in FileJournal.orphaned(context.settings.journal_dir):
-        removed = remove_unreferenced_files(context, journal)
+        removed = remove_unreferenced_files(db=context.db, store=context.store, journal=journal)
         if removed:
             log.warning("removed %d image files that a killed process wrote but never committed", removed)
         journal.close(remove=not journal.entries())

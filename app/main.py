@@ -32,8 +32,8 @@ from app.catalog.metadata_repair import repair_on_start
 from app.context import open_context
 from app.core.memory import tune_malloc
 from app.core.settings import Settings, get_settings
-from app.ingest.jobs import JobRunner
 from app.learning.evaluation_runs import EvaluationRunner
+from app.learning.job_kinds import job_runner
 from app.learning.tasks import TaskRunner
 from app.web import pages
 
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # or torn index file is rebuilt before traffic arrives.
         for info in list_collections(context):
             log.info("collection %s: %d images, %d indexed", info.name, info.image_count, info.index_size)
-        runner = JobRunner(context)
+        runner = job_runner(context)
         # Read-only: interrupted jobs wait for a writable start to resume.
         interrupted = 0 if settings.read_only else runner.recover()
         if interrupted:

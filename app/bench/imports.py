@@ -33,10 +33,11 @@ from app.bench.embedding import BenchError
 from app.catalog.collections import create_collection
 from app.context import AppContext, open_context
 from app.core.settings import Settings
-from app.ingest.pipeline import Chunk, Pipeline, time_stages
+from app.ingest.pipeline import Chunk, Pipeline
 from app.ingest.sources.archive import check_archive
 from app.ingest.sources.datasets import load_mnist, png_bytes
 from app.ingest.sources.kinds import DatasetSource, FolderSource, Source, members_of
+from app.ingest.stages import time_stages
 from app.learning.training import train_cdae
 
 WORKLOADS = ("mnist", "holidays")

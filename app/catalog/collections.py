@@ -195,10 +195,8 @@ def delete_collection(ctx: AppContext, name: str) -> None:
     Under the write lock, as a delete of one image: an upload of the same bytes into another
     collection cannot skip writing a file this is about to remove. The files are journalled before
     the commit, so a crash before they are gone leaves them to the next start's clean-up."""
-    from app.ingest.store import WRITE_LOCK  # ingest imports this module
-
     ctx.store.gate.check()  # read-only: 503 before anything is touched
-    with WRITE_LOCK:
+    with ctx.write_lock:
         with ctx.db.transaction() as session:
             record = require_collection(session, name)
             images = [

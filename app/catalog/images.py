@@ -17,7 +17,6 @@ from app.core.faults import crash_point
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.data.storage import EXTENSIONS, MEDIA_TYPES, storage_fault, write_atomic
 from app.imaging.decoding import reserved_for_thumbnail
-from app.ingest.store import WRITE_LOCK
 
 THUMBNAIL_SIZES = (64, 128, 256)
 
@@ -95,7 +94,7 @@ def thumbnail(ctx: AppContext, image_id: int, *, size: int) -> tuple[Path, str]:
 def delete_image(ctx: AppContext, image_id: int) -> None:
     ctx.store.gate.check()  # read-only: 503 before anything is touched
     file_key: tuple[str, str] | None = None
-    with WRITE_LOCK:
+    with ctx.write_lock:
         try:
             with ctx.db.transaction() as session:
                 record = session.get(ImageRecord, image_id)

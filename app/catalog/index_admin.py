@@ -12,7 +12,6 @@ from app.core.errors import BadIndexFactory
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
 from app.data.vector_rows import stored_dim
 from app.indexing.manager import IndexStatus
-from app.ingest.store import WRITE_LOCK
 from index.kinds import AUTO, check_ahead
 
 KNOBS = ("ef_search", "nprobe", "k_factor")
@@ -63,7 +62,7 @@ def configure_index(
             except ValueError as exc:
                 raise BadIndexFactory(f"index factory: {exc}") from None
             kind = normalised.split(",", 1)[1]
-    with WRITE_LOCK:
+    with ctx.write_lock:
         with ctx.db.transaction() as session:
             live = require_collection(session, name)
             changed = kind is not None and kind != live.index_factory

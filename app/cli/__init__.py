@@ -174,11 +174,12 @@ def collections_reembed(name: str, spec: str) -> None:
     Searches (of a server on the same data) use the old vectors until the new ones are complete;
     if this command is interrupted, the server resumes the job on its next start."""
     from app.ingest import jobs
+    from app.learning.job_kinds import job_runner
     from app.learning.reembed import check_reembed
 
     with command_context(threads=os.cpu_count()) as ctx:
         spec, model = check_reembed(ctx, collection=name, embedder=spec)
-        runner = jobs.JobRunner(ctx)
+        runner = job_runner(ctx)
         job_id = runner.create_reembed_job(collection=name, spec=spec)
         runner.run_reembed(job_id=job_id, collection=name, spec=spec)
         info = jobs.get_job(ctx, job_id)
@@ -240,6 +241,7 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
     from app.catalog.collections import get_collection
     from app.ingest import jobs
     from app.ingest.sources.choose import SourceRequest, choose_source
+    from app.learning.job_kinds import job_runner
 
     with command_context(threads=os.cpu_count()) as ctx:
         get_collection(ctx, collection)  # fail before copying anything
@@ -255,7 +257,7 @@ def import_(source: str, collection: str, layout: str, manifest: Path | None, ur
         wanted = SourceRequest.from_argument(source, layout=layout, manifest=manifest, urls=urls)
         # the operator's own files: not confined to CBIR_IMPORT_ROOTS
         parsed = choose_source(wanted, settings=ctx.settings, roots=None, keep=keep_copy)
-        runner = jobs.JobRunner(ctx)
+        runner = job_runner(ctx)
         job_id = runner.create_job(collection=collection, source=parsed, creator="admin")  # the operator
         update = progress_bar(f"import {source}")
         runner.run_import(

@@ -12,21 +12,20 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
 from app.catalog.collections import require_collection
 from app.context import AppContext
-from app.core.errors import CbirError, InvalidRequest, JobFinished, JobNotFound
+from app.core.errors import CbirError, JobFinished
 from app.data.records import CollectionRecord, JobRecord, utcnow
 from app.data.storage import FileJournal
+from app.ingest.job_status import FINAL_STATES, JOB_STATES, JobInfo, get_job, list_jobs, wait_for_job
 from app.ingest.pipeline import Pipeline
 from app.ingest.sources.archive import check_archive
 from app.ingest.sources.dataset import check_dataset
@@ -48,13 +47,18 @@ from app.ingest.sources.kinds import (
 from app.ingest.sources.manifest import check_manifest
 from app.ingest.sources.manifests import finished_state
 from app.ingest.store import ItemResult
-from app.learning import autotune
 
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 1000
 
 __all__ = [
+    "FINAL_STATES",
+    "JOB_STATES",
+    "JobInfo",
+    "get_job",
+    "list_jobs",
+    "wait_for_job",
     "ArchiveSource",
     "DatasetSource",
     "FolderSource",
@@ -116,18 +120,43 @@ def uploads_of(source: Source) -> list[Path]:
 
 
 # -- jobs -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobInfo:
-    record: JobRecord
-    collection: str | None
-    images_per_second: float | None
+class JobKind(Protocol):
+    """Runs one job of a kind a layer above registers (the learning layer's re-embedding) with
+    the job's stored ``params``; True when done, False when ``should_stop()`` ended it early (the
+    job then stays resumable)."""
+
+    def __call__(
+        self,
+        ctx: AppContext,
+        *,
+        job_id: str,
+        collection: str,
+        params: dict[str, Any],
+        should_stop: Callable[[], bool],
+    ) -> bool: ...
+
+
+class AfterImport(Protocol):
+    """Runs when an import job read its whole source, before it shows as succeeded."""
+
+    def __call__(self, ctx: AppContext, *, collection: str) -> None: ...
 
 
 class JobRunner:
-    """Runs import jobs one at a time in a background thread; progress is written to the DB."""
+    """Runs import jobs, and the jobs of the ``kinds`` a layer above registers, one at a time in
+    a background thread; progress is written to the DB. ``after_import`` runs at the end of each
+    import that read its whole source."""
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(
+        self,
+        ctx: AppContext,
+        *,
+        kinds: Mapping[str, JobKind] | None = None,
+        after_import: AfterImport | None = None,
+    ) -> None:
         self.ctx = ctx
+        self._kinds = dict(kinds or {})
+        self._after_import = after_import
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-job")
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
@@ -142,7 +171,7 @@ class JobRunner:
                 select(
                     JobRecord.id, JobRecord.kind, JobRecord.params, JobRecord.collection_id, JobRecord.owner
                 )
-                .where(JobRecord.kind.in_(("import", "reembed")))
+                .where(JobRecord.kind.in_(("import", *self._kinds)))
                 .where(JobRecord.state.in_(("queued", "running")))
                 .order_by(JobRecord.created_at, JobRecord.id)
             ).all()
@@ -152,11 +181,11 @@ class JobRunner:
             if owner and not mine and FileJournal.is_held(self.ctx.settings.journal_dir / owner):
                 continue  # another live process (`cbir import`) is running it
             name = self._collection_name(collection_id)
-            if kind == "reembed" and name is not None:
+            if kind != "import" and name is not None:
                 self._mark_resumed(job_id)
-                log.warning("resuming the switch of %s to %s", name, (params or {}).get("embedder"))
+                log.warning("resuming %s job %s of %s", kind, job_id, name)
                 self._executor.submit(
-                    self.run_reembed, job_id=job_id, collection=name, spec=params["embedder"]
+                    self.run_task, kind=kind, job_id=job_id, collection=name, params=params or {}
                 )
                 resumed += 1
                 continue
@@ -247,8 +276,24 @@ class JobRunner:
     def run_reembed(
         self, *, job_id: str, collection: str, spec: str, on_progress: Callable[[], None] | None = None
     ) -> None:
-        from app.learning.reembed import run_reembed
+        self.run_task(
+            kind="reembed",
+            job_id=job_id,
+            collection=collection,
+            params={"embedder": spec},
+            on_progress=on_progress,
+        )
 
+    def run_task(
+        self,
+        *,
+        kind: str,
+        job_id: str,
+        collection: str,
+        params: dict[str, Any],
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        """Run a job of a registered kind here; its state follows what the kind returns."""
         if self._cancel_requested(job_id):
             return
 
@@ -258,16 +303,17 @@ class JobRunner:
             return self._cancel_requested(job_id) or self._stopping.is_set()
 
         try:
-            switched = run_reembed(
-                self.ctx, job_id=job_id, collection=collection, spec=spec, should_stop=should_stop
-            )
-            if switched:
+            run = self._kinds.get(kind)
+            if run is None:
+                raise RuntimeError(f"this process runs no {kind!r} jobs")
+            done = run(self.ctx, job_id=job_id, collection=collection, params=params, should_stop=should_stop)
+            if done:
                 self._update(job_id, state="succeeded", finished_at=utcnow())
             elif self._cancel_requested(job_id):
                 self._update(job_id, state="cancelled", finished_at=utcnow())
             # else: shutting down; the job stays running and resumes on the next start
         except Exception as exc:
-            log.exception("re-embed job %s failed", job_id)
+            log.exception("%s job %s failed", kind, job_id)
             detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
             self._update(job_id, state="failed", finished_at=utcnow(), error=detail)
 
@@ -390,7 +436,8 @@ class JobRunner:
             if self._cancel_requested(job_id):
                 self._update(job_id, state="cancelled", finished_at=utcnow())
             elif finished:  # failed after all when a line says the source is unreadable (a bad manifest)
-                autotune.after_import_logged(self.ctx, collection=collection)  # before success shows
+                if self._after_import is not None:  # before success shows
+                    self._after_import(self.ctx, collection=collection)
                 self._update(job_id, finished_at=utcnow(), total=counts["done"], **finished_state(errors))
             else:
                 return  # the service is shutting down: the job stays running and resumes on start
@@ -429,71 +476,8 @@ class JobRunner:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
-
-
-def get_job(ctx: AppContext, job_id: str) -> JobInfo:
-    with ctx.db.session() as session:
-        row = session.execute(
-            select(JobRecord, CollectionRecord.name)
-            .outerjoin(CollectionRecord, CollectionRecord.id == JobRecord.collection_id)
-            .where(JobRecord.id == job_id)
-        ).first()
-    if row is None:
-        raise JobNotFound(f"there is no job with id {job_id!r}")
-    return _job_info(*row)
-
-
-def list_jobs(
-    ctx: AppContext,
-    *,
-    collection: str | None = None,
-    state: str | None = None,
-    kinds: list[str] | None = None,
-    limit: int = 20,
-) -> list[JobInfo]:
-    """The newest jobs first, optionally of one collection, in one state, of some kinds."""
-    if state is not None and state not in JOB_STATES:
-        raise InvalidRequest(f"state must be one of {', '.join(JOB_STATES)}, not {state[:40]!r}")
-    with ctx.db.session() as session:
-        stmt = select(JobRecord, CollectionRecord.name).outerjoin(
-            CollectionRecord, CollectionRecord.id == JobRecord.collection_id
-        )
-        if collection is not None:
-            stmt = stmt.where(JobRecord.collection_id == require_collection(session, collection).id)
-        if state is not None:
-            stmt = stmt.where(JobRecord.state == state)
-        if kinds:
-            stmt = stmt.where(JobRecord.kind.in_(kinds))
-        rows = session.execute(stmt.order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit)).all()
-    return [_job_info(record, name) for record, name in rows]
-
-
 def _aware(moment: Any) -> Any:
     """SQLite returns naive UTC datetimes, PostgreSQL aware ones."""
     from datetime import UTC
 
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-def _job_info(record: JobRecord, name: str | None) -> JobInfo:
-    rate = None
-    if record.started_at is not None:
-        end = record.finished_at or utcnow()
-        started = record.started_at
-        if started.tzinfo is None:  # SQLite returns naive UTC
-            end = end.replace(tzinfo=None)
-        seconds = max((end - started).total_seconds(), 1e-6)
-        rate = round(record.done / seconds, 1)
-    return JobInfo(record=record, collection=name, images_per_second=rate)
-
-
-def wait_for_job(ctx: AppContext, job_id: str, *, timeout: float = 600.0) -> JobInfo:
-    """Poll until the job ends (CLI and tests)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = get_job(ctx, job_id)
-        if info.record.state in FINAL_STATES or time.monotonic() > deadline:
-            return info
-        time.sleep(0.1)

@@ -1,4 +1,4 @@
-"""The bulk-import pipeline: read -> decode -> embed -> write, each stage on its own thread.
+"""The bulk-import runner: read -> decode -> embed -> write, each stage on its own thread.
 
 ```
  reader thread        decode pool           embed thread        writer (caller's thread)
@@ -6,6 +6,10 @@
  known-duplicate      preprocess            per chunk            job's high-water mark in one
  check per chunk      (GIL released)                             transaction; then the index
 ```
+
+The stages are those of a single upload (app/ingest/stages.py, ``write_staged`` in
+app/ingest/store.py); this module only chooses where they run: decoding threads, or worker
+processes that decode and embed a chunk each (``use_processes``).
 
 Chunks of consecutive members travel through bounded queues, so at most a few chunks are in
 memory whatever the size of the source. Order is kept end to end: the writer commits members in
@@ -16,7 +20,6 @@ run alone on prepared input (``cbir bench import`` measures them side by side).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import queue
 import threading
@@ -24,49 +27,34 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-import torch
-from sqlalchemy import select
-
-from app.catalog.collections import checkpoint_of, require_collection
 from app.context import AppContext
-from app.core.errors import CbirError, EmbedderNotReady
-from app.core.settings import Settings
-from app.data.records import CollectionRecord, ImageRecord
+from app.core.errors import CbirError
 from app.data.storage import sha256_hex
-from app.imaging.decode import ImageLimits, decode_image
 from app.imaging.decoding import decoding, held_for_chunk
 from app.imaging.image_end import strip_trailing
 from app.ingest.screening import screened
-from app.ingest.sources.kinds import Member
-from app.ingest.store import WRITE_LOCK, Accepted, Item, ItemResult, store_accepted
+from app.ingest.sources.base import Member
+from app.ingest.stages import (
+    Item,
+    ItemResult,
+    Staged,
+    Target,
+    decode_and_embed,
+    decode_staged,
+    embed_staged,
+    mark_known,
+    resolve_target,
+    worker_pool,
+)
+from app.ingest.store import write_staged
 from models import registry
-from models.base import Embedder
 
 CHUNK_ITEMS = 256
 CHUNK_BYTES = 16 * 1024 * 1024
 COMMIT_BYTES = 64 * 1024 * 1024
 _PUT_WAIT_S = 0.2
-
-
-@dataclass
-class Staged:
-    """One member on its way through the stages."""
-
-    position: int
-    item: Item
-    sha256: str | None = None
-    result: ItemResult | None = None  # decided before the writer: rejected
-    known: bool = False  # its bytes were already stored when it was read
-    format: str | None = None
-    width: int = 0
-    height: int = 0
-    prepared: Any = None
-    vector: np.ndarray | None = None
-    version: str | None = None  # the embedder version that made ``vector``
 
 
 @dataclass
@@ -77,42 +65,6 @@ class Chunk:
     decoding: list[Future[Any]] = field(default_factory=list)
     todo: list[Staged] = field(default_factory=list)  # sent to a worker process
     target: Target | None = None  # whose embedder decodes and embeds it (set by ``decode``)
-
-
-_UNSET: Any = object()
-
-
-@dataclass
-class Target:
-    """The collection being written and its served version's embedder, loaded on first use (in
-    worker-process mode this process never needs it: the workers embed)."""
-
-    ctx: AppContext
-    record: CollectionRecord
-    checkpoint: Any
-    _embedder: Any = _UNSET
-
-    @property
-    def trained(self) -> bool:
-        return self.record.embedder_version is not None
-
-    @property
-    def embedder(self) -> Embedder | None:
-        if self._embedder is _UNSET:
-            self._embedder = None
-            if self.trained:
-                try:
-                    self._embedder = self.ctx.embedders.for_collection(self.record, self.checkpoint)
-                except EmbedderNotReady:
-                    self._embedder = None
-        return self._embedder
-
-
-def resolve_target(ctx: AppContext, collection: str) -> Target:
-    with ctx.db.session() as session:
-        record = require_collection(session, collection)
-        checkpoint = checkpoint_of(session, record)
-    return Target(ctx, record, checkpoint)
 
 
 def use_processes(ctx: AppContext, target: Target | None = None) -> bool:
@@ -136,180 +88,12 @@ def _pretrained(embedder: str) -> bool:
         return False
 
 
-# Input bytes of one forward pass during an import: activations scale with it (a pretrained CNN
-# holds 15-20x its input at once), so photos go through a few at a time (about 6 at 224x224), small
-# images in full batches. Throughput per image barely depends on the batch on a CPU.
-FORWARD_INPUT_BYTES = 4 * 1024 * 1024
-
-
-def _nbytes(prepared: Any) -> int:
-    if isinstance(prepared, list | tuple):
-        return sum(_nbytes(p) for p in prepared)
-    return int(getattr(prepared, "nbytes", 0) or 0)
-
-
-def forward_batch(prepared: Any, *, limit: int) -> int:
-    """Images per forward pass for inputs like ``prepared``: at most ``limit``, about
-    FORWARD_INPUT_BYTES of input."""
-    size = _nbytes(prepared)
-    return max(1, min(limit, FORWARD_INPUT_BYTES // size)) if size else limit
-
-
 def default_workers(ctx: AppContext, *, processes: bool) -> int:
     if ctx.settings.import_workers:
         return ctx.settings.import_workers
     cores = os.cpu_count() or 1
     # Processes leave one core to this process (reading, writing); threads share the GIL anyway.
     return max(1, cores - 1) if processes else min(4, cores)
-
-
-# -- worker processes -------------------------------------------------------------------------
-# Decoding a small image is mostly Python (Pillow's plug-in code), so decoding threads hold the
-# GIL against the writer; worker processes decode, preprocess and embed a chunk each, and hand
-# back only sizes and vectors. Each keeps one embedder, built like the service's.
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(
-    settings_json: str, spec: str, checkpoint: dict[str, Any] | None, version: str | None
-) -> None:
-    from app.embedding.embedders import EmbedderCache
-
-    # No app.core.memory.tune_malloc here: with every buffer over 256 KiB mapped and unmapped, the
-    # model's activations cost page faults on each forward pass (embedding was 30% slower).
-    _exit_with_parent()
-    torch.set_num_threads(1)
-    settings = Settings.model_validate_json(settings_json)
-    embedder = None
-    if version is not None:
-        cache = EmbedderCache(settings=settings, device=torch.device("cpu"))
-        embedder = cache.get(spec, SimpleNamespace(**checkpoint) if checkpoint else None)  # type: ignore[arg-type]
-        if embedder.version != version:
-            raise RuntimeError(f"worker built {embedder.version}, the collection serves {version}")
-    _WORKER.update(embedder=embedder, limits=ImageLimits.from_settings(settings))
-
-
-def _exit_with_parent() -> None:
-    """A worker outlives a parent killed with SIGKILL (its queue never closes): watch the parent
-    and leave when it is gone."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="cbir-parent-watch", daemon=True).start()
-
-
-def time_stages(blobs: list[bytes]) -> tuple[float, float]:
-    """``cbir bench import``: seconds this worker spends decoding (with validation and
-    preprocessing) the blobs, then embedding them, each stage alone."""
-    embedder: Embedder | None = _WORKER["embedder"]
-    began = time.perf_counter()
-    prepared = []
-    for data in blobs:
-        try:
-            decoded = decode_image(data, limits=_WORKER["limits"])
-        except CbirError:
-            continue
-        if embedder is not None:
-            prepared.append(embedder.preprocess(decoded.image))
-    decode_s = time.perf_counter() - began
-    began = time.perf_counter()
-    if embedder is not None and prepared:
-        for k in range(0, len(prepared), 256):
-            embedder.embed_prepared(prepared[k : k + 256])
-    return decode_s, time.perf_counter() - began
-
-
-def _decode_and_embed(blobs: list[bytes]) -> list[tuple[Any, ...]]:
-    """Per blob: ("ok", format, width, height, vector or None) or ("rejected", code, detail)."""
-    embedder: Embedder | None = _WORKER["embedder"]
-    out: list[tuple[Any, ...]] = []
-    prepared: list[Any] = []
-    rows: list[int] = []
-    for i, data in enumerate(blobs):
-        try:
-            decoded = decode_image(data, limits=_WORKER["limits"])
-        except CbirError as exc:
-            out.append(("rejected", exc.code, exc.detail))
-            continue
-        out.append(("ok", decoded.format, decoded.width, decoded.height, None))
-        if embedder is not None:
-            prepared.append(embedder.preprocess(decoded.image))
-            rows.append(i)
-    if prepared:
-        assert embedder is not None
-        step = 256
-        vectors = np.concatenate(
-            [embedder.embed_prepared(prepared[k : k + step]) for k in range(0, len(prepared), step)]
-        )
-        for row, vector in zip(rows, vectors, strict=True):
-            out[row] = (*out[row][:4], vector)
-    return out
-
-
-_POOLS: dict[tuple[Any, ...], ProcessPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def worker_pool(ctx: AppContext, target: Target, workers: int) -> ProcessPoolExecutor:
-    """The warm worker processes for this embedder version (started once, kept for later jobs;
-    one set at a time)."""
-    record, checkpoint = target.record, target.checkpoint
-    fields = None
-    if checkpoint is not None:
-        fields = {k: getattr(checkpoint, k) for k in ("id", "path", "sha256", "config", "version")}
-    key = (str(ctx.settings.data_dir), record.embedder, record.embedder_version, workers)
-    with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is not None and getattr(pool, "_broken", False):  # a worker died while idle
-            pool.shutdown(wait=False, cancel_futures=True)
-            del _POOLS[key]
-            pool = None
-        if pool is None:
-            for old in _POOLS.values():
-                old.shutdown(wait=False, cancel_futures=True)
-            _POOLS.clear()
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),  # never fork a threaded server
-                initializer=_worker_init,
-                initargs=(ctx.settings.model_dump_json(), record.embedder, fields, record.embedder_version),
-            )
-            _POOLS[key] = pool
-        return pool
-
-
-def forget_worker_pool(_: Any = None) -> None:
-    """Drop broken pools; the next chunk starts a new one."""
-    with _POOLS_LOCK:
-        for key, pool in list(_POOLS.items()):
-            if getattr(pool, "_broken", False):
-                pool.shutdown(wait=False, cancel_futures=True)
-                del _POOLS[key]
-
-
-def shutdown_worker_pools() -> None:
-    with _POOLS_LOCK:
-        for pool in _POOLS.values():
-            pool.shutdown(wait=True, cancel_futures=True)
-        _POOLS.clear()
-
-
-def _stack(vectors: list[np.ndarray | None]) -> np.ndarray | None:
-    """Rows aligned with the accepted members; members known as stored (duplicates, never
-    written) get zeros, which nothing reads."""
-    dims = {v.shape[0] for v in vectors if v is not None}
-    if not dims:
-        return None
-    (dim,) = dims
-    out = np.zeros((len(vectors), dim), dtype=np.float32)
-    for i, vector in enumerate(vectors):
-        if vector is not None:
-            out[i] = vector
-    return out
 
 
 class _Failed:
@@ -376,46 +160,25 @@ class Pipeline:
                     nbytes += len(data)
             items.append(staged)
             if len(items) >= CHUNK_ITEMS or nbytes >= CHUNK_BYTES:
-                self._mark_known(items)
+                mark_known(self.ctx, self.target, items)
                 self._count("read", time.perf_counter() - began)
                 yield Chunk(items, position + 1, nbytes)
                 items, nbytes = [], 0
                 began = time.perf_counter()
         if items:
-            self._mark_known(items)
+            mark_known(self.ctx, self.target, items)
             self._count("read", time.perf_counter() - began)
             yield Chunk(items, position + 1, nbytes)
 
-    def _mark_known(self, items: list[Staged]) -> None:
-        shas = [s.sha256 for s in items if s.sha256 is not None]
-        if not shas:
-            return
-        with self.ctx.db.session() as session:
-            known = set(
-                session.scalars(
-                    select(ImageRecord.sha256)
-                    .where(ImageRecord.collection_id == self.target.record.id)
-                    .where(ImageRecord.sha256.in_(shas))
-                )
-            )
-        for staged in items:
-            if staged.sha256 in known:
-                staged.known = True
-
     # -- stage 2: decode -------------------------------------------------------------------
-    def decode_one(self, staged: Staged, target: Target | None = None, *, budget: bool = True) -> None:
+    def decode_one(self, staged: Staged, target: Target | None = None) -> None:
         """Decode, validate and preprocess one member (on the pool), in the decode memory budget."""
-        target = target or self.target
-        if staged.result is not None or staged.known:
-            return
         began = time.perf_counter()
-        try:
-            with decoding(self.ctx, staged.item.data, stopped=self._stop.is_set, budget=budget) as decoded:
-                staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
-                if target.embedder is not None:
-                    staged.prepared = target.embedder.preprocess(decoded.image)
-        except CbirError as exc:
-            staged.result = ItemResult(staged.item.name, "rejected", code=exc.code, detail=exc.detail)
+        decode_staged(
+            staged,
+            target or self.target,
+            opened=lambda data: decoding(self.ctx, data, stopped=self._stop.is_set),
+        )
         self._count("decode", time.perf_counter() - began)
 
     def decode(self, chunk: Chunk, pool: Executor) -> Chunk:
@@ -426,10 +189,10 @@ class Pipeline:
                 blobs = [s.item.data for s in todo]
                 with held_for_chunk(self.ctx, blobs, stopped=self._stop.is_set) as hold:
                     try:  # the pool of the current version (a new one after a switch or a dead worker)
-                        future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
+                        future = worker_pool(self.ctx, target, self.workers).submit(decode_and_embed, blobs)
                     except (BrokenExecutor, RuntimeError):  # broken or shut down meanwhile: start afresh
-                        forget_worker_pool()
-                        future = worker_pool(self.ctx, target, self.workers).submit(_decode_and_embed, blobs)
+                        self.ctx.workers.forget_broken()
+                        future = worker_pool(self.ctx, target, self.workers).submit(decode_and_embed, blobs)
                     hold.until_done(future)
                 chunk.decoding, chunk.todo = [future], todo
             return chunk
@@ -443,11 +206,11 @@ class Pipeline:
         for attempt in (1, 2):
             pool = worker_pool(self.ctx, self.target, self.workers)
             try:
-                for future in [pool.submit(_decode_and_embed, []) for _ in range(self.workers)]:
+                for future in [pool.submit(decode_and_embed, []) for _ in range(self.workers)]:
                     future.result()
                 return pool
             except BrokenExecutor:
-                forget_worker_pool()
+                self.ctx.workers.forget_broken()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -463,7 +226,7 @@ class Pipeline:
             except BrokenExecutor:
                 # A worker died (killed, out of memory): start fresh ones for the next chunks and
                 # do this one here.
-                forget_worker_pool(future)
+                self.ctx.workers.forget_broken()
                 for staged in chunk.todo:
                     self.decode_one(staged, target)
                 chunk.decoding, chunk.todo = [], []
@@ -482,18 +245,14 @@ class Pipeline:
         for future in chunk.decoding:
             future.result()
         chunk.decoding = []
-        ready = [s for s in chunk.items if s.prepared is not None]
-        embedder = target.embedder
-        if ready and embedder is not None:
-            began = time.perf_counter()
-            step = forward_batch(ready[0].prepared, limit=self.ctx.settings.embed_batch_size)
-            for first in range(0, len(ready), step):
-                part = ready[first : first + step]
-                vectors = embedder.embed_prepared([s.prepared for s in part])
-                for staged, vector in zip(part, vectors, strict=True):
-                    staged.vector, staged.prepared = vector, None
-                    staged.version = target.record.embedder_version
-            self._count("embed", time.perf_counter() - began)
+        began = time.perf_counter()
+        embed_staged(
+            chunk.items,
+            target,
+            version=target.record.embedder_version,
+            limit=self.ctx.settings.embed_batch_size,
+        )
+        self._count("embed", time.perf_counter() - began)
         return chunk
 
     # -- stage 4: write --------------------------------------------------------------------
@@ -505,75 +264,15 @@ class Pipeline:
         began = time.perf_counter()
         staged = [s for chunk in chunks for s in chunk.items]
         end = chunks[-1].end
-        with WRITE_LOCK:
-            self._refresh(staged)
-            results: list[ItemResult | None] = [s.result for s in staged]
-            accepted: list[Accepted] = []
-            vectors: list[np.ndarray | None] = []
-            for i, s in enumerate(staged):
-                if s.result is None:
-                    assert s.sha256 is not None and s.format is not None
-                    accepted.append(Accepted(i, s.item, s.sha256, s.format, s.width, s.height))
-                    vectors.append(s.vector)
-            matrix = _stack(vectors) if self.target.trained else None
 
-            def hook(session: Any) -> None:
-                if in_transaction is not None:
-                    in_transaction(session, [r for r in results if r is not None], end)
+        def hook(session: Any, results: list[ItemResult]) -> None:
+            if in_transaction is not None:
+                in_transaction(session, results, end)
 
-            store_accepted(
-                self.ctx,
-                record=self.target.record,
-                accepted=accepted,
-                vectors=matrix,
-                results=results,
-                durable=False,
-                in_transaction=hook,
-            )
+        # A training may switch the served version meanwhile: the next chunks decode for the new one.
+        self.target, results = write_staged(self.ctx, self.target, staged, durable=False, in_transaction=hook)
         self._count("write", time.perf_counter() - began)
-        return [r for r in results if r is not None]
-
-    def _refresh(self, staged: list[Staged]) -> None:
-        """Under the write lock: if another writer switched the served version since we embedded
-        (a training), embed again with it; a member flagged ``known`` whose image was deleted since
-        is decoded and embedded now."""
-        with self.ctx.db.session() as session:
-            live = require_collection(session, self.collection)
-            if live.embedder_version != self.target.record.embedder_version:
-                self.target = Target(self.ctx, live, checkpoint_of(session, live))
-            else:
-                self.target.record = live  # index settings may have changed; the embedder has not
-            known = [s.sha256 for s in staged if s.known]
-            stored = (
-                set(
-                    session.scalars(
-                        select(ImageRecord.sha256)
-                        .where(ImageRecord.collection_id == live.id)
-                        .where(ImageRecord.sha256.in_(known))
-                    )
-                )
-                if known
-                else set()
-            )
-        version = live.embedder_version
-        # Embedded by another version than the one served now (a training or whitening switched
-        # it while these were on their way), or flagged known but deleted since.
-        redo = [
-            s
-            for s in staged
-            if s.result is None
-            and ((s.known and s.sha256 not in stored) or (not s.known and s.version != version))
-        ]
-        for s in redo:
-            s.known = False
-            s.vector = s.version = None
-            self.decode_one(s, self.target, budget=False)  # under the write lock: never wait
-        if redo:
-            self.embed(Chunk(redo, 0, 0, target=self.target))
-        for s in staged:
-            if s.known and s.result is None and s.format is None:
-                # Still stored: the writer answers it as a duplicate; the row needs no decode.
-                s.format, s.width, s.height = "PNG", 0, 0
+        return results
 
     # -- the whole pipeline ----------------------------------------------------------------
     def stop(self) -> None:

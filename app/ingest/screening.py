@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from app.core.errors import BadMetadata
 from app.core.usertext import check_metadata, printable, text_problem
-from app.ingest.sources.kinds import Member
+from app.ingest.sources.base import Member
 
 
 def screened(member: Member) -> Member:

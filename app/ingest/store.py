@@ -1,19 +1,26 @@
-"""Store images: decode, deduplicate by SHA-256, write file + row + vector, add to the index.
+"""The one ingest path: a single upload is a batch of one through the stages of a bulk import.
 
-One function, ``ingest_batch``, serves single uploads and bulk imports, so both obey the same
-invariants: a row is committed only after its file is on disk; vectors are committed with their
-rows; the index is updated after the commit (a crash in between is repaired on start, because
-the index is checked against the database).
+```
+ ingest_batch  (uploads: the caller's thread)      --+
+                                                      +-> decode_staged -> embed_staged -> write_staged
+ Pipeline.run  (bulk imports: threads or processes) --+      (app/ingest/stages.py)       (this module)
+```
+
+Either runner hashes each image (SHA-256) and flags the bytes the collection already stores, then
+decodes, validates, preprocesses and embeds the rest, and hands the batch to ``write_staged``.
+Under the context's write lock that embeds again whatever a training or whitening switched the
+served version under, then ``store_accepted`` writes files, rows and vectors: a row is committed
+only after its file is on disk; vectors are committed with their rows; the index is updated after
+the commit (a crash in between is repaired on start, because the index is checked against the
+database).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,43 +29,30 @@ from sqlalchemy.exc import IntegrityError
 
 from app.catalog.collections import checkpoint_of, require_collection
 from app.context import AppContext
-from app.core.errors import CbirError, EmbedderNotReady
 from app.core.faults import crash_point, delay_point
 from app.core.usertext import check_metadata, check_name
+from app.data.orphans import remove_unreferenced_files
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
-from app.data.storage import FileJournal, sha256_hex, storage_faults
+from app.data.storage import sha256_hex, storage_faults
 from app.embedding.codes import degenerate_codes
-from app.imaging.decode import DecodedImage, decode_image
-from app.imaging.decoding import reserved_for_request
+from app.imaging.decoding import decoding, reserved_for_request
 from app.imaging.image_end import strip_trailing
+from app.ingest.stages import (
+    Item,
+    ItemResult,
+    Staged,
+    Target,
+    decode_staged,
+    embed_staged,
+    mark_known,
+    plain_decoder,
+    resolve_target,
+)
 
-log = logging.getLogger(__name__)
+__all__ = ["Accepted", "Item", "ItemResult", "add_image", "ingest_batch", "store_accepted", "store_vectors"]
 
-# One writer at a time per process: SQLite allows one anyway, and FAISS add is not thread-safe.
-WRITE_LOCK = threading.RLock()
-_DECODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cbir-decode")
-_FILE_WRITERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cbir-files")
 # Tries of one batch's transaction when other processes store the same bytes at the same time.
 STORE_ATTEMPTS = 3
-
-
-@dataclass
-class Item:
-    """One image to store: raw bytes, a display name and JSON metadata (e.g. {"label": "7"})."""
-
-    name: str | None
-    data: bytes
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ItemResult:
-    name: str | None
-    status: str  # "added", "duplicate" or "rejected"
-    image_id: int | None = None
-    code: str | None = None
-    detail: str | None = None
-    error: CbirError | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -84,56 +78,116 @@ def ingest_batch(
     ctx.store.gate.check()  # read-only: a 503 before any decoding or embedding
     # Bytes after an image's end (a polyglot's HTML) are neither stored nor hashed.
     items = [replace(item, data=strip_trailing(item.data)) for item in items]
-    # The decoded images live until they are stored (a re-embedding under the write lock may need
-    # them): their decode memory stays reserved until then (503 overloaded when there is none).
+    staged = [Staged(i, item, sha256=sha256_hex(item.data)) for i, item in enumerate(items)]
+    # The batch's decode memory stays reserved until it is stored (a re-embedding under the write
+    # lock decodes again within it): 503 overloaded when there is none.
     with reserved_for_request(ctx, [item.data for item in items]):
-        return _decode_embed_store(ctx, collection=collection, items=items, durable=durable)
-
-
-def _decode_embed_store(
-    ctx: AppContext, *, collection: str, items: Sequence[Item], durable: bool
-) -> list[ItemResult]:
-    results: list[ItemResult | None] = [None] * len(items)
-    accepted: list[Accepted] = []
-    images: list[DecodedImage] = []
-
-    def decode(item: Item) -> DecodedImage | CbirError:
-        try:
-            return decode_image(item.data, limits=ctx.limits)
-        except CbirError as exc:
-            return exc
-
-    # Pillow releases the GIL while decoding: a batch decodes on several threads, so a GPU embedder
-    # does not wait on one core's worth of JPEG decoding.
-    outcomes = _DECODERS.map(decode, items) if len(items) > 1 else map(decode, items)
-    for position, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
-        if isinstance(outcome, CbirError):
-            results[position] = ItemResult(
-                item.name, "rejected", code=outcome.code, detail=outcome.detail, error=outcome
-            )
-            continue
-        accepted.append(
-            Accepted(position, item, sha256_hex(item.data), outcome.format, outcome.width, outcome.height)
+        target = resolve_target(ctx, collection)
+        mark_known(ctx, target, staged)
+        decode = partial(decode_staged, target=target, opened=plain_decoder(ctx.limits))
+        # Pillow releases the GIL while decoding: a batch decodes on several threads, so a GPU
+        # embedder does not wait on one core's worth of JPEG decoding.
+        list(ctx.workers.decoders.map(decode, staged) if len(staged) > 1 else map(decode, staged))
+        embed_staged(
+            staged, target, version=target.record.embedder_version, limit=ctx.settings.embed_batch_size
         )
-        images.append(outcome)
+        _, results = write_staged(ctx, target, staged, durable=durable)
+    return results
 
-    with ctx.db.session() as session:
-        record = require_collection(session, collection)
-        checkpoint = checkpoint_of(session, record)
-    vectors = _embed(ctx, record, checkpoint, images)
 
-    with WRITE_LOCK:
-        with ctx.db.session() as session:
-            live = require_collection(session, collection)
-            if live.embedder_version != record.embedder_version:
-                # A training or whitening switched the served version while we embedded (it holds
-                # this lock when it switches): embed again, or these images would have no vector.
-                record, checkpoint = live, checkpoint_of(session, live)
-                vectors = _embed(ctx, record, checkpoint, images)
+def write_staged(
+    ctx: AppContext,
+    target: Target,
+    staged: list[Staged],
+    *,
+    durable: bool,
+    in_transaction: Callable[[Any, list[ItemResult]], None] | None = None,
+) -> tuple[Target, list[ItemResult]]:
+    """Store decoded and embedded images in one transaction, under the write lock; returns the
+    target written (a new one when the served version changed) and one result per image.
+    ``in_transaction(session, results)`` runs inside the transaction (a job's counters)."""
+    with ctx.write_lock:
+        target = _refresh(ctx, target, staged)
+        results: list[ItemResult | None] = [s.result for s in staged]
+        accepted: list[Accepted] = []
+        vectors: list[np.ndarray | None] = []
+        for i, s in enumerate(staged):
+            if s.result is None:
+                assert s.sha256 is not None and s.format is not None
+                accepted.append(Accepted(i, s.item, s.sha256, s.format, s.width, s.height))
+                vectors.append(s.vector)
+
+        def hook(session: Any) -> None:
+            if in_transaction is not None:
+                in_transaction(session, [r for r in results if r is not None])
+
         store_accepted(
-            ctx, record=record, accepted=accepted, vectors=vectors, results=results, durable=durable
+            ctx,
+            record=target.record,
+            accepted=accepted,
+            vectors=_stack(vectors) if target.trained else None,
+            results=results,
+            durable=durable,
+            in_transaction=hook,
         )
-    return [result for result in results if result is not None]
+    return target, [r for r in results if r is not None]
+
+
+def _refresh(ctx: AppContext, target: Target, staged: list[Staged]) -> Target:
+    """Under the write lock: if another writer switched the served version since we embedded (a
+    training or whitening, which holds this lock when it switches), embed again with it, or these
+    images would have no vector; an image flagged ``known`` whose row was deleted since is decoded
+    and embedded now. Returns the target to write with."""
+    with ctx.db.session() as session:
+        live = require_collection(session, target.record.name)
+        if live.embedder_version != target.record.embedder_version:
+            target = Target(ctx, live, checkpoint_of(session, live))
+        else:
+            target.record = live  # index settings may have changed; the embedder has not
+        known = [s.sha256 for s in staged if s.known]
+        stored = (
+            set(
+                session.scalars(
+                    select(ImageRecord.sha256)
+                    .where(ImageRecord.collection_id == live.id)
+                    .where(ImageRecord.sha256.in_(known))
+                )
+            )
+            if known
+            else set()
+        )
+    version = live.embedder_version
+    redo = [
+        s
+        for s in staged
+        if s.result is None
+        and ((s.known and s.sha256 not in stored) or (not s.known and s.version != version))
+    ]
+    for s in redo:
+        s.known = False
+        s.vector = s.version = None
+        # Under the write lock: never wait for the decode budget.
+        decode_staged(s, target, opened=lambda data: decoding(ctx, data, budget=False))
+    embed_staged(redo, target, version=version, limit=ctx.settings.embed_batch_size)
+    for s in staged:
+        if s.known and s.result is None and s.format is None:
+            # Still stored: the write answers it as a duplicate; the row needs no decode.
+            s.format, s.width, s.height = "PNG", 0, 0
+    return target
+
+
+def _stack(vectors: list[np.ndarray | None]) -> np.ndarray | None:
+    """Rows aligned with the accepted images; those known as stored (duplicates, never written)
+    get zeros, which nothing reads."""
+    dims = {v.shape[0] for v in vectors if v is not None}
+    if not dims:
+        return None
+    (dim,) = dims
+    out = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, vector in enumerate(vectors):
+        if vector is not None:
+            out[i] = vector
+    return out
 
 
 def store_accepted(
@@ -147,7 +201,7 @@ def store_accepted(
     in_transaction: Callable[[Any], None] | None = None,
 ) -> None:
     """Write files, rows and vectors of ``accepted`` in one transaction (the caller holds
-    WRITE_LOCK), then add the new vectors to the index. ``in_transaction(session)`` runs last,
+    the context's write lock), then add the new vectors to the index. ``in_transaction(session)`` runs last,
     inside the transaction, once every result is filled in (an import job's counters and
     high-water mark commit with its rows)."""
     # Load the index before the commit: a first load after it would already hold the new rows.
@@ -178,10 +232,10 @@ def store_accepted(
             # replica) stored some of these bytes since we looked. The transaction rolled back;
             # the next attempt finds them and answers with their ids, as duplicates.
             if attempt == STORE_ATTEMPTS:
-                remove_unreferenced_files(ctx, entries=_entries(accepted))
+                remove_unreferenced_files(db=ctx.db, store=ctx.store, entries=_entries(accepted))
                 raise
         except BaseException:
-            remove_unreferenced_files(ctx, entries=_entries(accepted))
+            remove_unreferenced_files(db=ctx.db, store=ctx.store, entries=_entries(accepted))
             with storage_faults(ctx.store.gate):  # a full disk is a 507, a read-only one a 503
                 raise
     if len(new_ids):
@@ -222,60 +276,6 @@ def _without_degenerate(
 
 def _entries(accepted: list[Accepted]) -> list[tuple[str, str]]:
     return [(a.sha256, a.format) for a in accepted]
-
-
-def remove_unreferenced_files(
-    ctx: AppContext, journal: FileJournal | None = None, *, entries: list[tuple[str, str]] | None = None
-) -> int:
-    """Delete the files a journal names that no image row refers to: ``entries`` of this
-    process's journal (a transaction that rolled back, a pipeline that stopped), or everything a
-    dead process's journal names. Returns how many files went."""
-    journal = journal or ctx.store.journal
-    if entries is None:
-        entries = journal.entries()
-    if not entries:
-        return 0
-    removed = 0
-    try:
-        with ctx.db.session() as session:
-            shas = sorted({sha for sha, _ in entries})
-            kept: set[str] = set()
-            for start in range(0, len(shas), 500):
-                kept.update(
-                    session.scalars(
-                        select(ImageRecord.sha256)
-                        .where(ImageRecord.sha256.in_(shas[start : start + 500]))
-                        .distinct()
-                    )
-                )
-    except Exception:  # the database is away: keep the journal for the next start
-        log.warning("could not check %d journalled files against the database", len(entries))
-        return 0
-    for sha, image_format in entries:
-        if sha not in kept:
-            removed += ctx.store.discard(sha, image_format)
-    if journal is ctx.store.journal:
-        journal.settle(entries)
-    else:
-        journal.clear()
-    return removed
-
-
-def _embed(
-    ctx: AppContext, record: CollectionRecord, checkpoint: Any, images: list[DecodedImage]
-) -> np.ndarray | None:
-    if not images or record.embedder_version is None:
-        return None  # an untrained embedder: rows are stored now, vectors after training
-    try:
-        embedder = ctx.embedders.for_collection(record, checkpoint)
-    except EmbedderNotReady:
-        return None
-    batch_size = ctx.settings.embed_batch_size
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        prepared = [embedder.preprocess(d.image) for d in images[start : start + batch_size]]
-        chunks.append(embedder.embed_prepared(prepared))
-    return np.concatenate(chunks)
 
 
 def _store(
@@ -334,7 +334,7 @@ def _store(
     # Creating files is system-call work that releases the GIL: a few threads overlap it with
     # each other and with the rest of the batch's Python (a bulk batch writes hundreds).
     if len(fresh) > 8:
-        list(_FILE_WRITERS.map(put, (a for a, _ in fresh)))
+        list(ctx.workers.file_writers.map(put, (a for a, _ in fresh)))
     else:
         for a, _ in fresh:
             put(a)
@@ -385,7 +385,8 @@ MAX_ALIASES = 64
 def _with_aliases(meta: dict[str, Any] | None, names: set[str] | None) -> dict[str, Any]:
     meta = dict(meta or {})
     if names:
-        known = meta.get("aliases") if isinstance(meta.get("aliases"), list) else []
+        stored = meta.get("aliases")
+        known: list[Any] = stored if isinstance(stored, list) else []
         meta["aliases"] = sorted(set(known) | names)[:MAX_ALIASES]
     return meta
 

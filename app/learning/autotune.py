@@ -27,7 +27,6 @@ from app.catalog.collections import checkpoint_of, require_collection
 from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import CollectionRecord, ImageRecord, utcnow
-from app.ingest.store import WRITE_LOCK
 from app.learning import reembed
 from app.learning.groundtruth import match_groundtruth, rank_scores
 from app.learning.training import collection_size, replace_version
@@ -268,7 +267,7 @@ def _serve_network_codes(
     ctx: AppContext, *, record: CollectionRecord, base: Any, codes: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """Serve the network's own codes again (whitening measured worse): store them, then switch."""
-    with WRITE_LOCK, ctx.db.transaction() as session:
+    with ctx.write_lock, ctx.db.transaction() as session:
         replace_version(
             session, collection_id=record.id, embedder=record.embedder, version=base.version, codes=codes
         )

@@ -9,9 +9,9 @@ from sqlalchemy import select
 from app.catalog.collections import create_collection, get_collection
 from app.context import AppContext
 from app.data.records import CollectionRecord
-from app.ingest.jobs import JobRunner
 from app.ingest.sources.datasets import keep_local_copy
 from app.ingest.sources.kinds import DatasetSource, count_members
+from app.learning.job_kinds import job_runner
 from app.learning.selection import DEMO_FULL_BUDGET_S, format_table, select_and_train
 
 Step = Callable[[str], None]
@@ -41,7 +41,7 @@ def ensure_demo(
     keep_local_copy(datasets_dir=ctx.settings.datasets_dir, download_dir=ctx.settings.data_dir / "datasets")
     expected = count_members(source, datasets_dir=ctx.settings.datasets_dir, data_dir=ctx.settings.data_dir)
     if expected is None or info.image_count < expected:
-        runner = JobRunner(ctx)
+        runner = job_runner(ctx)
         job_id = runner.create_job(collection=name, source=source)
         update = bar("import MNIST train")
         runner.run_import(

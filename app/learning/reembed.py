@@ -25,7 +25,7 @@ from app.core.errors import CbirError, Conflict, InvalidRequest
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord, JobRecord, utcnow
 from app.embedding.embedders import validate_embedder_name
 from app.imaging.decoding import DecodeStopped, decoding_stored, never_stopped
-from app.ingest.store import WRITE_LOCK, store_vectors
+from app.ingest.store import store_vectors
 from models import registry
 from models.base import Embedder
 
@@ -189,7 +189,7 @@ def _store(session: Any, embedded: list[tuple[int, np.ndarray]], *, spec: str, v
 
 
 def _switch(ctx: AppContext, *, collection: str, spec: str, embedder: Embedder) -> None:
-    with WRITE_LOCK:
+    with ctx.write_lock:
         with ctx.db.transaction() as session:
             record = require_collection(session, collection)
             # Images added while the job ran were embedded with the old version only.

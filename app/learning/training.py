@@ -18,7 +18,7 @@ from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.imaging.decoding import decoding_stored, never_stopped
-from app.ingest.store import WRITE_LOCK, store_vectors
+from app.ingest.store import store_vectors
 from models import cdae, registry
 from models.base import Embedder
 
@@ -202,7 +202,7 @@ def activate_checkpoint(
         vectors, ids = computed
     else:
         vectors, ids = embed_collection(ctx, collection=record, embedder=embedder, progress=progress)
-    with WRITE_LOCK:
+    with ctx.write_lock:
         with ctx.db.transaction() as session:
             replace_version(
                 session,

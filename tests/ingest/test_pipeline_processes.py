@@ -14,7 +14,7 @@ from app.catalog.collections import create_collection, get_collection
 from app.context import open_context
 from app.core.settings import Settings
 from app.indexing.manager import load_vectors
-from app.ingest import jobs, pipeline
+from app.ingest import jobs, pipeline, stages
 from app.ingest.store import add_image
 
 
@@ -87,7 +87,7 @@ def test_a_worker_killed_mid_import_costs_nothing(
 
         def kill_a_worker(counts: dict[str, int], total: int | None) -> None:
             if not killed:
-                for pool in pipeline._POOLS.values():
+                for pool in ctx.workers.process_pools:
                     for pid in list(pool._processes):  # noqa: SLF001 - the test's whole point
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
@@ -120,7 +120,7 @@ def test_an_idle_worker_killed_between_jobs_is_replaced(
             job_id = runner.create_job(collection="p", source=source)
             runner.run_import(job_id=job_id, collection="p", source=source)
             assert jobs.get_job(ctx, job_id).record.state == "succeeded"
-            for pool in pipeline._POOLS.values():  # the OOM killer, between two jobs
+            for pool in ctx.workers.process_pools:  # the OOM killer, between two jobs
                 for pid in list(pool._processes):  # noqa: SLF001
                     os.kill(pid, signal.SIGKILL)
         assert get_collection(ctx, "p").image_count == 40
@@ -136,8 +136,8 @@ def test_pretrained_cnns_import_on_threads_in_this_process(process_settings: Set
         create_collection(ctx, name="photos", embedder="efficientnet_lite0")
         create_collection(ctx, name="digits", embedder="tiny")
         many_cores = (os.cpu_count() or 1) >= 2
-        assert pipeline.use_processes(ctx, pipeline.resolve_target(ctx, "photos")) is False
-        assert pipeline.use_processes(ctx, pipeline.resolve_target(ctx, "digits")) is many_cores
+        assert pipeline.use_processes(ctx, stages.resolve_target(ctx, "photos")) is False
+        assert pipeline.use_processes(ctx, stages.resolve_target(ctx, "digits")) is many_cores
     finally:
         ctx.close()
 
@@ -146,7 +146,7 @@ def test_forward_passes_hold_about_4_mb_of_input() -> None:
     import torch
 
     photo = [torch.zeros(3, 224, 224)]  # 588 KiB as float32
-    assert pipeline.forward_batch(photo, limit=256) == 6
-    assert pipeline.forward_batch([torch.zeros(3, 288, 288)] * 2, limit=256) == 2  # two views each
-    assert pipeline.forward_batch(np.zeros((1, 28, 28), np.float32), limit=256) == 256  # digits: full batches
-    assert pipeline.forward_batch([torch.zeros(3, 4096, 4096)], limit=256) == 1
+    assert stages.forward_batch(photo, limit=256) == 6
+    assert stages.forward_batch([torch.zeros(3, 288, 288)] * 2, limit=256) == 2  # two views each
+    assert stages.forward_batch(np.zeros((1, 28, 28), np.float32), limit=256) == 256  # digits: full batches
+    assert stages.forward_batch([torch.zeros(3, 4096, 4096)], limit=256) == 1

@@ -305,7 +305,7 @@ def test_a_journal_without_a_lock_holder_is_treated_as_dead(
 def test_a_batch_whose_transaction_fails_leaves_no_file(
     ctx: AppContext, make_png: Callable[..., bytes]
 ) -> None:
-    from app.ingest.pipeline import resolve_target
+    from app.ingest.stages import resolve_target
 
     create_collection(ctx, name="t", embedder="tiny")
     record = resolve_target(ctx, "t").record

@@ -18,6 +18,7 @@ from app.core.settings import Settings
 from app.ingest import jobs
 from app.learning import autotune
 from app.learning import groundtruth as gt
+from app.learning.job_kinds import job_runner
 from app.main import create_app
 from models import cnn, registry
 from tests.holidays import holidays_subset
@@ -117,7 +118,7 @@ def context(settings: Settings, *, threshold: int) -> AppContext:
 
 
 def import_folder(ctx: AppContext, *, collection: str, folder: Path) -> None:
-    runner = jobs.JobRunner(ctx)
+    runner = job_runner(ctx)
     source = jobs.check_folder(folder)
     job_id = runner.create_job(collection=collection, source=source)
     runner.run_import(job_id=job_id, collection=collection, source=source)

@@ -13,6 +13,7 @@ from app.context import AppContext
 from app.indexing.manager import load_vectors
 from app.ingest import jobs
 from app.ingest.store import add_image
+from app.learning.job_kinds import job_runner
 from app.learning.reembed import check_reembed
 from tests.api.helpers import assert_problem
 
@@ -46,7 +47,7 @@ def test_reembed_switches_every_vector_and_the_index(ctx: AppContext, make_png: 
     _fill(ctx, make_png, 30)
     old = get_collection(ctx, "c")
     spec, model = check_reembed(ctx, collection="c", embedder="pixels")
-    runner = jobs.JobRunner(ctx)
+    runner = job_runner(ctx)
     job_id = runner.create_reembed_job(collection="c", spec=spec)
     seen_old_version_during_job: list[str | None] = []
 
@@ -76,7 +77,7 @@ def test_an_interrupted_reembed_resumes_and_embeds_nothing_twice(
     create_collection(ctx, name="c", embedder="tiny")
     _fill(ctx, make_png, 20)
     spec, model = check_reembed(ctx, collection="c", embedder="pixels")
-    runner = jobs.JobRunner(ctx)
+    runner = job_runner(ctx)
     job_id = runner.create_reembed_job(collection="c", spec=spec)
     calls = {"n": 0}
 
@@ -91,7 +92,7 @@ def test_an_interrupted_reembed_resumes_and_embeds_nothing_twice(
     assert get_collection(ctx, "c").embedder == "tiny"
     _fill(ctx, make_png, 3, start=100)  # uploads while it is interrupted: embedded at the switch
 
-    fresh = jobs.JobRunner(ctx)
+    fresh = job_runner(ctx)
     assert fresh.recover() == 1
     fresh._executor.shutdown(wait=True)
     record = jobs.get_job(ctx, job_id).record
@@ -163,7 +164,7 @@ def test_a_version_switch_during_an_import_leaves_no_vector_of_the_old_version(
         (folder / f"{i:03d}.png").write_bytes(make_png(i, size=(16, 16)))
     settings = ctx.settings.model_copy(update={"import_batch_size": 16})
     ctx.settings = settings
-    runner = jobs.JobRunner(ctx)
+    runner = job_runner(ctx)
     source = jobs.check_folder(folder)
     job_id = runner.create_job(collection="c", source=source)
     switched: list[bool] = []
