@@ -29,7 +29,7 @@ from models.checkpoints import config_from_dict, read_checkpoint, write_checkpoi
 from models.classifier import ClassifierArch, register_arch
 from models.lenet_net import CosineClassifier
 from models.lenet_training import train_epochs
-from models.registry import EmbedderSpec, register
+from models.registry import EmbedderSpec, create, register
 
 EMBEDDER_NAME = "cnn_head"
 CHECKPOINT_FORMAT = "cbir-cnn-head"
@@ -218,9 +218,7 @@ class HeadEmbedder(Embedder):
         data = Path(checkpoint).read_bytes()
         meta = read_head_checkpoint(data, source=str(checkpoint))
         if base is None:  # outside the service (EmbedderCache passes one built with its settings)
-            from models import registry
-
-            base = registry.create(meta["base"], device=device)
+            base = create(meta["base"], device=device)
         if base.version != meta["base_version"]:
             raise ValueError(
                 f"CNN head {Path(checkpoint).name} was trained on {meta['base_version']} codes, "
