@@ -6,6 +6,8 @@ Pretrained CNNs run on random-init checkpoints written under torchvision's file 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,6 +98,20 @@ def test_registry_refuses_duplicate_names() -> None:
     spec = registry.get_spec("pixels")
     with pytest.raises(ValueError, match="already registered"):
         registry.register(spec)
+
+
+def test_importing_the_registry_alone_registers_every_builtin_model() -> None:
+    # A fresh interpreter that imports nothing but the registries: the models package registers
+    # its concrete models itself, the registries import none of them.
+    code = (
+        "from models.registry import names; from models.classifier import arch_names; "
+        "print(' '.join(names())); print(' '.join(arch_names()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    embedders, archs = (line.split() for line in out.splitlines())
+    builtin = {"pixels", "tiny", "cdae", "lenet5", "cnn_head", "efficientnet_lite0", "resnet18"}
+    assert builtin <= set(embedders)
+    assert archs == ["head", "lenet5"]
 
 
 def test_unknown_embedder_lists_the_known_ones() -> None:
