@@ -1,5 +1,8 @@
 """Vector search: FAISS indexes keyed by database image ids (numpy + FAISS only)."""
 
-from index.vector_index import IndexCorrupt, VectorIndex, id_checksum
+from index.checksum import id_checksum
+from index.fileformat import IndexCorrupt
+from index.search_params import SearchKnobs
+from index.vector_index import VectorIndex
 
-__all__ = ["IndexCorrupt", "VectorIndex", "id_checksum"]
+__all__ = ["IndexCorrupt", "SearchKnobs", "VectorIndex", "id_checksum"]

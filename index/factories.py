@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["HNSW_M", "NLIST", "PQ_BITS", "PRE_DIM", "SUPPORTED", "check_factory"]
+__all__ = ["HNSW_M", "NLIST", "PQ_BITS", "PRE_DIM", "SUPPORTED", "check_factory", "normalise_factory"]
 
 # Inclusive bounds. HNSW: M=1 crashes FAISS; the graph holds 2*M links per vector (2 KB at M=256,
 # four times a 128-d vector) and its build time grows with M: 256 is already far past any M that
@@ -48,6 +48,12 @@ SUPPORTED = (
     "optionally PCA{d} (PCAR, PCAW, PCAWR) in front, or OPQ{m}[_{d}] in front of a PQ code, "
     "and ,RFlat behind an approximate kind"
 )
+
+
+def normalise_factory(factory: str) -> str:
+    """``factory`` with spaces dropped and wrapped as ``IDMap2,<factory>`` unless already id-mapped."""
+    factory = "".join(factory.split())
+    return factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
 
 
 def _bounded(value: str, *, bounds: tuple[int, int], what: str) -> int:

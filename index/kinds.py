@@ -1,4 +1,4 @@
-"""Index kinds as FAISS factory strings, the automatic choice by size, and measured recall.
+"""Index kinds as FAISS factory strings, the automatic choice by size, and how each is built.
 
 Kinds (all inner product over unit rows, ids through ``IDMap2``):
 
@@ -23,8 +23,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.factories import check_factory
-from index.vector_index import SearchKnobs, VectorIndex, normalise_factory
+from index.factories import check_factory, normalise_factory
+from index.search_params import SearchKnobs
+from index.vector_index import VectorIndex
 
 __all__ = [
     "AUTO",
@@ -33,11 +34,9 @@ __all__ = [
     "check_ahead",
     "configure_construction",
     "default_knobs",
-    "exact_knn",
     "ivf_pq_factory",
     "min_vectors",
     "servable_factory",
-    "recall_at_k",
     "validate_factory",
 ]
 
@@ -195,47 +194,12 @@ def configure_construction(index: Any) -> None:
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
     elif isinstance(inner, faiss.IndexPreTransform):
-        for i in range(inner.chain.size()):
-            transform = faiss.downcast_VectorTransform(inner.chain.at(i))
+        chain: Any = inner.chain  # a SWIG vector; the stubs call it a list
+        for i in range(chain.size()):
+            transform = faiss.downcast_VectorTransform(chain.at(i))
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = 20
                 transform.max_train_points = 32768
         configure_construction(inner.index)
     elif isinstance(inner, faiss.IndexRefine):
         configure_construction(inner.base_index)
-
-
-def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
-    """Ids (positions in ``vectors``) of the exact ``k`` best inner products per query: (q, k) int64."""
-    _, found = faiss.knn(
-        np.ascontiguousarray(queries, dtype=np.float32),
-        np.ascontiguousarray(vectors, dtype=np.float32),
-        k,
-        metric=faiss.METRIC_INNER_PRODUCT,
-    )
-    return np.asarray(found, dtype=np.int64)
-
-
-def recall_at_k(
-    index: VectorIndex,
-    vectors: np.ndarray,
-    ids: np.ndarray,
-    *,
-    k: int = 10,
-    queries: int = 200,
-    seed: int = 0,
-    knobs: SearchKnobs | None = None,
-) -> float:
-    """Recall@k of ``index`` against exact search over ``vectors`` (n, d) unit rows stored under
-    ``ids`` (n,), with a seeded sample of ``queries`` stored vectors as the queries: the mean share
-    of each query's exact top k that the index returns in its top k."""
-    n = len(ids)
-    if n == 0:
-        return 1.0
-    k = min(k, n)
-    rows = np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False)
-    sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)
-    truth = np.asarray(ids, dtype=np.int64)[exact_knn(sample, vectors, k)]
-    _, found = index.search(sample, k, knobs=knobs)
-    hits = sum(len(np.intersect1d(t, f[f >= 0])) for t, f in zip(truth, found, strict=True))
-    return float(hits / (len(rows) * k))

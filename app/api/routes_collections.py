@@ -164,7 +164,8 @@ def _index_out(name: str, status_: IndexStatus) -> IndexOut:
 @router.get("/collections/{name}/index", response_model=IndexOut, tags=["index"])
 def get_index(name: str, ctx: ContextDep) -> IndexOut:
     """The index serving the collection: kind, size, bytes in memory, search parameters, the
-    recall@10 measured against exact search (and when), and any rebuild in progress."""
+    recall@10 measured against exact search with held-out queries (and when), and any rebuild in
+    progress."""
     return _index_out(name, index_admin.index_status(ctx, name))
 
 
@@ -187,5 +188,6 @@ def configure_index(name: str, body: IndexConfigIn, ctx: ContextDep, response: R
 
 @router.post("/collections/{name}/index/recall", response_model=IndexOut, tags=["index"])
 def measure_recall(name: str, ctx: ContextDep) -> IndexOut:
-    """Measure recall@10 of the index against exact search on a sample of stored vectors, now."""
+    """Measure recall@10 of the index against exact search, now: a sample of stored vectors as
+    queries, each held out (its own image left out of both the exact and the index's top 10)."""
     return _index_out(name, index_admin.measure_recall(ctx, name))

@@ -14,6 +14,7 @@ from app.api.presenters import evaluation_out
 from app.api.schemas import JobAccepted
 from app.learning import evaluation
 from app.learning.evaluate_plan import evaluation_result, plan_evaluation, run_evaluation
+from app.search import against
 
 router = APIRouter(tags=["evaluation"])
 API = "/api/v1"
@@ -23,7 +24,7 @@ def _out(ctx: ContextDep, runner: EvaluationsDep, name: str) -> EvaluationOut:
     return evaluation_out(
         runner.status(name),
         query_sets=evaluation.query_sets(),
-        choices=evaluation.compare_choices(ctx, name),
+        choices=against.compare_choices(ctx, name),
     )
 
 

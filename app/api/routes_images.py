@@ -18,7 +18,7 @@ from app.data.storage import EXTENSIONS
 from app.ingest.store import add_image
 from app.search import compare
 from app.search import query as search
-from index.vector_index import SearchKnobs
+from index import SearchKnobs
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
 router = APIRouter(tags=["images"], route_class=Utf8FormRoute)

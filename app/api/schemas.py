@@ -389,7 +389,10 @@ class IndexOut(BaseModel):
     tombstones: int = Field(description="deleted vectors excluded from search until the next rebuild")
     high_water_mark: int = Field(description="the largest image id the index holds (-1: none)")
     params: dict[str, Any] = Field(description="search parameters: ef_search, nprobe, k_factor")
-    recall_at_10: float | None = Field(description="measured against exact search on stored vectors")
+    recall_at_10: float | None = Field(
+        description="measured against exact search with held-out queries: 200 sampled stored vectors, "
+        "each query's own image left out of both the exact and the index's top 10"
+    )
     recall_measured_at: str | None
     built_at: str | None
     build_seconds: float | None

@@ -26,8 +26,9 @@ import numpy as np
 
 from app.core.errors import CbirError
 from app.core.settings import Settings
-from index.kinds import configure_construction, exact_knn, ivf_pq_factory
-from index.vector_index import SearchKnobs
+from index import SearchKnobs
+from index.exact import exact_knn
+from index.kinds import configure_construction, ivf_pq_factory
 
 K = 10
 

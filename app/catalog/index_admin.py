@@ -86,7 +86,7 @@ def configure_index(
 
 
 def measure_recall(ctx: AppContext, name: str) -> IndexStatus:
-    """Measure recall@10 against exact search on a sample of stored vectors, now."""
+    """Measure recall@10 against exact search with held-out queries (``index.recall``), now."""
     with ctx.db.session() as session:
         record = require_collection(session, name)
     ctx.indexes.measure_recall(record)

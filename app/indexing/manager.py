@@ -9,9 +9,9 @@ in the background, and meanwhile its searches answer 503 (``IndexRebuilding``), 
 result. Rebuilding into another kind (``rebuild``) runs in the background while the old index keeps
 serving; writes that arrive meanwhile go to both, and the new index takes over when it is ready.
 
-Writes mark the index dirty; a saver thread checkpoints dirty indexes (atomically, with the
-high-water mark of the ids they hold) at most every ``save_interval`` seconds, or less often when
-saving takes long, and ``flush`` saves at once.
+Writes mark the index dirty; ``app.indexing.checkpoints`` saves dirty indexes (atomically, with the
+high-water mark of the ids they hold) at most every ``save_interval`` seconds, and ``flush`` at once.
+A fresh index and its recall are ``app.indexing.builds``'s.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.errors import IndexMismatch, IndexRebuilding, ReembedRequired
-from app.core.faults import crash_point, delay_point
+from app.core.faults import delay_point
 from app.data.db import Database
 from app.data.records import CollectionRecord
 from app.data.vector_rows import has_images, load_ids, load_vectors, stored_dim, vectors_of
+from app.indexing.builds import Build, Stopped, fresh_index, knobs_of, measure_recall, target_factory
+from app.indexing.checkpoints import Checkpoints
 from app.indexing.problems import (
     BAD_INDEX_FACTORY,
     BAD_INDEX_PARAMS,
@@ -38,55 +39,21 @@ from app.indexing.problems import (
     VECTORS_REFUSED,
     FactoryChecks,
     IndexProblems,
-    checked_factory,
     checked_knobs,
-    factory_problem,
     kept_factory,
 )
 from app.indexing.status import IndexStatus, status_of
 from index import IndexCorrupt, VectorIndex
-from index.kinds import AUTO, auto_factory, build_index, default_knobs, recall_at_k, servable_factory
-from index.vector_index import SearchKnobs, normalise_factory, stale_temp_files
+from index.fileformat import stale_temp_files
+from index.kinds import AUTO, default_knobs
 
 log = logging.getLogger(__name__)
 
-RECALL_QUERIES = 200
 # A loaded file may lack this share of the database's rows and still be caught up by replaying
 # them (beyond it, rebuilding from the database reads no more and gives a freshly trained index).
 REPLAY_MAX_SHARE = 0.5
 # Deleted vectors a graph index may carry as tombstones before it is rebuilt without them.
 TOMBSTONE_SHARE = 0.1
-
-
-def knobs_of(collection: CollectionRecord) -> SearchKnobs:
-    """The collection's valid stored search parameters (index_problems.checked_knobs)."""
-    return checked_knobs(collection)[0]
-
-
-def target_factory(collection: CollectionRecord, *, n: int, dim: int, checks: FactoryChecks) -> str:
-    """The factory the collection's index should have now (``auto`` resolved by size), normalised;
-    exact search for a stored factory cbir does not build (a restored backup's ``HNSW0``)."""
-    requested, _ = checked_factory(collection, dim=dim if n else None, checks=checks)
-    return servable_factory(normalise_factory(auto_factory(n, dim) if requested == AUTO else requested), n)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class _Build:
-    """A background build: the writes that arrive while it reads the database are replayed on it."""
-
-    version: str
-    factory: str | None  # None: the collection's own (auto resolved by size when it runs)
-    reason: str
-    collection: str = ""
-    target: str = ""  # what GET .../index shows: ``factory``, else the collection's kind at the start
-    queued: str | None = None  # a kind set meanwhile: why the next build follows this one
-    started_at: str = field(default_factory=_now)
-    pending: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class IndexManager:
@@ -103,28 +70,28 @@ class IndexManager:
         # CBIR_READ_ONLY: indexes are loaded or built in memory, never written.
         self.read_only = read_only
         self.index_dir = index_dir
-        self.save_interval = save_interval
         # Rebuilds of at most this many vectors run in the caller (well under a second for exact
         # search); larger ones in the background, with 503s meanwhile.
         self.sync_rebuild_max = sync_rebuild_max
         self._lock = threading.RLock()
         self._indexes: dict[int, VectorIndex] = {}
-        self._builds: dict[int, _Build] = {}
+        self._builds: dict[int, Build] = {}
         self._errors: dict[int, str] = {}
         # Collections with images but no vector of their version: 503 reembed_required, never an
         # empty index (or one of another model).
         self._unembedded: dict[int, str] = {}
-        self._dirty: set[int] = set()
-        self._save_cost: dict[int, float] = {}
-        self._last_save: dict[int, float] = {}
-        # Collections whose last checkpoint failed (a full disk, a file size limit): health shows
-        # "checkpoint_failed" until one succeeds. The database still holds every row.
-        self._checkpoint_errors: dict[int, str] = {}
         # Rows set aside, settings refused, indexes that cannot open: reported, never fatal.
         self.factory_checks = FactoryChecks()
         self.problems = IndexProblems(checks=self.factory_checks)
         self._stop = threading.Event()
-        self._saver: threading.Thread | None = None
+        self.checkpoints = Checkpoints(
+            path_for=self.path_for,
+            index_of=self._indexes.get,
+            lock=self._lock,
+            stop=self._stop,
+            save_interval=save_interval,
+            read_only=read_only,
+        )
 
     def path_for(self, collection_id: int) -> Path:
         return self.index_dir / f"collection-{collection_id}.cbidx"
@@ -136,26 +103,16 @@ class IndexManager:
         for path in stale_temp_files(self.index_dir):
             log.warning("removing %s, a checkpoint that a killed process left half written", path.name)
             path.unlink(missing_ok=True)
-        if self._saver is None:
+        if not self.checkpoints.saving:
             self._stop.clear()
-            self._saver = threading.Thread(target=self._save_loop, name="index-saver", daemon=True)
-            self._saver.start()
+            self.checkpoints.start_saver()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._saver is not None:
-            self._saver.join(timeout=10)
-            self._saver = None
+        self.checkpoints.stop_saver()
         for build in list(self._builds.values()):
             build.done.wait(timeout=1)  # a build notices the stop between its phases
         self.flush_all(force=True)
-
-    def _save_loop(self) -> None:
-        while not self._stop.wait(self.save_interval):
-            try:
-                self.flush_all()
-            except Exception:  # a failed checkpoint must not kill the saver; the DB still has it all
-                log.exception("index checkpoint failed")
 
     # -- access ----------------------------------------------------------------------------
     def get(self, collection: CollectionRecord) -> VectorIndex | None:
@@ -174,7 +131,7 @@ class IndexManager:
                 return None  # it failed moments ago: 503 until it is tried again
             try:
                 index = self._open(collection)
-            except (SQLAlchemyError, _Stopped):
+            except (SQLAlchemyError, Stopped):
                 raise  # the database is away (a 503 per request) or the service is stopping
             except Exception as exc:  # one broken index must stop neither the start nor the others
                 self.problems.open_failed(collection, exc)
@@ -294,58 +251,20 @@ class IndexManager:
             index.high_water_mark,
             extra.size,
         )
-        self._dirty.add(collection.id)
+        self.checkpoints.mark(collection.id)
         return True
 
     def _fresh(self, collection: CollectionRecord, *, factory: str | None) -> tuple[VectorIndex, float]:
         """A new index of the collection's vectors as the database holds them now, recall measured."""
-        version = collection.embedder_version
-        assert version is not None
-        started = time.perf_counter()
-        refused: dict[int, str] = {}
-        vectors, ids = load_vectors(
-            self.db, collection_id=collection.id, embedder_version=version, refused=refused
-        )
-        self.problems.refused(collection, refused)
-        dim = int(vectors.shape[1]) if len(ids) else 1
-        self.problems.settings(collection, dim=dim if len(ids) else None)
-        chosen = (
-            normalise_factory(factory)
-            if factory
-            else target_factory(collection, n=len(ids), dim=dim, checks=self.factory_checks)
-        )
-        if self._stop.is_set():
-            raise _Stopped
-        meta = {"collection": collection.name, "embedder_version": version}
-        try:
-            index = build_index(vectors, ids, factory=chosen, meta=meta, knobs=knobs_of(collection))
-        except ValueError as exc:
-            if chosen == normalise_factory("Flat"):
-                raise
-            # A kind FAISS cannot build for these vectors (PQ m not dividing d, ...): serve exact
-            # search rather than nothing, and say why.
-            log.error("index of %s cannot be built as %s (%s); serving Flat", collection.name, chosen, exc)
-            self._errors[collection.id] = f"cannot build {chosen[7:]}: {exc}; serving Flat"
-            problem = factory_problem(collection, f"FAISS cannot build {chosen[7:]}: {exc}")
-            self.problems.note(collection.id, problem, code=BAD_INDEX_FACTORY)
-            index = build_index(vectors, ids, factory="Flat", meta=meta)
-        seconds = time.perf_counter() - started
-        index.update_meta(built_at=_now(), build_seconds=round(seconds, 3))
-        self._measure(index, vectors, ids)
-        return index, seconds
-
-    def _measure(self, index: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> float:
-        if index.kind == "Flat" or len(ids) == 0:
-            recall = 1.0  # exact search is its own ground truth
-        else:
-            recall = recall_at_k(index, vectors, ids, k=10, queries=RECALL_QUERIES)
-        index.update_meta(recall_at_10=round(recall, 4), recall_measured_at=_now())
-        return recall
+        fresh = fresh_index(self.db, collection, factory=factory, problems=self.problems, stopping=self._stop)
+        if fresh.error is not None:
+            self._errors[collection.id] = fresh.error
+        return fresh.index, fresh.seconds
 
     def _build_now(self, collection: CollectionRecord, *, reason: str) -> VectorIndex:
         index, seconds = self._fresh(collection, factory=None)
-        self._dirty.discard(collection.id)
-        self._checkpoint(collection.id, index)
+        self.checkpoints.clean(collection.id)
+        self.checkpoints.save(collection.id, index)
         log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
         return index
 
@@ -367,7 +286,7 @@ class IndexManager:
 
     def _start_build(self, collection: CollectionRecord, *, factory: str | None, reason: str) -> None:
         assert collection.embedder_version is not None
-        build = _Build(
+        build = Build(
             version=collection.embedder_version,
             factory=factory,
             reason=reason,
@@ -381,7 +300,7 @@ class IndexManager:
         )
         thread.start()
 
-    def _run_build(self, collection: CollectionRecord, build: _Build) -> None:
+    def _run_build(self, collection: CollectionRecord, build: Build) -> None:
         try:
             delay_point("index_build")
             index, seconds = self._fresh(collection, factory=build.factory)
@@ -398,7 +317,7 @@ class IndexManager:
                         index.remove(ids)
                 self._indexes[collection.id] = index
                 del self._builds[collection.id]
-                self._dirty.add(collection.id)
+                self.checkpoints.mark(collection.id)
                 self.problems.opened(collection.id)
             log.info(
                 "index of %s rebuilt as %s in the background (%s; %d vectors, %.1f s)",
@@ -409,7 +328,7 @@ class IndexManager:
                 seconds,
             )
             self.flush(collection.id)
-        except _Stopped:
+        except Stopped:
             with self._lock:
                 if self._builds.get(collection.id) is build:
                     del self._builds[collection.id]
@@ -490,7 +409,7 @@ class IndexManager:
                 index = VectorIndex(vectors.shape[1], factory=index.factory, meta=index.meta)
                 self._indexes[collection.id] = index
             index.add(vectors[keep], ids[keep])
-            self._dirty.add(collection.id)
+            self.checkpoints.mark(collection.id)
             self._maybe_grow(collection, index)
 
     def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
@@ -501,7 +420,7 @@ class IndexManager:
                 build.pending.append(("remove", np.asarray(ids, dtype=np.int64), None))
             index = self.get(collection)
             if index is not None and index.remove(ids):
-                self._dirty.add(collection.id)
+                self.checkpoints.mark(collection.id)
                 self._maybe_grow(collection, index)
 
     def drop(self, collection_id: int) -> None:
@@ -509,7 +428,7 @@ class IndexManager:
             self._indexes.pop(collection_id, None)
             if (moot := self._builds.pop(collection_id, None)) is not None:
                 moot.queued = None
-            self._dirty.discard(collection_id)
+            self.checkpoints.clean(collection_id)
             self.problems.forget(collection_id)
             self.path_for(collection_id).unlink(missing_ok=True)
 
@@ -520,10 +439,11 @@ class IndexManager:
         if index is not None:
             index.set_search_knobs(default_knobs(index.kind).merged(knobs_of(collection)))
             with self._lock:
-                self._dirty.add(collection.id)
+                self.checkpoints.mark(collection.id)
 
     def measure_recall(self, collection: CollectionRecord) -> float | None:
-        """Recall@10 of the served index against exact search over the stored vectors, now."""
+        """Recall@10 of the served index against exact search over the stored vectors, with held-out
+        queries (``index.recall``), now."""
         index = self.serving(collection)
         if index is None or collection.embedder_version is None:
             return None
@@ -531,68 +451,22 @@ class IndexManager:
             self.db, collection_id=collection.id, embedder_version=collection.embedder_version
         )
         live = np.isin(ids, index.ids())  # rows committed but not yet added are not the index's fault
-        recall = self._measure(index, vectors[live], ids[live])
+        recall = measure_recall(index, vectors[live], ids[live])
         with self._lock:
-            self._dirty.add(collection.id)
+            self.checkpoints.mark(collection.id)
         return recall
 
     # -- checkpoints -----------------------------------------------------------------------
     def flush(self, collection_id: int, *, force: bool = True) -> None:
-        with self._lock:
-            if collection_id not in self._dirty:
-                return
-            if not force:
-                # Saving a big index takes seconds: never spend more than a fifth of the time on it.
-                wait = max(self.save_interval, 5 * self._save_cost.get(collection_id, 0.0))
-                if time.monotonic() - self._last_save.get(collection_id, 0.0) < wait:
-                    return
-            self._dirty.discard(collection_id)
-            index = self._indexes.get(collection_id)
-        if index is not None:
-            self._checkpoint(collection_id, index)
-
-    def _checkpoint(self, collection_id: int, index: VectorIndex) -> bool:
-        """Save, or log why not and keep the index dirty: a failed checkpoint (ENOSPC, EFBIG) leaves
-        the previous file whole (``save`` renames a complete temporary file into place) and costs
-        nothing but a longer replay on the next start, so serving and writes go on."""
-        if self.read_only:
-            return False
-        started = time.perf_counter()
-        try:
-            self._save(collection_id, index)
-        except Exception as exc:
-            with self._lock:
-                self._dirty.add(collection_id)
-                self._checkpoint_errors[collection_id] = f"{type(exc).__name__}: {exc}"
-            # Try again after 10 s rather than every save interval: the disk will not empty itself.
-            self._save_cost[collection_id] = max(self._save_cost.get(collection_id, 0.0), 2.0)
-            self._last_save[collection_id] = time.monotonic()
-            log.error("index checkpoint of collection %d failed (old file kept): %s", collection_id, exc)
-            return False
-        self._save_cost[collection_id] = time.perf_counter() - started
-        self._last_save[collection_id] = time.monotonic()
-        if self._checkpoint_errors.pop(collection_id, None) is not None:
-            log.warning("index checkpoint of collection %d succeeded again", collection_id)
-        return True
-
-    def _save(self, collection_id: int, index: VectorIndex) -> None:
-        """Write a checkpoint. Its high-water mark is in the file's own header, renamed into place
-        with the vectors, so the two never disagree: the crash point ``after_replace_before_hwm``
-        is the rename not yet made durable (directory fsync), ``after_hwm`` the save complete."""
-        index.save(self.path_for(collection_id), on_stage=_crash_stage)
-        crash_point("after_hwm")
+        self.checkpoints.flush(collection_id, force=force)
 
     def flush_all(self, *, force: bool = False) -> None:
-        with self._lock:
-            dirty = list(self._dirty)
-        for collection_id in dirty:
-            self.flush(collection_id, force=force)
+        self.checkpoints.flush_all(force=force)
 
     # -- reporting -------------------------------------------------------------------------
     def checkpoint_errors(self) -> dict[int, str]:
         """Collection id -> why its last checkpoint failed (empty when all succeeded)."""
-        with self._lock:
-            return dict(self._checkpoint_errors)
+        return self.checkpoints.errors()
 
     def unavailable(self) -> dict[str, str]:
         """Collections whose searches answer 503 index_rebuilding now (a build in progress and no
@@ -604,10 +478,6 @@ class IndexManager:
                 if (index := self._indexes.get(collection_id)) is None
                 or index.meta.get("embedder_version") != build.version
             }
-
-    def size(self, collection: CollectionRecord) -> int:
-        index = self._indexes.get(collection.id)
-        return index.ntotal if index is not None else 0
 
     def status(self, collection: CollectionRecord) -> IndexStatus:
         index = self.get(collection)
@@ -623,11 +493,3 @@ class IndexManager:
             last_error=self._errors.get(collection.id) or (factory.detail if factory is not None else None),
             problems=[asdict(p) for p in self.problems.of(collection.id)],
         )
-
-
-def _crash_stage(stage: str) -> None:
-    crash_point("during_write_index" if stage == "half_written" else "after_replace_before_hwm")
-
-
-class _Stopped(Exception):
-    """The manager is stopping: a background build gives up between its phases."""

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from app.data.records import CollectionRecord
+from index import SearchKnobs
+from index.factories import normalise_factory
 from index.kinds import AUTO, validate_factory
-from index.vector_index import SearchKnobs, normalise_factory
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,10 +12,11 @@ from app.context import AppContext
 from app.core.cancel import NEVER, CancelToken, checking
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord
+from app.data.vector_rows import load_vectors
 from app.embedding import cost
 from app.embedding.whitened import save_whitening, whitened_version
-from app.indexing.manager import load_vectors
 from app.learning.training import Progress, activate_checkpoint, collection_size, embed_collection
+from app.search.options import SearchOptions
 from index.rerank import DEFAULT_SHRINKAGE, fit_whitening
 from models import registry
 from models.base import Embedder
@@ -24,20 +24,6 @@ from models.base import Embedder
 MAX_QE = 20
 # Beyond this many codes the covariance is estimated on an evenly spaced sample.
 WHITENING_SAMPLE = 200_000
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    qe: int = 0  # alpha-QE depth: 0 is off
-    qe_alpha: float = 3.0
-
-    @classmethod
-    def of(cls, record: CollectionRecord) -> SearchOptions:
-        raw = record.search_options or {}
-        return cls(qe=int(raw.get("qe", 0)), qe_alpha=float(raw.get("qe_alpha", 3.0)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"qe": self.qe, "qe_alpha": self.qe_alpha}
 
 
 def check_qe(qe: int, qe_alpha: float) -> None:

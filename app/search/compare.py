@@ -28,7 +28,7 @@ from app.data.records import CollectionRecord, ImageRecord
 from app.embedding import cost
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import DecodeStopped, decoding, decoding_stored
-from app.learning.evaluation import resolve_compare
+from app.search.against import resolve_compare
 from app.search.query import Hit, SearchResult, served_collection
 from app.search.sampling import embedded_ids, rows_of, sample_ids, stored_vectors
 from index import id_checksum

@@ -14,13 +14,14 @@ from app.catalog.filters import ImageFilter, matching_ids
 from app.context import AppContext
 from app.core.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.data.vector_rows import vectors_of
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import decoding
-from app.indexing.manager import vectors_of
 from app.indexing.problems import VECTORS_REFUSED
-from app.learning.tuning import SearchOptions
+from app.search.options import SearchOptions
+from index import SearchKnobs
+from index.exact import exact_search
 from index.rerank import expand_queries
-from index.vector_index import SearchKnobs
 from models.base import Embedder
 
 # A filter that leaves at most this many images is answered by an exact pass over their stored
@@ -224,7 +225,7 @@ def _search(
 
     def search(query: np.ndarray) -> list[tuple[int, float]]:
         if exact is not None:
-            scores, ids = exact_top(query, exact, k + extra)
+            scores, ids = exact_search(query, k + extra, vectors=exact[0], ids=exact[1])
         else:
             scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
         return [
@@ -251,19 +252,6 @@ def _search(
     ]
     clock.lap("fetch")
     return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
-
-
-def exact_top(
-    query: np.ndarray, exact: tuple[np.ndarray, np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The exact ``k`` best of ``exact`` ((m, d) vectors, (m,) ids) for a (1, d) query, as
-    ``VectorIndex.search`` answers: ((1, j) scores best first, (1, j) ids), j = min(k, m)."""
-    vectors, ids = exact
-    if len(ids) == 0:
-        return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
-    scores = vectors @ query[0].astype(np.float32)
-    order = np.argsort(-scores, kind="stable")[:k]
-    return scores[order][None].astype(np.float32), ids[order][None]
 
 
 def _expand(

@@ -31,7 +31,8 @@ def sample_ids(ids: np.ndarray, size: int) -> np.ndarray:
 
 def stored_vectors(ctx: AppContext, record: CollectionRecord, ids: np.ndarray) -> np.ndarray:
     """The served vectors of ``ids`` (n, d) float32 unit rows, in the order of ``ids``."""
-    found = blobs_of(ctx.db, ids=ids, embedder_version=record.embedder_version)
+    version = record.embedder_version
+    found = blobs_of(ctx.db, ids=ids, embedder_version=version) if version is not None else {}
     if not found:
         return np.zeros((0, 0), dtype=np.float32)
     return np.frombuffer(b"".join(found[int(i)] for i in ids), dtype="<f4").reshape(len(ids), -1)

@@ -16,10 +16,10 @@ from sqlalchemy import select
 from app.context import AppContext
 from app.core.settings import Settings
 from app.data.records import CollectionRecord
-from app.indexing import manager as indexes
+from app.indexing import builds
 from app.main import create_app
 from index import VectorIndex
-from index.kinds import exact_knn
+from index.exact import exact_knn
 from tests.api.helpers import assert_problem
 from tests.synthetic import insert_synthetic
 
@@ -123,14 +123,14 @@ def test_writes_during_a_background_rebuild_reach_the_new_index(
     client: TestClient, collection: str, seeded: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real = indexes.load_vectors
+    real = builds.load_vectors
 
     def slow_load(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         result = real(*args, **kwargs)  # type: ignore[arg-type]
         gate.wait(30)
         return result
 
-    monkeypatch.setattr(indexes, "load_vectors", slow_load)
+    monkeypatch.setattr(builds, "load_vectors", slow_load)
     assert client.put(f"{API}/collections/{collection}/index", json={"factory": "HNSW16"}).status_code == 202
     later = seed_rows(client, collection, clustered(20, seed=9), tag="later")
     assert client.delete(f"{API}/images/{int(seeded[5])}").status_code == 204
@@ -264,13 +264,13 @@ def test_a_damaged_index_file_is_rebuilt_and_searches_meanwhile_are_503(
         path.unlink()
 
     gate = threading.Event()
-    real = indexes.load_vectors
+    real = builds.load_vectors
 
     def held(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         gate.wait(30)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(indexes, "load_vectors", held)
+    monkeypatch.setattr(builds, "load_vectors", held)
     with TestClient(create_app(background_settings), raise_server_exceptions=False) as client:
         during = client.get(f"{API}/collections/big/images/{int(ids[0])}/similar")
         state = client.get(f"{API}/collections/big/index").json()["state"]

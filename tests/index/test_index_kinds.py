@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import VectorIndex
+from index import SearchKnobs, VectorIndex
+from index.exact import exact_knn
 from index.kinds import (
     auto_factory,
     build_index,
     default_knobs,
-    exact_knn,
     ivf_pq_factory,
     min_vectors,
-    recall_at_k,
     servable_factory,
     validate_factory,
 )
-from index.vector_index import SearchKnobs
+from index.recall import recall_at_k
 
 N, DIM = 4000, 32
 
@@ -39,13 +38,14 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return clustered(N), np.arange(N, dtype=np.int64) * 7 + 3
 
 
-# (factory, recall@10 floor): the floors sit a little below what these seeds give, so a
-# regression in building, training or search parameters shows.
+# (factory, recall@10 floor), recall with held-out queries (index/recall.py): the floors sit a little
+# below what these seeds give (Flat, HNSW32, IVF64,Flat and the re-ranked kind 1.0; IVF64,PQ8 0.51,
+# OPQ8,IVF64,PQ8 0.51), so a regression in building, training or search parameters shows.
 KINDS = [
     ("Flat", 1.0),
     ("HNSW32", 0.95),
-    ("IVF64,PQ8", 0.35),
-    ("OPQ8,IVF64,PQ8", 0.35),
+    ("IVF64,PQ8", 0.45),
+    ("OPQ8,IVF64,PQ8", 0.45),
     ("IVF64,PQ8,RFlat", 0.95),
     ("IVF64,Flat", 0.95),
 ]
@@ -62,6 +62,36 @@ def test_every_kind_meets_its_recall_floor_against_exact_search(
 
     assert recall >= floor, f"{factory}: recall@10 {recall:.3f} < {floor}"
     assert index.ntotal == N
+
+
+class _FindsOnlyItself:
+    """An index that answers every stored vector with its own id and nothing else."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.vectors, self.ids = vectors, ids
+
+    def search(self, queries: np.ndarray, k: int, **_: object) -> tuple[np.ndarray, np.ndarray]:
+        found = np.full((len(queries), k), -1, dtype=np.int64)
+        found[:, 0] = self.ids[exact_knn(queries, self.vectors, 1)[:, 0]]
+        return np.zeros(found.shape, np.float32), found
+
+
+def test_recall_holds_each_query_out_so_finding_itself_scores_nothing(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    vectors, ids = data
+
+    assert recall_at_k(_FindsOnlyItself(vectors, ids), vectors, ids, k=10) == 0.0  # type: ignore[arg-type]
+    assert recall_at_k(build_index(vectors, ids, factory="Flat"), vectors, ids, k=10) == 1.0
+
+
+def test_recall_of_a_collection_of_one_or_two() -> None:
+    vectors = clustered(2)
+    one = build_index(vectors[:1], np.array([5]), factory="Flat")
+    two = build_index(vectors, np.array([5, 9]), factory="Flat")
+
+    assert recall_at_k(one, vectors[:1], np.array([5])) == 1.0  # nothing else to find
+    assert recall_at_k(two, vectors, np.array([5, 9])) == 1.0  # k becomes 1: the other one
 
 
 @pytest.mark.parametrize("factory", [f for f, _ in KINDS])
@@ -116,7 +146,7 @@ def test_knobs_per_search_trade_speed_for_recall(data: tuple[np.ndarray, np.ndar
     narrow = recall_at_k(index, vectors, ids, knobs=SearchKnobs(nprobe=1, k_factor=1))
     wide = recall_at_k(index, vectors, ids, knobs=SearchKnobs(nprobe=64, k_factor=20))
 
-    assert wide > narrow
+    assert wide > narrow  # held out: narrow 0.48, wide 1.0 on these seeds
     assert wide >= 0.99
     assert index.search_knobs() == SearchKnobs(nprobe=16, k_factor=8.0)  # a search does not change it
 

@@ -356,18 +356,18 @@ def test_a_kind_set_while_a_rebuild_runs_is_built_after_it(
 ) -> None:
     import threading
 
-    from app.indexing import manager as indexes
+    from app.indexing import builds
 
     _seed(client, "k", 300)
     gate = threading.Event()
-    real = indexes.load_vectors
+    real = builds.load_vectors
 
     def slow_load(*args: object, **kwargs: object) -> object:
         result = real(*args, **kwargs)  # type: ignore[arg-type]
         gate.wait(30)
         return result
 
-    monkeypatch.setattr(indexes, "load_vectors", slow_load)
+    monkeypatch.setattr(builds, "load_vectors", slow_load)
     assert client.put(f"{API}/collections/k/index", json={"factory": "HNSW32"}).status_code == 202
     second = client.put(f"{API}/collections/k/index", json={"factory": "IVF16,Flat"})
     assert second.status_code == 202, second.text
