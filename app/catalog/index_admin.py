@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
-
 from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.errors import BadIndexFactory
-from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
-from app.data.vector_rows import stored_dim
+from app.data.records import CollectionRecord
+from app.data.vector_rows import count_vectors, stored_dim
 from app.indexing.manager import IndexStatus
 from index.kinds import AUTO, check_ahead
 
@@ -28,15 +26,8 @@ def _stored(ctx: AppContext, record: CollectionRecord) -> tuple[int, int | None]
     if record.embedder_version is None:
         return 0, None
     version = record.embedder_version
-    with ctx.db.session() as session:
-        count = session.scalar(
-            select(func.count())
-            .select_from(EmbeddingRecord)
-            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-            .where(ImageRecord.collection_id == record.id)
-            .where(EmbeddingRecord.embedder_version == version)
-        )
-    return int(count or 0), stored_dim(ctx.db, collection_id=record.id, embedder_version=version)
+    count = count_vectors(ctx.db, collection_id=record.id, embedder_version=version)
+    return count, stored_dim(ctx.db, collection_id=record.id, embedder_version=version)
 
 
 def configure_index(

@@ -100,6 +100,32 @@ def stored_dim(db: Database, *, collection_id: int, embedder_version: str) -> in
         )
 
 
+def count_vectors(db: Database, *, collection_id: int, embedder_version: str) -> int:
+    """How many vectors of this version the collection's images have (rows set aside included)."""
+    with db.session() as session:
+        count = session.scalar(
+            select(func.count())
+            .select_from(EmbeddingRecord)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(ImageRecord.collection_id == collection_id)
+            .where(EmbeddingRecord.embedder_version == embedder_version)
+        )
+    return int(count or 0)
+
+
+def blob_of(db: Database, *, image_id: int, collection_id: int, embedder_version: str) -> bytes | None:
+    """The stored vector blob (little-endian float32, unscreened) of one image of the collection, or
+    None when it is not the collection's or has no vector of this version."""
+    with db.session() as session:
+        return session.scalar(
+            select(EmbeddingRecord.vector)
+            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
+            .where(EmbeddingRecord.image_id == image_id)
+            .where(ImageRecord.collection_id == collection_id)
+            .where(EmbeddingRecord.embedder_version == embedder_version)
+        )
+
+
 def has_images(db: Database, *, collection_id: int) -> bool:
     with db.session() as session:
         found = session.scalar(

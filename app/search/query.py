@@ -13,8 +13,8 @@ from app.catalog.collections import checkpoint_of, require_collection
 from app.catalog.filters import ImageFilter, matching_ids
 from app.context import AppContext
 from app.core.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
-from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
-from app.data.vector_rows import vectors_of
+from app.data.records import CollectionRecord, ImageRecord
+from app.data.vector_rows import blob_of, blobs_of, vectors_of
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import decoding
 from app.indexing.problems import VECTORS_REFUSED
@@ -132,14 +132,10 @@ def similar_to(
     _check_k(ctx, k)
     clock = _Clock()
     record, _ = _served(ctx, collection)
-    with ctx.db.session() as session:
-        blob = session.scalar(
-            select(EmbeddingRecord.vector)
-            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-            .where(EmbeddingRecord.image_id == image_id)
-            .where(ImageRecord.collection_id == record.id)
-            .where(EmbeddingRecord.embedder_version == record.embedder_version)
-        )
+    assert record.embedder_version is not None  # _served checked it
+    blob = blob_of(
+        ctx.db, image_id=image_id, collection_id=record.id, embedder_version=record.embedder_version
+    )
     if blob is None:
         raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
@@ -264,14 +260,9 @@ def _expand(
 ) -> np.ndarray:
     """alpha-QE with the stored codes of the first results (read from the database, so it works
     the same whatever the index kind)."""
-    with ctx.db.session() as session:
-        blobs = dict(
-            session.execute(
-                select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-                .where(EmbeddingRecord.image_id.in_([i for i, _ in top]))
-                .where(EmbeddingRecord.embedder_version == record.embedder_version)
-            ).all()
-        )
+    assert record.embedder_version is not None  # _served checked it
+    ids = np.asarray([i for i, _ in top], dtype=np.int64)
+    blobs = blobs_of(ctx.db, ids=ids, embedder_version=record.embedder_version)
     found = [(i, s) for i, s in top if i in blobs]
     if not found:
         return vector
