@@ -11,7 +11,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["SearchKnobs", "apply_knobs", "knobs_of", "parts", "search_parameters", "selector"]
+__all__ = ["SearchKnobs", "apply_knobs", "parts", "read_knobs", "search_parameters", "selector"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def parts(index: Any) -> Iterator[Any]:
         yield from parts(index.base_index)
 
 
-def knobs_of(index: Any) -> SearchKnobs:
+def read_knobs(index: Any) -> SearchKnobs:
     """The search parameters set on a FAISS ``index`` (the one inside the id map) and its parts."""
     knobs: dict[str, Any] = {}
     for part in parts(index):

@@ -22,7 +22,7 @@ from index.factories import normalise_factory
 from index.fileformat import read_index, write_index
 from index.rows import as_ids, as_vectors
 from index.rwlock import RWLock
-from index.search_params import SearchKnobs, apply_knobs, knobs_of, parts, search_parameters, selector
+from index.search_params import SearchKnobs, apply_knobs, parts, read_knobs, search_parameters, selector
 
 __all__ = ["VectorIndex"]
 
@@ -204,7 +204,7 @@ class VectorIndex:
 
     def search_knobs(self) -> SearchKnobs:
         """The index's own search parameters (those a search without overrides uses)."""
-        return knobs_of(self._index.index)
+        return read_knobs(self._index.index)
 
     def set_search_knobs(self, knobs: SearchKnobs) -> None:
         """Make ``knobs`` (its non-None fields) the index's own search parameters; saved with it."""
