@@ -1,9 +1,10 @@
 """Decoding within the process's decode memory budget (app/imaging/decode_budget.py).
 
-A decode reserves what its header says it will hold (app/imaging/decode_cost.py) before any pixel exists,
-and keeps the reservation while its pixels live: through the embedder's preprocessing for a search
-or an import member, through embedding and storing for an upload (whose decoded images are kept
-for a re-embedding under the write lock). A request that finds the budget full waits
+A decode reserves what its header says it will hold (app/imaging/decode_cost.py) before any pixel
+exists, and keeps the reservation while its pixels live: through the embedder's preprocessing for a
+search or an import member, through embedding and storing for an upload (which keeps its
+reservation until it is stored, so a re-embedding under the write lock decodes again within it).
+A request that finds the budget full waits
 CBIR_DECODE_BUDGET_WAIT_S, then gets 503 overloaded; an import waits until there is room or it
 stops. Nothing waits for the budget while holding the write lock: a request holding a reservation
 may be waiting for that lock.
