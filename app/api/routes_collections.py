@@ -28,6 +28,7 @@ from app.api.schemas import (
 from app.catalog import collections, index_admin
 from app.indexing.manager import IndexStatus
 from app.learning import autotune, tuning
+from app.learning.reembed import check_reembed
 from app.search import maps
 
 router = APIRouter(tags=["collections"])
@@ -75,8 +76,6 @@ def change_embedder(
     """Re-embed every image with another pretrained embedder in a background job, then switch;
     searches use the old vectors until the new ones are complete (409 if it serves it already,
     422 for a trainable embedder: `cbir train` re-embeds with its checkpoint)."""
-    from app.learning.reembed import check_reembed
-
     spec, _ = check_reembed(ctx, collection=name, embedder=body.embedder)
     job_id = runner.submit_reembed(collection=name, spec=spec, creator=job_access.creator(request))
     return JobAccepted(job_id=job_id, state="queued", status_url=f"/api/v1/jobs/{job_id}")

@@ -31,6 +31,7 @@ from app.context import AppContext
 from app.core.errors import CbirError, EmbedderNotReady
 from app.core.settings import Settings
 from app.data.records import CollectionRecord, ImageRecord
+from app.embedding.embedders import EmbedderCache
 from app.imaging.decode import DecodedImage, ImageLimits, decode_image
 from models.base import Embedder
 
@@ -217,8 +218,6 @@ _WORKER: dict[str, Any] = {}
 def worker_init(
     settings_json: str, spec: str, checkpoint: dict[str, Any] | None, version: str | None
 ) -> None:
-    from app.embedding.embedders import EmbedderCache
-
     # No app.core.memory.tune_malloc here: with every buffer over 256 KiB mapped and unmapped, the
     # model's activations cost page faults on each forward pass (embedding was 30% slower).
     _exit_with_parent()

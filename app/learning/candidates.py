@@ -23,7 +23,7 @@ from PIL import Image
 
 from index.metrics import evaluate_retrieval
 from index.rerank import fit_whitening
-from models import cdae
+from models import cdae, lenet
 from models.classifier import get_arch
 
 IMAGE_SIZE = 28  # what the pixels embedder, the CDAE presets and LeNet-5 read
@@ -207,12 +207,12 @@ def classifier_candidate(arch: str = "lenet5") -> Candidate:
             device=device,
             progress=progress,
         )
-        from models import lenet  # the one pixel arch so far; its encoder is F6
-
+        # LeNet-5 is the one pixel arch so far; its encoder is F6.
+        network = result.model  # type: ignore[attr-defined]
         return Fitted(
             arch,
             "supervised",
-            _torch_encoder(lambda x: lenet.encode_images(result.model, x), size=IMAGE_SIZE),  # type: ignore[attr-defined]
+            _torch_encoder(lambda x: lenet.encode_images(network, x), size=IMAGE_SIZE),
             artefact=result,
             config={**result.recipe, "arch": arch, "preset": spec.preset, "seed": seed},
             epochs=len(result.metrics.get("epoch_losses", [])),
