@@ -20,7 +20,7 @@ from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord, ImageRecord, utcnow
-from app.indexing.manager import load_vectors
+from app.data.vector_rows import load_vectors
 from app.learning.head_selection import compare, head_split, served_codes, too_few_labels, unvalidated
 from app.learning.training import (
     Progress,

@@ -23,6 +23,7 @@ from app.embedding.embedders import validate_embedder_name
 from app.learning import evaluation
 from app.learning import groundtruth as gt
 from app.learning.training import collection_size
+from app.search.against import resolve_compare
 from models import registry
 
 MAX_EMBEDDERS = 4
@@ -204,8 +205,7 @@ def _labelled_cost(
         record = require_collection(session, collection)
         checkpoint = checkpoint_of(session, record)
         sides = [
-            (evaluation.resolve_compare(ctx, session=session, collection=record, spec=spec)[1], False)
-            for spec in specs
+            (resolve_compare(ctx, session=session, collection=record, spec=spec)[1], False) for spec in specs
         ]
     if record.embedder_version is not None:
         sides.insert(0, (ctx.embedders.for_collection(record, checkpoint), True))

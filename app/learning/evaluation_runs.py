@@ -20,7 +20,8 @@ from app.core.errors import Cancelled, InvalidRequest
 from app.data.records import utcnow
 from app.data.storage import write_atomic
 from app.learning.evaluate_plan import plan_evaluation
-from app.learning.evaluation import evaluate, query_sets, resolve_compare
+from app.learning.evaluation import evaluate, query_sets
+from app.search.against import resolve_compare
 
 log = logging.getLogger(__name__)
 

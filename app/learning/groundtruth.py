@@ -25,9 +25,9 @@ from app.context import AppContext
 from app.core.cancel import NEVER, CancelToken, checking
 from app.core.errors import InvalidRequest
 from app.data.records import CollectionRecord, ImageRecord
+from app.data.vector_rows import load_vectors
 from app.embedding import cost
 from app.embedding.embedders import validate_embedder_name
-from app.indexing.manager import load_vectors
 from app.ingest.sources.holidays import check_groundtruth as check_groundtruth
 from app.ingest.sources.holidays import read_groundtruth as read_groundtruth
 from app.learning.training import Progress, embed_collection

@@ -13,7 +13,7 @@ import pytest
 from app.catalog.collections import create_collection, get_collection
 from app.context import open_context
 from app.core.settings import Settings
-from app.indexing.manager import load_vectors
+from app.data.vector_rows import load_vectors
 from app.ingest import jobs, pipeline, stages
 from app.ingest.store import add_image
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.catalog.collections import create_collection, get_collection, require_collection
 from app.context import AppContext
-from app.indexing.manager import load_vectors
+from app.data.vector_rows import load_vectors
 from app.ingest import jobs
 from app.ingest.store import add_image
 from app.learning.job_kinds import job_runner

@@ -38,7 +38,7 @@ from app.catalog.collections import create_collection, require_collection
 from app.context import open_context
 from app.core import faults
 from app.core.settings import Settings
-from app.indexing.manager import load_vectors
+from app.data.vector_rows import load_vectors
 from app.ingest.store import Item, ingest_batch
 from index import VectorIndex
 from tests.api.helpers import assert_problem

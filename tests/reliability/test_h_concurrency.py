@@ -46,7 +46,7 @@ def hammer(*, factory: str, seconds: float, searchers: int = 4, dim: int = 32) -
     import faiss
 
     from index import VectorIndex
-    from index.vector_index import normalise_factory
+    from index.factories import normalise_factory
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(60)
