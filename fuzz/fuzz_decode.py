@@ -32,7 +32,7 @@ with atheris.instrument_imports():
         WebPImagePlugin,
     )
 
-    from app.imaging.decode import decode as imaging
+    from app.imaging import decode as imaging
 from app.core.errors import CbirError  # noqa: E402
 
 # The test settings' caps (tests/conftest.py): small enough that an accepted input stays cheap.
