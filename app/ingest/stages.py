@@ -95,12 +95,15 @@ class Target:
     @property
     def embedder(self) -> Embedder | None:
         if self._embedder is _UNSET:
-            self._embedder = None
+            # Only a result is kept: another error (weights missing, a stale checkpoint) is raised
+            # again for every image that asks, never remembered as "no embedder".
+            embedder = None
             if self.trained:
                 try:
-                    self._embedder = self.ctx.embedders.for_collection(self.record, self.checkpoint)
+                    embedder = self.ctx.embedders.for_collection(self.record, self.checkpoint)
                 except EmbedderNotReady:
-                    self._embedder = None
+                    embedder = None
+            self._embedder = embedder
         return self._embedder
 
 
