@@ -12,10 +12,15 @@ export CBIR_DATASETS_DIR ?= $(SHARED_DATASETS)
 endif
 
 # `make test` runs the suite on SQLite, then again on the PostgreSQL database at CBIR_TEST_PG_URL
-# when one answers there: every test again, each in a fresh schema. CBIR_TEST_PG_REQUIRED=1 (CI) makes
-# an unreachable PostgreSQL a failure instead of a skipped run. PYTEST_ARGS go to both runs.
+# when one answers there: every test that reaches the database again, each in a fresh schema (the
+# others ran identically on SQLite; tests/conftest.py). CBIR_TEST_PG_REQUIRED=1 (CI) makes an
+# unreachable PostgreSQL a failure instead of a skipped run. Each pass runs on TEST_WORKERS pytest-xdist
+# workers (the tests sharing the demo build on one of them) and ends with its ten slowest tests.
+# PYTEST_ARGS go to both runs.
 export CBIR_TEST_PG_URL ?= postgresql+psycopg://cbir:cbir@127.0.0.1:5432/cbir_test
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=10
 
 .PHONY: run serve demo test check lint format clean
 
@@ -44,10 +49,10 @@ serve: $(BIN)/.installed  ## serve without building the demo
 test: $(BIN)/.installed-dev  ## the whole test suite on SQLite, then on PostgreSQL when reachable
 	@sqlite=passed; postgres=passed; \
 	echo "== tests on SQLite =="; \
-	CBIR_TEST_DATABASE_URL= $(BIN)/python -m pytest $(PYTEST_ARGS) || sqlite=FAILED; \
+	CBIR_TEST_DATABASE_URL= $(PYTEST) $(PYTEST_ARGS) || sqlite=FAILED; \
 	if where=$$($(BIN)/python -m tests.postgres probe "$$CBIR_TEST_PG_URL"); then \
 	  echo "== tests on PostgreSQL ($$where) =="; \
-	  CBIR_TEST_DATABASE_URL="$$CBIR_TEST_PG_URL" $(BIN)/python -m pytest $(PYTEST_ARGS) || postgres=FAILED; \
+	  CBIR_TEST_DATABASE_URL="$$CBIR_TEST_PG_URL" $(PYTEST) $(PYTEST_ARGS) || postgres=FAILED; \
 	elif [ -n "$${CBIR_TEST_PG_REQUIRED:-}" ]; then \
 	  postgres="FAILED (not reachable)"; \
 	else \

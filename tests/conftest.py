@@ -3,6 +3,13 @@
 The database is a SQLite file in the data folder, or, when ``CBIR_TEST_DATABASE_URL`` names a
 PostgreSQL database, a fresh schema in it (``tests/postgres.py``). Tests marked ``pg`` need
 PostgreSQL-only behaviour (concurrent writers, dropped connections) and are skipped on SQLite.
+
+The PostgreSQL pass of ``make test`` runs only the tests that reach the test database (those
+that ask for ``database_url``, directly or through ``settings``, ``ctx``, ``client``, ...): every
+other test would run exactly as it did in the SQLite pass, so it is deselected there.
+
+What is expensive to build and only read is built once per session: the MNIST demo
+(``demo_build``, ``tests/demo.py``) and the torchvision checkpoints (``cnn_weights``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from sqlalchemy import Engine
 from app.context import AppContext, open_context
 from app.core.settings import Settings
 from app.main import create_app
-from tests import postgres
+from tests import demo, postgres
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS_DIR = Path(os.environ.get("CBIR_DATASETS_DIR", SHARED_DATASETS))
@@ -47,6 +54,49 @@ def pytest_report_header() -> str:
     if ON_POSTGRES:
         return f"cbir test database: PostgreSQL at {postgres.redact(TEST_DATABASE_URL)}, a schema per test"
     return "cbir test database: SQLite, a file per test"
+
+
+# A test that asks for none of these (directly or through another fixture: ``settings``, ``ctx``,
+# ``client``, ...) never reaches the test database.
+DATABASE_FIXTURES = frozenset({"database_url", "pg_schema", "pg_admin"})
+
+
+def reaches_test_database(item: pytest.Item) -> bool:
+    fixtures = getattr(item, "fixturenames", ())
+    return bool(DATABASE_FIXTURES.intersection(fixtures)) or item.get_closest_marker("pg") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On PostgreSQL, deselect the tests that never reach the test database: the SQLite pass ran
+    them already, identically (model, index and imaging tests; servers on SQLite data folders;
+    the browser tests). With ``CBIR_TEST_SERVER_DATABASE_URL`` set, the live servers of the
+    reliability tests use that database, so then nothing is deselected."""
+    if not ON_POSTGRES or os.environ.get("CBIR_TEST_SERVER_DATABASE_URL"):
+        return
+    kept = [item for item in items if reaches_test_database(item)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not reaches_test_database(item)])
+        items[:] = kept
+
+
+# The tests that use the session's demo build (``demo_build``): one xdist worker runs them all.
+DEMO_TESTS = ("tests/browser/", "tests/learning/test_demo.py::")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """pytest-xdist's default ``--dist load`` (``make test`` runs ``-n 2``): every test is a work
+    unit of its own except ``DEMO_TESTS``, one unit, so that a session builds the demo once, not
+    once per worker. (xdist's own ``--dist loadgroup`` marks do not group under pytest 9.)"""
+    if config.getvalue("dist") != "load":  # another --dist asked for by name
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DemoGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "demo" if nodeid.startswith(DEMO_TESTS) else nodeid
+
+    return DemoGroupScheduling(config, log)  # type: ignore[arg-type]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -121,6 +171,17 @@ def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[
 
     yield ensure
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite data folder holding the MNIST demo collection ``mnist`` (`cbir demo`, one epoch),
+    built once per session. Read only: a test that serves or changes it works on
+    ``demo.copy_data(demo_build, its_folder)``."""
+    cache = os.environ.get("CBIR_BROWSER_DEMO_CACHE")
+    build = Path(cache).resolve() if cache else tmp_path_factory.mktemp("demo-build") / "data"
+    demo.build_demo(build, datasets_dir=DATASETS_DIR, log=tmp_path_factory.mktemp("demo-log") / "demo.log")
+    return build
 
 
 @pytest.fixture

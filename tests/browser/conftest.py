@@ -1,9 +1,10 @@
 """Browser tests: Playwright drives Debian's Chromium against a live server on the MNIST demo.
 
-Session fixtures build the demo once (``cbir demo`` with ``CBIR_DEMO_EPOCHS=1``: 60,000 MNIST
-digits stored, a 1-epoch CDAE, about 2-4 minutes on 2 cores), serve it with uvicorn on
-127.0.0.1 and launch one headless Chromium. ``CBIR_BROWSER_DEMO_CACHE`` names a folder in
-which the demo is built once and reused across sessions (the tests then work on a copy).
+Session fixtures serve a copy of the session's demo build (``demo_build`` in ``tests/conftest.py``:
+``cbir demo`` with ``CBIR_DEMO_EPOCHS=1``, 60,000 MNIST digits stored, a 1-epoch CDAE, about 2-4
+minutes on 2 cores, shared with ``tests/learning/test_demo.py``) with uvicorn on 127.0.0.1 and
+launch one headless Chromium. ``CBIR_BROWSER_DEMO_CACHE`` names a folder in which the demo is
+built once and reused across sessions.
 
 Without ``playwright`` or Chromium the tests are skipped with the reason; with
 ``CBIR_REQUIRE_BROWSER=1`` (as ``.ci/run`` sets) they fail instead, so CI cannot pass by skipping.
@@ -13,7 +14,6 @@ Screenshots go to ``artifacts/screenshots/``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests import demo
 from tests.conftest import DATASETS_DIR
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, ViewportSize
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -43,8 +44,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 REQUIRED = os.environ.get("CBIR_REQUIRE_BROWSER") == "1"
-WIDE = {"width": 1440, "height": 900}
-NARROW = {"width": 360, "height": 780}
+WIDE: ViewportSize = {"width": 1440, "height": 900}
+NARROW: ViewportSize = {"width": 360, "height": 780}
 
 
 def unavailable(reason: str) -> None:
@@ -62,63 +63,13 @@ def _check_browser() -> None:
         unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CBIR_CHROMIUM)")
 
 
-def _server_env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
-    env.update(
-        CBIR_DATA_DIR=str(data_dir),
-        CBIR_DATASETS_DIR=str(DATASETS_DIR),
-        CBIR_DATABASE_URL="",  # SQLite in the data folder
-        CBIR_TORCH_THREADS="1",
-        CBIR_DEMO_EPOCHS="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def _copy_data(source: Path, target: Path) -> None:
-    """A working copy of a data folder: images and checkpoints hard-linked (content-addressed,
-    never modified in place), the database and index files copied."""
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    target.mkdir(parents=True)
-    for entry in source.iterdir():
-        if entry.name in ("images", "checkpoints", "datasets"):
-            shutil.copytree(entry, target / entry.name, copy_function=link_or_copy)
-        elif entry.is_dir():
-            shutil.copytree(entry, target / entry.name)
-        elif entry.name.endswith((".sqlite3", ".sqlite3-wal", ".sqlite3-shm")) or entry.is_file():
-            shutil.copy2(entry, target / entry.name)
-
-
 @pytest.fixture(scope="session")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data folder holding the MNIST demo collection ``mnist``, built once per session."""
+def demo_data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working copy of the session's MNIST demo (``demo_build``) for the live server."""
     _check_browser()  # no point building the demo for tests that cannot run
-    cache = os.environ.get("CBIR_BROWSER_DEMO_CACHE")
-    build = Path(cache).resolve() if cache else tmp_path_factory.mktemp("demo-build") / "data"
-    log = tmp_path_factory.mktemp("demo-log") / "demo.log"
-    with open(log, "wb") as out:
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", "demo"],
-            cwd=ROOT,
-            env=_server_env(build),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=1800,
-            check=False,
-        )
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        pytest.fail(f"`cbir demo` failed (exit {done.returncode}):\n{tail}")
-    if not cache:
-        return build
+    build: Path = request.getfixturevalue("demo_build")
     working = tmp_path_factory.mktemp("demo") / "data"
-    _copy_data(build, working)
+    demo.copy_data(build, working)
     return working
 
 
@@ -156,7 +107,7 @@ def live_server(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             "warning",
         ],
         cwd=ROOT,
-        env=_server_env(demo_data),
+        env=demo.demo_env(demo_data, DATASETS_DIR),
         stdout=out,
         stderr=subprocess.STDOUT,
         pass_fds=(sock.fileno(),),
@@ -248,7 +199,7 @@ def shot(page: Page, name: str, *, full_page: bool = True) -> Path:
     return path
 
 
-def at_width(page: Page, size: dict[str, int]) -> None:
+def at_width(page: Page, size: ViewportSize) -> None:
     page.set_viewport_size(size)
     page.wait_for_timeout(150)  # layout and lazy images settle
 
