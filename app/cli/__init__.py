@@ -152,8 +152,8 @@ def collections_tune(name: str, auto: str | None, now: bool, groundtruth: Path |
     """Show the automatic tuning (whitening, query expansion) of a pretrained-CNN collection: its
     switch, the steps served and the validation table, as JSON; --auto and --now change it."""
     from app.catalog.collections import get_collection
+    from app.ingest.sources.holidays import read_groundtruth
     from app.learning import autotune
-    from app.learning import groundtruth as gt
 
     if groundtruth is not None and not now:
         raise click.UsageError("--groundtruth goes with --now")
@@ -161,7 +161,7 @@ def collections_tune(name: str, auto: str | None, now: bool, groundtruth: Path |
         if auto is not None:
             autotune.set_autotune(ctx, collection=name, on=auto == "on")
         if now:
-            truth = gt.read_groundtruth(groundtruth) if groundtruth is not None else None
+            truth = read_groundtruth(groundtruth) if groundtruth is not None else None
             autotune.tune_collection(ctx, collection=name, groundtruth=truth)
         click.echo(json.dumps(get_collection(ctx, name).tuning, indent=1))
 
@@ -374,6 +374,7 @@ def eval_command(
 ) -> None:
     """P@10, mAP@10 and mAP over the full ranking, one row per embedder (and per whitening and
     query-expansion setting with --groundtruth). Same label = relevant, or the ground truth's lists."""
+    from app.ingest.sources.holidays import read_groundtruth
     from app.learning import groundtruth as gt
     from app.learning.evaluation import evaluate
 
@@ -382,7 +383,7 @@ def eval_command(
             rows = gt.evaluate_with_groundtruth(
                 ctx,
                 collection=collection,
-                groundtruth=gt.read_groundtruth(groundtruth),
+                groundtruth=read_groundtruth(groundtruth),
                 embedders=embedders + compare,
                 whiten=whiten or None,  # none given: as served
                 qe=qe,

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from app.core.errors import DecodeMemoryFull
-from app.core.memory import MIB, available_memory, default_budget  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

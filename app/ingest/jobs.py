@@ -27,24 +27,8 @@ from app.data.records import CollectionRecord, JobRecord, utcnow
 from app.data.storage import FileJournal
 from app.ingest.job_status import FINAL_STATES, JOB_STATES, JobInfo, get_job, list_jobs, wait_for_job
 from app.ingest.pipeline import Pipeline
-from app.ingest.sources.archive import check_archive
-from app.ingest.sources.dataset import check_dataset
-from app.ingest.sources.folder import check_folder
-from app.ingest.sources.kinds import (
-    ArchiveSource,
-    DatasetSource,
-    FolderSource,
-    HolidaysSource,
-    IdxSource,
-    Limits,
-    ManifestSource,
-    Source,
-    count_members,
-    describe,
-    from_params,
-    members_of,
-)
-from app.ingest.sources.manifest import check_manifest
+from app.ingest.sources.base import Limits, Source
+from app.ingest.sources.kinds import count_members, describe, from_params, members_of
 from app.ingest.sources.manifests import finished_state
 from app.ingest.store import ItemResult
 
@@ -59,17 +43,6 @@ __all__ = [
     "get_job",
     "list_jobs",
     "wait_for_job",
-    "ArchiveSource",
-    "DatasetSource",
-    "FolderSource",
-    "HolidaysSource",
-    "IdxSource",
-    "ManifestSource",
-    "Source",
-    "check_archive",
-    "check_dataset",
-    "check_folder",
-    "check_manifest",
 ]
 
 

@@ -20,6 +20,7 @@ from app.core.cancel import NEVER, CancelToken
 from app.core.errors import InvalidRequest
 from app.embedding import cost
 from app.embedding.embedders import validate_embedder_name
+from app.ingest.sources.holidays import check_groundtruth
 from app.learning import evaluation
 from app.learning import groundtruth as gt
 from app.learning.training import collection_size
@@ -103,7 +104,7 @@ def plan_evaluation(
     dims, depths = tuple(dict.fromkeys(whiten)), tuple(dict.fromkeys(qe))
     settings = ctx.settings
     if groundtruth is not None:
-        truth = gt.check_groundtruth(groundtruth)
+        truth = check_groundtruth(groundtruth)
         build = partial(
             _groundtruth_cost, ctx, collection=collection, truth=truth, specs=specs, dims=dims, depths=depths
         )

@@ -28,8 +28,6 @@ from app.data.records import CollectionRecord, ImageRecord
 from app.data.vector_rows import load_vectors
 from app.embedding import cost
 from app.embedding.embedders import validate_embedder_name
-from app.ingest.sources.holidays import check_groundtruth as check_groundtruth
-from app.ingest.sources.holidays import read_groundtruth as read_groundtruth
 from app.learning.training import Progress, embed_collection
 from index.metrics import evaluate_groundtruth
 from index.rerank import expand_queries, fit_whitening

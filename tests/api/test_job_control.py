@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from app.catalog.collections import create_collection, get_collection
 from app.context import AppContext
 from app.ingest import jobs
+from app.ingest.sources.folder import check_folder
 from tests.api.helpers import assert_problem
 from tests.api.test_imports import make_zip, wait_for_job
 
@@ -73,7 +74,7 @@ def test_cancel_stops_a_running_import_after_its_batch_and_keeps_what_it_stored(
         (folder / f"{seed:04d}.png").write_bytes(make_png(seed, size=(8, 8)))
     create_collection(ctx, name="many", embedder="tiny")
     runner = jobs.JobRunner(ctx)
-    source = jobs.check_folder(folder)
+    source = check_folder(folder)
     job_id = runner.create_job(collection="many", source=source)
     runner.run_import(
         job_id=job_id,
@@ -94,7 +95,7 @@ def test_a_queued_job_cancelled_never_runs(
     (tmp_path / "one" / "1.png").write_bytes(make_png(1))
     create_collection(ctx, name="one", embedder="tiny")
     runner = jobs.JobRunner(ctx)
-    source = jobs.check_folder(tmp_path / "one")
+    source = check_folder(tmp_path / "one")
     job_id = runner.create_job(collection="one", source=source)
     assert runner.cancel(job_id).record.state == "cancelled"
     runner.run_import(job_id=job_id, collection="one", source=source)

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from app.core.errors import DecodeMemoryFull, ImageTooLarge
+from app.core.memory import default_budget
 from app.core.settings import Settings
 from app.imaging import decode_cost
 from app.imaging.decode import ImageLimits, decode_image, plan_decode
-from app.imaging.decode_budget import DecodeBudget, default_budget
+from app.imaging.decode_budget import DecodeBudget
 from app.imaging.decode_cost import header_mode, jpeg_draft_scale, peak_bytes
 
 

@@ -15,6 +15,7 @@ from app.context import open_context
 from app.core.settings import Settings
 from app.data.vector_rows import load_vectors
 from app.ingest import jobs, pipeline, stages
+from app.ingest.sources.folder import check_folder
 from app.ingest.store import add_image
 
 
@@ -42,7 +43,7 @@ def test_worker_processes_give_the_vectors_an_upload_gives(
         create_collection(ctx, name="q", embedder="tiny")
         folder = _folder(tmp_path, make_png, 40)
         runner = jobs.JobRunner(ctx)
-        source = jobs.check_folder(folder)
+        source = check_folder(folder)
         job_id = runner.create_job(collection="p", source=source)
         runner.run_import(job_id=job_id, collection="p", source=source)
         record = jobs.get_job(ctx, job_id).record
@@ -81,7 +82,7 @@ def test_a_worker_killed_mid_import_costs_nothing(
         create_collection(ctx, name="p", embedder="tiny")
         folder = _folder(tmp_path, make_png, 300)
         runner = jobs.JobRunner(ctx)
-        source = jobs.check_folder(folder)
+        source = check_folder(folder)
         job_id = runner.create_job(collection="p", source=source)
         killed: list[int] = []
 
@@ -116,7 +117,7 @@ def test_an_idle_worker_killed_between_jobs_is_replaced(
             folder.mkdir()
             for i in range(20):
                 (folder / f"{i}.png").write_bytes(make_png(1000 * round_ + i, size=(12, 12)))
-            source = jobs.check_folder(folder)
+            source = check_folder(folder)
             job_id = runner.create_job(collection="p", source=source)
             runner.run_import(job_id=job_id, collection="p", source=source)
             assert jobs.get_job(ctx, job_id).record.state == "succeeded"

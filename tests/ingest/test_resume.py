@@ -21,6 +21,9 @@ from app.data.records import EmbeddingRecord, ImageRecord
 from app.data.storage import FileJournal, sha256_hex
 from app.ingest import jobs
 from app.ingest import pipeline as pipeline_module
+from app.ingest.sources.archive import ArchiveSource, check_archive
+from app.ingest.sources.base import Source
+from app.ingest.sources.folder import check_folder
 from app.ingest.store import Accepted, Item, add_image, store_accepted
 from app.main import create_app
 from tests.api.test_imports import make_zip
@@ -57,14 +60,14 @@ def archive(make_png: Callable[..., bytes]) -> dict[str, bytes]:
 ADDED = MEMBERS - len(COPIES) - len(BAD)
 
 
-def upload(ctx: AppContext, tmp_path: Path, members: dict[str, bytes]) -> jobs.ArchiveSource:
+def upload(ctx: AppContext, tmp_path: Path, members: dict[str, bytes]) -> ArchiveSource:
     """The archive as the HTTP route leaves it: kept in the uploads folder, checked."""
     path = tmp_path / "photos.zip"
     path.write_bytes(make_zip(members))
-    return jobs.check_archive(jobs.keep_upload(ctx, path, suffix=".archive"), "photos.zip")
+    return check_archive(jobs.keep_upload(ctx, path, suffix=".archive"), "photos.zip")
 
 
-def interrupted_job(ctx: AppContext, source: jobs.Source, *, collection: str = "r") -> str:
+def interrupted_job(ctx: AppContext, source: Source, *, collection: str = "r") -> str:
     """A job stopped as a shutdown stops it: after its first committed batch, left "running"."""
     create_collection(ctx, name=collection, embedder="tiny")
     runner = jobs.JobRunner(ctx)
@@ -148,7 +151,7 @@ def test_resuming_never_reads_the_committed_members_again(
     folder.mkdir()
     for i in range(MEMBERS):
         (folder / f"{i:03d}.png").write_bytes(make_png(i, size=(8, 8)))
-    source = jobs.check_folder(folder)
+    source = check_folder(folder)
     job_id = interrupted_job(ctx, source)
     # Spoil the committed files (names kept, so positions stay): a resume that read them again
     # would reject them as not images.

@@ -16,6 +16,7 @@ from app.catalog.collections import create_collection, get_collection
 from app.context import AppContext, open_context
 from app.core.settings import Settings
 from app.ingest import jobs
+from app.ingest.sources.folder import check_folder
 from app.learning import autotune
 from app.learning import groundtruth as gt
 from app.learning.job_kinds import job_runner
@@ -119,7 +120,7 @@ def context(settings: Settings, *, threshold: int) -> AppContext:
 
 def import_folder(ctx: AppContext, *, collection: str, folder: Path) -> None:
     runner = job_runner(ctx)
-    source = jobs.check_folder(folder)
+    source = check_folder(folder)
     job_id = runner.create_job(collection=collection, source=source)
     runner.run_import(job_id=job_id, collection=collection, source=source)
     assert jobs.get_job(ctx, job_id).record.state == "succeeded"

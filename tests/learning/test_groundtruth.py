@@ -14,6 +14,8 @@ from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import ImageRecord
 from app.ingest import jobs
+from app.ingest.sources.folder import check_folder
+from app.ingest.sources.holidays import check_groundtruth, read_groundtruth
 from app.learning import groundtruth as gt
 from app.learning import tuning
 from app.search import query as search
@@ -26,7 +28,7 @@ def holidays(ctx: AppContext, tmp_path: Path) -> dict[str, list[str]]:
     truth = holidays_subset(tmp_path / "jpg")
     create_collection(ctx, name="holidays", embedder="tiny")
     runner = jobs.JobRunner(ctx)
-    source = jobs.check_folder(tmp_path / "jpg")
+    source = check_folder(tmp_path / "jpg")
     job_id = runner.create_job(collection="holidays", source=source)
     runner.run_import(job_id=job_id, collection="holidays", source=source)
     return truth
@@ -67,17 +69,17 @@ def test_groundtruth_that_matches_nothing_is_a_clear_error(
     with pytest.raises(InvalidRequest, match="original file name"):
         gt.evaluate_with_groundtruth(ctx, collection="holidays", groundtruth={"nope.jpg": ["other.jpg"]})
     with pytest.raises(InvalidRequest, match="non-empty JSON object"):
-        gt.check_groundtruth([])
+        check_groundtruth([])
 
 
 def test_read_groundtruth_rejects_malformed_files(tmp_path: Path) -> None:
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"a.jpg": "b.jpg"}))
     with pytest.raises(InvalidRequest, match="list of file names"):
-        gt.read_groundtruth(path)
+        read_groundtruth(path)
     path.write_text("{not json")
     with pytest.raises(InvalidRequest, match="cannot read ground truth"):
-        gt.read_groundtruth(path)
+        read_groundtruth(path)
 
 
 def test_whitening_is_served_and_applied_to_queries(

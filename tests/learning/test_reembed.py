@@ -12,6 +12,7 @@ from app.catalog.collections import create_collection, get_collection, require_c
 from app.context import AppContext
 from app.data.vector_rows import load_vectors
 from app.ingest import jobs
+from app.ingest.sources.folder import check_folder
 from app.ingest.store import add_image
 from app.learning.job_kinds import job_runner
 from app.learning.reembed import check_reembed
@@ -165,7 +166,7 @@ def test_a_version_switch_during_an_import_leaves_no_vector_of_the_old_version(
     settings = ctx.settings.model_copy(update={"import_batch_size": 16})
     ctx.settings = settings
     runner = job_runner(ctx)
-    source = jobs.check_folder(folder)
+    source = check_folder(folder)
     job_id = runner.create_job(collection="c", source=source)
     switched: list[bool] = []
 
