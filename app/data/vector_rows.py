@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from app.data.db import Database
 from app.data.records import EmbeddingRecord, ImageRecord
@@ -158,3 +159,17 @@ def blobs_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> dict[in
                 ).all()
             )
     return found
+
+
+def drop_other_versions(session: Session, *, collection_id: int, keep: str) -> None:
+    """Delete the collection's vectors of every embedder version but ``keep`` (once it serves
+    ``keep``, older versions' vectors are no longer served), in the caller's transaction."""
+    session.execute(
+        delete(EmbeddingRecord)
+        .where(EmbeddingRecord.embedder_version != keep)
+        .where(
+            EmbeddingRecord.image_id.in_(
+                select(ImageRecord.id).where(ImageRecord.collection_id == collection_id)
+            )
+        )
+    )

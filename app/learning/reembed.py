@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 
 from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.errors import CbirError, Conflict, InvalidRequest
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord, JobRecord, utcnow
+from app.data.vector_rows import drop_other_versions
 from app.embedding.embedders import validate_embedder_name
 from app.imaging.decoding import DecodeStopped, decoding_stored, never_stopped
 from app.ingest.store import store_vectors
@@ -205,14 +206,6 @@ def _switch(ctx: AppContext, *, collection: str, spec: str, embedder: Embedder) 
             live.embedder = spec
             live.embedder_version = embedder.version
             live.checkpoint_id = None
-            session.execute(
-                delete(EmbeddingRecord)
-                .where(EmbeddingRecord.embedder_version != embedder.version)
-                .where(
-                    EmbeddingRecord.image_id.in_(
-                        select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
-                    )
-                )
-            )
+            drop_other_versions(session, collection_id=record.id, keep=embedder.version)
         with ctx.db.session() as session:
             ctx.indexes.build(require_collection(session, collection))

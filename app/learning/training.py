@@ -17,6 +17,7 @@ from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.errors import InvalidRequest
 from app.data.records import CheckpointRecord, CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
+from app.data.vector_rows import drop_other_versions
 from app.imaging.decoding import decoding_stored, never_stopped
 from app.ingest.store import store_vectors
 from models import cdae, registry
@@ -218,15 +219,7 @@ def activate_checkpoint(
             live.embedder_version = embedder.version
             live.checkpoint_id = checkpoint.id
             # Older versions' vectors are no longer served.
-            session.execute(
-                delete(EmbeddingRecord)
-                .where(EmbeddingRecord.embedder_version != embedder.version)
-                .where(
-                    EmbeddingRecord.image_id.in_(
-                        select(ImageRecord.id).where(ImageRecord.collection_id == record.id)
-                    )
-                )
-            )
+            drop_other_versions(session, collection_id=record.id, keep=embedder.version)
         with ctx.db.session() as session:
             ctx.indexes.build(require_collection(session, collection))
 
