@@ -229,6 +229,22 @@ class VectorIndex:
             # per id: IDMap2's id_map (8) + its reverse hash map (~32) + our sorted copy (8)
             return n * (code + 48) + extra
 
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """The stored vectors of ``ids`` (n,) int64 as (n, d) float32, approximate for lossy codes;
+        ``ValueError`` when an id is not stored or the kind cannot give vectors back (IVF kinds)."""
+        id_arr = as_ids(ids)
+        with self._lock.read():
+            if not self.contains_many(id_arr).all():
+                raise ValueError("some ids are not stored")
+            if id_arr.size == 0:
+                return np.empty((0, self.dim), dtype=np.float32)
+            try:
+                return np.asarray(self._index.reconstruct_batch(id_arr), dtype=np.float32)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{self.kind} cannot give its vectors back: {str(exc).strip()[:120]}"
+                ) from None
+
     # --- mutation ---------------------------------------------------------------------
 
     def add(self, vectors: Any, ids: Any) -> None:

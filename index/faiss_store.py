@@ -1,0 +1,178 @@
+"""The vector store in process: one ``VectorIndex`` per space, with the scalar fields beside it.
+
+Filters run on the scalar columns here and become an id selector; a small filtered set (at most
+``EXACT_PASS_MAX`` ids) is searched exactly over its vectors (``index.exact``), since a graph or IVF
+search restricted to a few ids misses most of them. A kind that needs training serves exact search
+(``Flat``) until the space holds enough vectors to train it, then is rebuilt into that kind, as the
+service's index manager does. Spaces live in memory only: the manager's files stay the FAISS path's
+persistence.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from index.exact import exact_search
+from index.kinds import build_index, min_vectors, new_index, servable_factory, validate_factory
+from index.rows import as_ids, as_vectors
+from index.store import UnsupportedKind, Where, check_rows, empty_hits
+from index.vector_index import VectorIndex
+
+__all__ = ["EXACT_PASS_MAX", "FaissStore"]
+
+# Same bound as the service's exact pass (app/search/query.py): about a millisecond of brute force.
+EXACT_PASS_MAX = 4096
+
+
+@dataclass
+class _Space:
+    index: VectorIndex
+    target: str  # the kind asked for; ``index`` serves Flat until it can be trained
+    ids: np.ndarray  # (n,) int64 sorted; labels and created are parallel to it
+    labels: np.ndarray
+    created: np.ndarray
+
+
+class FaissStore:
+    """``index.store.VectorStore`` over in-process FAISS indexes; thread-safe."""
+
+    backend = "faiss"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._spaces: dict[str, _Space] = {}
+
+    def check_kind(self, kind: str, *, dim: int) -> None:
+        try:
+            validate_factory(kind, dim=dim)
+        except ValueError as exc:
+            raise UnsupportedKind(str(exc)) from None
+
+    def create(self, space: str, *, dim: int, kind: str = "Flat") -> None:
+        self.check_kind(kind, dim=dim)
+        target = validate_factory(kind, dim=dim)
+        with self._lock:
+            if space in self._spaces:
+                raise ValueError(f"space {space!r} exists")
+            self._spaces[space] = _Space(
+                index=new_index(dim, factory=servable_factory(target, 0)),
+                target=target,
+                ids=np.empty(0, np.int64),
+                labels=np.empty(0, object),
+                created=np.empty(0, np.int64),
+            )
+
+    def exists(self, space: str) -> bool:
+        with self._lock:
+            return space in self._spaces
+
+    def _get(self, space: str) -> _Space:
+        found = self._spaces.get(space)
+        if found is None:
+            raise KeyError(f"no space {space!r}")
+        return found
+
+    def upsert(
+        self,
+        space: str,
+        *,
+        ids: Any,
+        vectors: Any,
+        labels: Sequence[str | None] | None = None,
+        created: Any | None = None,
+    ) -> None:
+        with self._lock:
+            s = self._get(space)
+            rows = check_rows(ids=ids, vectors=vectors, labels=labels, created=created, dim=s.index.dim)
+            if rows.ids.size == 0:
+                return
+            self._remove(s, rows.ids)
+            try:
+                s.index.add(rows.vectors, rows.ids)
+            except ValueError:
+                # An id deleted from a kind that keeps tombstones (HNSW) cannot come back until the
+                # index is rebuilt without them.
+                self._rebuild(s, factory=s.index.factory)
+                s.index.add(rows.vectors, rows.ids)
+            ids_all = np.concatenate([s.ids, rows.ids])
+            order = np.argsort(ids_all, kind="stable")
+            s.ids = ids_all[order]
+            s.labels = np.concatenate([s.labels, rows.labels])[order]
+            s.created = np.concatenate([s.created, rows.created])[order]
+            if s.index.factory != s.target and s.index.ntotal >= min_vectors(s.target):
+                self._rebuild(s, factory=s.target)
+
+    def _rebuild(self, s: _Space, *, factory: str) -> None:
+        """``s.index`` rebuilt as ``factory`` from its own vectors (without its tombstones)."""
+        live = s.index.ids()
+        s.index = build_index(s.index.reconstruct(live), live, factory=factory)
+
+    def _remove(self, s: _Space, ids: np.ndarray) -> None:
+        s.index.remove(ids)
+        keep = ~np.isin(s.ids, ids)
+        s.ids, s.labels, s.created = s.ids[keep], s.labels[keep], s.created[keep]
+
+    def delete(self, space: str, ids: Any) -> None:
+        with self._lock:
+            self._remove(self._get(space), np.unique(as_ids(ids)))
+
+    def search(
+        self,
+        space: str,
+        queries: Any,
+        k: int,
+        *,
+        where: Where | None = None,
+        allowed_ids: Any | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer; got {k!r}")
+        with self._lock:
+            s = self._get(space)
+            index = s.index
+            arr = as_vectors(queries, index.dim)
+            allowed = None if allowed_ids is None else np.unique(as_ids(allowed_ids))
+            if where:
+                passing = s.ids[where.matches(labels=s.labels, created=s.created)]
+                allowed = passing if allowed is None else np.intersect1d(allowed, passing, assume_unique=True)
+            exact = None
+            if allowed is not None and allowed.size <= EXACT_PASS_MAX and index.kind != "Flat":
+                allowed = allowed[index.contains_many(allowed)]
+                try:
+                    exact = index.reconstruct(allowed)
+                except ValueError:
+                    exact = None  # IVF kinds: the id selector below
+        scores, found = empty_hits(arr.shape[0], int(k))
+        if exact is not None and allowed is not None:
+            got_scores, got_ids = exact_search(arr, int(k), vectors=exact, ids=allowed)
+        else:
+            got_scores, got_ids = index.search(arr, int(k), allowed_ids=allowed)
+        scores[:, : got_ids.shape[1]] = got_scores
+        found[:, : got_ids.shape[1]] = got_ids
+        return scores, found
+
+    def count(self, space: str) -> int:
+        with self._lock:
+            return self._get(space).index.ntotal
+
+    def list_ids(self, space: str) -> np.ndarray:
+        with self._lock:
+            return self._get(space).index.ids()
+
+    def drop(self, space: str) -> None:
+        with self._lock:
+            self._spaces.pop(space, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._spaces.clear()
+
+    def kind_of(self, space: str) -> str:
+        """The kind serving ``space`` now (``Flat`` while its target kind waits for training data)."""
+        with self._lock:
+            return self._get(space).index.kind

@@ -1,0 +1,274 @@
+"""The vector store in Milvus, through pymilvus's ``MilvusClient``: one Milvus collection per space
+(a cbir collection and embedder version), with ``label`` and ``created`` as scalar fields so that
+filters run inside Milvus.
+
+Index kinds are FAISS factory strings (the ones cbir already speaks) mapped onto Milvus index types:
+``Flat`` -> FLAT, ``HNSW{M}`` -> HNSW, ``IVF{n},Flat`` -> IVF_FLAT, ``IVF{n},SQ8`` -> IVF_SQ8,
+``IVF{n},PQ{m}[x{bits}]`` -> IVF_PQ. Anything else (PCA or OPQ in front, a refinement behind, 4- or
+6-bit scalar codes, fast-scan PQ, HNSW over codes) has no Milvus counterpart and is refused with
+``UnsupportedKind``, as is IVF_PQ on milvus-lite, which cannot build it (it fails only when a segment
+is sealed, long after the collection was created, so it is refused up front from the server version).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from index.factories import check_factory
+from index.rows import as_ids, as_vectors
+from index.store import UnsupportedKind, Where, check_rows, empty_hits
+
+__all__ = ["MILVUS_KINDS", "MilvusStore", "milvus_index", "parse_milvus_url"]
+
+MILVUS_KINDS = "Flat, HNSW{M} (or HNSW{M},Flat), IVF{nlist},Flat, IVF{nlist},SQ8, IVF{nlist},PQ{m}[x{bits}]"
+LABEL_MAX = 512  # VARCHAR bytes; the catalog's values are shorter (app/catalog/filters.py)
+_WRITE_BATCH = 4096
+_ID_LIST_BATCH = 16_384
+_HNSW_EF_CONSTRUCTION = 40  # as index.kinds, so that both backends build the same graph
+_HNSW_EF_SEARCH = 64
+_IVF_NPROBE = 16
+_LITE_LACKS = frozenset({"IVF_PQ"})
+
+
+def milvus_index(kind: str, *, dim: int) -> tuple[str, dict[str, int], dict[str, int]]:
+    """(Milvus index type, build params, search params) for a FAISS factory string, or
+    ``UnsupportedKind``. The string is first checked by cbir's own grammar (``index.factories``)."""
+    try:
+        body = check_factory(kind, dim=dim).removeprefix("IDMap2,")
+    except ValueError as exc:
+        raise UnsupportedKind(str(exc)) from None
+    if body == "Flat":
+        return "FLAT", {}, {}
+    if match := re.fullmatch(r"HNSW(\d+)(?:,Flat)?", body):
+        return "HNSW", {"M": int(match[1]), "efConstruction": _HNSW_EF_CONSTRUCTION}, {"ef": _HNSW_EF_SEARCH}
+    if match := re.fullmatch(r"IVF(\d+),(Flat|SQ8)", body):
+        kind_name = "IVF_FLAT" if match[2] == "Flat" else "IVF_SQ8"
+        return kind_name, {"nlist": int(match[1])}, {"nprobe": _IVF_NPROBE}
+    if match := re.fullmatch(r"IVF(\d+),PQ(\d+)(?:x(\d+))?", body):
+        params = {"nlist": int(match[1]), "m": int(match[2]), "nbits": int(match[3] or 8)}
+        return "IVF_PQ", params, {"nprobe": _IVF_NPROBE}
+    raise UnsupportedKind(f"{body!r} has no Milvus index type; the Milvus store builds {MILVUS_KINDS}")
+
+
+def parse_milvus_url(url: str) -> dict[str, Any]:
+    """``milvus://HOST:PORT`` or ``http(s)://HOST:PORT``, optionally ``?token=...&db=...``, as
+    ``MilvusClient`` keyword arguments (``uri``, ``token``, ``db_name``)."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"milvus", "http", "https"} or not parts.hostname:
+        raise ValueError(f"not a Milvus address: {url!r} (want milvus://HOST:PORT or http://HOST:PORT)")
+    scheme = "http" if parts.scheme == "milvus" else parts.scheme
+    query = parse_qs(parts.query)
+    out: dict[str, Any] = {"uri": f"{scheme}://{parts.netloc}"}
+    if "token" in query:
+        out["token"] = query["token"][0]
+    if "db" in query:
+        out["db_name"] = query["db"][0]
+    return out
+
+
+def _literal(value: str) -> str:
+    # Milvus expression strings take JSON's escapes; a label can hold quotes or backslashes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _expr(where: Where | None, allowed: np.ndarray | None) -> str:
+    terms: list[str] = []
+    if where is not None and where.labels is not None:
+        named = [label for label in where.labels if label is not None]
+        either = []
+        if named:
+            either.append(f"label in [{', '.join(_literal(label) for label in named)}]")
+        if None in where.labels:
+            either.append("label is null")
+        terms.append(f"({' or '.join(either)})" if either else "false")
+    if where is not None and where.created_from is not None:
+        terms.append(f"created >= {int(where.created_from)}")
+    if where is not None and where.created_until is not None:
+        terms.append(f"created < {int(where.created_until)}")
+    if allowed is not None:
+        terms.append(f"id in [{', '.join(str(int(i)) for i in allowed)}]")
+    return " and ".join(terms)
+
+
+class MilvusStore:
+    """``index.store.VectorStore`` in a Milvus server (or milvus-lite's). ``consistency`` is each
+    collection's Milvus consistency level: ``Strong`` by default, so that a write is seen by the
+    next search and count from any replica (``Bounded`` is cheaper and lags by about a second)."""
+
+    backend = "milvus"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        token: str | None = None,
+        db_name: str | None = None,
+        timeout: float = 10.0,
+        consistency: str = "Strong",
+    ) -> None:
+        kwargs: dict[str, Any] = {"uri": uri, "timeout": timeout}
+        if token:
+            kwargs["token"] = token
+        if db_name:
+            kwargs["db_name"] = db_name
+        self._client = MilvusClient(**kwargs)
+        self._consistency = consistency
+        self._lacks: frozenset[str] | None = None
+        self._specs: dict[str, tuple[int, str]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> MilvusStore:
+        return cls(**parse_milvus_url(url), **kwargs)
+
+    @property
+    def server_version(self) -> str:
+        return str(self._client.get_server_version())
+
+    def _server_lacks(self) -> frozenset[str]:
+        if self._lacks is None:
+            self._lacks = _LITE_LACKS if self.server_version.startswith("milvus_lite") else frozenset()
+        return self._lacks
+
+    def check_kind(self, kind: str, *, dim: int) -> None:
+        index_type, _, _ = milvus_index(kind, dim=dim)
+        if index_type in self._server_lacks():
+            raise UnsupportedKind(
+                f"this Milvus server ({self.server_version}) cannot build {index_type}; use another kind"
+            )
+
+    def create(self, space: str, *, dim: int, kind: str = "Flat") -> None:
+        self.check_kind(kind, dim=dim)
+        index_type, params, _ = milvus_index(kind, dim=dim)
+        if self._client.has_collection(space):
+            raise ValueError(f"space {space!r} exists")
+        # The kind travels in the collection's description, so that any replica knows how to search it.
+        schema = self._client.create_schema(
+            auto_id=False, enable_dynamic_field=False, description=json.dumps({"cbir_kind": kind})
+        )
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
+        schema.add_field("label", DataType.VARCHAR, max_length=LABEL_MAX, nullable=True)
+        schema.add_field("created", DataType.INT64)
+        index_params = self._client.prepare_index_params()
+        index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
+        self._client.create_collection(
+            space, schema=schema, index_params=index_params, consistency_level=self._consistency
+        )
+
+    def exists(self, space: str) -> bool:
+        return bool(self._client.has_collection(space))
+
+    def _spec(self, space: str) -> tuple[int, str]:
+        """(dim, kind) of ``space``, read once from Milvus (a dropped space is forgotten)."""
+        spec = self._specs.get(space)
+        if spec is None:
+            described = self._client.describe_collection(space)
+            dims = [int(f["params"]["dim"]) for f in described["fields"] if f["name"] == "vector"]
+            try:
+                kind = str(json.loads(described.get("description") or "{}").get("cbir_kind", "Flat"))
+            except ValueError:
+                kind = "Flat"
+            spec = self._specs[space] = (dims[0], kind)
+        return spec
+
+    def _dim(self, space: str) -> int:
+        return self._spec(space)[0]
+
+    def upsert(
+        self,
+        space: str,
+        *,
+        ids: Any,
+        vectors: Any,
+        labels: Sequence[str | None] | None = None,
+        created: Any | None = None,
+    ) -> None:
+        rows = check_rows(ids=ids, vectors=vectors, labels=labels, created=created, dim=self._dim(space))
+        for label in rows.labels:
+            if label is not None and len(label.encode()) > LABEL_MAX:
+                raise ValueError(f"a label is longer than {LABEL_MAX} bytes: {label[:40]!r}...")
+        for start in range(0, rows.ids.size, _WRITE_BATCH):
+            stop = start + _WRITE_BATCH
+            data = [
+                {"id": int(i), "vector": v.tolist(), "label": label, "created": int(c)}
+                for i, v, label, c in zip(
+                    rows.ids[start:stop],
+                    rows.vectors[start:stop],
+                    rows.labels[start:stop],
+                    rows.created[start:stop],
+                    strict=True,
+                )
+            ]
+            self._client.upsert(space, data=data)
+
+    def delete(self, space: str, ids: Any) -> None:
+        id_arr = np.unique(as_ids(ids))
+        for start in range(0, id_arr.size, _WRITE_BATCH):
+            self._client.delete(space, ids=[int(i) for i in id_arr[start : start + _WRITE_BATCH]])
+
+    def search(
+        self,
+        space: str,
+        queries: Any,
+        k: int,
+        *,
+        where: Where | None = None,
+        allowed_ids: Any | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer; got {k!r}")
+        arr = as_vectors(queries, self._dim(space))
+        scores, found = empty_hits(arr.shape[0], int(k))
+        allowed = None if allowed_ids is None else np.unique(as_ids(allowed_ids))
+        if arr.shape[0] == 0 or (allowed is not None and allowed.size == 0):
+            return scores, found
+        _, _, params = milvus_index(self._spec(space)[1], dim=arr.shape[1])
+        if "ef" in params:
+            params = {"ef": max(params["ef"], int(k))}  # Milvus wants ef >= k
+        results = self._client.search(
+            space,
+            data=arr.tolist(),
+            limit=int(k),
+            filter=_expr(where, allowed),
+            output_fields=["id"],
+            search_params={"metric_type": "IP", "params": params},
+        )
+        for row, hits in enumerate(results):
+            for col, hit in enumerate(hits):
+                found[row, col] = int(hit["id"])
+                scores[row, col] = float(hit["distance"])
+        return scores, found
+
+    def count(self, space: str) -> int:
+        result = self._client.query(space, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+    def list_ids(self, space: str) -> np.ndarray:
+        iterator = self._client.query_iterator(
+            space, batch_size=_ID_LIST_BATCH, filter="", output_fields=["id"]
+        )
+        chunks: list[np.ndarray] = []
+        try:
+            while batch := iterator.next():
+                chunks.append(np.fromiter((row["id"] for row in batch), dtype=np.int64, count=len(batch)))
+        finally:
+            iterator.close()
+        return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
+
+    def drop(self, space: str) -> None:
+        self._specs.pop(space, None)
+        if self._client.has_collection(space):
+            self._client.drop_collection(space)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+__all__ += ["MilvusException"]  # what a caller catches for a server that is away or refuses
