@@ -262,6 +262,12 @@ class MilvusStore:
             iterator.close()
         return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
 
+    def flush(self, space: str) -> None:
+        """Seal what was written (after a bulk load): milvus-lite searches unsealed rows by brute force,
+        730 ms a query at 50,000 x 128 against 25 ms once flushed. Real Milvus seals on its own;
+        flushing there after every small write only makes small segments."""
+        self._client.flush(space)
+
     def drop(self, space: str) -> None:
         self._specs.pop(space, None)
         if self._client.has_collection(space):
