@@ -224,3 +224,43 @@ def bench_quality_command(
         click.echo(line)
     if as_json:
         click.echo(json.dumps(service.summary(rows, db=db, queries=queries)))
+
+
+@bench.command("search")
+@click.option(
+    "--backends",
+    default="faiss,milvus",
+    show_default=True,
+    help="comma-separated: faiss (in process), milvus (a milvus-lite server this run starts)",
+)
+@click.option(
+    "--collection", default=None, help="default: CBIR_DEMO_COLLECTION (mnist, built by `cbir demo`)"
+)
+@click.option("--queries", type=click.IntRange(min=10), default=200, show_default=True, help="per filter")
+@click.option("--k", "k", type=click.IntRange(min=1, max=1000), default=10, show_default=True)
+@click.option("--kind", default=None, help="a FAISS factory string (default: the collection's kind)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_search_command(
+    backends: str, collection: str | None, queries: int, k: int, kind: str | None, as_json: bool
+) -> None:
+    """Search latency p50/p95 of a collection through each vector store, plain and with a label filter."""
+    from app.bench import search as service
+
+    try:
+        settings = get_settings()
+        result = service.bench_search(
+            settings,
+            collection=collection or settings.demo_collection,
+            backends=service.parse_backends(backends),
+            queries=queries,
+            k=k,
+            kind=kind,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(service.table(result))
+    if as_json:
+        click.echo(json.dumps(result.summary()))

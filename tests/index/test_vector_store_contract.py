@@ -3,19 +3,14 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from index.faiss_store import FaissStore
+from index.milvus_lite import MilvusLiteError, milvus_lite_binary, milvus_lite_server
 from index.store import Rows, UnsupportedKind, VectorStore, Where, reconcile, space_name
 
 DIM = 16
@@ -52,59 +47,20 @@ class Data:
 
 
 # -- the milvus-lite server -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _milvus_lite_binary() -> str | None:
-    beside = Path(sys.executable).with_name("milvus-lite")
-    return str(beside) if beside.exists() else shutil.which("milvus-lite")
-
-
 @pytest.fixture(scope="session")
 def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a ``milvus-lite server`` this session starts and stops."""
     pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install -e '.[dev]')")
-    binary = _milvus_lite_binary()
-    if binary is None:
+    if milvus_lite_binary() is None:
         pytest.skip(
             "milvus-lite is not installed (pip install -e '.[dev]'): the Milvus backend is not tested"
         )
-    from pymilvus import MilvusClient
-
     folder = tmp_path_factory.mktemp("milvus")
-    port = _free_port()
-    log = (folder / "server.log").open("wb")
-    data = str(folder / "data")
-    command = [binary, "server", "--data-dir", data, "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                tail = (folder / "server.log").read_text()[-2000:]
-                pytest.fail(f"milvus-lite exited with {server.returncode}: {tail}")
-            try:
-                client = MilvusClient(uri=uri, timeout=2)
-                client.get_server_version()
-                client.close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"milvus-lite did not answer on {uri} within 60 s")
-                time.sleep(0.2)
-        yield uri
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-        log.close()
+        with milvus_lite_server(folder / "data") as uri:
+            yield uri
+    except MilvusLiteError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(params=["faiss", "milvus"])
