@@ -31,6 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.bench.embedding import BenchError
 from app.bench.indexes import noise_scale
@@ -238,6 +239,11 @@ def bench_search(
     db = Database(settings.sqlalchemy_url, read_only=True)
     try:
         data = load_collection(db, name=collection, kind=kind)
+    except SQLAlchemyError as exc:  # no database yet (a fresh data folder), or not reachable
+        raise BenchError(
+            f"cannot read collection {collection!r} from the database ({getattr(exc, 'orig', exc)}); "
+            "the MNIST demo is built by `cbir demo`"
+        ) from None
     finally:
         db.dispose()
     n, dim = data.vectors.shape

@@ -88,9 +88,14 @@ def test_bench_search_through_a_milvus_lite_server_agrees_with_faiss(digits_dir:
     assert not list((digits_dir / "tmp").glob("bench-search-*"))  # its server's data folder is gone
 
 
-def test_bench_search_refuses_a_missing_collection_and_unknown_backends(digits_dir: Path) -> None:
+def test_bench_search_refuses_a_missing_collection_and_unknown_backends(
+    digits_dir: Path, tmp_path: Path
+) -> None:
     missing = bench(digits_dir, "--collection", "nope", "--backends", "faiss")
     assert missing.exit_code != 0 and "no collection named 'nope'" in missing.output
+    no_database = bench(tmp_path / "never-built", "--backends", "faiss")
+    assert no_database.exit_code != 0 and "cannot read collection 'digits'" in no_database.output
+    assert "Traceback" not in no_database.output
     with pytest.raises(BenchError, match="comma-separated"):
         parse_backends("faiss,pinecone")
 
