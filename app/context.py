@@ -19,6 +19,7 @@ from app.embedding.embedders import EmbedderCache, validate_embedder_name
 from app.imaging.decode import ImageLimits
 from app.imaging.decode_budget import DecodeBudget
 from app.indexing.manager import IndexManager
+from app.indexing.store_manager import StoreIndexManager
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class AppContext:
     db: Database
     store: ImageStore
     embedders: EmbedderCache
-    indexes: IndexManager
+    # In-process FAISS (CBIR_VECTOR_STORE unset or faiss) or a vector store such as Milvus.
+    indexes: IndexManager | StoreIndexManager
     device: torch.device
     # Bytes that decodes in progress may hold at once (CBIR_DECODE_MEMORY_BUDGET_BYTES).
     decode_budget: DecodeBudget
@@ -49,6 +51,8 @@ class AppContext:
     def close(self) -> None:
         self.workers.close()
         self.indexes.stop()
+        if isinstance(self.indexes, StoreIndexManager):
+            self.indexes.store.close()
         # Entries still pending belong to writes that never committed: the next start checks them.
         self.store.journal.close(remove=not self.store.journal.pending)
         self.db.dispose()
@@ -77,12 +81,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
             gate=WriteGate(read_only=read_only),
         ),
         embedders=EmbedderCache(settings=settings, device=device),
-        indexes=IndexManager(
-            db=db,
-            index_dir=settings.index_dir,
-            sync_rebuild_max=settings.index_sync_rebuild_max,
-            read_only=read_only,
-        ),
+        indexes=_indexes(settings, db=db, read_only=read_only),
         device=device,
         decode_budget=DecodeBudget(settings.decode_budget_bytes),
         costs=CostCache(),
@@ -91,6 +90,26 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
         _remove_unfinished_writes(context)
     context.indexes.start()
     return context
+
+
+def _indexes(settings: Settings, *, db: Database, read_only: bool) -> IndexManager | StoreIndexManager:
+    if settings.vector_store_backend == "faiss":
+        return IndexManager(
+            db=db,
+            index_dir=settings.index_dir,
+            sync_rebuild_max=settings.index_sync_rebuild_max,
+            read_only=read_only,
+        )
+    try:
+        from index.milvus_store import MilvusStore  # pymilvus: only where Milvus is asked for
+    except ImportError as exc:
+        raise SystemExit(f"CBIR_VECTOR_STORE names Milvus but pymilvus is not installed ({exc})") from None
+    try:
+        store = MilvusStore.from_url(settings.vector_store)
+        store.server_version  # noqa: B018 -- a Milvus that is away fails the start, clearly
+    except Exception as exc:
+        raise SystemExit(f"CBIR_VECTOR_STORE: cannot reach Milvus ({type(exc).__name__}: {exc})") from None
+    return StoreIndexManager(db=db, store=store, prefix=settings.vector_store_prefix, read_only=read_only)
 
 
 def _remove_unfinished_writes(context: AppContext) -> None:

@@ -47,7 +47,7 @@ class FaissStore:
         self._lock = threading.RLock()
         self._spaces: dict[str, _Space] = {}
 
-    def check_kind(self, kind: str, *, dim: int) -> None:
+    def check_kind(self, kind: str, *, dim: int | None) -> None:
         try:
             validate_factory(kind, dim=dim)
         except ValueError as exc:
@@ -171,6 +171,17 @@ class FaissStore:
     def close(self) -> None:
         with self._lock:
             self._spaces.clear()
+
+    def spaces(self) -> list[str]:
+        with self._lock:
+            return sorted(self._spaces)
+
+    def dim_of(self, space: str) -> int:
+        with self._lock:
+            return self._get(space).index.dim
+
+    def flush(self, space: str) -> None:
+        """In memory: nothing to seal."""
 
     def kind_of(self, space: str) -> str:
         """The kind serving ``space`` now (``Flat`` while its target kind waits for training data)."""

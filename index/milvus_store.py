@@ -37,7 +37,7 @@ _IVF_NPROBE = 16
 _LITE_LACKS = frozenset({"IVF_PQ"})
 
 
-def milvus_index(kind: str, *, dim: int) -> tuple[str, dict[str, int], dict[str, int]]:
+def milvus_index(kind: str, *, dim: int | None) -> tuple[str, dict[str, int], dict[str, int]]:
     """(Milvus index type, build params, search params) for a FAISS factory string, or
     ``UnsupportedKind``. The string is first checked by cbir's own grammar (``index.factories``)."""
     try:
@@ -136,7 +136,7 @@ class MilvusStore:
             self._lacks = _LITE_LACKS if self.server_version.startswith("milvus_lite") else frozenset()
         return self._lacks
 
-    def check_kind(self, kind: str, *, dim: int) -> None:
+    def check_kind(self, kind: str, *, dim: int | None) -> None:
         index_type, _, _ = milvus_index(kind, dim=dim)
         if index_type in self._server_lacks():
             raise UnsupportedKind(
@@ -180,6 +180,15 @@ class MilvusStore:
 
     def _dim(self, space: str) -> int:
         return self._spec(space)[0]
+
+    def dim_of(self, space: str) -> int:
+        return self._spec(space)[0]
+
+    def kind_of(self, space: str) -> str:
+        return self._spec(space)[1]
+
+    def spaces(self) -> list[str]:
+        return sorted(str(name) for name in self._client.list_collections())
 
     def upsert(
         self,

@@ -9,17 +9,26 @@ database for the same reason.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import numpy as np
 
 from index.exact import exact_knn
 from index.search_params import SearchKnobs
-from index.vector_index import VectorIndex
 
-__all__ = ["recall_at_k"]
+__all__ = ["Searchable", "recall_at_k"]
+
+
+class Searchable(Protocol):
+    """What recall is measured on: a ``VectorIndex``, or a space of a vector store seen as one."""
+
+    def search(
+        self, vectors: Any, k: int, *, allowed_ids: Any | None = ..., knobs: SearchKnobs | None = ...
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def recall_at_k(
-    index: VectorIndex,
+    index: Searchable,
     vectors: np.ndarray,
     ids: np.ndarray,
     *,

@@ -127,7 +127,7 @@ class VectorStore(Protocol):
 
     backend: str
 
-    def check_kind(self, kind: str, *, dim: int) -> None:
+    def check_kind(self, kind: str, *, dim: int | None) -> None:
         """``UnsupportedKind`` when this backend cannot build ``kind`` (a FAISS factory string such as
         ``Flat``, ``HNSW32``, ``IVF1024,SQ8``) for ``dim``-d vectors."""
         ...
@@ -175,6 +175,20 @@ class VectorStore(Protocol):
 
     def drop(self, space: str) -> None:
         """Remove ``space`` and everything in it; nothing when it does not exist."""
+        ...
+
+    def spaces(self) -> list[str]:
+        """The names of every space the store holds, sorted."""
+        ...
+
+    def dim_of(self, space: str) -> int: ...
+
+    def kind_of(self, space: str) -> str:
+        """The kind ``space`` serves (a factory string without ``IDMap2,``)."""
+        ...
+
+    def flush(self, space: str) -> None:
+        """Seal what was written (after a bulk load); nothing where there is nothing to seal."""
         ...
 
     def close(self) -> None: ...

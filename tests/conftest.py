@@ -32,6 +32,7 @@ from app.context import AppContext, open_context
 from app.core.settings import Settings
 from app.main import create_app
 from tests import demo, postgres
+from tests.milvus_server import milvus_uri  # noqa: F401 -- a session fixture shared by every Milvus test
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS_DIR = Path(os.environ.get("CBIR_DATASETS_DIR", SHARED_DATASETS))

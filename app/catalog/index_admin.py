@@ -6,11 +6,12 @@ from typing import Any
 
 from app.catalog.collections import require_collection
 from app.context import AppContext
-from app.core.errors import BadIndexFactory
+from app.core.errors import BadIndexFactory, UnsupportedIndexKind
 from app.data.records import CollectionRecord
 from app.data.vector_rows import count_vectors, stored_dim
 from app.indexing.manager import IndexStatus
 from index.kinds import AUTO, check_ahead
+from index.store import UnsupportedKind
 
 KNOBS = ("ef_search", "nprobe", "k_factor")
 
@@ -52,6 +53,13 @@ def configure_index(
                 check_ahead(normalised, n=n)
             except ValueError as exc:
                 raise BadIndexFactory(f"index factory: {exc}") from None
+            try:
+                ctx.indexes.check_kind(normalised, dim=dim)
+            except UnsupportedKind as exc:
+                raise UnsupportedIndexKind(
+                    f"index factory: {factory.strip()!r} cannot be built by the "
+                    f"{ctx.settings.vector_store_backend} vector store (CBIR_VECTOR_STORE): {exc}"
+                ) from None
             kind = normalised.split(",", 1)[1]
     with ctx.write_lock:
         with ctx.db.transaction() as session:

@@ -86,6 +86,13 @@ class BadIndexFactory(InvalidRequest):
     code, title = "bad_index_factory", "Bad index factory"
 
 
+class UnsupportedIndexKind(BadIndexFactory):
+    """A valid index kind that the configured vector store (CBIR_VECTOR_STORE) cannot build, such as
+    a PCA or refinement stage in Milvus, or IVF-PQ on milvus-lite: refused, never silently replaced."""
+
+    code, title = "unsupported_index_kind", "Index kind not supported by the vector store"
+
+
 class BadMetadata(InvalidRequest):
     """Metadata the service cannot store and serve back as JSON (app/core/usertext.py): NaN or
     infinity, a number past int64, nesting past the depth limit, text that is not UTF-8, a label

@@ -6,6 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +79,13 @@ class Settings(BaseSettings):
     # search builds in well under a second); larger ones run in the background, with 503s
     # (Retry-After) from that collection's searches until the new index serves.
     index_sync_rebuild_max: int = Field(50_000, ge=0)
+    # Where vectors live: "faiss" (or empty) keeps an in-process FAISS index per collection, saved
+    # under data_dir/indexes; "milvus://HOST:PORT" (or http(s)://HOST:PORT), optionally with
+    # "?token=USER:PASSWORD&db=NAME", keeps them in Milvus, shared by every replica.
+    vector_store: str = "faiss"
+    # The first part of every Milvus collection name this deployment creates, so that several
+    # deployments (or test runs) can share one Milvus.
+    vector_store_prefix: str = Field("cbir", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
     # Demo collection built by `cbir demo` / `make run`.
     demo_collection: str = "mnist"
@@ -163,6 +171,16 @@ class Settings(BaseSettings):
                 f"CBIR_IMPORT_ROOTS names {twice} more than once: name them, e.g. a=/a/photos:b=/b/photos"
             )
         return value
+
+    @field_validator("vector_store")
+    @classmethod
+    def _vector_store(cls, value: str) -> str:
+        return check_vector_store(value)
+
+    @property
+    def vector_store_backend(self) -> str:
+        """``faiss`` or ``milvus``."""
+        return "faiss" if self.vector_store == "faiss" else "milvus"
 
     @field_validator("data_dir")
     @classmethod
@@ -255,6 +273,29 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for folder in (self.data_dir, self.images_dir, self.index_dir, self.checkpoints_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_vector_store(value: str) -> str:
+    """``faiss`` for an empty value or ``faiss``; a Milvus address as given; ValueError otherwise."""
+    text = value.strip()
+    if text.lower() in {"", "faiss"}:
+        return "faiss"
+    want = "want faiss, milvus://HOST:PORT or http(s)://HOST:PORT, optionally ?token=...&db=..."
+    parts = urlsplit(text)
+    if parts.scheme not in {"milvus", "http", "https"} or not parts.hostname:
+        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} is not a vector store: {want}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} has a bad port: {want}") from None
+    if parts.scheme == "milvus" and port is None:
+        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} names no port (Milvus listens on 19530)")
+    if parts.path not in {"", "/"} or parts.fragment:
+        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r}: no path or fragment expected: {want}")
+    unknown = set(parse_qs(parts.query)) - {"token", "db"}
+    if unknown:
+        raise ValueError(f"CBIR_VECTOR_STORE takes only token and db options, not {sorted(unknown)}")
+    return text
 
 
 def parse_import_roots(value: str) -> list[tuple[str, Path]]:

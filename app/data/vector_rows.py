@@ -8,8 +8,10 @@ restored from a backup or written by an older version, must never stop a start o
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from app.data.records import EmbeddingRecord, ImageRecord
 from index.rows import row_faults, unusable_rows
 
 CHUNK = 5000  # ids per IN (...) list, well under SQLite's bound-parameter limit
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SCREEN_VALUES = 1 << 22  # floats checked at once: the temporaries stay at 32 MB whatever n and d
 
 
@@ -173,3 +176,37 @@ def drop_other_versions(session: Session, *, collection_id: int, keep: str) -> N
             )
         )
     )
+
+
+def label_text(value: Any) -> str | None:
+    """A metadata label as the database's filters compare it (``meta_text``): text as it is, a
+    number in its JSON spelling; None for no label."""
+    if value is None or isinstance(value, dict | list):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int) else json.dumps(value)
+
+
+def micros(moment: datetime) -> int:
+    """An instant as int64 microseconds since the epoch; a naive one (SQLite's) is UTC."""
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return (aware - _EPOCH) // timedelta(microseconds=1)
+
+
+def fields_of(db: Database, *, ids: np.ndarray) -> dict[int, tuple[str | None, int]]:
+    """Image id -> (label, created microseconds): the scalar fields a vector store filters on."""
+    found: dict[int, tuple[str | None, int]] = {}
+    with db.session() as session:
+        for start in range(0, len(ids), CHUNK):
+            chunk = [int(i) for i in ids[start : start + CHUNK]]
+            for image_id, meta, created in session.execute(
+                select(ImageRecord.id, ImageRecord.meta, ImageRecord.created_at).where(
+                    ImageRecord.id.in_(chunk)
+                )
+            ):
+                label = meta.get("label") if isinstance(meta, dict) else None
+                found[int(image_id)] = (label_text(label), micros(created))
+    return found

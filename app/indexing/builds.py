@@ -23,6 +23,7 @@ from app.indexing.problems import (
     checked_knobs,
     factory_problem,
 )
+from app.indexing.store_index import StoreIndex
 from index import SearchKnobs, VectorIndex
 from index.factories import normalise_factory
 from index.kinds import AUTO, auto_factory, build_index, servable_factory
@@ -122,7 +123,7 @@ def fresh_index(
     return Fresh(index=index, seconds=seconds, error=error)
 
 
-def measure_recall(index: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> float:
+def measure_recall(index: VectorIndex | StoreIndex, vectors: np.ndarray, ids: np.ndarray) -> float:
     """Recall@10 of ``index`` against exact search over ``vectors`` (n, d) unit rows under ``ids``
     (n,), with held-out queries (``index.recall``); saved in the index's meta with the time."""
     if index.kind == "Flat" or len(ids) == 0:

@@ -268,6 +268,9 @@ class IndexManager:
         log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
         return index
 
+    def check_kind(self, factory: str, *, dim: int | None) -> None:
+        """Every kind ``factory_checks.validate`` passed is one FAISS builds (the store seam's refusal)."""
+
     # -- background builds -----------------------------------------------------------------
     def rebuild(
         self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.data.records import CollectionRecord
+from app.indexing.store_index import StoreIndex
 from index import VectorIndex
 from index.kinds import AUTO
 
@@ -35,7 +36,7 @@ class IndexStatus:
 def status_of(
     collection: CollectionRecord,
     *,
-    index: VectorIndex | None,
+    index: VectorIndex | StoreIndex | None,
     rebuild: dict[str, Any] | None,
     last_error: str | None,
     problems: list[dict[str, Any]],

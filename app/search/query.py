@@ -14,14 +14,16 @@ from app.catalog.filters import ImageFilter, matching_ids
 from app.context import AppContext
 from app.core.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
 from app.data.records import CollectionRecord, ImageRecord
-from app.data.vector_rows import blob_of, blobs_of, vectors_of
+from app.data.vector_rows import blob_of, blobs_of, micros, vectors_of
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import decoding
 from app.indexing.problems import VECTORS_REFUSED
+from app.indexing.store_index import StoreIndex
 from app.search.options import SearchOptions
 from index import SearchKnobs
 from index.exact import exact_search
 from index.rerank import expand_queries
+from index.store import Where
 from models.base import Embedder
 
 # A filter that leaves at most this many images is answered by an exact pass over their stored
@@ -179,6 +181,21 @@ def _refuse_set_aside(
     )
 
 
+def store_where(image_filter: ImageFilter) -> Where | None:
+    """The filter as a vector store evaluates it (labels, created time), or None when it holds a
+    metadata condition the store has no field for (the database then names the allowed ids)."""
+    labels: set[str] | None = set(image_filter.labels) if image_filter.labels else None
+    for key, value in image_filter.conditions:
+        if key != "label":
+            return None
+        labels = {value} if labels is None else labels & {value}
+    after = image_filter.created_after
+    return Where(
+        labels=None if labels is None else tuple(sorted(labels)),
+        created_from=None if after is None else micros(after) + 1,  # strictly after, as in SQL
+    )
+
+
 def _search(
     ctx: AppContext,
     *,
@@ -210,7 +227,10 @@ def _search(
         )
     allowed = None
     exact: tuple[np.ndarray, np.ndarray] | None = None  # (vectors, ids) of a small filtered set
-    if image_filter:
+    where = store_where(image_filter) if image_filter and isinstance(index, StoreIndex) else None
+    if where is not None:
+        clock.lap("filter")  # evaluated by the vector store itself, with the search
+    elif image_filter:
         with ctx.db.session() as session:
             allowed = matching_ids(session, collection_id=record.id, image_filter=image_filter)
         if len(allowed) <= EXACT_PASS_MAX:
@@ -222,6 +242,8 @@ def _search(
     def search(query: np.ndarray) -> list[tuple[int, float]]:
         if exact is not None:
             scores, ids = exact_search(query, k + extra, vectors=exact[0], ids=exact[1])
+        elif where is not None and isinstance(index, StoreIndex):
+            scores, ids = index.search(query, k + extra, where=where)
         else:
             scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
         return [

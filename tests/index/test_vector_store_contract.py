@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from index.faiss_store import FaissStore
-from index.milvus_lite import MilvusLiteError, milvus_lite_binary, milvus_lite_server
 from index.store import Rows, UnsupportedKind, VectorStore, Where, reconcile, space_name
 
 DIM = 16
@@ -46,23 +45,7 @@ class Data:
         return [int(i) for i in cls.ids[mask][np.argsort(-scores, kind="stable")[:k]]]
 
 
-# -- the milvus-lite server -----------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of a ``milvus-lite server`` this session starts and stops."""
-    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install -e '.[dev]')")
-    if milvus_lite_binary() is None:
-        pytest.skip(
-            "milvus-lite is not installed (pip install -e '.[dev]'): the Milvus backend is not tested"
-        )
-    folder = tmp_path_factory.mktemp("milvus")
-    try:
-        with milvus_lite_server(folder / "data") as uri:
-            yield uri
-    except MilvusLiteError as exc:
-        pytest.fail(str(exc))
-
-
+# The milvus-lite server: the session fixture ``milvus_uri`` (tests/milvus_server.py, via tests/conftest.py).
 @pytest.fixture(params=["faiss", "milvus"])
 def store(request: pytest.FixtureRequest) -> Iterator[VectorStore]:
     if request.param == "faiss":

@@ -1,0 +1,315 @@
+"""Collections' vectors kept in a vector store (``CBIR_VECTOR_STORE=milvus://...``) rather than in
+FAISS indexes of this process: the same surface as ``IndexManager`` for search, ingest, the catalog
+and the index admin, over ``index.store.VectorStore``.
+
+The database stays the source of truth. A collection's space (one per collection and embedder
+version, ``index.store.space_name``) is reconciled with the database when this process first serves
+the collection (so on every start) and on demand (``rebuild``, ``build``): ids the store lacks are
+re-added from the stored embeddings, ids the database no longer holds are deleted. A kind the store
+cannot build is refused by ``check_kind`` (422), and a stored one it cannot build serves Flat with
+the ``bad_index_factory`` problem, as with FAISS.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from app.core.errors import IndexMismatch, ReembedRequired
+from app.data.db import Database
+from app.data.records import CollectionRecord
+from app.data.vector_rows import fields_of, has_images, load_ids, load_vectors, stored_dim, vectors_of
+from app.indexing.builds import measure_recall, now
+from app.indexing.problems import (
+    BAD_INDEX_FACTORY,
+    BAD_INDEX_PARAMS,
+    FactoryChecks,
+    IndexProblems,
+    checked_factory,
+    checked_knobs,
+    factory_problem,
+)
+from app.indexing.status import IndexStatus, status_of
+from app.indexing.store_index import StoreIndex
+from index.kinds import AUTO, EXACT_MAX, default_knobs
+from index.store import Rows, UnsupportedKind, VectorStore, reconcile, space_name
+
+log = logging.getLogger(__name__)
+
+# Re-added rows past which the space is sealed at once (milvus-lite searches unsealed rows by brute
+# force; a real Milvus seals on its own).
+FLUSH_AFTER = 1000
+
+
+class StoreIndexManager:
+    def __init__(
+        self, *, db: Database, store: VectorStore, prefix: str = "cbir", read_only: bool = False
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.prefix = prefix
+        # CBIR_READ_ONLY: the store is read, never written (reconciliation waits for a writer).
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._indexes: dict[int, StoreIndex] = {}
+        self._errors: dict[int, str] = {}
+        self._unembedded: dict[int, str] = {}
+        self.factory_checks = FactoryChecks()
+        self.problems = IndexProblems(checks=self.factory_checks)
+
+    def space_of(self, collection_id: int, embedder_version: str) -> str:
+        return space_name(collection_id=collection_id, embedder_version=embedder_version, prefix=self.prefix)
+
+    def _spaces_of(self, collection_id: int) -> list[str]:
+        head = f"{self.prefix}_c{int(collection_id)}_"
+        return [name for name in self.store.spaces() if name.startswith(head)]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Nothing to start: each collection is reconciled when it is first served."""
+
+    def stop(self) -> None:
+        with self._lock:
+            self._indexes.clear()
+
+    # -- kinds -----------------------------------------------------------------------------
+    def check_kind(self, factory: str, *, dim: int | None) -> None:
+        """``UnsupportedKind`` when the store cannot build ``factory`` (normalised, ``IDMap2,...``)."""
+        self.store.check_kind(factory.removeprefix("IDMap2,"), dim=dim)
+
+    def _kind_for(self, collection: CollectionRecord, *, n: int, dim: int | None) -> str:
+        """The kind the collection's space should have: ``auto`` is Flat up to EXACT_MAX vectors,
+        then HNSW32; a kind the store cannot build serves Flat, with the problem reported."""
+        self.problems.settings(collection, dim=dim)
+        requested, _ = checked_factory(collection, dim=dim, checks=self.factory_checks)
+        if requested == AUTO:
+            return "Flat" if n <= EXACT_MAX else "HNSW32"
+        kind = requested.removeprefix("IDMap2,")
+        try:
+            self.store.check_kind(kind, dim=dim)
+        except UnsupportedKind as exc:
+            why = f"the {self.store.backend} vector store cannot build {kind}: {exc}"
+            self.problems.note(collection.id, factory_problem(collection, why), code=BAD_INDEX_FACTORY)
+            self._errors[collection.id] = f"{why}; serving Flat"
+            return "Flat"
+        return kind
+
+    # -- access ----------------------------------------------------------------------------
+    def get(self, collection: CollectionRecord) -> StoreIndex | None:
+        """The collection's space, reconciled with the database the first time; None while it has
+        no embedder version, or images but no vector of that version."""
+        version = collection.embedder_version
+        if version is None:
+            return None
+        with self._lock:
+            index = self._indexes.get(collection.id)
+            if index is not None and index.meta.get("embedder_version") == version:
+                return index
+            index = self._open(collection, rebuild=False)
+            if index is not None:
+                self._indexes[collection.id] = index
+            return index
+
+    def serving(self, collection: CollectionRecord) -> StoreIndex | None:
+        index = self.get(collection)
+        if index is None and collection.embedder_version is not None:
+            if collection.id in self._unembedded:
+                raise ReembedRequired(self._unembedded[collection.id])
+            raise IndexMismatch(f"the vectors of {collection.name!r} are not available; retry shortly")
+        return index
+
+    def _open(self, collection: CollectionRecord, *, rebuild: bool) -> StoreIndex | None:
+        """Reconcile (``rebuild``: recreate) the collection's space from the database. Under the lock."""
+        version = collection.embedder_version
+        assert version is not None
+        started = time.perf_counter()
+        db_ids = load_ids(self.db, collection_id=collection.id, embedder_version=version)
+        if not len(db_ids) and has_images(self.db, collection_id=collection.id):
+            self._unembedded[collection.id] = (
+                f"collection {collection.name!r} has images but none has a vector of its embedder "
+                f"version {version}; re-embed it (PUT /api/v1/collections/{collection.name}/embedder) first"
+            )
+            return None
+        self._unembedded.pop(collection.id, None)
+        dim = stored_dim(self.db, collection_id=collection.id, embedder_version=version)
+        kind = self._kind_for(collection, n=len(db_ids), dim=dim)
+        space = self.space_of(collection.id, version)
+        meta = {"collection": collection.name, "embedder_version": version}
+        exists = self.store.exists(space)
+        if exists and not self.read_only:
+            stale = dim is not None and self.store.dim_of(space) != dim
+            if rebuild or stale or self.store.kind_of(space) != kind:
+                self.store.drop(space)
+                exists = False
+        if not exists:
+            if dim is None or self.read_only:
+                return StoreIndex(self.store, space, dim=0, kind=kind, meta=meta)
+            self.store.create(space, dim=dim, kind=kind)
+            meta["built_at"] = now()
+        index = StoreIndex(
+            self.store, space, dim=self.store.dim_of(space), kind=self.store.kind_of(space), meta=meta
+        )
+        if not self.read_only:
+            done = reconcile(self.store, space, db_ids=db_ids, fetch=lambda ids: self._rows(collection, ids))
+            if done.added >= FLUSH_AFTER:
+                self.store.flush(space)
+            if done.added or done.removed:
+                log.info(
+                    "vectors of %s reconciled with the database in %s: %d re-added, %d removed (%.2f s)",
+                    collection.name,
+                    self.store.backend,
+                    done.added,
+                    done.removed,
+                    time.perf_counter() - started,
+                )
+        index.update_meta(build_seconds=round(time.perf_counter() - started, 3))
+        index.set_search_knobs(default_knobs(index.kind).merged(checked_knobs(collection)[0]))
+        self.problems.opened(collection.id)
+        return index
+
+    def _rows(self, collection: CollectionRecord, ids: np.ndarray) -> Rows:
+        """The stored vectors of ``ids`` with their label and created time; rows set aside are left
+        out (and reported)."""
+        assert collection.embedder_version is not None
+        refused: dict[int, str] = {}
+        vectors, found = vectors_of(
+            self.db, ids=ids, embedder_version=collection.embedder_version, refused=refused
+        )
+        if refused:
+            self.problems.refused(collection, refused)
+        return self._with_fields(found, vectors)
+
+    def _with_fields(self, ids: np.ndarray, vectors: np.ndarray) -> Rows:
+        fields = fields_of(self.db, ids=ids)
+        labels = np.empty(len(ids), dtype=object)
+        labels[:] = [fields.get(int(i), (None, 0))[0] for i in ids]
+        created = np.fromiter((fields.get(int(i), (None, 0))[1] for i in ids), dtype=np.int64, count=len(ids))
+        return Rows(ids=ids, vectors=vectors, labels=labels, created=created)
+
+    # -- writes ----------------------------------------------------------------------------
+    def add(self, collection: CollectionRecord, *, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Store committed rows' vectors (an id already stored is replaced: the same row)."""
+        if len(ids) == 0 or collection.embedder_version is None or self.read_only:
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        with self._lock:
+            index = self.get(collection)
+            if index is None:
+                return
+            if not index.created:
+                kind = self._kind_for(collection, n=len(ids), dim=int(vectors.shape[1]))
+                if not self.store.exists(index.space):
+                    self.store.create(index.space, dim=int(vectors.shape[1]), kind=kind)
+                index = StoreIndex(
+                    self.store,
+                    index.space,
+                    dim=self.store.dim_of(index.space),
+                    kind=self.store.kind_of(index.space),
+                    meta={**index.meta, "built_at": now()},
+                )
+                self._indexes[collection.id] = index
+        rows = self._with_fields(ids, vectors)
+        self.store.upsert(
+            index.space, ids=rows.ids, vectors=rows.vectors, labels=list(rows.labels), created=rows.created
+        )
+        index.changed()
+
+    def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
+        self.problems.forget_ids(collection.id, ids)
+        if self.read_only:
+            return
+        index = self.get(collection)
+        if index is not None and index.created:
+            self.store.delete(index.space, np.asarray(ids, dtype=np.int64))
+            index.changed()
+
+    def drop(self, collection_id: int) -> None:
+        """Forget the collection and drop its spaces (every embedder version's)."""
+        with self._lock:
+            self._indexes.pop(collection_id, None)
+            self.problems.forget(collection_id)
+            self._errors.pop(collection_id, None)
+            self._unembedded.pop(collection_id, None)
+            if not self.read_only:
+                for space in self._spaces_of(collection_id):
+                    self.store.drop(space)
+
+    def build(self, collection: CollectionRecord) -> StoreIndex | None:
+        """Recreate the collection's space from the database now (after a re-embed or a version
+        switch); the spaces of its other versions are dropped."""
+        with self._lock:
+            self._errors.pop(collection.id, None)
+            index = self._open(collection, rebuild=True)
+            if index is not None:
+                self._indexes[collection.id] = index
+                if not self.read_only:
+                    for space in self._spaces_of(collection.id):
+                        if space != index.space:
+                            self.store.drop(space)
+            return index
+
+    def rebuild(
+        self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"
+    ) -> bool:
+        """Recreate the space in the collection's kind from the database, now (not in the background:
+        searches fail meanwhile; a Milvus alias swap would avoid that). ``factory`` is not taken: the
+        kind is the collection's. False when there is nothing to build."""
+        if collection.embedder_version is None:
+            return False
+        log.info("vectors of %s rebuilt in %s (%s)", collection.name, self.store.backend, reason)
+        return self.build(collection) is not None
+
+    def wait_for_build(self, collection_id: int, timeout: float | None = None) -> bool:
+        return True  # builds run in the caller
+
+    def set_knobs(self, collection: CollectionRecord) -> None:
+        """Keep the collection's search parameters (shown by the status; not yet passed to the store)."""
+        knobs, problem = checked_knobs(collection)
+        self.problems.note(collection.id, problem, code=BAD_INDEX_PARAMS)
+        index = self.get(collection)
+        if index is not None:
+            index.set_search_knobs(default_knobs(index.kind).merged(knobs))
+
+    def measure_recall(self, collection: CollectionRecord) -> float | None:
+        """Recall@10 of the store's search against exact search over the stored vectors (held-out
+        queries, ``index.recall``)."""
+        index = self.serving(collection)
+        if index is None or collection.embedder_version is None:
+            return None
+        vectors, ids = load_vectors(
+            self.db, collection_id=collection.id, embedder_version=collection.embedder_version
+        )
+        live = np.isin(ids, index.ids())
+        return measure_recall(index, vectors[live], ids[live])
+
+    def flush(self, collection_id: int, *, force: bool = True) -> None:
+        """Seal the collection's space (after an import)."""
+        index = self._indexes.get(collection_id)
+        if index is not None and index.created and not self.read_only:
+            self.store.flush(index.space)
+
+    def flush_all(self, *, force: bool = False) -> None:
+        """Nothing to save: the store keeps its own data."""
+
+    # -- reporting -------------------------------------------------------------------------
+    def checkpoint_errors(self) -> dict[int, str]:
+        return {}
+
+    def unavailable(self) -> dict[str, str]:
+        return {}
+
+    def status(self, collection: CollectionRecord) -> IndexStatus:
+        index = self.get(collection)
+        factory = self.problems.get(collection.id, BAD_INDEX_FACTORY)
+        return status_of(
+            collection,
+            index=index,
+            rebuild=None,
+            last_error=self._errors.get(collection.id) or (factory.detail if factory is not None else None),
+            problems=[asdict(p) for p in self.problems.of(collection.id)],
+        )
