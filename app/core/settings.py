@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     # Serve searches only: writes answer 503 read_only, SQLite is opened with mode=ro, nothing is
     # written to the data folder (which may be a read-only mount, a replica or a snapshot).
     read_only: bool = False
+    # What `cbir serve` runs: "all" (the API and the jobs, one process: the default), "api" (the API
+    # only; jobs wait in the database for a `cbir worker`). Separate roles need PostgreSQL and a
+    # shared vector store (docs/scaling.md).
+    role: Literal["all", "api"] = "all"
+    # A worker holds each job it runs with a lease it renews; a job whose lease has run out (its
+    # worker died) is taken over by another worker at its high-water mark.
+    job_lease_seconds: float = Field(30.0, ge=2, le=3600)
+    # How often a worker looks for queued jobs (and a holder for cancels of its jobs).
+    job_poll_seconds: float = Field(1.0, gt=0, le=60)
     # Uploads and searches decoding and embedding at once; more get an immediate 503 overloaded
     # (Retry-After) instead of queueing into timeouts. 0: 8 per core, 8 to 32 (each waits on a
     # thread of the server's pool of 40).

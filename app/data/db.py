@@ -9,13 +9,15 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import CbirError, InsufficientStorage, ReadOnly
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# pg_advisory_xact_lock key held while migrating ("cbir" in ASCII).
+MIGRATION_LOCK = 0x63626972
 
 
 # How long a SQLite writer waits for another one (the server, `cbir import`, a bulk job) before
@@ -108,6 +110,10 @@ def upgrade_to_head(engine: Engine) -> None:
     """Run ``alembic upgrade head`` on the engine's database."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas and workers starting together: one migrates, the others wait and find the
+            # database at head (the lock ends with this transaction).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -116,6 +118,7 @@ class CheckpointRecord(Base):
 
 class JobRecord(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     collection_id: Mapped[int | None] = mapped_column(
@@ -141,6 +144,10 @@ class JobRecord(Base):
     # The journal file name of the process running the job: locked while that process lives, so a
     # restarting server leaves alone a job that `cbir import` is still running.
     owner: Mapped[str | None] = mapped_column(String(128))
+    # The owner renews this while it runs the job; once passed, another worker may take it over.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Asked by any replica; the worker holding the job stops after its current batch.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
