@@ -28,6 +28,11 @@ def compose() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def compose_text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
+@pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, Any]:
     return compose["services"]  # type: ignore[no-any-return]
 
@@ -62,7 +67,20 @@ def named_volumes(service: dict[str, Any]) -> dict[str, str]:
 
 
 def app_services(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in services.items() if name != "db"}
+    """The services that run cbir: built from this repository's Dockerfile."""
+    return {name: s for name, s in services.items() if "build" in s}
+
+
+SCALE = ("scale", "scale-gpu")
+
+
+def default_services(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The one-machine deployment (README, "Deploy"): every service outside the scale profiles."""
+    return {name: s for name, s in services.items() if not set(s.get("profiles", [])) & set(SCALE)}
+
+
+def scale_services(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services.items() if set(s.get("profiles", [])) & set(SCALE)}
 
 
 # -- docker-compose.yml -----------------------------------------------------------------------
@@ -112,6 +130,7 @@ def test_app_uses_the_db_service_through_psycopg(services: dict[str, Any], name:
 
 
 def test_app_environment_names_only_real_settings(services: dict[str, Any]):
+    assert {"app", "app-gpu", "api-1", "api-2", "worker", "worker-gpu"} <= app_services(services).keys()
     for service in app_services(services).values():
         for variable in service["environment"]:
             assert variable.startswith("CBIR_"), variable
@@ -180,6 +199,193 @@ def test_compose_first_start_prints_an_admin_key_once(
     assert record.scope == "admin" and record.sha256 == digest(printed[0])
 
 
+# -- docker-compose.yml, profile `scale` (docs/scaling.md) -----------------------------------------
+SCALE_UP = "docker compose --profile scale up -d nginx worker"
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+
+
+def image_of(services: dict[str, Any], prefix: str) -> list[str]:
+    return [name for name, s in services.items() if str(s.get("image", "")).startswith(prefix)]
+
+
+def api_replicas(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: s
+        for name, s in scale_services(services).items()
+        if command_of(s)[:2] == ["cbir", "serve"] and "--role" in command_of(s)
+    }
+
+
+def workers(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in scale_services(services).items() if command_of(s)[:2] == ["cbir", "worker"]}
+
+
+def dependencies(services: dict[str, Any], names: set[str]) -> set[str]:
+    """``names`` and every service they depend on, transitively."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(services[name].get("depends_on", {}))
+    return seen
+
+
+def test_scale_profile_runs_postgres_milvus_with_etcd_and_minio_nginx_two_replicas_and_a_worker(
+    services: dict[str, Any],
+):
+    scale = scale_services(services)
+    assert image_of({"db": services["db"]}, "postgres:") == ["db"]  # shared: no profile
+    (etcd,) = image_of(scale, "quay.io/coreos/etcd:")
+    (minio,) = image_of(scale, "minio/minio:")
+    (milvus,) = image_of(scale, "milvusdb/milvus:")
+    (nginx,) = image_of(scale, "nginx:")
+    assert command_of(scale[milvus]) == ["milvus", "run", "standalone"]
+    env = scale[milvus]["environment"]
+    assert env["ETCD_ENDPOINTS"] == f"{etcd}:2379" and env["MINIO_ADDRESS"] == f"{minio}:9000"
+    replicas = api_replicas(services)
+    assert len(replicas) == 2
+    for replica in replicas.values():
+        assert command_of(replica) == ["cbir", "serve", "--role", "api"]
+        assert "ports" not in replica  # reached through nginx only
+    assert "8000:8000" in scale[nginx]["ports"]
+    assert any("scale" in s["profiles"] for s in workers(services).values())
+
+
+def test_scale_profile_and_db_have_a_healthcheck_each(services: dict[str, Any]):
+    for name, service in {**scale_services(services), "db": services["db"]}.items():
+        check = service.get("healthcheck", {})
+        assert not check.get("disable", False), name
+        assert check.get("test", [None])[0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
+
+
+def test_every_image_is_pinned_to_a_version(services: dict[str, Any]):
+    images = {name: s["image"] for name, s in services.items() if "image" in s}
+    assert {"db", "etcd", "minio", "milvus", "nginx"} <= images.keys()
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, (name, image)  # a tag, not a registry port
+        assert tag != "latest" and re.search(r"\d", tag), (name, image)
+
+
+def test_scale_replicas_and_workers_build_here_and_share_data_database_and_milvus(services: dict[str, Any]):
+    cbir = {**api_replicas(services), **workers(services)}
+    assert cbir.keys() == {n for n in app_services(services) if n in scale_services(services)}
+    (milvus,) = image_of(services, "milvusdb/milvus:")
+    mounts, stores, databases = set(), set(), set()
+    for name, service in cbir.items():
+        assert service["build"]["context"] == ".", name
+        env = service["environment"]
+        mounts.add(tuple(named_volumes(service).items()))
+        assert named_volumes(service) == {"appdata": env["CBIR_DATA_DIR"]}, name
+        stores.add((env["CBIR_VECTOR_STORE"], env["CBIR_VECTOR_STORE_PREFIX"]))
+        databases.add(env["CBIR_DATABASE_URL"])
+    assert len(mounts) == 1 and len(stores) == 1 and len(databases) == 1
+    assert databases == {services["app"]["environment"]["CBIR_DATABASE_URL"]}
+    ((store, _),) = stores
+    assert store == f"milvus://{milvus}:19530"
+    assert Settings(vector_store=store).vector_store_backend == "milvus"
+
+
+def test_scale_services_wait_for_healthy_dependencies(services: dict[str, Any]):
+    for name, service in scale_services(services).items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert condition == {"condition": "service_healthy"}, (name, dependency)
+            assert "healthcheck" in services[dependency], (name, dependency)
+    (milvus,) = image_of(services, "milvusdb/milvus:")
+    for name in {**api_replicas(services), **workers(services)}:
+        assert {"db", milvus} <= services[name]["depends_on"].keys(), name
+
+
+def test_the_documented_command_starts_the_whole_profile_and_not_app(compose_text: str, services: dict):
+    """`app` has no profile, so a bare `up --profile scale` would start it too (a second job runner
+    on FAISS, and port 8000 twice): the documented command names nginx and the worker instead."""
+    assert SCALE_UP in compose_text
+    named = set(SCALE_UP.split()[6:])
+    in_scale = {n for n, s in services.items() if "scale" in s.get("profiles", [])}
+    assert dependencies(services, named) == in_scale | {"db"}
+    gpu = {n for n, s in services.items() if "scale-gpu" in s.get("profiles", [])}
+    assert gpu and dependencies(services, gpu) <= in_scale | gpu | {"db"}
+
+
+def test_worker_health_is_its_heartbeat_file_touched_within_60_s(tmp_path: Path, services: dict):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    for name, worker in workers(services).items():
+        command = command_of(worker)
+        heartbeat = command[command.index("--heartbeat") + 1]
+        check = worker["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "python"] and heartbeat in check[-1], name
+        probe = tmp_path / "alive"
+        script = check[-1].replace(heartbeat, str(probe))
+
+        def healthy() -> bool:
+            return subprocess.run([sys.executable, *check[2:-1], script], capture_output=True).returncode == 0
+
+        assert not healthy(), name  # no heartbeat yet
+        probe.touch()
+        assert healthy(), name
+        os.utime(probe, (time.time() - 61, time.time() - 61))
+        assert not healthy(), name
+
+
+def test_gpu_worker_is_the_worker_with_cuda_on_an_nvidia_gpu(services: dict[str, Any]):
+    (name,) = [n for n, s in workers(services).items() if "scale-gpu" in s["profiles"]]
+    gpu, cpu = services[name], services["worker"]
+    assert "scale" not in gpu["profiles"]  # a CPU host's `--profile scale` does not start it
+    assert command_of(gpu) == command_of(cpu)
+    assert gpu["environment"] == {**cpu["environment"], "CBIR_DEVICE": "cuda"}
+    assert gpu["build"]["args"] == services["app-gpu"]["build"]["args"]
+    assert gpu["deploy"] == services["app-gpu"]["deploy"]
+
+
+def test_nginx_proxies_port_8000_to_both_replicas_from_deploy_nginx_conf(services: dict[str, Any]):
+    (name,) = image_of(services, "nginx:")
+    nginx = services[name]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    conf = re.sub(r"#.*", "", (ROOT / "deploy" / "nginx.conf").read_text())
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, flags=re.S)
+    assert upstream and f"proxy_pass http://{upstream.group(1)};" in conf
+    servers = set(re.findall(r"^\s*server\s+([\w.-]+:\d+)", upstream.group(2), flags=re.M))
+    replicas = api_replicas(services)
+    assert servers == {f"{n}:{r['environment']['CBIR_PORT']}" for n, r in replicas.items()}
+    assert re.search(r"^\s*listen\s+8000;", conf, flags=re.M) and "8000:8000" in nginx["ports"]
+    assert nginx["depends_on"] == {n: {"condition": "service_healthy"} for n in replicas}
+    assert HEALTH in " ".join(nginx["healthcheck"]["test"])
+
+
+def test_cli_has_the_commands_and_options_the_profile_runs(services: dict[str, Any]):
+    from app.cli import main
+
+    for name, service in {**api_replicas(services), **workers(services)}.items():
+        program, command, *options = command_of(service)
+        assert program == "cbir" and command in main.commands, name
+        known = {opt for param in main.commands[command].params for opt in param.opts}
+        assert {o for o in options if o.startswith("--")} <= known, name
+
+
+def test_scaling_doc_names_every_service_volume_and_setting_of_the_profile(services: dict, compose: dict):
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    assert SCALE_UP in doc and "--profile scale-gpu" in doc and HEALTH in doc
+    scale = scale_services(services)
+    for name in scale:
+        assert f"`{name}`" in doc, name
+    for volume in {v for s in scale.values() for v in named_volumes(s)} | {"appdata"}:
+        assert f"`{volume}`" in doc, volume
+    for service in app_services(scale).values():
+        for variable, value in service["environment"].items():
+            assert f"`{variable}`" in doc, variable
+    assert "`CBIR_JOB_LEASE_SECONDS`" in doc and "`CBIR_ROLE`" in doc and "--heartbeat" in doc
+
+
 # -- Dockerfile --------------------------------------------------------------------------------
 def test_dockerfile_builds_on_slim_python_of_the_supported_version(dockerfile: list[str]):
     (base,) = instructions(dockerfile, "FROM")
@@ -246,13 +452,15 @@ def test_dockerfile_installs_with_the_makefiles_commands(dockerfile: list[str]):
 
 # -- README ------------------------------------------------------------------------------------
 def test_readme_deploy_section_matches_the_compose_file(deploy_section: str, services: dict, compose: dict):
+    """The one-machine services; the scale profile is docs/scaling.md's (tested below)."""
+    default = default_services(services)
     assert "docker compose up" in deploy_section and "http://localhost:8000" in deploy_section
-    for name in services:
+    for name in default:
         assert f"`{name}`" in deploy_section, name
-    for volume in compose["volumes"]:
+    for volume in {v for s in default.values() for v in named_volumes(s)}:
         assert f"`{volume}`" in deploy_section, volume
     assert "--profile gpu" in deploy_section and HEALTH in deploy_section
-    for service in app_services(services).values():
+    for service in app_services(default).values():
         for variable, value in service["environment"].items():
             assert f"`{variable}`" in deploy_section, variable
             assert str(value) in deploy_section, (variable, value)
