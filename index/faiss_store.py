@@ -20,7 +20,7 @@ import numpy as np
 from index.exact import exact_search
 from index.kinds import build_index, min_vectors, new_index, servable_factory, validate_factory
 from index.rows import as_ids, as_vectors
-from index.store import UnsupportedKind, Where, check_rows, empty_hits
+from index.store import SpaceMissing, UnsupportedKind, Where, check_rows, empty_hits
 from index.vector_index import VectorIndex
 
 __all__ = ["EXACT_PASS_MAX", "FaissStore"]
@@ -74,7 +74,7 @@ class FaissStore:
     def _get(self, space: str) -> _Space:
         found = self._spaces.get(space)
         if found is None:
-            raise KeyError(f"no space {space!r}")
+            raise SpaceMissing(space)
         return found
 
     def upsert(
@@ -182,6 +182,9 @@ class FaissStore:
 
     def flush(self, space: str) -> None:
         """In memory: nothing to seal."""
+
+    def forget(self, space: str | None = None) -> None:
+        """Nothing cached apart from the spaces themselves (one process holds them)."""
 
     def kind_of(self, space: str) -> str:
         """The kind serving ``space`` now (``Flat`` while its target kind waits for training data)."""

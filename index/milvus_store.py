@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,7 +24,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from index.factories import check_factory
 from index.rows import as_ids, as_vectors
-from index.store import UnsupportedKind, Where, check_rows, empty_hits
+from index.store import SpaceMissing, UnsupportedKind, Where, check_rows, empty_hits
 
 __all__ = ["MILVUS_KINDS", "MilvusStore", "milvus_index", "parse_milvus_url"]
 
@@ -35,6 +36,8 @@ _HNSW_EF_CONSTRUCTION = 40  # as index.kinds, so that both backends build the sa
 _HNSW_EF_SEARCH = 64
 _IVF_NPROBE = 16
 _LITE_LACKS = frozenset({"IVF_PQ"})
+_KIND_PROPERTY = "cbir.kind"
+_NOT_FOUND = 100  # Milvus's status code for a collection that does not exist
 
 
 def milvus_index(kind: str, *, dim: int | None) -> tuple[str, dict[str, int], dict[str, int]]:
@@ -97,6 +100,17 @@ def _expr(where: Where | None, allowed: np.ndarray | None) -> str:
     return " and ".join(terms)
 
 
+def _kind_of(described: dict[str, Any]) -> str:
+    """The kind of a described collection: its property, else its description's, else Flat."""
+    kind = (described.get("properties") or {}).get(_KIND_PROPERTY)
+    if kind:
+        return str(kind)
+    try:
+        return str(json.loads(described.get("description") or "{}").get("cbir_kind", "Flat"))
+    except (ValueError, AttributeError):
+        return "Flat"
+
+
 class MilvusStore:
     """``index.store.VectorStore`` in a Milvus server (or milvus-lite's). ``consistency`` is each
     collection's Milvus consistency level: ``Strong`` by default, so that a write is seen by the
@@ -148,7 +162,8 @@ class MilvusStore:
         index_type, params, _ = milvus_index(kind, dim=dim)
         if self._client.has_collection(space):
             raise ValueError(f"space {space!r} exists")
-        # The kind travels in the collection's description, so that any replica knows how to search it.
+        # The kind travels with the collection, so that any replica knows how to search it: in a
+        # collection property (milvus-lite keeps no schema description) and in the description.
         schema = self._client.create_schema(
             auto_id=False, enable_dynamic_field=False, description=json.dumps({"cbir_kind": kind})
         )
@@ -159,22 +174,44 @@ class MilvusStore:
         index_params = self._client.prepare_index_params()
         index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
         self._client.create_collection(
-            space, schema=schema, index_params=index_params, consistency_level=self._consistency
+            space,
+            schema=schema,
+            index_params=index_params,
+            consistency_level=self._consistency,
+            properties={_KIND_PROPERTY: kind},
         )
 
     def exists(self, space: str) -> bool:
         return bool(self._client.has_collection(space))
 
+    @contextmanager
+    def _named(self, space: str) -> Iterator[None]:
+        """Milvus's "collection does not exist" as ``SpaceMissing`` (another process may have dropped
+        it): what this client remembered of it is forgotten."""
+        try:
+            yield
+        except MilvusException as exc:
+            if exc.code != _NOT_FOUND:
+                raise
+            self._specs.pop(space, None)
+            raise SpaceMissing(space) from None
+
+    def forget(self, space: str | None = None) -> None:
+        """Forget the (dim, kind) read of ``space`` (of every space: None): the next call reads it
+        from Milvus again, as another replica may have recreated the space in another kind."""
+        if space is None:
+            self._specs.clear()
+        else:
+            self._specs.pop(space, None)
+
     def _spec(self, space: str) -> tuple[int, str]:
-        """(dim, kind) of ``space``, read once from Milvus (a dropped space is forgotten)."""
+        """(dim, kind) of ``space``, read once from Milvus (until ``forget`` or a drop)."""
         spec = self._specs.get(space)
         if spec is None:
-            described = self._client.describe_collection(space)
+            with self._named(space):
+                described = self._client.describe_collection(space)
             dims = [int(f["params"]["dim"]) for f in described["fields"] if f["name"] == "vector"]
-            try:
-                kind = str(json.loads(described.get("description") or "{}").get("cbir_kind", "Flat"))
-            except ValueError:
-                kind = "Flat"
+            kind = _kind_of(described)
             spec = self._specs[space] = (dims[0], kind)
         return spec
 
@@ -215,12 +252,14 @@ class MilvusStore:
                     strict=True,
                 )
             ]
-            self._client.upsert(space, data=data)
+            with self._named(space):
+                self._client.upsert(space, data=data)
 
     def delete(self, space: str, ids: Any) -> None:
         id_arr = np.unique(as_ids(ids))
         for start in range(0, id_arr.size, _WRITE_BATCH):
-            self._client.delete(space, ids=[int(i) for i in id_arr[start : start + _WRITE_BATCH]])
+            with self._named(space):
+                self._client.delete(space, ids=[int(i) for i in id_arr[start : start + _WRITE_BATCH]])
 
     def search(
         self,
@@ -241,14 +280,15 @@ class MilvusStore:
         _, _, params = milvus_index(self._spec(space)[1], dim=arr.shape[1])
         if "ef" in params:
             params = {"ef": max(params["ef"], int(k))}  # Milvus wants ef >= k
-        results = self._client.search(
-            space,
-            data=arr.tolist(),
-            limit=int(k),
-            filter=_expr(where, allowed),
-            output_fields=["id"],
-            search_params={"metric_type": "IP", "params": params},
-        )
+        with self._named(space):
+            results = self._client.search(
+                space,
+                data=arr.tolist(),
+                limit=int(k),
+                filter=_expr(where, allowed),
+                output_fields=["id"],
+                search_params={"metric_type": "IP", "params": params},
+            )
         for row, hits in enumerate(results):
             for col, hit in enumerate(hits):
                 found[row, col] = int(hit["id"])
@@ -256,26 +296,29 @@ class MilvusStore:
         return scores, found
 
     def count(self, space: str) -> int:
-        result = self._client.query(space, filter="", output_fields=["count(*)"])
+        with self._named(space):
+            result = self._client.query(space, filter="", output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
     def list_ids(self, space: str) -> np.ndarray:
-        iterator = self._client.query_iterator(
-            space, batch_size=_ID_LIST_BATCH, filter="", output_fields=["id"]
-        )
         chunks: list[np.ndarray] = []
-        try:
-            while batch := iterator.next():
-                chunks.append(np.fromiter((row["id"] for row in batch), dtype=np.int64, count=len(batch)))
-        finally:
-            iterator.close()
+        with self._named(space):
+            iterator = self._client.query_iterator(
+                space, batch_size=_ID_LIST_BATCH, filter="", output_fields=["id"]
+            )
+            try:
+                while batch := iterator.next():
+                    chunks.append(np.fromiter((row["id"] for row in batch), dtype=np.int64, count=len(batch)))
+            finally:
+                iterator.close()
         return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
 
     def flush(self, space: str) -> None:
         """Seal what was written (after a bulk load): milvus-lite searches unsealed rows by brute force,
         730 ms a query at 50,000 x 128 against 25 ms once flushed. Real Milvus seals on its own;
         flushing there after every small write only makes small segments."""
-        self._client.flush(space)
+        with self._named(space):
+            self._client.flush(space)
 
     def drop(self, space: str) -> None:
         self._specs.pop(space, None)

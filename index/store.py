@@ -25,6 +25,7 @@ from index.rows import as_ids, as_vectors
 __all__ = [
     "Reconciled",
     "Rows",
+    "SpaceMissing",
     "UnsupportedKind",
     "VectorStore",
     "Where",
@@ -37,6 +38,10 @@ __all__ = [
 
 class UnsupportedKind(ValueError):
     """An index kind this backend cannot build (the API answers 422, never a silent substitute)."""
+
+
+class SpaceMissing(KeyError):
+    """The space does not exist (never created, or dropped, possibly by another process)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,8 @@ class VectorStore(Protocol):
         allowed_ids: Any | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best ids per query row (n, d) among those that pass ``where`` and are in
-        ``allowed_ids``: ((n, k) float32 scores best first, (n, k) int64 ids), empty slots -inf and -1."""
+        ``allowed_ids``: ((n, k) float32 scores best first, (n, k) int64 ids), empty slots -inf and -1.
+        Every method that names a space raises ``SpaceMissing`` when it does not exist."""
         ...
 
     def count(self, space: str) -> int: ...
@@ -189,6 +195,12 @@ class VectorStore(Protocol):
 
     def flush(self, space: str) -> None:
         """Seal what was written (after a bulk load); nothing where there is nothing to seal."""
+        ...
+
+    def forget(self, space: str | None = None) -> None:
+        """Drop what this client remembers of ``space`` (every space: None), such as its dimension and
+        kind, so that the next call reads them from the store again (another process may have
+        recreated it)."""
         ...
 
     def close(self) -> None: ...

@@ -8,15 +8,20 @@ not know whether the vectors live in FAISS in this process or in Milvus. Searche
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from index import SearchKnobs
 from index.kinds import default_knobs
-from index.store import VectorStore, Where, empty_hits
+from index.store import SpaceMissing, VectorStore, Where, empty_hits
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long a replica trusts the count it read (writes by this process refresh it at once): a
 # Milvus count is a query of its own, not worth paying on every search.
@@ -25,10 +30,24 @@ COUNT_TTL_S = 2.0
 
 class StoreIndex:
     """One space of ``store``: ``dim`` 0 and nothing stored until the first vectors arrive (the
-    space is created then, with their dimension)."""
+    space is created then, with their dimension).
 
-    def __init__(self, store: VectorStore, space: str, *, dim: int, kind: str, meta: dict[str, Any]) -> None:
+    ``reopen`` (set by the manager) answers the space as it is once reconciled with the database:
+    when another process dropped the space, a read re-opens it through it once and answers from
+    there (empty when it still has no space), rather than failing."""
+
+    def __init__(
+        self,
+        store: VectorStore,
+        space: str,
+        *,
+        dim: int,
+        kind: str,
+        meta: dict[str, Any],
+        reopen: Callable[[], StoreIndex | None] | None = None,
+    ) -> None:
         self.store = store
+        self.reopen = reopen
         self.space = space
         self._dim = dim
         self._kind = kind
@@ -70,7 +89,7 @@ class StoreIndex:
             cached = self._count
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
             return cached[1]
-        count = self.store.count(self.space)
+        count = self._read(lambda index: index.store.count(index.space), empty=0)
         with self._lock:
             self._count = (time.monotonic(), count)
         return count
@@ -94,7 +113,27 @@ class StoreIndex:
 
     def ids(self) -> np.ndarray:
         """Every stored id, (n,) int64 ascending."""
-        return self.store.list_ids(self.space) if self.created else np.empty(0, np.int64)
+        if not self.created:
+            return np.empty(0, np.int64)
+        return self._read(
+            lambda index: index.store.list_ids(index.space),
+            empty=np.empty(0, np.int64),
+        )
+
+    def _read(self, call: Callable[[StoreIndex], T], *, empty: T) -> T:
+        """``call(self)``; when the space is gone, ``call`` of the index ``reopen`` gives (once), or
+        ``empty`` when there is none, it has no space, or its space is gone again."""
+        try:
+            return call(self)
+        except SpaceMissing:
+            log.warning("vector store space %s is gone (dropped elsewhere?); re-opening it", self.space)
+        again = self.reopen() if self.reopen is not None else None
+        if again is None or again is self or not again.created:
+            return empty
+        try:
+            return call(again)
+        except SpaceMissing:
+            return empty
 
     def search_knobs(self) -> SearchKnobs:
         return self._knobs
@@ -114,9 +153,15 @@ class StoreIndex:
         """The ``k`` best ids per query row (n, d) float32 unit rows: ((n, k) float32 scores,
         (n, k) int64 ids), empty slots -inf and -1. ``knobs`` (efSearch, nprobe) are not passed on
         yet: the store searches with its own per-kind parameters."""
+        empty = empty_hits(np.asarray(vectors).shape[0], int(k))
         if not self.created:
-            return empty_hits(np.asarray(vectors).shape[0], int(k))
-        return self.store.search(self.space, vectors, int(k), where=where, allowed_ids=allowed_ids)
+            return empty
+        return self._read(
+            lambda index: index.store.search(
+                index.space, vectors, int(k), where=where, allowed_ids=allowed_ids
+            ),
+            empty=empty,
+        )
 
     def __repr__(self) -> str:
         return f"StoreIndex({self.store.backend}:{self.space}, {self._kind}, dim={self._dim})"

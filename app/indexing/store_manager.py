@@ -12,10 +12,12 @@ the ``bad_index_factory`` problem, as with FAISS.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -36,13 +38,21 @@ from app.indexing.problems import (
 from app.indexing.status import IndexStatus, status_of
 from app.indexing.store_index import StoreIndex
 from index.kinds import AUTO, EXACT_MAX, default_knobs
-from index.store import Rows, UnsupportedKind, VectorStore, reconcile, space_name
+from index.store import Reconciled, Rows, SpaceMissing, UnsupportedKind, VectorStore, reconcile, space_name
 
 log = logging.getLogger(__name__)
 
 # Re-added rows past which the space is sealed at once (milvus-lite searches unsealed rows by brute
 # force; a real Milvus seals on its own).
 FLUSH_AFTER = 1000
+NOTHING = Reconciled(added=0, removed=0)
+
+
+def settings_of(collection: CollectionRecord) -> tuple[str | None, str, str]:
+    """What an open index depends on in the collection's row: embedder version, kind, search
+    parameters (as JSON)."""
+    params = json.dumps(collection.index_params, sort_keys=True, default=str)
+    return collection.embedder_version, collection.index_factory or AUTO, params
 
 
 class StoreIndexManager:
@@ -58,6 +68,8 @@ class StoreIndexManager:
         self._indexes: dict[int, StoreIndex] = {}
         self._errors: dict[int, str] = {}
         self._unembedded: dict[int, str] = {}
+        # Per collection, its settings as they were when its index was opened (``settings_of``).
+        self._seen: dict[int, tuple[str | None, str, str]] = {}
         self.factory_checks = FactoryChecks()
         self.problems = IndexProblems(checks=self.factory_checks)
 
@@ -75,6 +87,7 @@ class StoreIndexManager:
     def stop(self) -> None:
         with self._lock:
             self._indexes.clear()
+            self._seen.clear()
 
     # -- kinds -----------------------------------------------------------------------------
     def check_kind(self, factory: str, *, dim: int | None) -> None:
@@ -101,18 +114,103 @@ class StoreIndexManager:
     # -- access ----------------------------------------------------------------------------
     def get(self, collection: CollectionRecord) -> StoreIndex | None:
         """The collection's space, reconciled with the database the first time; None while it has
-        no embedder version, or images but no vector of that version."""
+        no embedder version, or images but no vector of that version.
+
+        The index kept is checked against ``collection`` as read now (another replica may have
+        changed it): a new embedder version re-opens and reconciles the space, a new kind re-reads
+        the space's kind from the store (the replica that set it rebuilds it), new search
+        parameters are taken as they are."""
         version = collection.embedder_version
         if version is None:
             return None
         with self._lock:
             index = self._indexes.get(collection.id)
-            if index is not None and index.meta.get("embedder_version") == version:
-                return index
-            index = self._open(collection, rebuild=False)
             if index is not None:
-                self._indexes[collection.id] = index
+                fresh = self._fresh(collection, index)
+                if fresh is not None:
+                    return fresh
+            index, _ = self._open(collection, rebuild=False)
+            self._keep(collection, index)
             return index
+
+    def _fresh(self, collection: CollectionRecord, index: StoreIndex) -> StoreIndex | None:
+        """``index`` brought up to date with ``collection``'s settings without a reconcile, or None
+        when it must be re-opened (another embedder version, or its space is gone). Under the lock."""
+        seen = self._seen.get(collection.id)
+        now_seen = settings_of(collection)
+        if seen == now_seen:
+            return index
+        if seen is None or seen[0] != now_seen[0]:
+            return None
+        if seen[1] != now_seen[1] and index.created:
+            self.store.forget(index.space)
+            if not self.store.exists(index.space):
+                return None
+            self._kind_for(collection, n=0, dim=index.dim)  # notes (or clears) a bad kind's problem
+            index = self._index(
+                collection.id,
+                index.space,
+                dim=self.store.dim_of(index.space),
+                kind=self.store.kind_of(index.space),
+                meta=index.meta,
+            )
+        knobs, problem = checked_knobs(collection)
+        self.problems.note(collection.id, problem, code=BAD_INDEX_PARAMS)
+        index.set_search_knobs(default_knobs(index.kind).merged(knobs))
+        self._keep(collection, index)
+        return index
+
+    def _keep(self, collection: CollectionRecord, index: StoreIndex | None) -> None:
+        """Serve ``index`` for ``collection`` (as its settings read now). Under the lock."""
+        if index is None:
+            self._indexes.pop(collection.id, None)
+            self._seen.pop(collection.id, None)
+        else:
+            self._indexes[collection.id] = index
+            self._seen[collection.id] = settings_of(collection)
+
+    def _index(
+        self, collection_id: int, space: str, *, dim: int, kind: str, meta: dict[str, Any]
+    ) -> StoreIndex:
+        index = StoreIndex(self.store, space, dim=dim, kind=kind, meta=meta)
+        index.reopen = lambda: self._reopened(collection_id, index)
+        return index
+
+    def _reopened(self, collection_id: int, gone: StoreIndex) -> StoreIndex | None:
+        """The collection's space re-opened from the database after ``gone``'s space disappeared
+        (dropped by another process): recreated and reconciled (read-only: empty until a writer
+        does it)."""
+        with self.db.session() as session:
+            collection = session.get(CollectionRecord, collection_id)
+        if collection is None or collection.embedder_version is None:
+            return None
+        with self._lock:
+            kept = self._indexes.get(collection_id)
+            if kept is not None and kept is not gone:
+                return kept  # re-opened meanwhile
+            self.store.forget(gone.space)
+            index, _ = self._open(collection, rebuild=False)
+            self._keep(collection, index)
+            return index
+
+    def refresh(self) -> None:
+        """Forget every collection's index and what the store remembers of its spaces: each is
+        re-opened (and reconciled) from the database and the store when next served."""
+        with self._lock:
+            self._indexes.clear()
+            self._seen.clear()
+            self.store.forget()
+
+    def reconcile(self, collection: CollectionRecord) -> tuple[int, int]:
+        """Reconcile the collection's space with the database now (after a worker that was writing
+        it died): (ids re-added, ids removed). (0, 0) read-only or without an embedder version."""
+        if collection.embedder_version is None or self.read_only:
+            return 0, 0
+        with self._lock:
+            self.store.forget(self.space_of(collection.id, collection.embedder_version))
+            index, done = self._open(collection, rebuild=False)
+            self._keep(collection, index)
+            return done.added, done.removed
 
     def serving(self, collection: CollectionRecord) -> StoreIndex | None:
         index = self.get(collection)
@@ -122,8 +220,9 @@ class StoreIndexManager:
             raise IndexMismatch(f"the vectors of {collection.name!r} are not available; retry shortly")
         return index
 
-    def _open(self, collection: CollectionRecord, *, rebuild: bool) -> StoreIndex | None:
-        """Reconcile (``rebuild``: recreate) the collection's space from the database. Under the lock."""
+    def _open(self, collection: CollectionRecord, *, rebuild: bool) -> tuple[StoreIndex | None, Reconciled]:
+        """Reconcile (``rebuild``: recreate) the collection's space from the database: the index and
+        what the reconciliation did. Under the lock."""
         version = collection.embedder_version
         assert version is not None
         started = time.perf_counter()
@@ -133,7 +232,7 @@ class StoreIndexManager:
                 f"collection {collection.name!r} has images but none has a vector of its embedder "
                 f"version {version}; re-embed it (PUT /api/v1/collections/{collection.name}/embedder) first"
             )
-            return None
+            return None, NOTHING
         self._unembedded.pop(collection.id, None)
         dim = stored_dim(self.db, collection_id=collection.id, embedder_version=version)
         kind = self._kind_for(collection, n=len(db_ids), dim=dim)
@@ -147,12 +246,18 @@ class StoreIndexManager:
                 exists = False
         if not exists:
             if dim is None or self.read_only:
-                return StoreIndex(self.store, space, dim=0, kind=kind, meta=meta)
-            self.store.create(space, dim=dim, kind=kind)
+                return self._index(collection.id, space, dim=0, kind=kind, meta=meta), NOTHING
+            try:
+                self.store.create(space, dim=dim, kind=kind)
+            except ValueError:
+                if not self.store.exists(space):
+                    raise
+                # Created meanwhile by another replica (it reconciles it too: the same rows).
             meta["built_at"] = now()
-        index = StoreIndex(
-            self.store, space, dim=self.store.dim_of(space), kind=self.store.kind_of(space), meta=meta
+        index = self._index(
+            collection.id, space, dim=self.store.dim_of(space), kind=self.store.kind_of(space), meta=meta
         )
+        done = NOTHING
         if not self.read_only:
             done = reconcile(self.store, space, db_ids=db_ids, fetch=lambda ids: self._rows(collection, ids))
             if done.added >= FLUSH_AFTER:
@@ -169,7 +274,7 @@ class StoreIndexManager:
         index.update_meta(build_seconds=round(time.perf_counter() - started, 3))
         index.set_search_knobs(default_knobs(index.kind).merged(checked_knobs(collection)[0]))
         self.problems.opened(collection.id)
-        return index
+        return index, done
 
     def _rows(self, collection: CollectionRecord, ids: np.ndarray) -> Rows:
         """The stored vectors of ``ids`` with their label and created time; rows set aside are left
@@ -205,18 +310,27 @@ class StoreIndexManager:
                 kind = self._kind_for(collection, n=len(ids), dim=int(vectors.shape[1]))
                 if not self.store.exists(index.space):
                     self.store.create(index.space, dim=int(vectors.shape[1]), kind=kind)
-                index = StoreIndex(
-                    self.store,
+                index = self._index(
+                    collection.id,
                     index.space,
                     dim=self.store.dim_of(index.space),
                     kind=self.store.kind_of(index.space),
                     meta={**index.meta, "built_at": now()},
                 )
-                self._indexes[collection.id] = index
+                self._keep(collection, index)
         rows = self._with_fields(ids, vectors)
-        self.store.upsert(
-            index.space, ids=rows.ids, vectors=rows.vectors, labels=list(rows.labels), created=rows.created
-        )
+        try:
+            self.store.upsert(
+                index.space,
+                ids=rows.ids,
+                vectors=rows.vectors,
+                labels=list(rows.labels),
+                created=rows.created,
+            )
+        except SpaceMissing:
+            # Dropped by another process: re-opening reconciles it, these committed rows included.
+            self._reopened(collection.id, index)
+            return
         index.changed()
 
     def remove(self, collection: CollectionRecord, ids: np.ndarray) -> None:
@@ -225,13 +339,18 @@ class StoreIndexManager:
             return
         index = self.get(collection)
         if index is not None and index.created:
-            self.store.delete(index.space, np.asarray(ids, dtype=np.int64))
+            try:
+                self.store.delete(index.space, np.asarray(ids, dtype=np.int64))
+            except SpaceMissing:
+                self._reopened(collection.id, index)  # reconciled: the database no longer has them
+                return
             index.changed()
 
     def drop(self, collection_id: int) -> None:
         """Forget the collection and drop its spaces (every embedder version's)."""
         with self._lock:
             self._indexes.pop(collection_id, None)
+            self._seen.pop(collection_id, None)
             self.problems.forget(collection_id)
             self._errors.pop(collection_id, None)
             self._unembedded.pop(collection_id, None)
@@ -244,13 +363,12 @@ class StoreIndexManager:
         switch); the spaces of its other versions are dropped."""
         with self._lock:
             self._errors.pop(collection.id, None)
-            index = self._open(collection, rebuild=True)
-            if index is not None:
-                self._indexes[collection.id] = index
-                if not self.read_only:
-                    for space in self._spaces_of(collection.id):
-                        if space != index.space:
-                            self.store.drop(space)
+            index, _ = self._open(collection, rebuild=True)
+            self._keep(collection, index)
+            if index is not None and not self.read_only:
+                for space in self._spaces_of(collection.id):
+                    if space != index.space:
+                        self.store.drop(space)
             return index
 
     def rebuild(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from index.faiss_store import FaissStore
-from index.store import Rows, UnsupportedKind, VectorStore, Where, reconcile, space_name
+from index.store import Rows, SpaceMissing, UnsupportedKind, VectorStore, Where, reconcile, space_name
 
 DIM = 16
 N = 240
@@ -243,6 +243,52 @@ def test_milvus_replicas_share_one_space(request: pytest.FixtureRequest) -> None
         assert two.search(name, Data.vectors[3:4], 1)[1][0].tolist() == [int(Data.ids[3])]
         two.delete(name, Data.ids[:5])
         assert one.list_ids(name).tolist() == Data.ids[5:20].tolist()
+    finally:
+        one.drop(name)
+        one.close()
+        two.close()
+
+
+def test_a_space_that_is_gone_is_space_missing_for_every_call(store: VectorStore, filled: str) -> None:
+    store.search(filled, Data.vectors[:1], 1)  # what the client remembers of it (Milvus: dim, kind)
+    store.drop(filled)
+    calls: list[Callable[[], object]] = [
+        lambda: store.search(filled, Data.vectors[:1], 1),
+        lambda: store.count(filled),
+        lambda: store.list_ids(filled),
+        lambda: store.upsert(filled, ids=[1], vectors=Data.vectors[:1]),
+        lambda: store.delete(filled, [1]),
+        lambda: store.dim_of(filled),
+        lambda: store.kind_of(filled),
+    ]
+    for call in calls:
+        with pytest.raises(SpaceMissing):
+            call()
+
+
+def test_milvus_replica_sees_the_kind_and_a_recreated_space_after_forget(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Another replica recreates the space in another kind: a client that read the old kind serves
+    it until ``forget``, then reads the new one; a space dropped elsewhere is ``SpaceMissing``."""
+    uri = request.getfixturevalue("milvus_uri")
+    from index.milvus_store import MilvusStore
+
+    one, two = MilvusStore(uri), MilvusStore(uri)
+    name = f"cbir_kinds_{uuid.uuid4().hex}"
+    try:
+        one.create(name, dim=DIM, kind="HNSW16")
+        assert (two.kind_of(name), two.dim_of(name)) == ("HNSW16", DIM)
+        one.drop(name)
+        one.create(name, dim=DIM, kind="IVF8,Flat")
+        assert two.kind_of(name) == "HNSW16"
+        two.forget(name)
+        assert two.kind_of(name) == "IVF8,Flat"
+        one.drop(name)
+        with pytest.raises(SpaceMissing):
+            two.count(name)
+        with pytest.raises(SpaceMissing):
+            two.kind_of(name)  # forgotten with the failure
     finally:
         one.drop(name)
         one.close()

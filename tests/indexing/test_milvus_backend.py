@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.settings import Settings
+from app.data.records import CollectionRecord
 from app.indexing.store_manager import StoreIndexManager
 from app.main import create_app
 
@@ -158,3 +160,92 @@ def test_settings_refuse_an_address_that_is_no_vector_store(tmp_path: object) ->
             Settings(vector_store=bad)
     assert Settings(vector_store="").vector_store == "faiss"
     assert Settings(vector_store="milvus://127.0.0.1:19530?token=u:p&db=x").vector_store_backend == "milvus"
+
+
+# -- two replicas (two apps on one database and one Milvus) ------------------------------------
+def manager_of(client: TestClient) -> StoreIndexManager:
+    manager = context_of(client).indexes
+    assert isinstance(manager, StoreIndexManager)
+    return manager
+
+
+def record_of(client: TestClient, name: str = "shapes") -> CollectionRecord:
+    with context_of(client).db.session() as session:
+        return require_collection(session, name)
+
+
+def space_of(manager: StoreIndexManager, settings: Settings) -> str:
+    return next(s for s in manager.store.spaces() if s.startswith(f"{settings.vector_store_prefix}_c"))
+
+
+def test_a_kind_set_by_another_replica_is_served_without_a_restart(
+    milvus_settings: Settings, make_png: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve(milvus_settings) as one, serve(milvus_settings) as two:
+        images = fill(one, make_png)
+        assert top_ids(search(two, images[min(images)][0]))[0] == min(images)
+        assert two.get(f"{API}/collections/shapes/index").json()["kind"] == "Flat"
+
+        def no_reconcile(*args: object, **kwargs: object) -> None:
+            raise AssertionError("a kind set elsewhere is read from the store, not reconciled")
+
+        monkeypatch.setattr(manager_of(two), "_open", no_reconcile)
+        put = one.put(f"{API}/collections/shapes/index", json={"factory": "HNSW16", "ef_search": 48})
+        assert put.status_code == 202, put.text  # rebuilt by this replica
+
+        status = two.get(f"{API}/collections/shapes/index").json()
+        assert (status["kind"], status["ntotal"]) == ("HNSW16", len(images))
+        assert manager_of(two).get(record_of(two)).search_knobs().ef_search == 48
+        for image_id, (data, _) in images.items():
+            assert top_ids(search(two, data))[0] == image_id
+
+
+def test_a_space_dropped_by_another_replica_is_reopened_not_a_500(
+    milvus_settings: Settings, make_png: Callable[..., bytes]
+) -> None:
+    with serve(milvus_settings) as one, serve(milvus_settings) as two:
+        images = fill(one, make_png)
+        assert top_ids(search(two, images[min(images)][0]))[0] == min(images)
+        # Another process drops the space behind both replicas' backs.
+        manager_of(one).store.drop(space_of(manager_of(one), milvus_settings))
+
+        for image_id, (data, _) in images.items():
+            assert top_ids(search(two, data))[0] == image_id
+        status = one.get(f"{API}/collections/shapes/index").json()
+        assert (status["state"], status["ntotal"]) == ("ready", len(images))
+
+
+def test_an_upload_to_a_space_dropped_elsewhere_reconciles_it(
+    milvus_settings: Settings, make_png: Callable[..., bytes]
+) -> None:
+    with serve(milvus_settings) as one, serve(milvus_settings) as two:
+        images = fill(one, make_png, n=4)
+        manager_of(two).store.drop(space_of(manager_of(two), milvus_settings))
+
+        late = upload(one, make_png(99), "a")
+
+        assert manager_of(one).store.list_ids(space_of(manager_of(one), milvus_settings)).tolist() == sorted(
+            [*images, late]
+        )
+
+
+def test_reconcile_and_refresh_on_demand(milvus_settings: Settings, make_png: Callable[..., bytes]) -> None:
+    with serve(milvus_settings) as one:
+        images = fill(one, make_png)
+        manager = manager_of(one)
+        record = record_of(one)
+        space = space_of(manager, milvus_settings)
+        manager.store.delete(space, sorted(images)[:2])
+        stray = np.zeros((1, 64), dtype=np.float32)
+        stray[0, 0] = 1.0
+        manager.store.upsert(space, ids=[10_000], vectors=stray, labels=["a"], created=[0])
+
+        assert manager.reconcile(record) == (2, 1)
+        assert manager.reconcile(record) == (0, 0)
+        assert manager.store.list_ids(space).tolist() == sorted(images)
+
+        kept = manager.get(record)
+        assert kept is not None
+        manager.refresh()
+        assert manager.get(record) is not kept
+        assert top_ids(search(one, images[max(images)][0]))[0] == max(images)
