@@ -221,7 +221,9 @@ def api_replicas(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def workers(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in scale_services(services).items() if command_of(s)[:2] == ["cbir", "worker"]}
+    return {
+        name: s for name, s in scale_services(services).items() if command_of(s)[:2] == ["cbir", "worker"]
+    }
 
 
 def dependencies(services: dict[str, Any], names: set[str]) -> set[str]:
@@ -327,7 +329,7 @@ def test_worker_health_is_its_heartbeat_file_touched_within_60_s(tmp_path: Path,
         probe = tmp_path / "alive"
         script = check[-1].replace(heartbeat, str(probe))
 
-        def healthy() -> bool:
+        def healthy(check: list[str] = check, script: str = script) -> bool:
             return subprocess.run([sys.executable, *check[2:-1], script], capture_output=True).returncode == 0
 
         assert not healthy(), name  # no heartbeat yet
@@ -381,9 +383,13 @@ def test_scaling_doc_names_every_service_volume_and_setting_of_the_profile(servi
     for volume in {v for s in scale.values() for v in named_volumes(s)} | {"appdata"}:
         assert f"`{volume}`" in doc, volume
     for service in app_services(scale).values():
-        for variable, value in service["environment"].items():
-            assert f"`{variable}`" in doc, variable
-    assert "`CBIR_JOB_LEASE_SECONDS`" in doc and "`CBIR_ROLE`" in doc and "--heartbeat" in doc
+        for variable in service["environment"]:
+            assert re.search(rf"`{variable}[`=]", doc), variable
+        store = service["environment"]["CBIR_VECTOR_STORE"]
+        assert f"`CBIR_VECTOR_STORE={store}`" in doc
+    for setting in ("CBIR_ROLE", "CBIR_JOB_LEASE_SECONDS", "CBIR_VECTOR_STORE_PREFIX"):
+        assert re.search(rf"`{setting}[`=]", doc), setting
+    assert "--heartbeat" in doc
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
