@@ -20,6 +20,7 @@ import numpy as np
 from index.exact import exact_search
 from index.kinds import build_index, min_vectors, new_index, servable_factory, validate_factory
 from index.rows import as_ids, as_vectors
+from index.search_params import SearchKnobs
 from index.store import SpaceMissing, UnsupportedKind, Where, check_rows, empty_hits
 from index.vector_index import VectorIndex
 
@@ -129,6 +130,7 @@ class FaissStore:
         *,
         where: Where | None = None,
         allowed_ids: Any | None = None,
+        knobs: SearchKnobs | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer; got {k!r}")
@@ -151,7 +153,7 @@ class FaissStore:
         if exact is not None and allowed is not None:
             got_scores, got_ids = exact_search(arr, int(k), vectors=exact, ids=allowed)
         else:
-            got_scores, got_ids = index.search(arr, int(k), allowed_ids=allowed)
+            got_scores, got_ids = index.search(arr, int(k), allowed_ids=allowed, knobs=knobs)
         scores[:, : got_ids.shape[1]] = got_scores
         found[:, : got_ids.shape[1]] = got_ids
         return scores, found

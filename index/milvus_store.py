@@ -24,9 +24,10 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from index.factories import check_factory
 from index.rows import as_ids, as_vectors
+from index.search_params import SearchKnobs
 from index.store import SpaceMissing, UnsupportedKind, Where, check_rows, empty_hits
 
-__all__ = ["MILVUS_KINDS", "MilvusStore", "milvus_index", "parse_milvus_url"]
+__all__ = ["MILVUS_KINDS", "MilvusStore", "milvus_index", "milvus_search_params", "parse_milvus_url"]
 
 MILVUS_KINDS = "Flat, HNSW{M} (or HNSW{M},Flat), IVF{nlist},Flat, IVF{nlist},SQ8, IVF{nlist},PQ{m}[x{bits}]"
 LABEL_MAX = 512  # VARCHAR bytes; the catalog's values are shorter (app/catalog/filters.py)
@@ -35,6 +36,7 @@ _ID_LIST_BATCH = 16_384
 _HNSW_EF_CONSTRUCTION = 40  # as index.kinds, so that both backends build the same graph
 _HNSW_EF_SEARCH = 64
 _IVF_NPROBE = 16
+_EF_MAX = 32_768  # Milvus's bound on HNSW's ef
 _LITE_LACKS = frozenset({"IVF_PQ"})
 _KIND_PROPERTY = "cbir.kind"
 _NOT_FOUND = 100  # Milvus's status code for a collection that does not exist
@@ -58,6 +60,21 @@ def milvus_index(kind: str, *, dim: int | None) -> tuple[str, dict[str, int], di
         params = {"nlist": int(match[1]), "m": int(match[2]), "nbits": int(match[3] or 8)}
         return "IVF_PQ", params, {"nprobe": _IVF_NPROBE}
     raise UnsupportedKind(f"{body!r} has no Milvus index type; the Milvus store builds {MILVUS_KINDS}")
+
+
+def milvus_search_params(kind: str, *, k: int, knobs: SearchKnobs | None = None) -> dict[str, int]:
+    """Milvus search ``params`` for a space of ``kind`` answering ``k`` per query with the
+    collection's ``knobs``: HNSW ``ef`` = max(ef_search, k) (Milvus wants ef >= k); IVF ``nprobe``
+    (at most the space's nlist); nothing for FLAT. A knob left None takes the default of
+    ``index.kinds`` (ef 64, nprobe 16). milvus-lite accepts these and ignores them."""
+    index_type, build, params = milvus_index(kind, dim=None)
+    if index_type == "HNSW":
+        ef = knobs.ef_search if knobs is not None and knobs.ef_search is not None else params["ef"]
+        return {"ef": min(max(int(ef), int(k)), _EF_MAX)}
+    if "nprobe" in params:
+        nprobe = knobs.nprobe if knobs is not None and knobs.nprobe is not None else params["nprobe"]
+        return {"nprobe": max(1, min(int(nprobe), build["nlist"]))}
+    return {}
 
 
 def parse_milvus_url(url: str) -> dict[str, Any]:
@@ -269,6 +286,7 @@ class MilvusStore:
         *,
         where: Where | None = None,
         allowed_ids: Any | None = None,
+        knobs: SearchKnobs | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer; got {k!r}")
@@ -277,9 +295,7 @@ class MilvusStore:
         allowed = None if allowed_ids is None else np.unique(as_ids(allowed_ids))
         if arr.shape[0] == 0 or (allowed is not None and allowed.size == 0):
             return scores, found
-        _, _, params = milvus_index(self._spec(space)[1], dim=arr.shape[1])
-        if "ef" in params:
-            params = {"ef": max(params["ef"], int(k))}  # Milvus wants ef >= k
+        params = milvus_search_params(self._spec(space)[1], k=int(k), knobs=knobs)
         with self._named(space):
             results = self._client.search(
                 space,

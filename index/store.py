@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from index.rows import as_ids, as_vectors
+from index.search_params import SearchKnobs
 
 __all__ = [
     "Reconciled",
@@ -167,9 +168,11 @@ class VectorStore(Protocol):
         *,
         where: Where | None = None,
         allowed_ids: Any | None = None,
+        knobs: SearchKnobs | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best ids per query row (n, d) among those that pass ``where`` and are in
         ``allowed_ids``: ((n, k) float32 scores best first, (n, k) int64 ids), empty slots -inf and -1.
+        ``knobs`` (efSearch, nprobe) tune an approximate kind's search; None keeps the store's own.
         Every method that names a space raises ``SpaceMissing`` when it does not exist."""
         ...
 

@@ -139,6 +139,7 @@ class StoreIndex:
         return self._knobs
 
     def set_search_knobs(self, knobs: SearchKnobs) -> None:
+        """The collection's search parameters (every search passes them to the store)."""
         self._knobs = knobs
 
     def search(
@@ -151,14 +152,19 @@ class StoreIndex:
         where: Where | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best ids per query row (n, d) float32 unit rows: ((n, k) float32 scores,
-        (n, k) int64 ids), empty slots -inf and -1. ``knobs`` (efSearch, nprobe) are not passed on
-        yet: the store searches with its own per-kind parameters."""
+        (n, k) int64 ids), empty slots -inf and -1. ``knobs`` (efSearch, nprobe) override the
+        collection's for this search; the store gets them merged (Milvus: its search params)."""
         empty = empty_hits(np.asarray(vectors).shape[0], int(k))
         if not self.created:
             return empty
         return self._read(
             lambda index: index.store.search(
-                index.space, vectors, int(k), where=where, allowed_ids=allowed_ids
+                index.space,
+                vectors,
+                int(k),
+                where=where,
+                allowed_ids=allowed_ids,
+                knobs=index.search_knobs().merged(knobs),
             ),
             empty=empty,
         )

@@ -386,7 +386,7 @@ class StoreIndexManager:
         return True  # builds run in the caller
 
     def set_knobs(self, collection: CollectionRecord) -> None:
-        """Keep the collection's search parameters (shown by the status; not yet passed to the store)."""
+        """Take the collection's search parameters (passed to the store with every search)."""
         knobs, problem = checked_knobs(collection)
         self.problems.note(collection.id, problem, code=BAD_INDEX_PARAMS)
         index = self.get(collection)
