@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.hosts import parse_test_hosts
 from app.core.memory import default_budget
+from app.core.redaction import MARK, redact_url
 
 # Every image within the default pixel caps fits: 40 megapixels of the costliest kind (an RGBA
 # WebP, about 17 bytes a pixel at the peak: app/imaging/decode_cost.py) need 680 MB.
@@ -81,7 +83,8 @@ class Settings(BaseSettings):
     index_sync_rebuild_max: int = Field(50_000, ge=0)
     # Where vectors live: "faiss" (or empty) keeps an in-process FAISS index per collection, saved
     # under data_dir/indexes; "milvus://HOST:PORT" (or http(s)://HOST:PORT), optionally with
-    # "?token=USER:PASSWORD&db=NAME", keeps them in Milvus, shared by every replica.
+    # "?token=USER:PASSWORD&db=NAME", keeps them in Milvus, shared by every replica. The token is
+    # shown as "…" by the settings' repr and JSON (``shown_vector_store``); the attribute keeps it.
     vector_store: str = "faiss"
     # The first part of every Milvus collection name this deployment creates, so that several
     # deployments (or test runs) can share one Milvus.
@@ -186,6 +189,14 @@ class Settings(BaseSettings):
     def _vector_store(cls, value: str) -> str:
         return check_vector_store(value)
 
+    @field_serializer("vector_store")
+    def _shown_vector_store(self, value: str) -> str:
+        return shown_vector_store(value)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, shown_vector_store(value) if name == "vector_store" else value
+
     @property
     def vector_store_backend(self) -> str:
         """``faiss`` or ``milvus``."""
@@ -284,23 +295,40 @@ class Settings(BaseSettings):
             folder.mkdir(parents=True, exist_ok=True)
 
 
+def shown_vector_store(value: str) -> str:
+    """CBIR_VECTOR_STORE as it may be shown (repr, JSON, messages): the token's value and any
+    user-info hidden, ``milvus://u:p@h:1?token=u:p&db=x`` -> ``milvus://h:1?token=…&db=x``."""
+    try:
+        parts = urlsplit(value)
+        if not parts.scheme or not parts.netloc:
+            return re.sub(r"token=[^&\s]*", f"token={MARK}", redact_url(value) if "@" in value else value)
+        netloc = parts.netloc.rpartition("@")[2]
+        query = re.sub(r"(^|&)token=[^&]*", rf"\1token={MARK}", parts.query)
+        shown = f"{parts.scheme}://{netloc}{parts.path}"
+        return f"{shown}?{query}" if query else shown
+    except ValueError:
+        return redact_url(value)
+
+
 def check_vector_store(value: str) -> str:
-    """``faiss`` for an empty value or ``faiss``; a Milvus address as given; ValueError otherwise."""
+    """``faiss`` for an empty value or ``faiss``; a Milvus address as given; ValueError otherwise
+    (whose message never holds the token)."""
     text = value.strip()
     if text.lower() in {"", "faiss"}:
         return "faiss"
+    shown = shown_vector_store(text)[:80]
     want = "want faiss, milvus://HOST:PORT or http(s)://HOST:PORT, optionally ?token=...&db=..."
     parts = urlsplit(text)
     if parts.scheme not in {"milvus", "http", "https"} or not parts.hostname:
-        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} is not a vector store: {want}")
+        raise ValueError(f"CBIR_VECTOR_STORE {shown!r} is not a vector store: {want}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} has a bad port: {want}") from None
+        raise ValueError(f"CBIR_VECTOR_STORE {shown!r} has a bad port: {want}") from None
     if parts.scheme == "milvus" and port is None:
-        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r} names no port (Milvus listens on 19530)")
+        raise ValueError(f"CBIR_VECTOR_STORE {shown!r} names no port (Milvus listens on 19530)")
     if parts.path not in {"", "/"} or parts.fragment:
-        raise ValueError(f"CBIR_VECTOR_STORE {text[:80]!r}: no path or fragment expected: {want}")
+        raise ValueError(f"CBIR_VECTOR_STORE {shown!r}: no path or fragment expected: {want}")
     unknown = set(parse_qs(parts.query)) - {"token", "db"}
     if unknown:
         raise ValueError(f"CBIR_VECTOR_STORE takes only token and db options, not {sorted(unknown)}")

@@ -249,3 +249,40 @@ def test_reconcile_and_refresh_on_demand(milvus_settings: Settings, make_png: Ca
         manager.refresh()
         assert manager.get(record) is not kept
         assert top_ids(search(one, images[max(images)][0]))[0] == max(images)
+
+
+def test_the_milvus_token_is_hidden_from_repr_json_and_messages() -> None:
+    settings = Settings(vector_store="milvus://127.0.0.1:19530?token=root:s3cret&db=photos")
+
+    assert settings.vector_store == "milvus://127.0.0.1:19530?token=root:s3cret&db=photos"  # to connect
+    for shown in (
+        repr(settings),
+        str(settings),
+        settings.model_dump_json(),
+        json.dumps(settings.model_dump(), default=str, ensure_ascii=False),
+    ):
+        assert "s3cret" not in shown
+        assert "milvus://127.0.0.1:19530?token=…&db=photos" in shown
+    assert "s3cret" not in repr(Settings(vector_store="milvus://root:s3cret@127.0.0.1:19530"))
+    with pytest.raises(ValueError) as refused:
+        Settings(vector_store="milvus://127.0.0.1?token=root:s3cret")
+    assert "s3cret" not in str(refused.value.errors()[0]["msg"])
+
+
+def test_status_answers_never_show_the_milvus_token(
+    milvus_settings: Settings, make_png: Callable[..., bytes]
+) -> None:
+    keyed = milvus_settings.model_copy(
+        update={"vector_store": f"{milvus_settings.vector_store}?token=root:s3cret"}
+    )
+    with serve(keyed) as client:
+        fill(client, make_png, n=2)
+        for path in (
+            f"{API}/health",
+            f"{API}/ready",
+            f"{API}/collections/shapes/index",
+            f"{API}/collections/shapes",
+        ):
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.text)
+            assert "s3cret" not in response.text
