@@ -293,3 +293,17 @@ def test_milvus_replica_sees_the_kind_and_a_recreated_space_after_forget(
         one.drop(name)
         one.close()
         two.close()
+
+
+def test_an_upsert_that_changes_a_label_moves_the_row_between_filters(
+    store: VectorStore, filled: str
+) -> None:
+    moved = Data.ids[[0, 1]]
+    rows = Data.rows(moved)
+    store.upsert(filled, ids=moved, vectors=rows.vectors, labels=["bird", None], created=rows.created)
+    _, birds = store.search(filled, rows.vectors, 3, where=Where(labels=("bird", "never-seen")))
+    assert birds[:, 0].tolist() == [int(moved[0]), int(moved[0])] and (birds[:, 1:] == -1).all()
+    _, unlabelled = store.search(filled, rows.vectors[1:], 1, where=Where(labels=(None,)))
+    assert unlabelled[0].tolist() == [int(moved[1])]
+    _, nothing = store.search(filled, rows.vectors[:1], 2, where=Where(labels=("never-seen",)))
+    assert nothing.tolist() == [[-1, -1]]
