@@ -12,12 +12,13 @@ import pytest
 from app.indexing.store_index import StoreIndex
 from index import SearchKnobs
 from index.faiss_store import FaissStore
+from tests.milvus_server import require_pymilvus
 
 
 @pytest.fixture
 def milvus_store() -> Any:
-    """``index.milvus_store`` (skipped without pymilvus)."""
-    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install -e '.[dev]')")
+    """``index.milvus_store`` (skipped without pymilvus, failed under CBIR_REQUIRE_MILVUS=1)."""
+    require_pymilvus()
     import index.milvus_store
 
     return index.milvus_store
