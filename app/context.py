@@ -43,6 +43,9 @@ class AppContext:
     write_lock: threading.RLock = field(default_factory=threading.RLock)
     # Decoding and file-writing threads, and the bulk import's worker processes.
     workers: Workers = field(default_factory=Workers)
+    # Journal names (job owners) of processes found dead on this machine: their jobs are free to
+    # take over at once, without waiting for their leases to run out.
+    dead_owners: set[str] = field(default_factory=set)
 
     @property
     def limits(self) -> ImageLimits:
@@ -87,7 +90,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
         costs=CostCache(),
     )
     if not read_only:
-        _remove_unfinished_writes(context)
+        remove_unfinished_writes(context)
     context.indexes.start()
     return context
 
@@ -112,9 +115,11 @@ def _indexes(settings: Settings, *, db: Database, read_only: bool) -> IndexManag
     return StoreIndexManager(db=db, store=store, prefix=settings.vector_store_prefix, read_only=read_only)
 
 
-def _remove_unfinished_writes(context: AppContext) -> None:
-    """Files that processes killed before their commit left behind (see FileJournal)."""
+def remove_unfinished_writes(context: AppContext) -> None:
+    """Files that processes killed before their commit left behind (see FileJournal): at every
+    start, and when a worker takes over a job from one that died."""
     for journal in FileJournal.orphaned(context.settings.journal_dir):
+        context.dead_owners.add(journal.path.name)
         removed = remove_unreferenced_files(db=context.db, store=context.store, journal=journal)
         if removed:
             log.warning("removed %d image files that a killed process wrote but never committed", removed)

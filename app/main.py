@@ -53,11 +53,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # or torn index file is rebuilt before traffic arrives.
         for info in list_collections(context):
             log.info("collection %s: %d images, %d indexed", info.name, info.image_count, info.index_size)
-        runner = job_runner(context)
-        # Read-only: interrupted jobs wait for a writable start to resume.
-        interrupted = 0 if settings.read_only else runner.recover()
+        # Role "api": jobs are queued for `cbir worker` processes. Read-only: interrupted jobs
+        # wait for a writable start to resume.
+        runs_jobs = settings.role == "all" and not settings.read_only
+        runner = job_runner(context, runs_jobs=runs_jobs)
+        interrupted = runner.recover() if runs_jobs else 0
         if interrupted:
             log.warning("%d import job(s) were interrupted by the last shutdown", interrupted)
+        if runs_jobs and context.db.shared:
+            runner.start_polling()  # jobs queued by API replicas, or left by workers that died
         app.state.context = context
         app.state.guard.open_keys(context.db)
         app.state.jobs = runner

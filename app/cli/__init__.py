@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from app.cli.bench import bench
 from app.cli.common import command_context, epoch_bars, progress_bar
+from app.cli.roles import shared_parts_problem, worker
 from app.cli.train import train
 from app.core.errors import CbirError
 from app.core.settings import Settings, get_settings
@@ -35,7 +36,13 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--host", default=None, help="default: CBIR_HOST (127.0.0.1)")
 @click.option("--port", type=int, default=None, help="default: CBIR_PORT (8000); 0: any free port, logged")
-def serve(host: str | None, port: int | None) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["all", "api"]),
+    default=None,
+    help="all: the API and the jobs (default, CBIR_ROLE); api: the API only, jobs run by `cbir worker`",
+)
+def serve(host: str | None, port: int | None, role: str | None) -> None:
     """Run the HTTP service (REST API under /api/v1, web page at /)."""
     import uvicorn
 
@@ -44,6 +51,10 @@ def serve(host: str | None, port: int | None) -> None:
     settings: Settings = get_settings()
     if host:  # the address decides whether keyless writes are refused (app/api/exposure.py)
         settings = settings.model_copy(update={"host": host})
+    if role:
+        settings = settings.model_copy(update={"role": role})
+    if settings.role != "all" and (problem := shared_parts_problem(settings)) is not None:
+        raise click.ClickException(problem)
     if settings.create_admin_key:
         _first_admin_key(settings)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that
@@ -423,6 +434,7 @@ def _row_name(row: dict[str, Any]) -> str:
 
 main.add_command(bench)
 main.add_command(train)
+main.add_command(worker)
 
 if __name__ == "__main__":
     main()

@@ -126,6 +126,12 @@ class Database:
         self.engine = make_engine(url, read_only=read_only)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes on other machines may use this database (PostgreSQL), so that
+        jobs are claimed from it; SQLite keeps them with the process that queued them."""
+        return self.engine.dialect.name == "postgresql"
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:

@@ -9,9 +9,8 @@ in the background, and meanwhile its searches answer 503 (``IndexRebuilding``), 
 result. Rebuilding into another kind (``rebuild``) runs in the background while the old index keeps
 serving; writes that arrive meanwhile go to both, and the new index takes over when it is ready.
 
-Writes mark the index dirty; ``app.indexing.checkpoints`` saves dirty indexes (atomically, with the
-high-water mark of the ids they hold) at most every ``save_interval`` seconds, and ``flush`` at once.
-A fresh index and its recall are ``app.indexing.builds``'s.
+Writes mark the index dirty; ``app.indexing.checkpoints`` saves them (atomically, with their
+high-water mark) at most every ``save_interval`` seconds. Fresh indexes: ``app.indexing.builds``.
 """
 
 from __future__ import annotations
@@ -70,18 +69,15 @@ class IndexManager:
         # CBIR_READ_ONLY: indexes are loaded or built in memory, never written.
         self.read_only = read_only
         self.index_dir = index_dir
-        # Rebuilds of at most this many vectors run in the caller (well under a second for exact
-        # search); larger ones in the background, with 503s meanwhile.
+        # Rebuilds of at most this many vectors run in the caller, larger ones in the background.
         self.sync_rebuild_max = sync_rebuild_max
         self._lock = threading.RLock()
         self._indexes: dict[int, VectorIndex] = {}
         self._builds: dict[int, Build] = {}
         self._errors: dict[int, str] = {}
-        # Collections with images but no vector of their version: 503 reembed_required, never an
-        # empty index (or one of another model).
+        # Images but no vector of their version: 503 reembed_required, never an empty index.
         self._unembedded: dict[int, str] = {}
-        # Rows set aside, settings refused, indexes that cannot open: reported, never fatal.
-        self.factory_checks = FactoryChecks()
+        self.factory_checks = FactoryChecks()  # settings refused, indexes that cannot open: reported
         self.problems = IndexProblems(checks=self.factory_checks)
         self._stop = threading.Event()
         self.checkpoints = Checkpoints(
@@ -171,8 +167,7 @@ class IndexManager:
         if not len(db_ids) and has_images(self.db, collection_id=collection.id):
             if collection.id not in self._unembedded:
                 log.error(
-                    "collection %s has images but none has a %s vector; searches answer 503 until "
-                    "it is re-embedded",
+                    "collection %s has images but no %s vector: 503 until re-embedded",
                     collection.name,
                     version,
                 )
@@ -196,12 +191,13 @@ class IndexManager:
             else:
                 caught_up = self._catch_up(collection, index, db_ids)
                 if caught_up:
+                    took = time.perf_counter() - started
                     log.info(
                         "index of %s loaded from %s (%d vectors, %.2f s)",
                         collection.name,
                         path,
                         index.ntotal,
-                        time.perf_counter() - started,
+                        took,
                     )
                     dim = index.dim if index.ntotal else None
                     self.problems.settings(collection, dim=dim, served=index.factory)
@@ -267,6 +263,21 @@ class IndexManager:
         self.checkpoints.save(collection.id, index)
         log.info("index of %s built (%s; %d vectors, %.2f s)", collection.name, reason, index.ntotal, seconds)
         return index
+
+    def reconcile(self, collection: CollectionRecord) -> tuple[int, int]:
+        """Catch the served index up with the database now; (re-added, removed)."""
+        with self._lock:
+            index = self._indexes.get(collection.id)
+            if index is None or collection.embedder_version is None:
+                return 0, 0  # opened, and caught up, on first use
+            db_ids = load_ids(
+                self.db, collection_id=collection.id, embedder_version=collection.embedder_version
+            )
+            have = index.ids()
+            counts = (int(np.setdiff1d(db_ids, have).size), int(np.setdiff1d(have, db_ids).size))
+            if not self._catch_up(collection, index, db_ids):
+                self.rebuild(collection, reason="caught up with the database")
+            return counts
 
     def check_kind(self, factory: str, *, dim: int | None) -> None:
         """Every kind ``factory_checks.validate`` passed is one FAISS builds (the store seam's refusal)."""
@@ -467,8 +478,7 @@ class IndexManager:
         self.checkpoints.flush_all(force=force)
 
     # -- reporting -------------------------------------------------------------------------
-    def checkpoint_errors(self) -> dict[int, str]:
-        """Collection id -> why its last checkpoint failed (empty when all succeeded)."""
+    def checkpoint_errors(self) -> dict[int, str]:  # collection id -> why its last save failed
         return self.checkpoints.errors()
 
     def unavailable(self) -> dict[str, str]:

@@ -8,7 +8,6 @@ added twice; its per-file report is cut back to the cursor and continued.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -22,19 +21,17 @@ from sqlalchemy import select, update
 
 from app.catalog.collections import require_collection
 from app.context import AppContext
-from app.core.errors import CbirError, JobFinished
+from app.core.errors import JobFinished
 from app.data.records import CollectionRecord, JobRecord, utcnow
 from app.data.storage import FileJournal
+from app.ingest.import_run import AfterImport, ImportRunning, report_path, uploads_of
 from app.ingest.job_status import FINAL_STATES, JOB_STATES, JobInfo, get_job, list_jobs, wait_for_job
+from app.ingest.leases import Holdings, Leases
 from app.ingest.pipeline import Pipeline
-from app.ingest.sources.base import Limits, Source
-from app.ingest.sources.kinds import count_members, describe, from_params, members_of
-from app.ingest.sources.manifests import finished_state
-from app.ingest.store import ItemResult
+from app.ingest.sources.base import Source
+from app.ingest.sources.kinds import describe, from_params
 
 log = logging.getLogger(__name__)
-
-MAX_REPORTED_ERRORS = 1000
 
 __all__ = [
     "FINAL_STATES",
@@ -42,41 +39,10 @@ __all__ = [
     "JobInfo",
     "get_job",
     "list_jobs",
+    "report_path",
+    "uploads_of",
     "wait_for_job",
 ]
-
-
-def report_path(ctx: AppContext, job_id: str) -> Path:
-    """The job's per-file report: one JSON object per line (item, status, code, detail, image_id)."""
-    return ctx.settings.data_dir / "reports" / f"{job_id}.jsonl"
-
-
-def _report_lines(results: list[ItemResult]) -> bytes:
-    return "".join(
-        json.dumps(
-            {"item": r.name, "status": r.status, "code": r.code, "detail": r.detail, "image_id": r.image_id},
-            ensure_ascii=False,
-        )
-        + "\n"
-        for r in results
-    ).encode("utf-8")
-
-
-def _cut_report(path: Path, lines: int) -> None:
-    """Keep the first ``lines`` lines: those of committed members (a killed job may have written
-    the lines of a batch whose transaction never committed)."""
-    if not path.exists():
-        return
-    kept = 0
-    offset = 0
-    with path.open("rb") as handle:
-        for line in handle:
-            if kept == lines or not line.endswith(b"\n"):
-                break
-            kept += 1
-            offset += len(line)
-    with path.open("r+b") as handle:
-        handle.truncate(offset)
 
 
 def keep_upload(ctx: AppContext, path: Path, *, suffix: str) -> Path:
@@ -85,11 +51,6 @@ def keep_upload(ctx: AppContext, path: Path, *, suffix: str) -> Path:
     target = ctx.settings.uploads_dir / f"{uuid.uuid4().hex}{suffix}"
     os.replace(path, target)
     return target
-
-
-def uploads_of(source: Source) -> list[Path]:
-    """The uploaded files the service keeps for ``source`` until its job ends."""
-    return source.uploads()
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -109,16 +70,15 @@ class JobKind(Protocol):
     ) -> bool: ...
 
 
-class AfterImport(Protocol):
-    """Runs when an import job read its whole source, before it shows as succeeded."""
-
-    def __call__(self, ctx: AppContext, *, collection: str) -> None: ...
-
-
-class JobRunner:
+class JobRunner(ImportRunning):
     """Runs import jobs, and the jobs of the ``kinds`` a layer above registers, one at a time in
     a background thread; progress is written to the DB. ``after_import`` runs at the end of each
-    import that read its whole source."""
+    import that read its whole source.
+
+    Each job is claimed before it runs and held by a lease (app/ingest/leases.py): a job created
+    here is held from its creation; with ``runs_jobs`` False (an API replica) jobs are created
+    unowned and wait for a worker, which finds them with ``poll``. A job whose holder died is
+    taken over by the next worker to poll (or by a start's ``recover``) at its high-water mark."""
 
     def __init__(
         self,
@@ -126,8 +86,10 @@ class JobRunner:
         *,
         kinds: Mapping[str, JobKind] | None = None,
         after_import: AfterImport | None = None,
+        runs_jobs: bool = True,
     ) -> None:
         self.ctx = ctx
+        self.runs_jobs = runs_jobs
         self._kinds = dict(kinds or {})
         self._after_import = after_import
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-job")
@@ -135,6 +97,57 @@ class JobRunner:
         self._cancelled: set[str] = set()
         self._pipelines: dict[str, Pipeline] = {}
         self._stopping = threading.Event()
+        self.leases = Leases(
+            ctx.db, owner=ctx.store.journal.path.name, seconds=ctx.settings.job_lease_seconds
+        )
+        self.holdings = Holdings(
+            self.leases, poll=ctx.settings.job_poll_seconds, on_lost=self._stop_pipelines
+        )
+        self._poller: threading.Thread | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("import", *self._kinds)
+
+    def _stop_pipelines(self, job_ids: set[str]) -> None:
+        with self._lock:
+            pipelines = [self._pipelines[j] for j in job_ids if j in self._pipelines]
+        for pipeline in pipelines:
+            pipeline.stop()
+
+    # -- polling (workers) ------------------------------------------------------------------
+    def start_polling(self, *, heartbeat: Path | None = None) -> None:
+        """Look for claimable jobs in a background thread until ``shutdown``."""
+        if self._poller is None:
+            self._poller = threading.Thread(
+                target=self.poll, kwargs={"heartbeat": heartbeat}, name="cbir-job-poll", daemon=True
+            )
+            self._poller.start()
+
+    def poll(self, *, heartbeat: Path | None = None) -> None:
+        """Claim and run jobs, one at a time, until ``shutdown``: queued ones no process holds and
+        those whose holder's lease ran out. ``heartbeat``: a file touched at each look (a health
+        check's sign of life)."""
+        every = self.ctx.settings.job_poll_seconds
+        while not self._stopping.is_set():
+            if heartbeat is not None:
+                heartbeat.touch()
+            claimed = None
+            if not self.holdings.held():
+                try:
+                    claimed = self.holdings.claim_next(self.kinds)
+                except Exception:  # the database away for a moment: look again later
+                    log.warning("could not look for jobs", exc_info=True)
+            if claimed is not None:
+                self._dispatch(
+                    claimed.job_id,
+                    claimed.kind,
+                    claimed.params,
+                    claimed.collection_id,
+                    resumed=claimed.taken_over,
+                )
+                continue
+            self._stopping.wait(every)
 
     def recover(self) -> int:
         """Queue again the jobs a previous process left queued or running (they resume at their
@@ -142,7 +155,11 @@ class JobRunner:
         with self.ctx.db.session() as session:
             rows = session.execute(
                 select(
-                    JobRecord.id, JobRecord.kind, JobRecord.params, JobRecord.collection_id, JobRecord.owner
+                    JobRecord.id,
+                    JobRecord.kind,
+                    JobRecord.params,
+                    JobRecord.collection_id,
+                    JobRecord.owner,
                 )
                 .where(JobRecord.kind.in_(("import", *self._kinds)))
                 .where(JobRecord.state.in_(("queued", "running")))
@@ -150,38 +167,63 @@ class JobRunner:
             ).all()
         resumed = 0
         for job_id, kind, params, collection_id, owner in rows:
-            mine = owner == self.ctx.store.journal.path.name  # stopped earlier in this process
-            if owner and not mine and FileJournal.is_held(self.ctx.settings.journal_dir / owner):
-                continue  # another live process (`cbir import`) is running it
-            name = self._collection_name(collection_id)
-            if kind != "import" and name is not None:
-                self._mark_resumed(job_id)
-                log.warning("resuming %s job %s of %s", kind, job_id, name)
-                self._executor.submit(
-                    self.run_task, kind=kind, job_id=job_id, collection=name, params=params or {}
-                )
-                resumed += 1
+            if (
+                owner
+                and owner != self.leases.owner
+                and FileJournal.is_held(self.ctx.settings.journal_dir / owner)
+            ):
+                continue  # another live process on this machine (`cbir import`) is running it
+            # Its owner died on this machine (its journal was found unlocked), or its lease ran
+            # out; a live worker elsewhere keeps it (the claim fails).
+            dead = owner if owner in self.ctx.dead_owners else None
+            if self.holdings.adopt(self.leases.claim(job_id, from_owner=dead)) is None:
                 continue
-            try:
-                source = from_params(params or {}, data_dir=self.ctx.settings.data_dir)
-                missing = [p for p in uploads_of(source) if not p.exists()]
-            except (KeyError, TypeError, ValueError) as exc:
-                missing, source = [Path(str(exc))], None  # type: ignore[assignment]
-            if name is None or source is None or missing:
-                self._update(
-                    job_id,
-                    state="failed",
-                    finished_at=utcnow(),
-                    error="interrupted by a restart and its source is gone; images already stored "
-                    "are kept and recognised as duplicates when imported again",
-                )
-                continue
-            self._mark_resumed(job_id)
-            log.warning("resuming import job %s into %s", job_id, name)
-            self._executor.submit(self.run_import, job_id=job_id, collection=name, source=source)
-            resumed += 1
+            resumed += self._dispatch(job_id, kind, params, collection_id, resumed=True)
         self._remove_stray_uploads()
         return resumed
+
+    def _dispatch(
+        self,
+        job_id: str,
+        kind: str,
+        params: dict[str, Any] | None,
+        collection_id: int | None,
+        *,
+        resumed: bool,
+    ) -> int:
+        """Queue a job found in the database on this process's executor (its run claims it);
+        1 when queued, 0 when it cannot run (marked failed, its source gone)."""
+        name = self._collection_name(collection_id)
+        if kind != "import" and name is not None:
+            if resumed:
+                self._mark_resumed(job_id)
+                log.warning("resuming %s job %s of %s", kind, job_id, name)
+            self._executor.submit(
+                self.run_task, kind=kind, job_id=job_id, collection=name, params=params or {}
+            )
+            return 1
+        try:
+            source = from_params(params or {}, data_dir=self.ctx.settings.data_dir)
+            missing = [p for p in uploads_of(source) if not p.exists()]
+        except (KeyError, TypeError, ValueError) as exc:
+            missing, source = [Path(str(exc))], None  # type: ignore[assignment]
+        if name is None or source is None or missing:
+            self._update_any(
+                job_id,
+                state="failed",
+                finished_at=utcnow(),
+                lease_until=None,
+                error="interrupted by a restart and its source is gone; images already stored "
+                "are kept and recognised as duplicates when imported again",
+            )
+            self.holdings.let_go(job_id)
+            return 0
+        if resumed:
+            self._mark_resumed(job_id)
+            log.warning("resuming import job %s into %s", job_id, name)
+        assert source is not None
+        self._executor.submit(self.run_import, job_id=job_id, collection=name, source=source)
+        return 1
 
     def _mark_resumed(self, job_id: str) -> None:
         with self.ctx.db.transaction() as session:
@@ -212,38 +254,40 @@ class JobRunner:
             if str(path) not in referenced:
                 path.unlink(missing_ok=True)
 
-    def create_job(self, *, collection: str, source: Source, creator: str = "anonymous") -> str:
-        """``creator``: the scope of the key that asked for the job (its report needs it)."""
+    def _create(self, *, collection: str, kind: str, params: dict[str, Any]) -> str:
+        """A queued job: held by this process if it runs jobs, else left for a worker to claim."""
         job_id = uuid.uuid4().hex
         with self.ctx.db.transaction() as session:
             record = require_collection(session, collection)
-            session.add(
-                JobRecord(
-                    id=job_id,
-                    collection_id=record.id,
-                    kind="import",
-                    params={**describe(source, data_dir=self.ctx.settings.data_dir), "creator": creator},
-                )
-            )
+            owned = self.leases.own_new() if self.runs_jobs else {}
+            session.add(JobRecord(id=job_id, collection_id=record.id, kind=kind, params=params, **owned))
+        if self.runs_jobs:
+            self.holdings.hold(job_id)
         return job_id
 
+    def create_job(self, *, collection: str, source: Source, creator: str = "anonymous") -> str:
+        """``creator``: the scope of the key that asked for the job (its report needs it)."""
+        params = {**describe(source, data_dir=self.ctx.settings.data_dir), "creator": creator}
+        return self._create(collection=collection, kind="import", params=params)
+
     def submit_import(self, *, collection: str, source: Source, creator: str = "anonymous") -> str:
-        """Record a queued job and run it in the background; returns its id at once."""
+        """Record a queued job and run it in the background (here, or on a worker when this
+        process runs no jobs); returns its id at once."""
         job_id = self.create_job(collection=collection, source=source, creator=creator)
-        self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
+        if self.runs_jobs:
+            self._executor.submit(self.run_import, job_id=job_id, collection=collection, source=source)
         return job_id
 
     def create_reembed_job(self, *, collection: str, spec: str, creator: str = "anonymous") -> str:
-        job_id, params = uuid.uuid4().hex, {"embedder": spec, "creator": creator}
-        with self.ctx.db.transaction() as session:
-            record = require_collection(session, collection)
-            session.add(JobRecord(id=job_id, collection_id=record.id, kind="reembed", params=params))
-        return job_id
+        return self._create(
+            collection=collection, kind="reembed", params={"embedder": spec, "creator": creator}
+        )
 
     def submit_reembed(self, *, collection: str, spec: str, creator: str = "anonymous") -> str:
         """Queue the switch of a collection to another embedder (see app.learning.reembed)."""
         job_id = self.create_reembed_job(collection=collection, spec=spec, creator=creator)
-        self._executor.submit(self.run_reembed, job_id=job_id, collection=collection, spec=spec)
+        if self.runs_jobs:
+            self._executor.submit(self.run_reembed, job_id=job_id, collection=collection, spec=spec)
         return job_id
 
     def run_reembed(
@@ -267,13 +311,14 @@ class JobRunner:
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         """Run a job of a registered kind here; its state follows what the kind returns."""
-        if self._cancel_requested(job_id):
+        if self._cancel_requested(job_id) or self.holdings.claim(job_id) is None:
+            self.holdings.let_go(job_id)
             return
 
         def should_stop() -> bool:
             if on_progress is not None:
                 on_progress()
-            return self._cancel_requested(job_id) or self._stopping.is_set()
+            return self._cancel_requested(job_id) or self._stopping.is_set() or self.holdings.lost(job_id)
 
         try:
             run = self._kinds.get(kind)
@@ -281,14 +326,21 @@ class JobRunner:
                 raise RuntimeError(f"this process runs no {kind!r} jobs")
             done = run(self.ctx, job_id=job_id, collection=collection, params=params, should_stop=should_stop)
             if done:
-                self._update(job_id, state="succeeded", finished_at=utcnow())
+                self._finish(job_id, state="succeeded")
             elif self._cancel_requested(job_id):
-                self._update(job_id, state="cancelled", finished_at=utcnow())
-            # else: shutting down; the job stays running and resumes on the next start
+                self._finish(job_id, state="cancelled")
+            # else: shutting down (the job stays running and resumes on the next start or on
+            # another worker), or another worker took it over
         except Exception as exc:
             log.exception("%s job %s failed", kind, job_id)
             detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
-            self._update(job_id, state="failed", finished_at=utcnow(), error=detail)
+            self._finish(job_id, state="failed", error=detail)
+        finally:
+            self.holdings.let_go(job_id)
+
+    def request_stop(self) -> None:
+        """Make ``poll`` return (a signal handler's part: it only sets a flag)."""
+        self._stopping.set()
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -297,137 +349,9 @@ class JobRunner:
         for pipeline in pipelines:  # stop after the batch being written; the job stays resumable
             pipeline.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def run_import(
-        self,
-        *,
-        job_id: str,
-        collection: str,
-        source: Source,
-        on_progress: Callable[[dict[str, int], int | None], None] | None = None,
-    ) -> None:
-        ctx = self.ctx
-        if self._cancel_requested(job_id):  # cancelled while queued
-            self._discard_uploads(source)
-            return
-        try:
-            record = get_job(ctx, job_id).record
-            if record.state in FINAL_STATES:  # cancelled between queueing and now
-                self._discard_uploads(source)
-                return
-            counts = {k: getattr(record, k) for k in ("done", "added", "duplicates", "failed")}
-            errors: list[dict[str, Any]] = list(record.errors or [])
-            start = record.cursor
-            report = report_path(ctx, job_id)
-            report.parent.mkdir(parents=True, exist_ok=True)
-            _cut_report(report, start)
-            settings = ctx.settings
-            total = count_members(
-                source,
-                datasets_dir=settings.datasets_dir,
-                data_dir=settings.data_dir,
-                limits=Limits.of(settings),
-            )
-            now = utcnow()
-            started = record.started_at
-            if started is not None and record.updated_at is not None:
-                # Resumed: keep the time it has worked, not the time it lay interrupted.
-                started = now - (_aware(record.updated_at) - _aware(started))
-            self._update(
-                job_id,
-                state="running",
-                started_at=started or now,
-                total=total,
-                updated_at=now,
-                owner=ctx.store.journal.path.name,
-            )
-            members = members_of(source, ctx.settings, on_total=lambda n: self._update(job_id, total=n))
-            pipeline = Pipeline(ctx, collection)
-            with self._lock:
-                self._pipelines[job_id] = pipeline
-            if self._stopping.is_set():  # a shutdown began while this job was counting its source
-                pipeline.stop()
-
-            committed = {"report_bytes": report.stat().st_size if report.exists() else 0}
-            staged: dict[str, Any] = {}
-
-            def in_transaction(session: Any, results: list[ItemResult], end: int) -> None:
-                # Runs again if the transaction is retried: work on copies, adopt them after commit.
-                new_counts, new_errors = dict(counts), list(errors)
-                for result in results:
-                    new_counts["done"] += 1
-                    if result.status == "added":
-                        new_counts["added"] += 1
-                    elif result.status == "duplicate":
-                        new_counts["duplicates"] += 1
-                    else:
-                        new_counts["failed"] += 1
-                        if len(new_errors) < MAX_REPORTED_ERRORS:
-                            new_errors.append(
-                                {"item": result.name, "code": result.code, "detail": result.detail}
-                            )
-                # The report's lines go to disk before the commit; a restart cuts them back to the
-                # cursor, so the report lists each committed member exactly once.
-                with report.open("ab") as handle:
-                    handle.truncate(committed["report_bytes"])
-                    handle.write(_report_lines(results))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    staged.update(counts=new_counts, errors=new_errors, report_bytes=handle.tell())
-                session.execute(
-                    update(JobRecord)
-                    .where(JobRecord.id == job_id)
-                    .values(cursor=end, errors=new_errors, updated_at=utcnow(), **new_counts)
-                )
-
-            def after_commit(results: list[ItemResult], end: int) -> None:
-                counts.update(staged["counts"])
-                errors[:] = staged["errors"]
-                committed["report_bytes"] = staged["report_bytes"]
-                if on_progress:
-                    on_progress(counts, total)
-
-            try:
-                finished = pipeline.run(
-                    members,
-                    start=start,
-                    in_transaction=in_transaction,
-                    after_commit=after_commit,
-                    should_stop=lambda: (
-                        self._cancel_requested(job_id) or pipeline.stopping or self._stopping.is_set()
-                    ),
-                )
-            except BaseException:
-                # A failed transaction may have written report lines: cut them back.
-                _cut_report(report, get_job(ctx, job_id).record.cursor)
-                raise
-            finally:
-                with self._lock:
-                    self._pipelines.pop(job_id, None)
-            with ctx.db.session() as session:
-                ctx.indexes.flush(require_collection(session, collection).id)
-            if self._cancel_requested(job_id):
-                self._update(job_id, state="cancelled", finished_at=utcnow())
-            elif finished:  # failed after all when a line says the source is unreadable (a bad manifest)
-                if self._after_import is not None:  # before success shows
-                    self._after_import(self.ctx, collection=collection)
-                self._update(job_id, finished_at=utcnow(), total=counts["done"], **finished_state(errors))
-            else:
-                return  # the service is shutting down: the job stays running and resumes on start
-        except Exception as exc:
-            log.exception("import job %s failed", job_id)
-            # A full or read-only disk says so by its code (insufficient_storage, read_only); what
-            # earlier batches committed stays, and importing the archive again skips it.
-            reason = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, CbirError):
-                reason = f"{exc.code}: {exc.detail}"
-            self._update(job_id, state="failed", finished_at=utcnow(), error=reason)
-        self._discard_uploads(source)
-
-    @staticmethod
-    def _discard_uploads(source: Source) -> None:
-        for path in uploads_of(source):
-            path.unlink(missing_ok=True)
+        if self._poller is not None:
+            self._poller.join(timeout=10)
+        self.holdings.stop()
 
     def cancel(self, job_id: str) -> JobInfo:
         """Ask a queued or running job to stop after its current batch; what it stored stays."""
@@ -436,21 +360,34 @@ class JobRunner:
             raise JobFinished(f"job {job_id} has already {info.record.state}; there is nothing to cancel")
         with self._lock:
             self._cancelled.add(job_id)
-        if info.record.state == "queued":  # it may never start: mark it now, the worker skips it
-            self._update(job_id, state="cancelled", finished_at=utcnow())
+        # Whichever process holds it (this one or a worker elsewhere) sees the request at its next
+        # look (CBIR_JOB_POLL_SECONDS) and stops after its current batch.
+        self.leases.request_cancel(job_id)
+        if info.record.state == "queued":  # it may never start: mark it now, its claim then fails
+            with self.ctx.db.transaction() as session:
+                session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id)
+                    .where(JobRecord.state == "queued")
+                    .values(state="cancelled", finished_at=utcnow(), lease_until=None)
+                )
         return get_job(self.ctx, job_id)
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self._lock:
-            return job_id in self._cancelled
+            return job_id in self._cancelled or self.holdings.cancel_asked(job_id)
 
     def _update(self, job_id: str, **values: Any) -> None:
+        """Write to a job this process holds (fenced: nothing if another worker took it over)."""
+        with self.ctx.db.transaction() as session:
+            session.execute(
+                update(JobRecord).where(JobRecord.id == job_id).where(self.leases.mine()).values(**values)
+            )
+
+    def _finish(self, job_id: str, **values: Any) -> None:
+        """End a job this process holds, and its lease."""
+        self._update(job_id, finished_at=utcnow(), lease_until=None, **values)
+
+    def _update_any(self, job_id: str, **values: Any) -> None:
         with self.ctx.db.transaction() as session:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
-
-
-def _aware(moment: Any) -> Any:
-    """SQLite returns naive UTC datetimes, PostgreSQL aware ones."""
-    from datetime import UTC
-
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

@@ -28,6 +28,9 @@ def _reembed(
     )
 
 
-def job_runner(ctx: AppContext) -> JobRunner:
-    """A JobRunner that also runs re-embedding jobs and tunes a collection after its imports."""
-    return JobRunner(ctx, kinds={"reembed": _reembed}, after_import=autotune.after_import_logged)
+def job_runner(ctx: AppContext, *, runs_jobs: bool = True) -> JobRunner:
+    """A JobRunner that also runs re-embedding jobs and tunes a collection after its imports;
+    ``runs_jobs`` False: it only queues them for workers (an API replica)."""
+    return JobRunner(
+        ctx, kinds={"reembed": _reembed}, after_import=autotune.after_import_logged, runs_jobs=runs_jobs
+    )
