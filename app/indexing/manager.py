@@ -28,14 +28,14 @@ from app.core.errors import IndexMismatch, IndexRebuilding, ReembedRequired
 from app.core.faults import delay_point
 from app.data.db import Database
 from app.data.records import CollectionRecord
-from app.data.vector_rows import has_images, load_ids, load_vectors, stored_dim, vectors_of
+from app.data.vector_rows import has_images, load_ids, load_vectors, stored_dim
 from app.indexing.builds import Build, Stopped, fresh_index, knobs_of, measure_recall, target_factory
+from app.indexing.catch_up import catch_up
 from app.indexing.checkpoints import Checkpoints
 from app.indexing.problems import (
     BAD_INDEX_FACTORY,
     BAD_INDEX_PARAMS,
     INDEX_UNAVAILABLE,
-    VECTORS_REFUSED,
     FactoryChecks,
     IndexProblems,
     checked_knobs,
@@ -48,9 +48,6 @@ from index.kinds import AUTO, default_knobs
 
 log = logging.getLogger(__name__)
 
-# A loaded file may lack this share of the database's rows and still be caught up by replaying
-# them (beyond it, rebuilding from the database reads no more and gives a freshly trained index).
-REPLAY_MAX_SHARE = 0.5
 # Deleted vectors a graph index may carry as tombstones before it is rebuilt without them.
 TOMBSTONE_SHARE = 0.1
 
@@ -218,37 +215,10 @@ class IndexManager:
         return None
 
     def _catch_up(self, collection: CollectionRecord, index: VectorIndex, db_ids: np.ndarray) -> bool:
-        """Replay into ``index`` the database's rows it lacks and drop the ones the database no
-        longer has; False when that is too much to be worth it (rebuild instead)."""
-        have = index.ids()
-        missing = np.setdiff1d(db_ids, have, assume_unique=True)
-        extra = np.setdiff1d(have, db_ids, assume_unique=True)
-        if not missing.size and not extra.size:
-            self.problems.note(collection.id, None, code=VECTORS_REFUSED)  # none left aside
-            return True
-        if missing.size > max(1000, REPLAY_MAX_SHARE * len(db_ids)):
-            return False
-        version = collection.embedder_version
-        assert version is not None
-        if extra.size:
-            index.remove(extra)
-        if missing.size:
-            refused: dict[int, str] = {}  # rows the index cannot hold are always "missing"
-            vectors, ids = vectors_of(self.db, ids=missing, embedder_version=version, refused=refused)
-            if len(ids) and vectors.shape[1] != index.dim:
-                return False
-            if len(ids):
-                index.add(vectors, ids)
-            self.problems.refused(collection, refused)
-        log.info(
-            "index of %s caught up with the database: %d replayed above high-water mark %d, %d removed",
-            collection.name,
-            missing.size,
-            index.high_water_mark,
-            extra.size,
-        )
-        self.checkpoints.mark(collection.id)
-        return True
+        caught_up = catch_up(self.db, collection, index, db_ids, problems=self.problems)
+        if caught_up is not None and any(caught_up):
+            self.checkpoints.mark(collection.id)
+        return caught_up is not None
 
     def _fresh(self, collection: CollectionRecord, *, factory: str | None) -> tuple[VectorIndex, float]:
         """A new index of the collection's vectors as the database holds them now, recall measured."""
@@ -273,10 +243,12 @@ class IndexManager:
             db_ids = load_ids(
                 self.db, collection_id=collection.id, embedder_version=collection.embedder_version
             )
-            have = index.ids()
-            counts = (int(np.setdiff1d(db_ids, have).size), int(np.setdiff1d(have, db_ids).size))
-            if not self._catch_up(collection, index, db_ids):
-                self.rebuild(collection, reason="caught up with the database")
+            counts = catch_up(self.db, collection, index, db_ids, problems=self.problems)
+            if counts is None:
+                self.rebuild(collection, reason="too far behind the database")
+                return 0, 0
+            if any(counts):
+                self.checkpoints.mark(collection.id)
             return counts
 
     def check_kind(self, factory: str, *, dim: int | None) -> None:
