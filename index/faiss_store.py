@@ -69,6 +69,7 @@ class FaissStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._spaces: dict[str, _Space] = {}
+        self._aliases: dict[str, str] = {}  # alias -> the space it names
 
     def check_kind(self, kind: str, *, dim: int | None) -> None:
         try:
@@ -80,7 +81,7 @@ class FaissStore:
         self.check_kind(kind, dim=dim)
         target = validate_factory(kind, dim=dim)
         with self._lock:
-            if space in self._spaces:
+            if space in self._spaces or space in self._aliases:
                 raise ValueError(f"space {space!r} exists")
             self._spaces[space] = _Space(
                 index=new_index(dim, factory=servable_factory(target, 0)),
@@ -92,10 +93,10 @@ class FaissStore:
 
     def exists(self, space: str) -> bool:
         with self._lock:
-            return space in self._spaces
+            return space in self._spaces or space in self._aliases
 
     def _get(self, space: str) -> _Space:
-        found = self._spaces.get(space)
+        found = self._spaces.get(self._aliases.get(space, space))
         if found is None:
             raise SpaceMissing(space)
         return found
@@ -188,13 +189,29 @@ class FaissStore:
         with self._lock:
             return self._get(space).index.ids()
 
+    def point(self, alias: str, space: str) -> None:
+        with self._lock:
+            if alias in self._spaces:
+                raise ValueError(f"alias {alias!r} conflicts with a space")
+            if space not in self._spaces:
+                raise SpaceMissing(space)
+            self._aliases[alias] = space
+
+    def target(self, alias: str) -> str | None:
+        with self._lock:
+            return self._aliases.get(alias)
+
     def drop(self, space: str) -> None:
         with self._lock:
+            space = self._aliases.pop(space, space)
             self._spaces.pop(space, None)
+            for alias in [a for a, named in self._aliases.items() if named == space]:
+                del self._aliases[alias]
 
     def close(self) -> None:
         with self._lock:
             self._spaces.clear()
+            self._aliases.clear()
 
     def spaces(self) -> list[str]:
         with self._lock:

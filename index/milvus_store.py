@@ -242,6 +242,7 @@ class MilvusStore:
         return self._spec(space)[1]
 
     def spaces(self) -> list[str]:
+        """The spaces (Milvus collections, not their aliases)."""
         return sorted(str(name) for name in self._client.list_collections())
 
     def upsert(
@@ -336,9 +337,44 @@ class MilvusStore:
         with self._named(space):
             self._client.flush(space)
 
+    def point(self, alias: str, space: str) -> None:
+        """Make ``alias`` name ``space`` (a Milvus alias, created or switched in one call): searches
+        and writes through ``alias`` reach ``space`` from then on, in every replica."""
+        if not self._client.has_collection(space) or self.target(space) is not None:
+            raise SpaceMissing(space)
+        if self.target(alias) is not None:
+            self._client.alter_alias(space, alias)
+        elif self._client.has_collection(alias):
+            raise ValueError(f"alias {alias!r} conflicts with a space")
+        else:
+            self._client.create_alias(space, alias)
+        self.forget(alias)
+
+    def target(self, alias: str) -> str | None:
+        """The space ``alias`` names, or None when it is no alias."""
+        # Asked of the list first: describing a name that is no alias has pymilvus log an error.
+        if alias not in self._client.list_aliases().get("aliases", []):
+            return None
+        try:
+            return str(self._client.describe_alias(alias)["collection_name"])
+        except MilvusException as exc:
+            if exc.code == _NOT_FOUND:
+                return None  # dropped meanwhile
+            raise
+
     def drop(self, space: str) -> None:
-        self._specs.pop(space, None)
+        """Drop ``space``; given an alias, the alias and the space it names; a space's aliases go
+        with it (Milvus refuses to drop a collection that an alias names)."""
+        self.forget(space)
+        target = self.target(space)
+        if target is not None:
+            self._client.drop_alias(space)
+            self.forget(target)
+            space = target
         if self._client.has_collection(space):
+            for alias in self._client.list_aliases(space).get("aliases", []):
+                self._client.drop_alias(alias)
+                self.forget(alias)
             self._client.drop_collection(space)
 
     def close(self) -> None:

@@ -183,11 +183,22 @@ class VectorStore(Protocol):
         ...
 
     def drop(self, space: str) -> None:
-        """Remove ``space`` and everything in it; nothing when it does not exist."""
+        """Remove ``space`` and everything in it, with the aliases that name it (given an alias: the
+        alias and the space it names); nothing when it does not exist."""
+        ...
+
+    def point(self, alias: str, space: str) -> None:
+        """Make ``alias`` name ``space`` (created, or switched at once from the space it named):
+        every call that takes a space takes ``alias`` too. ``ValueError`` when a space is called
+        ``alias``; ``SpaceMissing`` when ``space`` does not exist."""
+        ...
+
+    def target(self, alias: str) -> str | None:
+        """The space ``alias`` names; None when it is no alias."""
         ...
 
     def spaces(self) -> list[str]:
-        """The names of every space the store holds, sorted."""
+        """The names of every space the store holds (not their aliases), sorted."""
         ...
 
     def dim_of(self, space: str) -> int: ...

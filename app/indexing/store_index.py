@@ -9,6 +9,7 @@ not know whether the vectors live in FAISS in this process or in Milvus. Searche
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,10 +19,14 @@ import numpy as np
 
 from index import SearchKnobs
 from index.kinds import default_knobs
-from index.store import SpaceMissing, VectorStore, Where, empty_hits
+from index.store import Reconciled, SpaceMissing, VectorStore, Where, empty_hits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A space of this collection's name that its alias does not name, built longer ago than this, was
+# left by a build that died: the next build drops it. A younger one may be another replica's build.
+ORPHAN_AGE_S = 3600.0
 
 # How long a replica trusts the count it read (writes by this process refresh it at once): a
 # Milvus count is a query of its own, not worth paying on every search.
@@ -171,3 +176,64 @@ class StoreIndex:
 
     def __repr__(self) -> str:
         return f"StoreIndex({self.store.backend}:{self.space}, {self._kind}, dim={self._dim})"
+
+
+# -- building a space beside the one that serves ------------------------------------------------
+# A collection's space name is an alias (``VectorStore.point``) of a space named after it and the
+# time it was built (``{name}_r{microseconds:x}``). A rebuild fills a new space while the old one
+# serves, then switches the alias at once and drops the old space: searches never meet a gap.
+def fresh_space(space: str) -> str:
+    return f"{space}_r{time.time_ns() // 1000:x}"
+
+
+def built_at_us(space: str, name: str) -> int | None:
+    """When ``name`` was built as a space of ``space`` (microseconds since the epoch), or None."""
+    match = re.fullmatch(re.escape(space) + r"_r([0-9a-f]+)", name)
+    return int(match[1], 16) if match else None
+
+
+def create_serving(store: VectorStore, space: str, *, dim: int, kind: str) -> None:
+    """``space`` created empty: an alias of a new space."""
+    new = fresh_space(space)
+    store.create(new, dim=dim, kind=kind)
+    try:
+        store.point(space, new)
+    except BaseException:
+        store.drop(new)
+        raise
+
+
+def build_beside(
+    store: VectorStore, space: str, *, dim: int, kind: str, fill: Callable[[str], Reconciled]
+) -> Reconciled:
+    """A new space of ``dim`` and ``kind`` filled by ``fill(name)`` while ``space`` serves as it
+    was, then made ``space`` at once; the space it replaces is dropped. A ``space`` that is no
+    alias (made before aliases) is dropped just before the switch: its one gap."""
+    new = fresh_space(space)
+    store.create(new, dim=dim, kind=kind)
+    try:
+        done = fill(new)
+        old = store.target(space)
+        if old is None and store.exists(space):
+            store.drop(space)
+        store.point(space, new)
+    except BaseException:
+        store.drop(new)
+        raise
+    if old is not None and old != new:
+        store.drop(old)
+    return done
+
+
+def unused_spaces(store: VectorStore, space: str, names: list[str]) -> list[str]:
+    """Of ``names`` (a collection's spaces), those nothing serves: other embedder versions' spaces
+    and this one's that its alias does not name, once older than ``ORPHAN_AGE_S``."""
+    serving = store.target(space)
+    now_us = time.time_ns() // 1000
+    unused = []
+    for name in names:
+        built = built_at_us(space, name)
+        if name in (space, serving) or (built is not None and now_us - built < ORPHAN_AGE_S * 1e6):
+            continue
+        unused.append(name)
+    return unused

@@ -8,6 +8,14 @@ the collection (so on every start) and on demand (``rebuild``, ``build``): ids t
 re-added from the stored embeddings, ids the database no longer holds are deleted. A kind the store
 cannot build is refused by ``check_kind`` (422), and a stored one it cannot build serves Flat with
 the ``bad_index_factory`` problem, as with FAISS.
+
+A space's name is an alias of the space that holds the vectors: a rebuild (a new kind, a re-embed)
+fills a new one while the old one serves and then switches the alias (``store_index.build_beside``).
+Several replicas share the store: each checks, on every ``get``, the collection's row against the
+settings its index was opened with (a kind set by another replica is read back from the store), and
+a space dropped by another process is re-opened and reconciled by the read or write that finds it
+gone. ``refresh`` forgets everything this process knows of the store; ``reconcile`` re-checks one
+collection now.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from app.indexing.problems import (
     factory_problem,
 )
 from app.indexing.status import IndexStatus, status_of
-from app.indexing.store_index import StoreIndex
+from app.indexing.store_index import StoreIndex, build_beside, create_serving, unused_spaces
 from index.kinds import AUTO, EXACT_MAX, default_knobs
 from index.store import Reconciled, Rows, SpaceMissing, UnsupportedKind, VectorStore, reconcile, space_name
 
@@ -123,6 +131,9 @@ class StoreIndexManager:
         version = collection.embedder_version
         if version is None:
             return None
+        index = self._indexes.get(collection.id)
+        if index is not None and self._seen.get(collection.id) == settings_of(collection):
+            return index  # without the lock: searches go on while this process builds a space
         with self._lock:
             index = self._indexes.get(collection.id)
             if index is not None:
@@ -239,16 +250,22 @@ class StoreIndexManager:
         space = self.space_of(collection.id, version)
         meta = {"collection": collection.name, "embedder_version": version}
         exists = self.store.exists(space)
+        built: Reconciled | None = None
         if exists and not self.read_only:
             stale = dim is not None and self.store.dim_of(space) != dim
             if rebuild or stale or self.store.kind_of(space) != kind:
-                self.store.drop(space)
-                exists = False
+                if dim is None:
+                    self.store.drop(space)
+                    exists = False
+                else:  # filled beside the space that serves, which then switches to it at once
+                    fill = lambda name: self._fill(collection, name, db_ids)  # noqa: E731
+                    built = build_beside(self.store, space, dim=dim, kind=kind, fill=fill)
+                    meta["built_at"] = now()
         if not exists:
             if dim is None or self.read_only:
                 return self._index(collection.id, space, dim=0, kind=kind, meta=meta), NOTHING
             try:
-                self.store.create(space, dim=dim, kind=kind)
+                create_serving(self.store, space, dim=dim, kind=kind)
             except ValueError:
                 if not self.store.exists(space):
                     raise
@@ -257,11 +274,9 @@ class StoreIndexManager:
         index = self._index(
             collection.id, space, dim=self.store.dim_of(space), kind=self.store.kind_of(space), meta=meta
         )
-        done = NOTHING
-        if not self.read_only:
-            done = reconcile(self.store, space, db_ids=db_ids, fetch=lambda ids: self._rows(collection, ids))
-            if done.added >= FLUSH_AFTER:
-                self.store.flush(space)
+        done = built or NOTHING
+        if not self.read_only and built is None:
+            done = self._fill(collection, space, db_ids)
             if done.added or done.removed:
                 log.info(
                     "vectors of %s reconciled with the database in %s: %d re-added, %d removed (%.2f s)",
@@ -275,6 +290,13 @@ class StoreIndexManager:
         index.set_search_knobs(default_knobs(index.kind).merged(checked_knobs(collection)[0]))
         self.problems.opened(collection.id)
         return index, done
+
+    def _fill(self, collection: CollectionRecord, space: str, db_ids: np.ndarray) -> Reconciled:
+        """``space`` reconciled with the database's ``db_ids`` (sealed after a bulk re-add)."""
+        done = reconcile(self.store, space, db_ids=db_ids, fetch=lambda ids: self._rows(collection, ids))
+        if done.added >= FLUSH_AFTER:
+            self.store.flush(space)
+        return done
 
     def _rows(self, collection: CollectionRecord, ids: np.ndarray) -> Rows:
         """The stored vectors of ``ids`` with their label and created time; rows set aside are left
@@ -309,7 +331,7 @@ class StoreIndexManager:
             if not index.created:
                 kind = self._kind_for(collection, n=len(ids), dim=int(vectors.shape[1]))
                 if not self.store.exists(index.space):
-                    self.store.create(index.space, dim=int(vectors.shape[1]), kind=kind)
+                    create_serving(self.store, index.space, dim=int(vectors.shape[1]), kind=kind)
                 index = self._index(
                     collection.id,
                     index.space,
@@ -359,24 +381,25 @@ class StoreIndexManager:
                     self.store.drop(space)
 
     def build(self, collection: CollectionRecord) -> StoreIndex | None:
-        """Recreate the collection's space from the database now (after a re-embed or a version
-        switch); the spaces of its other versions are dropped."""
+        """Rebuild the collection's space from the database now, beside the one that serves (after a
+        re-embed or a version switch); the spaces of its other versions are dropped, and spaces of
+        this version that a build which died left behind."""
         with self._lock:
             self._errors.pop(collection.id, None)
             index, _ = self._open(collection, rebuild=True)
             self._keep(collection, index)
             if index is not None and not self.read_only:
-                for space in self._spaces_of(collection.id):
-                    if space != index.space:
-                        self.store.drop(space)
+                for name in unused_spaces(self.store, index.space, self._spaces_of(collection.id)):
+                    self.store.drop(name)
             return index
 
     def rebuild(
         self, collection: CollectionRecord, *, factory: str | None = None, reason: str = "requested"
     ) -> bool:
-        """Recreate the space in the collection's kind from the database, now (not in the background:
-        searches fail meanwhile; a Milvus alias swap would avoid that). ``factory`` is not taken: the
-        kind is the collection's. False when there is nothing to build."""
+        """Rebuild the space in the collection's kind from the database, now, in the caller: a new
+        space is filled while the old one serves (searches here and in other replicas go on), then
+        the collection's name (an alias) switches to it and the old one is dropped. ``factory`` is
+        not taken: the kind is the collection's. False when there is nothing to build."""
         if collection.embedder_version is None:
             return False
         log.info("vectors of %s rebuilt in %s (%s)", collection.name, self.store.backend, reason)

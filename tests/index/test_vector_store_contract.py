@@ -307,3 +307,35 @@ def test_an_upsert_that_changes_a_label_moves_the_row_between_filters(
     assert unlabelled[0].tolist() == [int(moved[1])]
     _, nothing = store.search(filled, rows.vectors[:1], 2, where=Where(labels=("never-seen",)))
     assert nothing.tolist() == [[-1, -1]]
+
+
+def test_an_alias_serves_its_space_and_switches_at_once(store: VectorStore, filled: str) -> None:
+    alias, other = f"{filled}_alias", f"{filled}_next"
+    try:
+        assert store.target(alias) is None and store.target(filled) is None
+        store.point(alias, filled)
+        assert store.target(alias) == filled and store.exists(alias)
+        assert (store.count(alias), store.dim_of(alias), store.kind_of(alias)) == (N, DIM, "Flat")
+        assert top1(store, alias, Data.ids[:5]).tolist() == Data.ids[:5].tolist()
+
+        store.create(other, dim=DIM, kind="HNSW16")
+        store.upsert(other, ids=Data.ids[:3], vectors=Data.vectors[:3])
+        store.point(alias, other)  # a rebuilt space takes over
+        assert store.target(alias) == other and store.count(alias) == 3
+        store.upsert(alias, ids=Data.ids[3:4], vectors=Data.vectors[3:4])
+        assert store.list_ids(other).tolist() == Data.ids[:4].tolist()
+        assert alias not in store.spaces()
+
+        with pytest.raises(ValueError):
+            store.point(filled, other)  # a space's own name is no alias
+        with pytest.raises(SpaceMissing):
+            store.point(alias, f"{filled}_never")
+
+        store.drop(alias)  # the alias and the space it names
+        assert not store.exists(alias) and not store.exists(other) and store.exists(filled)
+        store.point(alias, filled)
+        store.drop(filled)  # a space's aliases go with it
+        assert not store.exists(alias) and store.target(alias) is None
+    finally:
+        store.drop(alias)
+        store.drop(other)

@@ -5,6 +5,7 @@ Milvus with the database, and a kind Milvus cannot build is a 422."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,8 +18,10 @@ from app.catalog.collections import require_collection
 from app.context import AppContext
 from app.core.settings import Settings
 from app.data.records import CollectionRecord
+from app.indexing.store_index import unused_spaces
 from app.indexing.store_manager import StoreIndexManager
 from app.main import create_app
+from index.faiss_store import FaissStore
 
 API = "/api/v1"
 
@@ -286,3 +289,68 @@ def test_status_answers_never_show_the_milvus_token(
             response = client.get(path)
             assert response.status_code == 200, (path, response.text)
             assert "s3cret" not in response.text
+
+
+def test_a_rebuild_fills_a_new_space_while_the_old_one_serves_then_switches(
+    milvus_settings: Settings, make_png: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve(milvus_settings) as one, serve(milvus_settings) as two:
+        images = fill(one, make_png)
+        assert top_ids(search(two, images[min(images)][0]))[0] == min(images)  # two serves it too
+        manager = manager_of(one)
+        alias = manager.get(record_of(one)).space  # type: ignore[union-attr]
+        before = manager.store.target(alias)
+        assert before is not None and before.startswith(f"{alias}_r")
+        during: list[tuple[int, list[int], str | None]] = []
+        rows = manager._rows
+
+        def rows_then_search(collection: CollectionRecord, ids: np.ndarray) -> Any:
+            # Mid-build, in both replicas: the old space answers, whole.
+            for client in (one, two):
+                response = search(client, images[min(images)][0], k=8)
+                during.append((response.status_code, sorted(top_ids(response)), manager.store.target(alias)))
+            return rows(collection, ids)
+
+        monkeypatch.setattr(manager, "_rows", rows_then_search)
+        put = one.put(f"{API}/collections/shapes/index", json={"factory": "HNSW16"})
+        assert put.status_code == 202, put.text
+
+        assert during and all(entry == (200, sorted(images), before) for entry in during)
+        after = manager.store.target(alias)
+        assert after is not None and after != before and after.startswith(f"{alias}_r")
+        assert before not in manager.store.spaces() and manager.store.kind_of(alias) == "HNSW16"
+        for image_id, (data, _) in images.items():
+            assert top_ids(search(two, data))[0] == image_id
+
+
+def test_a_space_made_before_aliases_serves_and_is_replaced_by_the_first_rebuild(
+    milvus_settings: Settings, make_png: Callable[..., bytes]
+) -> None:
+    with serve(milvus_settings) as one:
+        images = fill(one, make_png, n=4)
+        manager = manager_of(one)
+        alias = manager.get(record_of(one)).space  # type: ignore[union-attr]
+        manager.store.drop(alias)
+        manager.store.create(alias, dim=64, kind="Flat")  # a plain space, as older versions made
+        manager.refresh()
+        assert top_ids(search(one, images[min(images)][0]))[0] == min(images)  # reconciled in place
+        assert manager.store.target(alias) is None
+
+        assert one.put(f"{API}/collections/shapes/index", json={"factory": "HNSW16"}).status_code == 202
+
+        assert (manager.store.target(alias) or "").startswith(f"{alias}_r")
+        assert manager.store.kind_of(alias) == "HNSW16" and manager.store.count(alias) == len(images)
+
+
+def test_unused_spaces_are_other_versions_and_old_leftovers_not_a_build_under_way() -> None:
+    store = FaissStore()
+    space, now_us = "cbir_c1_v2_00000000", time.time_ns() // 1000
+    serving, young, old = (
+        f"{space}_r{t:x}" for t in (now_us - 10, now_us - 1_000_000, now_us - 7_200_000_000)
+    )
+    other = "cbir_c1_v1_11111111_r1"
+    for name in (serving, young, old, other):
+        store.create(name, dim=4)
+    store.point(space, serving)
+
+    assert unused_spaces(store, space, store.spaces()) == sorted([old, other])
