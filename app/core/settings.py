@@ -22,7 +22,8 @@ DEFAULT_MAX_DECODE_BYTES = 768 * 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CBIR_", extra="ignore")
+    # Errors name the setting and why, never its value: CBIR_VECTOR_STORE (and others) can hold secrets.
+    model_config = SettingsConfigDict(env_prefix="CBIR_", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

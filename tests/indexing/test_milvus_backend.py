@@ -269,7 +269,7 @@ def test_the_milvus_token_is_hidden_from_repr_json_and_messages() -> None:
     assert "s3cret" not in repr(Settings(vector_store="milvus://root:s3cret@127.0.0.1:19530"))
     with pytest.raises(ValueError) as refused:
         Settings(vector_store="milvus://127.0.0.1?token=root:s3cret")
-    assert "s3cret" not in str(refused.value.errors()[0]["msg"])
+    assert "s3cret" not in str(refused.value)  # neither the message nor the input it echoes
 
 
 def test_status_answers_never_show_the_milvus_token(
