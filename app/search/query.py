@@ -243,7 +243,7 @@ def _search(
         if exact is not None:
             scores, ids = exact_search(query, k + extra, vectors=exact[0], ids=exact[1])
         elif where is not None and isinstance(index, StoreIndex):
-            scores, ids = index.search(query, k + extra, where=where)
+            scores, ids = index.search(query, k + extra, where=where, knobs=knobs)
         else:
             scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
         return [
