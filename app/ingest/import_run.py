@@ -17,7 +17,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.catalog.collections import require_collection
 from app.context import AppContext
@@ -219,6 +219,9 @@ class ImportRunning:
                 ).rowcount
                 if not moved:
                     raise LeaseLost(f"job {job_id} was taken over by another worker")
+                # A cancel asked of any replica stops the job after this batch.
+                if session.scalar(select(JobRecord.cancel_requested).where(JobRecord.id == job_id)):
+                    self.holdings.cancelled({job_id})
 
             def after_commit(results: list[ItemResult], end: int) -> None:
                 counts.update(staged["counts"])
