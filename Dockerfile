@@ -18,7 +18,7 @@ COPY migrations ./migrations
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --quiet --upgrade pip \
  && if [ -n "$TORCH_INDEX" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX"; fi \
- && pip install -e '.[postgres]'
+ && pip install -e '.[postgres,milvus]'
 
 USER cbir
 VOLUME ["/data"]

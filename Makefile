@@ -28,7 +28,7 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=10
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e '.[postgres]'
+	$(BIN)/pip install -e '.[postgres,milvus]'
 	touch $@
 
 $(BIN)/.installed-dev: pyproject.toml

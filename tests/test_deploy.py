@@ -453,7 +453,8 @@ def test_dockerfile_installs_with_the_makefiles_commands(dockerfile: list[str]):
     assert recipe, "the Makefile has no $(BIN)/.installed recipe"
     make = pip_commands(recipe.group(1).splitlines())
     assert make == pip_commands(instructions(dockerfile, "RUN"))
-    assert ["pip", "install", "-e", ".[postgres]"] in make  # the image talks to the db service
+    # the image talks to the db service, and to Milvus in the scale profile
+    assert ["pip", "install", "-e", ".[postgres,milvus]"] in make
 
 
 # -- README ------------------------------------------------------------------------------------
