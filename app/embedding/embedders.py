@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import torch
@@ -65,6 +66,8 @@ class EmbedderCache:
         key = (name, checkpoint.sha256 if checkpoint is not None else "")
         with self._lock:
             embedder = self._cache.get(key)
+            if embedder is None and checkpoint is not None:
+                self._verify(checkpoint)
             if (
                 embedder is None
                 and checkpoint is not None
@@ -104,6 +107,27 @@ class EmbedderCache:
                 self._cache.pop(key, None)
             raise WeightsMissing(str(exc)) from None
         return embedder
+
+    def _verify(self, checkpoint: CheckpointRecord) -> None:
+        """The checkpoint's file (on the data folder every replica shares) has the SHA-256 recorded
+        with it; IndexMismatch naming its relative path otherwise (never the server's path)."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.settings.data_dir / checkpoint.path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise IndexMismatch(
+                f"checkpoint file {checkpoint.path} of checkpoint {checkpoint.id} cannot be read "
+                f"({type(exc).__name__}); restore it or retrain"
+            ) from None
+        found = digest.hexdigest()
+        if found != checkpoint.sha256:
+            raise IndexMismatch(
+                f"checkpoint file {checkpoint.path} does not match the SHA-256 recorded with checkpoint "
+                f"{checkpoint.id} (expected {checkpoint.sha256[:12]}…, found {found[:12]}…): it was "
+                "damaged or replaced; restore it or retrain"
+            )
 
     def _pretrained(self, name: str) -> Embedder:
         """The pretrained embedder ``name``, cached and loaded (called under the lock)."""

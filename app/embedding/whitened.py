@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def load_whitening(path: Path) -> tuple[Whitening, str, str]:
                 archive["mean"].astype(np.float32), archive["projection"].astype(np.float32)
             )
             base_version = str(archive["base_version"])
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path} is not a whitening file: {exc}") from None
     return whitening, base_version, hashlib.sha256(data).hexdigest()
 
