@@ -186,8 +186,13 @@ def test_a_collection_deleted_on_a_is_a_404_on_b(replicas: Replicas) -> None:
     seen_on_b(replicas, "collection deletion", lambda: search(replicas.b, "doomed", data).status_code == 404)
     assert replicas.b.get(f"{API}/collections/doomed").status_code == 404
     assert replicas.b.get(f"{API}/collections/doomed/index").status_code == 404
+    gone = next(iter(images))
+    assert replicas.b.get(f"{API}/collections/doomed/images/{gone}/similar").status_code == 404
+    assert replicas.b.get(f"{API}/images/{gone}").status_code == 404
     names = [c["name"] for c in replicas.b.get(f"{API}/collections").json()["collections"]]
     assert "doomed" not in names
+    assert "doomed" not in [c["name"] for c in replicas.b.get(f"{API}/health").json()["collections"]]
+    assert "doomed" not in replicas.b.get(f"{API}/ready").text
 
     # The name again, other images: B serves the new collection, nothing of the old one.
     created = replicas.a.post(f"{API}/collections", json={"name": "doomed", "embedder": "tiny"})
