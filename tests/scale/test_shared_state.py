@@ -316,3 +316,35 @@ def refused(replicas: Replicas, query: bytes) -> None:
     assert "does not match the SHA-256 recorded" in problem["detail"], problem
     assert "checkpoints/whiten-white-6-" in problem["detail"], problem
     assert str(replicas.settings.data_dir) not in problem["detail"], problem  # no server path
+
+
+def test_b_serves_a_checkpoint_trained_on_a_and_refuses_a_torn_one(replicas: Replicas) -> None:
+    """``cbir train`` on A's side (in process, as the command runs it): a CDAE trained and activated,
+    then a second one; B serves each, and a torn copy of the second's file is refused with a 503."""
+    from app.learning.training import train_cdae
+
+    images = filled(replicas, "trained", n=8, embedder="cdae")
+    first, data = next(iter(images.items()))
+    ctx = replicas.a.app.state.context  # type: ignore[attr-defined]
+    for seed in (1, 2):
+        checkpoint = train_cdae(ctx, collection="trained", epochs=1, preset="tutorial", seed=seed)
+
+        def served(version: str = checkpoint.version) -> bool:
+            return bool(replicas.b.get(f"{API}/collections/trained").json()["embedder_version"] == version)
+
+        seen_on_b(replicas, f"trained checkpoint {seed}", served)
+        hit = search(replicas.b, "trained", data).json()["hits"][0]
+        assert hit["id"] == first and hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+    trained = Path(replicas.settings.data_dir) / checkpoint.path
+    good = trained.read_bytes()
+    trained.write_bytes(good[: len(good) // 2])
+    replicas.b.app.state.context.embedders.clear()  # type: ignore[attr-defined]  # B restarts
+    response = search(replicas.b, "trained", data)
+    assert response.status_code == 503, response.text
+    problem = response.json()
+    assert problem["code"] == "index_unavailable", problem
+    assert f"checkpoint file {checkpoint.path} does not match the SHA-256 recorded" in problem["detail"]
+    assert str(replicas.settings.data_dir) not in problem["detail"], problem
+    trained.write_bytes(good)
+    assert top1(search(replicas.b, "trained", data)) == first
