@@ -56,6 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Role "api": jobs are queued for `cbir worker` processes. Read-only: interrupted jobs
         # wait for a writable start to resume.
         runs_jobs = settings.role == "all" and not settings.read_only
+        # Evaluations and whitening run here in role "all" (read-only too), on workers in role
+        # "api". Their recovery first: it fails those of processes that are gone, which are not
+        # resumed, before the job runner's recovery takes over the rest.
+        tasks = TaskRunner(context, runs_jobs=settings.role == "all")
+        if not settings.read_only and tasks.recover():
+            log.warning("evaluate or whiten jobs were interrupted by the last shutdown: start them again")
         runner = job_runner(context, runs_jobs=runs_jobs)
         interrupted = runner.recover() if runs_jobs else 0
         if interrupted:
@@ -66,9 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.guard.open_keys(context.db)
         app.state.jobs = runner
         app.state.evaluations = EvaluationRunner(context)
-        tasks = TaskRunner(context)
-        if not settings.read_only and tasks.recover():
-            log.warning("evaluate or whiten jobs were interrupted by the last shutdown: start them again")
         app.state.tasks = tasks
         try:
             yield

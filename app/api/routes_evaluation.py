@@ -14,6 +14,7 @@ from app.api.presenters import evaluation_out
 from app.api.schemas import JobAccepted
 from app.learning import evaluation
 from app.learning.evaluate_plan import evaluation_result, plan_evaluation, run_evaluation
+from app.learning.job_kinds import evaluation_inputs
 from app.search import against
 
 router = APIRouter(tags=["evaluation"])
@@ -100,6 +101,7 @@ async def evaluate(
         params=plan.describe(),
         work=partial(evaluation_result, ctx, plan=plan),
         creator=job_access.creator(request),
+        inputs=evaluation_inputs(plan),
     )
     accepted = JobAccepted(
         job_id=job_id,
