@@ -38,7 +38,8 @@ def shared_parts_problem(settings: Settings) -> str | None:
     help="a file touched every few seconds while the worker lives (for a health check)",
 )
 def worker(heartbeat: Path | None) -> None:
-    """Run jobs (imports, re-embeds) claimed from the database until SIGTERM or Ctrl-C.
+    """Run jobs (imports, re-embeds, whitening, evaluations) claimed from the database until
+    SIGTERM or Ctrl-C.
 
     Any number of workers may run beside any number of `cbir serve --role api` replicas. Each
     claims one queued job at a time and holds it with a lease (CBIR_JOB_LEASE_SECONDS); a job
