@@ -20,6 +20,7 @@ from app.data.records import ImageRecord, JobRecord, utcnow
 from app.ingest import jobs
 from app.ingest import pipeline as pipeline_module
 from app.ingest.sources.archive import check_archive
+from app.ingest.sources.base import Source
 from tests.api.test_imports import make_zip
 
 BATCH = 8
@@ -170,17 +171,23 @@ def test_a_cancel_asked_of_one_replica_stops_the_job_another_runs(
         queueing.shutdown()
 
 
+def stopped_after_one_batch(ctx: AppContext, tmp_path: Path, members: dict[str, bytes]) -> tuple[str, Source]:
+    """An import whose runner shut down after its first committed batch (left running)."""
+    create_collection(ctx, name="c", embedder="tiny")
+    runner = jobs.JobRunner(ctx)
+    job_id = queued_import(ctx, runner, tmp_path, members)
+    source = jobs.from_params(row(ctx, job_id).params, data_dir=ctx.settings.data_dir)
+    runner.run_import(
+        job_id=job_id, collection="c", source=source, on_progress=lambda counts, total: runner.shutdown()
+    )
+    return job_id, source
+
+
 def test_a_clean_shutdown_gives_its_leases_up_and_another_worker_resumes_at_once(
     two: tuple[AppContext, AppContext], tmp_path: Path, members: dict[str, bytes]
 ) -> None:
     a, b = two
-    create_collection(a, name="c", embedder="tiny")
-    runner_a = jobs.JobRunner(a)
-    job_id = queued_import(a, runner_a, tmp_path, members)
-    source = jobs.from_params(row(a, job_id).params, data_dir=a.settings.data_dir)
-    runner_a.run_import(
-        job_id=job_id, collection="c", source=source, on_progress=lambda counts, total: runner_a.shutdown()
-    )
+    job_id, source = stopped_after_one_batch(a, tmp_path, members)
     record = row(a, job_id)
     assert record.state == "running" and record.cursor == BATCH
     runner_b = jobs.JobRunner(b)
@@ -203,13 +210,7 @@ def test_a_takeover_puts_back_the_vectors_its_dead_holder_committed_but_never_in
 ) -> None:
     """The holder died between its commit and the index add: the taker re-adds those vectors."""
     a, b = two
-    create_collection(a, name="c", embedder="tiny")
-    runner_a = jobs.JobRunner(a)
-    job_id = queued_import(a, runner_a, tmp_path, members)
-    source = jobs.from_params(row(a, job_id).params, data_dir=a.settings.data_dir)
-    runner_a.run_import(
-        job_id=job_id, collection="c", source=source, on_progress=lambda counts, total: runner_a.shutdown()
-    )
+    job_id, source = stopped_after_one_batch(a, tmp_path, members)
     with b.db.session() as session:
         record = require_collection(session, "c")
         ids = np.asarray(session.scalars(select(ImageRecord.id).order_by(ImageRecord.id)).all())
