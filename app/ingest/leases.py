@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -240,17 +241,16 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         renew_every = self.leases.seconds / 3
-        last_renewal = 0.0
-        clock = 0.0
+        # Real time, not a count of ticks: a slow database makes ticks longer, never renewals later.
+        last_renewal = time.monotonic()
         while not self._stop.wait(self._poll):
-            clock += self._poll
             try:
                 held = self._held()
                 if not held:
                     continue
-                if clock - last_renewal >= renew_every:
+                if time.monotonic() - last_renewal >= renew_every:
                     self.leases.renew(held)
-                    last_renewal = clock
+                    last_renewal = time.monotonic()
                 lost, cancelled = self.leases.look(held)
                 if lost:
                     log.warning("lost the lease of job(s) %s to another worker", ", ".join(sorted(lost)))
