@@ -47,6 +47,24 @@ def two(settings: Settings) -> Iterator[tuple[AppContext, AppContext]]:
         first.close()
 
 
+Replicas = tuple[AppContext, jobs.JobRunner, AppContext, jobs.JobRunner]
+
+
+@pytest.fixture
+def replicas(two: tuple[AppContext, AppContext]) -> Iterator[Replicas]:
+    """An API replica's state and its runner (it runs no jobs: it queues them), and a worker's,
+    with the collection "c"."""
+    api, worker = two
+    create_collection(api, name="c", embedder="tiny")
+    queueing = jobs.JobRunner(api, runs_jobs=False)
+    running = jobs.JobRunner(worker)
+    try:
+        yield api, queueing, worker, running
+    finally:
+        running.shutdown()
+        queueing.shutdown()
+
+
 @pytest.fixture
 def members(make_png: Callable[..., bytes]) -> dict[str, bytes]:
     return {f"img/{i:03d}.png": make_png(i, size=(12, 12)) for i in range(MEMBERS)}
@@ -125,50 +143,36 @@ def test_the_holder_renews_its_lease_and_notices_a_takeover(
 
 
 def test_an_api_replica_queues_and_a_worker_polls_claims_and_runs(
-    two: tuple[AppContext, AppContext], tmp_path: Path, members: dict[str, bytes]
+    replicas: Replicas, tmp_path: Path, members: dict[str, bytes]
 ) -> None:
-    api, worker = two
-    create_collection(api, name="c", embedder="tiny")
-    queueing = jobs.JobRunner(api, runs_jobs=False)
-    running = jobs.JobRunner(worker)
-    try:
-        job_id = queued_import(api, queueing, tmp_path, members)
-        assert (row(api, job_id).state, row(api, job_id).owner) == ("queued", None)
-        running.start_polling()
-        record = jobs.wait_for_job(api, job_id, timeout=60).record
-        assert (record.state, record.added, record.owner) == ("succeeded", MEMBERS, running.leases.owner)
-        assert record.lease_until is None  # ended with the job
-    finally:
-        running.shutdown()
-        queueing.shutdown()
+    api, queueing, worker, running = replicas
+    job_id = queued_import(api, queueing, tmp_path, members)
+    assert (row(api, job_id).state, row(api, job_id).owner) == ("queued", None)
+    running.start_polling()
+    record = jobs.wait_for_job(api, job_id, timeout=60).record
+    assert (record.state, record.added, record.owner) == ("succeeded", MEMBERS, running.leases.owner)
+    assert record.lease_until is None  # ended with the job
 
 
 def test_a_cancel_asked_of_one_replica_stops_the_job_another_runs(
-    two: tuple[AppContext, AppContext], tmp_path: Path, members: dict[str, bytes]
+    replicas: Replicas, tmp_path: Path, members: dict[str, bytes]
 ) -> None:
-    api, worker = two
-    create_collection(api, name="c", embedder="tiny")
-    queueing = jobs.JobRunner(api, runs_jobs=False)
-    running = jobs.JobRunner(worker)
-    try:
-        job_id = queued_import(api, queueing, tmp_path, members)
-        seen = []
+    api, queueing, worker, running = replicas
+    job_id = queued_import(api, queueing, tmp_path, members)
+    seen = []
 
-        def cancel_after_first_batch(counts: dict[str, int], total: int | None) -> None:
-            if not seen:
-                seen.append(counts["done"])
-                queueing.cancel(job_id)  # through the row: the worker's keeper sees it
+    def cancel_after_first_batch(counts: dict[str, int], total: int | None) -> None:
+        if not seen:
+            seen.append(counts["done"])
+            queueing.cancel(job_id)  # through the row: the worker's keeper sees it
 
-        claimed = running.holdings.claim_next(["import"])
-        assert claimed is not None
-        source = jobs.from_params(claimed.params, data_dir=worker.settings.data_dir)
-        running.run_import(job_id=job_id, collection="c", source=source, on_progress=cancel_after_first_batch)
-        record = row(api, job_id)
-        assert record.state == "cancelled" and record.cancel_requested
-        assert BATCH <= record.done < MEMBERS
-    finally:
-        running.shutdown()
-        queueing.shutdown()
+    claimed = running.holdings.claim_next(["import"])
+    assert claimed is not None
+    source = jobs.from_params(claimed.params, data_dir=worker.settings.data_dir)
+    running.run_import(job_id=job_id, collection="c", source=source, on_progress=cancel_after_first_batch)
+    record = row(api, job_id)
+    assert record.state == "cancelled" and record.cancel_requested
+    assert BATCH <= record.done < MEMBERS
 
 
 def stopped_after_one_batch(ctx: AppContext, tmp_path: Path, members: dict[str, bytes]) -> tuple[str, Source]:
