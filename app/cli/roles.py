@@ -54,6 +54,11 @@ def worker(heartbeat: Path | None) -> None:
         raise click.ClickException(problem)
     if settings.read_only:
         raise click.ClickException("a worker writes: unset CBIR_READ_ONLY")
+    if heartbeat is not None:
+        try:
+            heartbeat.touch()  # a path that cannot be written fails here, not in the poll loop
+        except OSError as exc:
+            raise click.ClickException(f"--heartbeat {heartbeat}: {exc.strerror or exc}") from None
     ctx = open_context(settings)
     runner = job_runner(ctx)
 

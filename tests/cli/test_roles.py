@@ -54,3 +54,15 @@ def test_the_role_setting(tmp_path: Path) -> None:
     assert Settings(data_dir=tmp_path, role="api").role == "api"
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, role="worker")  # a worker is `cbir worker`, not a serve role
+
+
+def test_a_worker_refuses_read_only_and_an_unwritable_heartbeat(tmp_path: Path) -> None:
+    shared = {
+        "CBIR_DATA_DIR": str(tmp_path),
+        "CBIR_DATABASE_URL": "postgresql+psycopg://nobody:x@127.0.0.1:1/none",  # refused before use
+        "CBIR_VECTOR_STORE": "milvus://127.0.0.1:1",
+    }
+    code, output = run("worker", **shared, CBIR_READ_ONLY="true")
+    assert code != 0 and "CBIR_READ_ONLY" in output
+    code, output = run("worker", "--heartbeat", str(tmp_path / "missing" / "alive"), **shared)
+    assert code != 0 and "--heartbeat" in output and "No such file" in output
