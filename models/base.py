@@ -83,5 +83,19 @@ class Embedder(ABC):
         ]
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
+    # Embedders that can compute their codes in more than one runtime (models/cnn.py) override these.
+    @property
+    def runtime_pending(self) -> bool:
+        """True while a runtime choice waits for ``prepare_runtime()``."""
+        return False
+
+    def prepare_runtime(self) -> None:  # noqa: B027 - optional hook
+        """Choose the runtime (may export and time a model: never inside a request)."""
+
+    def runtime_info(self) -> dict[str, object] | None:
+        """What computes the codes (requested, active, state, reason, measured images/s), if chosen
+        among runtimes; None otherwise."""
+        return None
+
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "dim": self.dim, "version": self.version}

@@ -18,8 +18,11 @@ Views (scales, flips) are L2-normalised one by one and summed; the base class no
 Weights are never random: they come from ``CBIR_WEIGHTS_DIR``, the torch hub cache or a download,
 and ``WeightsMissing`` names the file and the folders when none of those works.
 
-On the CPU the trunk and pooling can run in ONNX Runtime instead of torch (``runtime``, set by
+On the CPU the trunk can run in ONNX Runtime instead of torch (``runtime``, set by
 ``CBIR_CNN_RUNTIME``; see ``models/onnx_runtime.py``): same vectors within 1e-3, same version.
+``auto`` times both and keeps the faster (``models/runtime_choice.py``). The export and the timing
+run in ``load()``, or, with ``defer_runtime`` (the service), in ``prepare_runtime()`` called
+later; until then the codes come from torch.
 
 This module is the embedder and its registration, one per architecture. The catalogue of
 networks is ``models/cnn_archs.py``, the options, views and pooling ``models/cnn_codes.py``, the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import onnx_runtime
+from models import onnx_runtime, runtime_choice
 from models.base import Embedder, l2_normalise
 from models.cnn_archs import ARCHS, Arch, Layer
 from models.cnn_codes import (
@@ -93,6 +97,7 @@ class CNNEmbedder(Embedder):
         device: torch.device | None = None,
         runtime: str = "torch",
         onnx_dir: Path | None = None,
+        defer_runtime: bool = False,
     ) -> None:
         super().__init__(device=device)
         if runtime not in onnx_runtime.RUNTIMES:
@@ -105,6 +110,9 @@ class CNNEmbedder(Embedder):
         self.download = download
         self.runtime = runtime
         self.onnx_dir = onnx_dir
+        self.defer_runtime = defer_runtime
+        self._runtime_lock = threading.Lock()
+        self._choice: runtime_choice.Choice | None = None
         self.weights = arch.weights()
         self._version: str | None = None
         self._trunk: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -151,39 +159,103 @@ class CNNEmbedder(Embedder):
         sha = file_sha256(path)
         tag = hashlib.sha256(f"{self.options.key()}|{sha}|v1".encode()).hexdigest()[:12]
         self._version = f"{self.arch.name}-{tag}"
-        if self._wants_onnx():
-            crop = self.weights.crop
-            self._onnx = onnx_runtime.prepare(
-                model=model,
-                codes=self._torch_codes,
-                version=self._version,
-                size=(crop, crop),
-                # globally pooled maps take any size; fc layers and R-MAC (its region grid depends
-                # on the map size) only the size they were traced at
-                dynamic_hw=self.arch.layers[self.options.layer].maps and self.options.pooling != "rmac",
-                cache_dir=self.onnx_dir,
-            )
+        if not self.defer_runtime:
+            self._ensure_runtime()
 
-    def _wants_onnx(self) -> bool:
+    # which runtime computes the trunk: chosen once, in load() or later in prepare_runtime()
+    @property
+    def runtime_pending(self) -> bool:
+        return self._choice is None
+
+    def prepare_runtime(self) -> None:
+        """Export, check and (auto) time the runtimes, once; the codes come from torch until done."""
+        self.load()
+        self._ensure_runtime()
+
+    def _ensure_runtime(self) -> None:
+        with self._runtime_lock:
+            if self._choice is None:
+                session, choice = self._choose()
+                self._onnx, self._choice = session, choice
+                log.info("%s computes its codes in %s (%s)", self._version, choice.runtime, choice.reason)
+
+    def _choose(self) -> tuple[onnx_runtime.OnnxCodes | None, runtime_choice.Choice]:
+        Choice = runtime_choice.Choice
         if self.runtime == "torch":
-            return False
+            return None, Choice("torch", "requested")
         if self.device.type != "cpu":
             if self.runtime == "onnx":
                 log.warning(
                     "ONNX Runtime runs on the CPU only; %s stays in torch on %s", self.name, self.device
                 )
-            return False
+            return None, Choice("torch", "cpu_only")
         if not onnx_runtime.available():
             if self.runtime == "onnx":
                 log.warning("onnxruntime is not installed; %s runs in torch", self.name)
-            return False
-        return self.runtime == "onnx" or onnx_runtime.AUTO_PREFERS_ONNX
+            return None, Choice("torch", "unavailable")
+        assert self._version is not None
+        maps = self.arch.layers[self.options.layer].maps
+        crop = self.weights.crop
+        path = None
+        if self.runtime == "auto" and self.onnx_dir is not None:
+            path = runtime_choice.choice_path(
+                self.onnx_dir, version=self._version, device="cpu", threads=torch.get_num_threads()
+            )
+        cached = runtime_choice.read_choice(path) if path is not None else None
+        if cached is not None and cached.runtime == "torch":
+            return None, cached  # no export to load
+        session = onnx_runtime.prepare(
+            model=self._model,
+            trunk=self._trunk_channels_last,
+            finish=self._finish,
+            version=self._version,
+            size=(crop, crop),
+            dynamic_hw=maps,  # maps take any size; fc layers only the size they were traced at
+            cache_dir=self.onnx_dir,
+        )
+        if session is None:
+            return None, Choice("torch", "export_failed")
+        if self.runtime == "onnx":
+            return session, Choice("onnx", "requested")
+        if cached is None:
+            cached = runtime_choice.measure(
+                torch_codes=self._torch_codes,
+                onnx_codes=lambda batch: self._finish(session(batch)),
+                shape=self._typical_shape() if maps else (crop, crop),
+            )
+            if path is not None:
+                runtime_choice.write_choice(path, cached)
+        return (session if cached.runtime == "onnx" else None), cached
+
+    def _typical_shape(self) -> tuple[int, int]:
+        """(H, W) of a typical view: the crop, or a 4:3 landscape photo at the first size."""
+        if self.options.input == "crop":
+            return (self.weights.crop, self.weights.crop)
+        short = (self.options.sizes or (self.weights.resize,))[0]
+        return (short, round(short * 4 / 3))
 
     @property
     def active_runtime(self) -> str:
         """``onnx`` when ONNX Runtime computes the codes (of crop-sized batches at least), else ``torch``."""
         self.load()
         return "onnx" if self._onnx is not None else "torch"
+
+    def runtime_info(self) -> dict[str, object] | None:
+        """The runtime asked for, the one computing the codes now and why (``state`` pending until the
+        choice is made: torch meanwhile); None before the weights are loaded."""
+        if not self._loaded:
+            return None
+        choice = self._choice
+        return {
+            "requested": self.runtime,
+            "active": "onnx" if self._onnx is not None else "torch",
+            "state": "pending" if choice is None else "chosen",
+            **(
+                {"reason": None}
+                if choice is None
+                else {k: v for k, v in choice.as_dict().items() if k != "runtime"}
+            ),
+        }
 
     # preprocessing: each image becomes a list of views (scales, flips), each (3, H, W) float32
     def _normalise(self, image: Image.Image) -> torch.Tensor:
@@ -213,23 +285,30 @@ class CNNEmbedder(Embedder):
         return [self._normalise(view) for view in self._views(image)]
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if self._onnx is not None and self._onnx.accepts(batch.shape):
-            return self._onnx(batch)
+        session = self._onnx  # read once: the background choice may set it meanwhile
+        if session is not None and session.accepts(batch.shape):
+            return self._finish(session(batch))
         return self._torch_codes(batch)
 
-    def _torch_codes(self, batch: torch.Tensor) -> torch.Tensor:
-        """Trunk, then pooling for map layers: (n, 3, H, W) -> (n, dim) raw codes, in torch."""
+    def _trunk_channels_last(self, batch: torch.Tensor) -> torch.Tensor:
         assert self._trunk is not None
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = self._trunk(batch)
-        else:
-            out = self._trunk(batch)
+        return self._trunk(batch.contiguous(memory_format=torch.channels_last))
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """The trunk's output -> (n, dim) raw codes: pooling for map layers, in torch."""
         out = out.float()
         if self.arch.layers[self.options.layer].maps:
             out = pool(out, how=self.options.pooling, p=self.options.p)
         return out
+
+    def _torch_codes(self, batch: torch.Tensor) -> torch.Tensor:
+        """Trunk, then pooling for map layers: (n, 3, H, W) -> (n, dim) raw codes, in torch."""
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self._trunk_channels_last(batch)
+        else:
+            out = self._trunk_channels_last(batch)
+        return self._finish(out)
 
     def collate(self, items: Sequence[Any]) -> torch.Tensor:
         """Same-shaped views of several images stacked (crop input); used by the raw benchmark."""
@@ -259,6 +338,7 @@ class CNNEmbedder(Embedder):
             "options": self.options.key(),
             "weights": str(self.weights_path) if self.weights_path else self.weights.file_name,
             "runtime": "onnx" if self._onnx is not None else "torch",
+            "runtime_choice": self.runtime_info(),
         }
 
 
@@ -278,6 +358,7 @@ def _register(arch: Arch) -> None:
         download: bool = True,
         runtime: str = "torch",
         onnx_dir: Path | None = None,
+        defer_runtime: bool = False,
         **raw: str,
     ) -> CNNEmbedder:
         return CNNEmbedder(
@@ -288,6 +369,7 @@ def _register(arch: Arch) -> None:
             device=device,
             runtime=runtime,
             onnx_dir=onnx_dir,
+            defer_runtime=defer_runtime,
         )
 
     register(

@@ -1,16 +1,18 @@
-"""ONNX Runtime for CNN neural codes on the CPU: the trunk and its pooling exported once, checked, cached.
+"""ONNX Runtime for CNN neural codes on the CPU: the trunk exported once, checked, cached.
 
-The export covers what ``CNNEmbedder._forward`` computes (trunk, then pooling for map layers): a
-normalised image batch in, raw codes out. Height and width stay free when the layer's maps are pooled
-globally; fully connected layers (``fc6``, ``fc7``) are exported at the crop size only, and a batch of
-another shape (``input=whole``) runs in torch.
+The export covers the network part of ``CNNEmbedder._forward`` (the trunk: a normalised image batch
+in, maps or a fully connected activation out); the pooling (average, MAC, GeM, R-MAC) runs after it
+in torch, as it does after torch's trunk. Height and width stay free for map layers, so whole images
+of any shape run in ONNX Runtime; fully connected layers (``fc6``, ``fc7``) are exported at the crop
+size only, and a batch of another shape (``input=whole``) runs in torch.
 
-Exports are cached as ``<cache_dir>/<embedder version>-<dyn|HxW>-opset<N>.onnx``; the service passes
-``CBIR_DATA_DIR/onnx`` (the version already names the weights file's SHA-256 and every option that
-changes the codes). Before a session is used, its L2-normalised codes are compared with torch's on a
-random batch (``MAX_DIFF``); a failed export, load or check logs a warning and the embedder keeps
-running in torch. Either way the vectors agree within ``MAX_DIFF``, so the runtime is not part of the
-embedder version.
+Exports are cached as ``<cache_dir>/<embedder version>-<dyn|HxW>-trunk-opset<N>.onnx``; the service
+passes ``CBIR_DATA_DIR/onnx`` (the version already names the weights
+file's SHA-256 and every option that changes the codes). Before a session is used, its
+L2-normalised codes are compared with torch's on a random batch (``MAX_DIFF``); a failed export,
+load or check logs a warning and the embedder keeps running in torch. Either way the vectors agree
+within ``MAX_DIFF``, so the runtime is not part of the embedder version. Which runtime ``auto``
+uses is measured in ``models/runtime_choice.py``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,6 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "auto")
 MAX_DIFF = 1e-3  # largest absolute difference allowed between torch's and ONNX's normalised codes
 OPSET = 17
-# What CBIR_CNN_RUNTIME=auto picks on the CPU, from `cbir bench embed` (README, "Throughput"): ONNX
-# Runtime was faster for every case measured, 1 thread, batch 1 and 8: EfficientNet-Lite0 1.8-2.7x
-# (depthwise convolutions), ResNet-50 1.3-1.5x.
-AUTO_PREFERS_ONNX = True
 
 
 def available() -> bool:
@@ -51,21 +49,25 @@ def available() -> bool:
     return True
 
 
-class _Codes(nn.Module):
-    """The module to export: ``codes`` applied to a batch; ``model`` is registered so that its
+Stage = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Trunk(nn.Module):
+    """The module to export: ``trunk`` applied to a batch; ``model`` is registered so that its
     weights become ONNX initialisers instead of constants."""
 
-    def __init__(self, model: nn.Module, codes: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, trunk: Stage) -> None:
         super().__init__()
         self.model = model
-        self._codes = codes
+        self._trunk = trunk
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._codes(batch)
+        return self._trunk(batch)
 
 
 class OnnxCodes:
-    """An ONNX Runtime session computing raw codes: (n, 3, H, W) float32 -> (n, dim) float32."""
+    """An ONNX Runtime session computing the trunk: (n, 3, H, W) float32 -> (n, C, h, w) maps or
+    (n, d) activations, float32."""
 
     def __init__(self, session: Any, *, size: tuple[int, int] | None, path: Path | None) -> None:
         self._session = session
@@ -84,14 +86,18 @@ class OnnxCodes:
 
 def cache_name(version: str, size: tuple[int, int] | None) -> str:
     shape = "dyn" if size is None else f"{size[0]}x{size[1]}"
-    return f"{version}-{shape}-opset{OPSET}.onnx"
+    return f"{version}-{shape}-trunk-opset{OPSET}.onnx"
 
 
 def export(module: nn.Module, *, example: torch.Tensor, dynamic_hw: bool) -> bytes:
     """The ONNX bytes of ``module`` traced on ``example``; the batch axis is always free."""
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+    # a dynamic height and width give maps of a dynamic size (only map layers are exported so)
+    out_axes = {0: "batch", 2: "map_height", 3: "map_width"} if dynamic_hw else {0: "batch"}
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    # no_grad: a model that already ran under inference_mode (a deferred export) cannot be traced
+    # with autograd on
+    with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript
         # (not a dependency); its deprecation and tracer warnings say nothing about this export.
         warnings.simplefilter("ignore")
@@ -102,7 +108,7 @@ def export(module: nn.Module, *, example: torch.Tensor, dynamic_hw: bool) -> byt
             dynamo=False,
             input_names=["images"],
             output_names=["codes"],
-            dynamic_axes={"images": axes, "codes": {0: "batch"}},
+            dynamic_axes={"images": axes, "codes": out_axes},
             opset_version=OPSET,
         )
     return buffer.getvalue()
@@ -117,18 +123,17 @@ def _session(model: bytes, *, threads: int) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _max_diff(
-    session: Any, reference: Callable[[torch.Tensor], torch.Tensor], sizes: list[tuple[int, int]]
-) -> float:
-    """Largest difference of normalised codes, ONNX vs torch, over a seeded random batch per size."""
-    codes = OnnxCodes(session, size=None, path=None)
+def _max_diff(session: Any, *, trunk: Stage, finish: Stage, sizes: list[tuple[int, int]]) -> float:
+    """Largest difference of normalised codes (``finish`` after each trunk), ONNX vs torch, over a
+    seeded random batch per size."""
+    onnx_trunk = OnnxCodes(session, size=None, path=None)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for height, width in sizes:
         batch = torch.randn((2, 3, height, width), generator=generator)
         with torch.inference_mode():
-            expected = l2_normalise(reference(batch).float())
-        got = l2_normalise(codes(batch))
+            expected = l2_normalise(finish(trunk(batch).float()))
+            got = l2_normalise(finish(onnx_trunk(batch)))
         worst = max(worst, float((expected - got).abs().max()))
     return worst
 
@@ -136,14 +141,16 @@ def _max_diff(
 def prepare(
     *,
     model: nn.Module,
-    codes: Callable[[torch.Tensor], torch.Tensor],
+    trunk: Stage,
+    finish: Stage,
     version: str,
     size: tuple[int, int],
     dynamic_hw: bool,
     cache_dir: Path | None,
     threads: int | None = None,
 ) -> OnnxCodes | None:
-    """An ONNX session computing ``codes`` (the torch reference), exported once per version and shape.
+    """An ONNX session computing ``trunk`` (torch's, the reference), exported once per version and
+    shape; ``finish`` (the pooling, in torch) turns either trunk's output into raw codes for the check.
 
     ``size`` is the (H, W) the export is traced and always checked at; with ``dynamic_hw`` a second,
     odd size is checked too. Returns None (torch keeps running, a warning says why) when the export,
@@ -155,7 +162,7 @@ def prepare(
     if path is not None and path.is_file():
         try:
             session = _session(path.read_bytes(), threads=threads)
-            diff = _max_diff(session, codes, sizes)
+            diff = _max_diff(session, trunk=trunk, finish=finish, sizes=sizes)
         except Exception as exc:  # truncated or foreign file: export again
             log.warning("cached ONNX export %s is unusable (%s); exporting again", path, exc)
         else:
@@ -164,11 +171,11 @@ def prepare(
                 return OnnxCodes(session, size=fixed, path=path)
             log.warning("cached ONNX export %s differs from torch by %.2g; exporting again", path, diff)
     try:
-        module = _Codes(model, codes).eval()
+        module = _Trunk(model, trunk).eval()
         example = torch.randn((2, 3, *size), generator=torch.Generator().manual_seed(1))
         data = export(module, example=example, dynamic_hw=dynamic_hw)
         session = _session(data, threads=threads)
-        diff = _max_diff(session, codes, sizes)
+        diff = _max_diff(session, trunk=trunk, finish=finish, sizes=sizes)
     except Exception as exc:  # an exporter or runtime limitation must never stop the service
         log.warning("ONNX export of %s failed (%s: %s); running in torch", version, type(exc).__name__, exc)
         return None
@@ -182,7 +189,7 @@ def prepare(
         return None
     if path is not None:
         try:
-            _write_atomically(path, data)
+            write_atomically(path, data)
         except OSError as exc:  # a read-only data folder costs an export per start, nothing more
             log.warning("could not cache the ONNX export of %s in %s: %s", version, path.parent, exc)
         else:
@@ -190,7 +197,7 @@ def prepare(
     return OnnxCodes(session, size=fixed, path=path)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Another process reading the cache sees the whole file or none of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -131,11 +131,13 @@ def create(
     download: bool = True,
     runtime: str = "torch",
     onnx_dir: Path | None = None,
+    defer_runtime: bool = False,
 ) -> Embedder:
     """Build an embedder from a spec string; trainable ones need ``checkpoint`` and pretrained ones
     find their weights in ``weights_dir``, the torch cache or by download (never random weights).
 
-    ``runtime`` (torch, onnx or auto) and ``onnx_dir`` (where ONNX exports are cached) reach
+    ``runtime`` (torch, onnx or auto), ``onnx_dir`` (where ONNX exports are cached) and
+    ``defer_runtime`` (choose the runtime in ``prepare_runtime()``, not in ``load()``) reach
     pretrained embedders only; see ``models/onnx_runtime.py``."""
     spec, options = parse(text)
     if spec.trainable:
@@ -143,7 +145,13 @@ def create(
             raise CheckpointRequired(f"embedder {spec.name!r} has no trained checkpoint yet; train one first")
         return spec.factory(checkpoint=checkpoint, device=device, **options)
     extra: dict[str, object] = (
-        {"weights_dir": weights_dir, "download": download, "runtime": runtime, "onnx_dir": onnx_dir}
+        {
+            "weights_dir": weights_dir,
+            "download": download,
+            "runtime": runtime,
+            "onnx_dir": onnx_dir,
+            "defer_runtime": defer_runtime,
+        }
         if spec.pretrained
         else {}
     )

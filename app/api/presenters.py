@@ -18,6 +18,7 @@ from app.api.schemas import (
     JobOut,
     MapOut,
     MapPointOut,
+    RuntimeOut,
     SearchResponse,
     SelectionOut,
 )
@@ -25,6 +26,7 @@ from app.catalog.collections import CollectionInfo
 from app.core.redaction import redact_url, scrub_text
 from app.core.usertext import printable, servable
 from app.data.records import ImageRecord
+from app.embedding.embedders import EmbedderCache
 from app.ingest.jobs import JobInfo
 from app.learning.evaluation_runs import EvaluationStatus
 from app.search.compare import Comparison
@@ -38,10 +40,13 @@ def image_urls(image_id: int) -> tuple[str, str]:
     return f"{API}/images/{image_id}/file", f"{API}/images/{image_id}/thumbnail"
 
 
-def collection_out(info: CollectionInfo) -> CollectionOut:
+def collection_out(info: CollectionInfo, *, embedders: EmbedderCache | None = None) -> CollectionOut:
     out = CollectionOut.model_validate(info, from_attributes=True)
     if info.selection is not None:  # selection.py records it with the winner, classifier.py with a head
         out.selection = SelectionOut.model_validate(info.selection)
+    runtime = embedders.runtime_of(info.embedder) if embedders is not None else None
+    if runtime is not None:
+        out.runtime = RuntimeOut.model_validate(runtime)
     return out
 
 

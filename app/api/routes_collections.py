@@ -36,24 +36,28 @@ router = APIRouter(tags=["collections"])
 
 @router.post("/collections", status_code=status.HTTP_201_CREATED, response_model=CollectionOut)
 def create_collection(body: CollectionCreate, ctx: ContextDep) -> CollectionOut:
-    return collection_out(collections.create_collection(ctx, name=body.name, embedder=body.embedder))
+    return collection_out(
+        collections.create_collection(ctx, name=body.name, embedder=body.embedder), embedders=ctx.embedders
+    )
 
 
 @router.get("/collections", response_model=CollectionList)
 def list_collections(ctx: ContextDep) -> CollectionList:
-    return CollectionList(collections=[collection_out(c) for c in collections.list_collections(ctx)])
+    return CollectionList(
+        collections=[collection_out(c, embedders=ctx.embedders) for c in collections.list_collections(ctx)]
+    )
 
 
 @router.get("/collections/{name}", response_model=CollectionOut)
 def get_collection(name: str, ctx: ContextDep) -> CollectionOut:
-    return collection_out(collections.get_collection(ctx, name))
+    return collection_out(collections.get_collection(ctx, name), embedders=ctx.embedders)
 
 
 @router.put("/collections/{name}/search-options", response_model=CollectionOut)
 def set_search_options(name: str, body: SearchOptionsIn, ctx: ContextDep) -> CollectionOut:
     """Query-side re-ranking used by every search of the collection (a search's ``qe`` overrides it)."""
     tuning.set_search_options(ctx, collection=name, qe=body.qe, qe_alpha=body.qe_alpha)
-    return collection_out(collections.get_collection(ctx, name))
+    return collection_out(collections.get_collection(ctx, name), embedders=ctx.embedders)
 
 
 @router.put("/collections/{name}/tuning", response_model=CollectionOut)
@@ -61,7 +65,7 @@ def set_tuning(name: str, body: TuningIn, ctx: ContextDep) -> CollectionOut:
     """Switch the automatic tuning (whitening and query expansion after imports) on or off; what is
     served now stays until the next tuning (see ``tuning`` in the answer)."""
     autotune.set_autotune(ctx, collection=name, on=body.auto)
-    return collection_out(collections.get_collection(ctx, name))
+    return collection_out(collections.get_collection(ctx, name), embedders=ctx.embedders)
 
 
 @router.put(
@@ -96,7 +100,7 @@ def whiten(
     found = tuning.whitening_cost(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
     if found.seconds <= ctx.settings.sync_cost_budget_s:
         tuning.whiten_collection(ctx, collection=name, dim=body.dim, shrinkage=body.shrinkage)
-        return collection_out(collections.get_collection(ctx, name))
+        return collection_out(collections.get_collection(ctx, name), embedders=ctx.embedders)
     job_id = tasks.submit(
         kind="whiten",
         collection=name,

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response, status
 from app import __version__
 from app.api import security
 from app.api.deps import ContextDep
-from app.api.schemas import CollectionHealth, Health, IndexProblemOut, Readiness
+from app.api.schemas import CollectionHealth, Health, IndexProblemOut, Readiness, RuntimeOut
 from app.catalog.collections import list_collections
 
 router = APIRouter(tags=["health"])
@@ -50,4 +50,5 @@ def health(ctx: ContextDep) -> Health:
         device=ctx.device.type,
         collections=collections,
         degraded=degraded,
+        runtimes=[RuntimeOut.model_validate(row) for row in ctx.embedders.runtimes()],
     )

@@ -89,6 +89,24 @@ class SelectionOut(BaseModel):
     table: list[SelectionRowOut]
 
 
+class RuntimeOut(BaseModel):
+    """What computes a pretrained CNN's codes (CBIR_CNN_RUNTIME)."""
+
+    embedder: str | None = None
+    version: str | None = None
+    requested: str = Field(description="torch, onnx or auto (CBIR_CNN_RUNTIME)")
+    active: str = Field(description="torch or onnx: what computes the codes now")
+    state: str = Field(description="pending (torch until the choice is made in the background) or chosen")
+    reason: str | None = Field(
+        None,
+        description="requested, measured (auto, timed at this start), cached (auto, timed at an "
+        "earlier one), cpu_only, unavailable (onnxruntime missing) or export_failed",
+    )
+    torch_img_s: float | None = Field(None, description="auto: torch's images/s on the timed batch")
+    onnx_img_s: float | None = Field(None, description="auto: ONNX Runtime's images/s on the timed batch")
+    shape: list[int] | None = Field(None, description="auto: the timed batch's shape (n, 3, H, W)")
+
+
 class CollectionOut(BaseModel):
     name: str
     embedder: str
@@ -113,6 +131,11 @@ class CollectionOut(BaseModel):
         description="automatic search tuning of a pretrained-CNN collection: auto (the switch), "
         "state, steps (whitening, qe: on/off, validated, reason), table (mAP per setting on the "
         "validation), validated, fitted_on (images), threshold",
+    )
+    runtime: RuntimeOut | None = Field(
+        None,
+        description="what computes a pretrained CNN collection's codes; null for other embedders and "
+        "until the embedder is first loaded (by a search, an upload or an import)",
     )
 
 
@@ -276,6 +299,9 @@ class Health(BaseModel):
         description="what works less than fully: checkpoint_failed (an index checkpoint could not be "
         "written; the database has every image), read_only (writes are refused), and the codes of "
         "/ready's problems (vectors_refused, bad_index_factory, bad_index_params, index_unavailable)",
+    )
+    runtimes: list[RuntimeOut] = Field(
+        default_factory=list, description="the runtime of every pretrained CNN embedder loaded so far"
     )
 
 

@@ -44,9 +44,12 @@ class Settings(BaseSettings):
     # Pretrained CNN weights: looked for here first, then in the torch hub cache, then downloaded.
     weights_dir: Path | None = None
     weights_download: bool = True
-    # Where CNN codes are computed on the CPU: torch, onnx (ONNX Runtime, exports cached in
-    # data_dir/onnx, torch when export or check fails) or auto (onnx where measured faster).
-    cnn_runtime: Literal["torch", "onnx", "auto"] = "torch"
+    # Where pretrained CNN codes are computed on the CPU: torch, onnx (ONNX Runtime, exports cached
+    # in data_dir/onnx, torch when export or check fails) or auto: both timed once per embedder
+    # version, device and thread count (a few batches, the choice cached with the export), the
+    # faster kept; ONNX Runtime was 1.6-1.8x faster on a 2-core CPU (`cbir bench embed`). Chosen in
+    # the background after the first load (torch until then); on a GPU, torch.
+    cnn_runtime: Literal["torch", "onnx", "auto"] = "auto"
 
     # Input limits, enforced before and during decoding.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -1,8 +1,17 @@
-"""Loads each collection's embedder once and keeps it: models are expensive, collections share them."""
+"""Loads each collection's embedder once and keeps it: models are expensive, collections share them.
+
+A pretrained CNN's runtime (``CBIR_CNN_RUNTIME``: the ONNX export and, for ``auto``, the timing of
+torch against ONNX Runtime) is chosen in a background thread started the first time the service
+loads that embedder (the first search, upload or import that needs it), never inside the request:
+that request and any other before the choice is made compute their codes in torch (same vectors
+within float tolerance, same version). The export and the choice are cached in ``CBIR_DATA_DIR/onnx``,
+so a later start only reads them.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 
 import torch
@@ -19,6 +28,8 @@ from app.data.records import CheckpointRecord, CollectionRecord
 from app.embedding.whitened import WhitenedEmbedder
 from models import registry
 from models.base import Embedder
+
+log = logging.getLogger(__name__)
 
 
 def validate_embedder_name(name: str) -> str:
@@ -39,6 +50,8 @@ class EmbedderCache:
         self.device = device
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], Embedder] = {}
+        self._choosing: dict[int, threading.Thread] = {}  # by id(embedder): one choice each
+        self._choosing_lock = threading.Lock()
 
     def for_collection(self, collection: CollectionRecord, checkpoint: CheckpointRecord | None) -> Embedder:
         """The embedder that produced the collection's served vectors (EmbedderNotReady if untrained)."""
@@ -86,6 +99,7 @@ class EmbedderCache:
                         download=self.settings.weights_download,
                         runtime=self.settings.cnn_runtime,
                         onnx_dir=self.settings.onnx_dir,
+                        defer_runtime=True,
                     )
                 except registry.InvalidEmbedderOptions as exc:
                     raise InvalidEmbedderOptions(str(exc)) from None
@@ -106,7 +120,54 @@ class EmbedderCache:
             with self._lock:  # a file put in place later is found without a restart
                 self._cache.pop(key, None)
             raise WeightsMissing(str(exc)) from None
+        self._choose_runtime(embedder)
         return embedder
+
+    def _choose_runtime(self, embedder: Embedder) -> None:
+        """Start the embedder's runtime choice in the background, once (torch serves meanwhile)."""
+        if not embedder.runtime_pending:
+            return
+        with self._choosing_lock:
+            if id(embedder) in self._choosing:
+                return
+            # not a daemon: a process exiting in the middle of an export waits for it (seconds) rather
+            # than aborting inside torch or ONNX Runtime
+            thread = threading.Thread(target=self._prepare, args=(embedder,), name="cbir-runtime-choice")
+            self._choosing[id(embedder)] = thread
+        thread.start()
+
+    @staticmethod
+    def _prepare(embedder: Embedder) -> None:
+        try:
+            embedder.prepare_runtime()
+        except Exception:  # torch keeps serving; the next start tries again
+            log.exception("choosing the runtime of %s failed; it stays in torch", embedder.name)
+
+    def wait_for_runtimes(self, timeout: float | None = None) -> bool:
+        """Wait for the runtime choices started so far (tests, benchmarks); True when all are made."""
+        with self._choosing_lock:
+            threads = list(self._choosing.values())
+        for thread in threads:
+            thread.join(timeout)
+        return not any(thread.is_alive() for thread in threads)
+
+    def runtimes(self) -> list[dict[str, object]]:
+        """The runtime of every loaded embedder that chooses one: spec, version and runtime_info()."""
+        with self._lock:
+            loaded = list(self._cache.items())
+        out = []
+        for (name, _), embedder in loaded:
+            info = embedder.runtime_info()
+            if info is not None:
+                out.append({"embedder": name, "version": embedder.version, **info})
+        return sorted(out, key=lambda row: (str(row["embedder"]), str(row["version"])))
+
+    def runtime_of(self, name: str) -> dict[str, object] | None:
+        """runtime_info() of the pretrained embedder ``name`` if it is loaded (never loads it): what a
+        collection of that embedder, whitened or not, computes its codes with."""
+        with self._lock:
+            embedder = self._cache.get((name, ""))
+        return embedder.runtime_info() if embedder is not None else None
 
     def _verify(self, checkpoint: CheckpointRecord) -> None:
         """The checkpoint's file (on the data folder every replica shares) has the SHA-256 recorded
@@ -141,6 +202,7 @@ class EmbedderCache:
                 download=self.settings.weights_download,
                 runtime=self.settings.cnn_runtime,
                 onnx_dir=self.settings.onnx_dir,
+                defer_runtime=True,
             )
             self._cache[key] = base
         try:
@@ -148,6 +210,7 @@ class EmbedderCache:
         except registry.WeightsMissing as exc:
             self._cache.pop(key, None)
             raise WeightsMissing(str(exc)) from None
+        self._choose_runtime(base)
         return base
 
     def _whitened(self, name: str, checkpoint: CheckpointRecord) -> Embedder:

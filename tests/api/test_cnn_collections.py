@@ -124,5 +124,34 @@ def test_onnx_runtime_setting_serves_the_same_version(
         )
         found = client.post(f"{API}/collections/photos/search", files={"file": ("q.png", data)})
         assert found.json()["hits"][0]["score"] >= 0.999
+        assert client.app.state.context.embedders.wait_for_runtimes(timeout=120)  # type: ignore[attr-defined]
+        runtime = client.get(f"{API}/collections/photos").json()["runtime"]
+        assert runtime["active"] == "onnx" and runtime["reason"] == "requested"
     assert version == registry.create("resnet18", weights_dir=cnn_weights("resnet18"), download=False).version
-    assert [p.name for p in (onnx.data_dir / "onnx").iterdir()] == [f"{version}-dyn-opset17.onnx"]
+    assert [p.name for p in (onnx.data_dir / "onnx").iterdir()] == [f"{version}-dyn-trunk-opset17.onnx"]
+
+
+def test_auto_runtime_is_the_default_chosen_in_the_background_and_reported(
+    settings: Settings, cnn_weights: Callable[[str], Path], make_png: Callable[..., bytes]
+):
+    auto = settings.model_copy(update={"weights_dir": cnn_weights("resnet18")})
+    assert auto.cnn_runtime == "auto"
+    with TestClient(create_app(auto), raise_server_exceptions=False) as client:
+        assert create(client, "resnet18").status_code == 201
+        created = client.get(f"{API}/collections/photos").json()["runtime"]  # loaded to learn its version
+        assert created["requested"] == "auto" and created["state"] in {"pending", "chosen"}
+        data = make_png(1, size=(64, 64), mode="RGB")
+        uploaded = client.post(f"{API}/collections/photos/images", files={"file": ("a.png", data)})
+        assert uploaded.status_code == 201  # computed in torch or ONNX, whichever is ready
+        assert client.app.state.context.embedders.wait_for_runtimes(timeout=120)  # type: ignore[attr-defined]
+        runtime = client.get(f"{API}/collections/photos").json()["runtime"]
+        assert runtime["requested"] == "auto" and runtime["state"] == "chosen"
+        assert runtime["reason"] == "measured" and runtime["torch_img_s"] > 0 and runtime["onnx_img_s"] > 0
+        faster = "onnx" if runtime["onnx_img_s"] > runtime["torch_img_s"] else "torch"
+        assert runtime["active"] == faster
+        (health,) = client.get(f"{API}/health").json()["runtimes"]
+        assert health["embedder"] == "resnet18" and health["active"] == faster
+        found = client.post(f"{API}/collections/photos/search", files={"file": ("q.png", data)})
+        assert found.json()["hits"][0]["score"] >= 0.999  # stored in one runtime, searched in the other
+    names = sorted(p.name for p in (auto.data_dir / "onnx").iterdir())
+    assert [n.rsplit("-", 2)[-2:] for n in names] == [["cpu", "t1.runtime.json"], ["trunk", "opset17.onnx"]]

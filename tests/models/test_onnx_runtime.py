@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from models import cnn, onnx_runtime, registry
+from models import cnn, onnx_runtime, registry, runtime_choice
 
 pytestmark = pytest.mark.skipif(not onnx_runtime.available(), reason="onnxruntime or onnx not installed")
 
@@ -133,13 +134,78 @@ def test_fully_connected_layers_run_other_shapes_in_torch(
     np.testing.assert_allclose(onnx_embedder.embed(images()), expected, atol=onnx_runtime.MAX_DIFF)
 
 
-def test_auto_runtime_follows_the_measured_choice(
+def test_auto_runtime_times_both_once_and_caches_the_choice(
     cnn_weights: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for prefers, runtime in [(True, "onnx"), (False, "torch")]:
-        monkeypatch.setattr(onnx_runtime, "AUTO_PREFERS_ONNX", prefers)
-        embedder = create("resnet18", cnn_weights("resnet18"), runtime="auto", onnx_dir=tmp_path)
-        assert embedder.active_runtime == runtime
+    timed: list[tuple[int, ...]] = []
+    real = runtime_choice.measure
+
+    def counting(**kwargs: object) -> runtime_choice.Choice:
+        choice = real(**kwargs)  # type: ignore[arg-type]
+        assert choice.shape is not None
+        timed.append(choice.shape)
+        return choice
+
+    monkeypatch.setattr(runtime_choice, "measure", counting)
+    spec = "resnet18:input=whole,sizes=224,pooling=rmac"
+    embedder = create(spec, cnn_weights("resnet18"), runtime="auto", onnx_dir=tmp_path)
+    info = embedder.describe()["runtime_choice"]
+    assert isinstance(info, dict) and info["state"] == "chosen" and info["reason"] == "measured"
+    assert timed == [(runtime_choice.BATCH, 3, 224, 299)]  # a 4:3 photo at the embedder's size
+    faster = "onnx" if float(info["onnx_img_s"]) > float(info["torch_img_s"]) else "torch"  # type: ignore[arg-type]
+    assert embedder.active_runtime == info["active"] == faster
+    choice_file = runtime_choice.choice_path(
+        tmp_path, version=embedder.version, device="cpu", threads=torch.get_num_threads()
+    )
+    assert choice_file.is_file()
+    again = create(spec, cnn_weights("resnet18"), runtime="auto", onnx_dir=tmp_path)
+    assert again.active_runtime == faster and len(timed) == 1  # read, not timed again
+    assert (again.runtime_info() or {})["reason"] == "cached"
+
+
+@pytest.mark.parametrize(("faster", "slower"), [("onnx", "torch"), ("torch", "onnx")])
+def test_auto_runtime_uses_the_faster_one(
+    faster: str,
+    slower: str,
+    cnn_weights: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def rigged(**kwargs: object) -> runtime_choice.Choice:
+        rates = {f"{faster}_img_s": 20.0, f"{slower}_img_s": 10.0}
+        return runtime_choice.Choice(faster, "measured", shape=(1, 3, 224, 224), **rates)
+
+    monkeypatch.setattr(runtime_choice, "measure", rigged)
+    embedder = create("resnet18", cnn_weights("resnet18"), runtime="auto", onnx_dir=tmp_path)
+    assert embedder.active_runtime == faster
+
+
+def test_a_deferred_choice_serves_torch_until_prepared(
+    cnn_weights: Callable[[str], Path], tmp_path: Path
+) -> None:
+    embedder = create(
+        "resnet18", cnn_weights("resnet18"), runtime="onnx", onnx_dir=tmp_path, defer_runtime=True
+    )
+    before = embedder.embed(images())
+    assert embedder.runtime_pending and embedder.active_runtime == "torch"
+    assert (embedder.runtime_info() or {})["state"] == "pending" and list(tmp_path.iterdir()) == []
+    embedder.prepare_runtime()
+    assert not embedder.runtime_pending and embedder.active_runtime == "onnx"
+    np.testing.assert_allclose(embedder.embed(images()), before, atol=onnx_runtime.MAX_DIFF)
+
+
+@pytest.mark.parametrize("spec", ["efficientnet_lite0", "resnet18:input=crop,pooling=gem"])
+def test_same_image_same_vector_on_torch_and_onnx(
+    spec: str, cnn_weights: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # efficientnet_lite0's own default: whole images at 288 px, R-MAC pooled after the trunk
+    name = spec.split(":")[0]
+    torch_embedder = create(spec, cnn_weights(name))
+    onnx_embedder = create(spec, cnn_weights(name), runtime="onnx", onnx_dir=tmp_path)
+    assert onnx_embedder.active_runtime == "onnx" and onnx_embedder.version == torch_embedder.version
+    expected, got = torch_embedder.embed(images()), onnx_embedder.embed(images())
+    cosines = (expected * got).sum(axis=1)
+    assert cosines.min() >= 0.9999, cosines
 
 
 def test_unknown_runtime_is_refused(cnn_weights: Callable[[str], Path]) -> None:
