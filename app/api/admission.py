@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.problems import problem
 from app.core.errors import Overloaded
 
-# The requests that decode and embed an image: upload, search, compare.
-EMBEDDING_REQUESTS = re.compile(r"^/api/v1/collections/[^/]+/(images|search|compare)$")
+# The requests that decode and embed images: upload, search (one query or a batch), compare.
+EMBEDDING_REQUESTS = re.compile(r"^/api/v1/collections/[^/]+/(images|search|search/batch|compare)$")
 RETRY_AFTER_S = 1
 
 

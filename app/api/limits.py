@@ -42,9 +42,15 @@ MIN_BODY_RATE = 64 * 1024
 # Form limits for the routes FastAPI parses (upload, search, compare): they take one file and at
 # most one field; a non-file field (the metadata) may hold 1 MiB.
 FORM_LIMITS: FormLimits = {"max_files": 4, "max_fields": 16, "max_part_size": 1024 * 1024}
+# The batch search (app/api/routes_images.py) takes up to 100 files: the parser counts more, so
+# that 101 queries get the route's 422 rather than the parser's 400; the body cap bounds the rest.
+BATCH_FORM_LIMITS: FormLimits = {"max_files": 1000, "max_fields": 1000, "max_part_size": 1024 * 1024}
+# A batch search's whole body: this many times CBIR_MAX_UPLOAD_BYTES (each file is held to that).
+BATCH_UPLOADS = 5
 MAX_CONTENT_TYPE = 512
 
 _ARCHIVE_ROUTE = re.compile(r"/api/v1/collections/[^/]+/imports/?")
+_BATCH_ROUTE = re.compile(r"/api/v1/collections/[^/]+/search/batch/?")
 # RFC 2046 section 5.1.1: 1 to 70 characters from bchars, not ending in a space.
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -52,9 +58,12 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 
 def body_cap(settings: Settings, path: str, *, multipart: bool = True) -> int:
     """The most bytes a request body to ``path`` may have: the archive cap only for an archive
-    upload (multipart to the imports route; a JSON body is parsed in memory)."""
+    upload (multipart to the imports route; a JSON body is parsed in memory), ``BATCH_UPLOADS``
+    uploads' worth for a batch search."""
     if multipart and _ARCHIVE_ROUTE.fullmatch(path):
         return settings.max_archive_bytes + MULTIPART_OVERHEAD
+    if _BATCH_ROUTE.fullmatch(path):
+        return BATCH_UPLOADS * settings.max_upload_bytes + MULTIPART_OVERHEAD
     return settings.max_upload_bytes + MULTIPART_OVERHEAD
 
 

@@ -1,23 +1,37 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.api import security
-from app.api.deps import ContextDep, FilterDep, ImageId, parse_metadata, read_upload
+from app.api.deps import MAX_ID, ContextDep, FilterDep, ImageId, parse_metadata, read_upload
 from app.api.disconnect import run_cancellable
 from app.api.forms import Utf8FormRoute
 from app.api.headers import IMAGE_CSP, download_name
-from app.api.presenters import compare_out, image_out, search_out
-from app.api.schemas import CompareResponse, ImageCreated, ImageOut, SearchResponse
+from app.api.limits import BATCH_FORM_LIMITS
+from app.api.presenters import compare_out, hits_out, image_out, search_out
+from app.api.schemas import (
+    BatchEntryOut,
+    BatchSearchResponse,
+    CompareResponse,
+    ImageCreated,
+    ImageOut,
+    Problem,
+    SearchResponse,
+)
 from app.catalog import images
+from app.core.errors import CbirError, InvalidRequest
 from app.data.storage import EXTENSIONS
 from app.ingest.store import add_image
-from app.search import compare
+from app.search import batch, compare
 from app.search import query as search
+from app.search.batch import BatchQuery
+from app.search.query import SearchResult
 from index import SearchKnobs
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
@@ -165,6 +179,98 @@ async def search_by_image(
         knobs=_knobs(ef_search, nprobe, k_factor),
     )
     return search_out(result)
+
+
+BATCH_PARTS = ("file", "image_id")
+
+
+@router.post(
+    "/collections/{name}/search/batch",
+    response_model=BatchSearchResponse,
+    tags=["search"],
+    openapi_extra=security.READ,
+    form_limits=BATCH_FORM_LIMITS,
+)
+async def search_batch(
+    name: str,
+    request: Request,
+    ctx: ContextDep,
+    image_filter: FilterDep,
+    file: Annotated[
+        list[UploadFile] | None, File(description="query images (repeat the part): PNG, JPEG, GIF or WebP")
+    ] = None,
+    image_id: Annotated[
+        list[str] | None, Form(description="stored images of the collection as queries (repeat the part)")
+    ] = None,
+    k: int = Query(10, ge=1, description="hits per query, at most CBIR_MAX_K (100)"),
+    qe: int | None = QE,
+    ef_search: int | None = EF_SEARCH,
+    nprobe: int | None = NPROBE,
+    k_factor: float | None = K_FACTOR,
+) -> BatchSearchResponse:
+    """Up to 100 queries in one request, each answered as ``POST /search`` (a file part) or
+    ``GET /images/{id}/similar`` (an ``image_id`` part) answers it, in the order of the parts: all
+    embedded in one batch and searched in one index call. A query that cannot be searched (an
+    image that does not decode, an id not in the collection) has its problem in its entry."""
+    parts = [(key, value) for key, value in (await request.form()).multi_items()]
+    if unknown := sorted({key for key, _ in parts} - set(BATCH_PARTS)):
+        raise InvalidRequest(f"unknown form part {unknown[0][:60]!r}: send file and image_id parts")
+    queries: list[BatchQuery] = []
+    sources: list[dict[str, Any]] = []
+    for key, value in parts:  # FastAPI checked the types: file parts are files, image_id text
+        if key == "file" and isinstance(value, StarletteUpload):
+            sources.append({"file": value.filename})
+            try:
+                queries.append(
+                    BatchQuery(
+                        data=await read_upload(cast(UploadFile, value), limit=ctx.settings.max_upload_bytes)
+                    )
+                )
+            except CbirError as exc:
+                queries.append(BatchQuery(error=exc))
+        else:
+            text = str(value)
+            sources.append({"image_id": int(text) if _ID.fullmatch(text) else None})
+            queries.append(_stored_query(text))
+    result = await run_in_threadpool(
+        batch.search_batch,
+        ctx,
+        collection=name,
+        queries=queries,
+        k=k,
+        image_filter=image_filter,
+        qe=qe,
+        knobs=_knobs(ef_search, nprobe, k_factor),
+    )
+    return BatchSearchResponse(
+        collection=result.collection,
+        k=result.k,
+        results=[
+            BatchEntryOut(
+                index=i,
+                **source,
+                hits=hits_out(SearchResult(collection=result.collection, k=result.k, hits=entry.hits)),
+                error=None if entry.error is None else _problem(entry.error),
+            )
+            for i, (source, entry) in enumerate(zip(sources, result.entries, strict=True))
+        ],
+        timings_ms=result.timings_ms,
+    )
+
+
+_ID = re.compile(r"[0-9]{1,19}")
+
+
+def _stored_query(value: str) -> BatchQuery:
+    if _ID.fullmatch(value) and 1 <= int(value) <= MAX_ID:
+        return BatchQuery(image_id=int(value))
+    return BatchQuery(
+        error=InvalidRequest(f"an image_id is a decimal integer in 1..{MAX_ID}, not {value[:40]!r}")
+    )
+
+
+def _problem(error: CbirError) -> Problem:
+    return Problem(title=error.title, status=error.status, detail=error.detail, code=error.code)
 
 
 AGAINST = Query(description="the other embedder: a registered one (pixels) or checkpoint:ID")

@@ -194,6 +194,23 @@ class SearchResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="decode, embed, search, fetch and total")
 
 
+class BatchEntryOut(BaseModel):
+    """One query's answer: its hits, or the problem that kept it from being searched."""
+
+    index: int = Field(description="the query's position among the request's file and image_id parts")
+    file: str | None = Field(None, description="an uploaded query: its file name")
+    image_id: int | None = Field(None, description="a stored query: its id (left out of its hits)")
+    hits: list[HitOut]
+    error: Problem | None = Field(None, description="why this query has no hits (the others are answered)")
+
+
+class BatchSearchResponse(BaseModel):
+    collection: str
+    k: int
+    results: list[BatchEntryOut] = Field(description="one per query, in the order they were sent")
+    timings_ms: dict[str, float] = Field(description="the whole batch: decode, embed, search, fetch, total")
+
+
 class DatasetImport(BaseModel):
     """Exactly one of: a built-in dataset; a folder on the server under one of CBIR_IMPORT_ROOTS
     (image folder, MNIST-format IDX files or a Holidays-style folder); a manifest file there."""

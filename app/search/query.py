@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,13 @@ from sqlalchemy import select
 from app.catalog.collections import checkpoint_of, require_collection
 from app.catalog.filters import ImageFilter, matching_ids
 from app.context import AppContext
-from app.core.errors import DegenerateImage, EmbedderNotReady, ImageNotFound, IndexMismatch, InvalidRequest
+from app.core.errors import (
+    DegenerateImage,
+    EmbedderNotReady,
+    ImageNotFound,
+    IndexMismatch,
+    InvalidRequest,
+)
 from app.data.records import CollectionRecord, ImageRecord
 from app.data.vector_rows import blob_of, blobs_of, micros, vectors_of
 from app.embedding.codes import degenerate_codes
@@ -49,7 +56,7 @@ class SearchResult:
     query_image_id: int | None = None
 
 
-class _Clock:
+class Clock:
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.laps: dict[str, float] = {}
@@ -64,7 +71,7 @@ class _Clock:
         return self.laps
 
 
-def _check_k(ctx: AppContext, k: int) -> None:
+def check_k(ctx: AppContext, k: int) -> None:
     if not 1 <= k <= ctx.settings.max_k:
         raise InvalidRequest(f"k must be between 1 and {ctx.settings.max_k}, got {k}")
 
@@ -96,10 +103,10 @@ def search_by_image(
     qe: int | None = None,
     knobs: SearchKnobs | None = None,
 ) -> SearchResult:
-    _check_k(ctx, k)
-    clock = _Clock()
+    check_k(ctx, k)
+    clock = Clock()
     record, checkpoint = _served(ctx, collection)
-    embedder, tensor = _prepare(ctx, record=record, checkpoint=checkpoint, data=data)
+    embedder, tensor = prepare(ctx, record=record, checkpoint=checkpoint, data=data)
     clock.lap("decode")
     vector = embedder.embed_prepared([tensor])
     if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
@@ -110,7 +117,7 @@ def search_by_image(
     )
 
 
-def _prepare(
+def prepare(
     ctx: AppContext, *, record: CollectionRecord, checkpoint: Any, data: bytes
 ) -> tuple[Embedder, Any]:
     """The embedder and the query decoded and preprocessed for it, within the decode memory
@@ -131,8 +138,8 @@ def similar_to(
     knobs: SearchKnobs | None = None,
 ) -> SearchResult:
     """More like this: the stored vector of ``image_id`` as the query, the image itself left out."""
-    _check_k(ctx, k)
-    clock = _Clock()
+    check_k(ctx, k)
+    clock = Clock()
     record, _ = _served(ctx, collection)
     assert record.embedder_version is not None  # _served checked it
     blob = blob_of(
@@ -141,7 +148,7 @@ def similar_to(
     if blob is None:
         raise ImageNotFound(f"image {image_id} is not in collection {collection!r} (or not embedded yet)")
     vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
-    _refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
+    refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
     clock.lap("embed")
     result = _search(
         ctx,
@@ -158,9 +165,7 @@ def similar_to(
     return result
 
 
-def _refuse_set_aside(
-    ctx: AppContext, *, record: CollectionRecord, image_id: int, vector: np.ndarray
-) -> None:
+def refuse_set_aside(ctx: AppContext, *, record: CollectionRecord, image_id: int, vector: np.ndarray) -> None:
     """422 degenerate_image for a stored row the index set aside (app/data/vector_rows.py): it cannot be
     a query. A row of another dimension than the index's is one, whatever the index's state: it
     must not get the 503 "retry shortly" of a search during a rebuild, since no rebuild mends it."""
@@ -202,16 +207,62 @@ def _search(
     record: CollectionRecord,
     vector: np.ndarray,
     k: int,
-    clock: _Clock,
+    clock: Clock,
     exclude: int | None = None,
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
     knobs: SearchKnobs | None = None,
 ) -> SearchResult:
-    """Search the index; with a filter, only among the ids that pass it: an exact pass over their
-    stored vectors when they are few, else the index with a FAISS id selector.
+    """One query (a (1, d) row) through ``_ranked``, then its rows fetched."""
+    (pairs,) = ranked(
+        ctx,
+        record=record,
+        vectors=vector,
+        k=k,
+        clock=clock,
+        excludes=[exclude],
+        image_filter=image_filter,
+        qe=qe,
+        knobs=knobs,
+    )
+    rows = rows_of(ctx, ids=[i for i, _ in pairs])
+    hits = hits_of(pairs, rows)
+    clock.lap("fetch")
+    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
 
-    With query expansion (the collection's ``qe`` option, or ``qe`` here) the query is averaged
+
+def rows_of(ctx: AppContext, *, ids: Sequence[int]) -> dict[int, ImageRecord]:
+    if not ids:
+        return {}
+    with ctx.db.session() as session:
+        return {r.id: r for r in session.scalars(select(ImageRecord).where(ImageRecord.id.in_(set(ids))))}
+
+
+def hits_of(pairs: list[tuple[int, float]], rows: dict[int, ImageRecord]) -> list[Hit]:
+    return [
+        Hit(rank=rank, image_id=image_id, score=score, record=rows[image_id])
+        for rank, (image_id, score) in enumerate(((i, s) for i, s in pairs if i in rows), start=1)
+    ]
+
+
+def ranked(
+    ctx: AppContext,
+    *,
+    record: CollectionRecord,
+    vectors: np.ndarray,
+    k: int,
+    clock: Clock,
+    excludes: Sequence[int | None],
+    image_filter: ImageFilter | None = None,
+    qe: int | None = None,
+    knobs: SearchKnobs | None = None,
+) -> list[list[tuple[int, float]]]:
+    """The (id, score) pairs, best first, of each of ``vectors`` ((n, d) float32 unit rows), all
+    searched in one index call; row i leaves out ``excludes[i]`` (its own image, for a stored
+    query). With a filter, only among the ids that pass it: an exact pass over their stored
+    vectors when they are few, else the index with a FAISS id selector.
+
+    With query expansion (the collection's ``qe`` option, or ``qe`` here) each query is averaged
     with its first results' stored codes, weighted by similarity^alpha, and searched again.
     ``knobs`` (efSearch, nprobe, k_factor) override the index's search parameters for this search."""
     index = ctx.indexes.serving(record)
@@ -219,11 +270,11 @@ def _search(
         raise IndexMismatch(f"the index of {record.name!r} is not available yet; retry shortly")
     if index.ntotal == 0:
         clock.lap("search")
-        return SearchResult(collection=record.name, k=k, hits=[], timings_ms=clock.done())
-    if index.dim != vector.shape[1]:
+        return [[] for _ in excludes]
+    if index.dim != vectors.shape[1]:
         raise IndexMismatch(
             f"the index of {record.name!r} holds {index.dim}-d vectors but the embedder gives "
-            f"{vector.shape[1]}-d; it is being rebuilt, retry shortly"
+            f"{vectors.shape[1]}-d; it is being rebuilt, retry shortly"
         )
     allowed = None
     exact: tuple[np.ndarray, np.ndarray] | None = None  # (vectors, ids) of a small filtered set
@@ -237,39 +288,43 @@ def _search(
             assert record.embedder_version is not None
             exact = vectors_of(ctx.db, ids=allowed, embedder_version=record.embedder_version)
         clock.lap("filter")
-    extra = 1 if exclude is not None else 0
+    extra = 1 if any(e is not None for e in excludes) else 0
 
-    def search(query: np.ndarray) -> list[tuple[int, float]]:
+    def search(queries: np.ndarray) -> list[list[tuple[int, float]]]:
         if exact is not None:
-            scores, ids = exact_search(query, k + extra, vectors=exact[0], ids=exact[1])
+            scores, ids = exact_search(queries, k + extra, vectors=exact[0], ids=exact[1])
         elif where is not None and isinstance(index, StoreIndex):
-            scores, ids = index.search(query, k + extra, where=where, knobs=knobs)
+            scores, ids = index.search(queries, k + extra, where=where, knobs=knobs)
         else:
-            scores, ids = index.search(query, k + extra, allowed_ids=allowed, knobs=knobs)
+            scores, ids = index.search(queries, k + extra, allowed_ids=allowed, knobs=knobs)
         return [
-            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != exclude
-        ][:k]
+            [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0 and i != exclude][
+                :k
+            ]
+            for row_ids, row_scores, exclude in zip(ids, scores, excludes, strict=True)
+        ]
 
-    pairs = search(vector)
+    ranked = search(vectors)
     clock.lap("search")
     options = SearchOptions.of(record)
     if qe is not None:  # this search's depth, the collection's alpha
         options = SearchOptions(qe=qe, qe_alpha=options.qe_alpha)
-    if options.qe and pairs:
-        expanded = _expand(ctx, record=record, vector=vector, top=pairs[: options.qe], alpha=options.qe_alpha)
-        pairs = search(expanded)
+    if options.qe and any(ranked):
+        expanded = np.concatenate(
+            [
+                _expand(
+                    ctx,
+                    record=record,
+                    vector=vectors[i : i + 1],
+                    top=pairs[: options.qe],
+                    alpha=options.qe_alpha,
+                )
+                for i, pairs in enumerate(ranked)
+            ]
+        )
+        ranked = [again if pairs else pairs for again, pairs in zip(search(expanded), ranked, strict=True)]
         clock.lap("expand")
-    with ctx.db.session() as session:
-        rows = {
-            r.id: r
-            for r in session.scalars(select(ImageRecord).where(ImageRecord.id.in_([i for i, _ in pairs])))
-        }
-    hits = [
-        Hit(rank=rank, image_id=image_id, score=score, record=rows[image_id])
-        for rank, (image_id, score) in enumerate(((i, s) for i, s in pairs if i in rows), start=1)
-    ]
-    clock.lap("fetch")
-    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
+    return ranked
 
 
 def _expand(
