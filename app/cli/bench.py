@@ -229,38 +229,70 @@ def bench_quality_command(
 @bench.command("search")
 @click.option(
     "--backends",
-    default="faiss,milvus",
-    show_default=True,
-    help="comma-separated: faiss (in process), milvus (a milvus-lite server this run starts)",
+    default=None,
+    help="comma-separated: faiss (in process), milvus (a milvus-lite server this run starts); "
+    "default faiss,milvus, or none with --http",
+)
+@click.option(
+    "--http", "http", is_flag=True, help="time single and batch searches over HTTP (a server this run starts)"
+)
+@click.option("--url", default=None, help="with --http: a running service instead (http://127.0.0.1:8000)")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1, max=100), default=100, show_default=True, help="--http"
 )
 @click.option(
     "--collection", default=None, help="default: CBIR_DEMO_COLLECTION (mnist, built by `cbir demo`)"
 )
-@click.option("--queries", type=click.IntRange(min=10), default=200, show_default=True, help="per filter")
+@click.option(
+    "--queries", type=click.IntRange(min=10), default=200, show_default=True, help="per filter / per mode"
+)
 @click.option("--k", "k", type=click.IntRange(min=1, max=1000), default=10, show_default=True)
 @click.option("--kind", default=None, help="a FAISS factory string (default: the collection's kind)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def bench_search_command(
-    backends: str, collection: str | None, queries: int, k: int, kind: str | None, as_json: bool
+    backends: str | None,
+    http: bool,
+    url: str | None,
+    batch_size: int,
+    collection: str | None,
+    queries: int,
+    k: int,
+    kind: str | None,
+    as_json: bool,
 ) -> None:
-    """Search latency p50/p95 of a collection through each vector store, plain and with a label filter."""
+    """Search latency: p50/p95 through each vector store, plain and with a label filter; with
+    --http, single searches one request at a time against batches, over HTTP."""
+    from app.bench import http_search
     from app.bench import search as service
 
+    say = lambda text: click.echo(text, err=True)  # noqa: E731
+    http = http or url is not None
+    summary: dict[str, Any] = {}
     try:
         settings = get_settings()
-        result = service.bench_search(
-            settings,
-            collection=collection or settings.demo_collection,
-            backends=service.parse_backends(backends),
-            queries=queries,
-            k=k,
-            kind=kind,
-            say=lambda text: click.echo(text, err=True),
-        )
+        name = collection or settings.demo_collection
+        if backends is not None or not http:
+            result = service.bench_search(
+                settings,
+                collection=name,
+                backends=service.parse_backends(backends or "faiss,milvus"),
+                queries=queries,
+                k=k,
+                kind=kind,
+                say=say,
+            )
+            click.echo(service.table(result))
+            summary.update(result.summary())
+        if http:
+            with http_search.server(settings, url=url, say=say) as base:
+                timed = http_search.run_http(
+                    url=base, collection=name, queries=queries, k=k, batch_size=batch_size, say=say
+                )
+            click.echo(http_search.table(timed))
+            summary.update(timed.summary())
     except ValidationError as exc:
         raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
     except CbirError as exc:
         raise click.ClickException(exc.detail) from None
-    click.echo(service.table(result))
     if as_json:
-        click.echo(json.dumps(result.summary()))
+        click.echo(json.dumps(summary))

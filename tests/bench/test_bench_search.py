@@ -89,6 +89,33 @@ def test_bench_search_through_a_milvus_lite_server_agrees_with_faiss(digits_dir:
     assert not list((digits_dir / "tmp").glob("bench-search-*"))  # its server's data folder is gone
 
 
+def test_bench_search_over_http_times_single_requests_against_batches(digits_dir: Path) -> None:
+    result = bench(
+        digits_dir, "--http", "--backends", "faiss", "--queries", "30", "--batch-size", "10", "--json"
+    )
+
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["collection"] == "digits" and summary["queries"] == 30
+    single, batch = summary["single"], summary["batch"]
+    assert {"qps", "client_p50_ms", "server_p50_ms", "client_server_ratio"} <= single.keys()
+    assert 0 < single["server_p50_ms"] < single["client_p50_ms"]
+    assert single["client_server_ratio"] == pytest.approx(
+        single["client_p50_ms"] / single["server_p50_ms"], rel=1e-2
+    )
+    assert batch["size"] == 10 and batch["qps"] > 0
+    assert batch["speedup"] == pytest.approx(batch["qps"] / single["qps"], rel=1e-2)
+    assert [row["name"] for row in summary["backends"]] == ["faiss"]  # both modes when both are asked
+    assert "| single |" in result.output and "| batch of 10 |" in result.output
+    assert not list((digits_dir / "tmp").glob("bench-serve-*.log"))  # the server's log is gone
+
+
+def test_bench_search_http_alone_and_a_url_that_does_not_answer(digits_dir: Path) -> None:
+    result = bench(digits_dir, "--url", "http://127.0.0.1:9", "--queries", "10", "--json")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "127.0.0.1:9" in result.output
+
+
 def test_bench_search_refuses_a_missing_collection_and_unknown_backends(
     digits_dir: Path, tmp_path: Path
 ) -> None:
