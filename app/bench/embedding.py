@@ -50,10 +50,12 @@ class BenchResult:
     batch: int
     raw_img_s: float
     pipeline_img_s: float
+    runtime: str = ""  # torch or onnx: what computed the codes
+    # the runtime asked for and, for auto, both runtimes' measured images/s (models/runtime_choice.py)
+    runtime_choice: dict[str, Any] | None = None
 
-    # for the table only (the JSON line carries the five fields above)
+    # for the table only (the JSON line carries the seven fields above)
     version: str = ""
-    runtime: str = ""
     input_shape: tuple[int, ...] = ()
     threads: int = 1
     workers: int = 1
@@ -67,7 +69,7 @@ class BenchResult:
         return {k: v for k, v in asdict(self).items() if k in _SUMMARY_KEYS}
 
 
-_SUMMARY_KEYS = ("embedder", "device", "batch", "raw_img_s", "pipeline_img_s")
+_SUMMARY_KEYS = ("embedder", "device", "batch", "raw_img_s", "pipeline_img_s", "runtime", "runtime_choice")
 
 
 def default_folder(settings: Settings) -> Path:
@@ -218,6 +220,7 @@ def bench_embed(
         pipeline_img_s=round(pipeline, 2),
         version=embedder.version,
         runtime=str(info.get("runtime", "torch")),
+        runtime_choice=embedder.runtime_info(),
         input_shape=shape,
         threads=torch.get_num_threads(),
         workers=workers,
@@ -240,9 +243,20 @@ def format_table(result: BenchResult) -> list[str]:
         f"device    {result.device}, {result.threads} torch thread(s), {result.workers} decode worker(s)",
         f"input     {shape}, batch {result.batch}",
         f"images    {result.folder} ({result.folder_images} files)",
+        *_choice_line(result.runtime_choice),
         "",
         f"{'path':<32} {'images/s':>9} {'ms/image':>9} {'images':>7}",
     ]
     for label, rate, images in rows:
         lines.append(f"{label:<32} {rate:>9.1f} {1000 / rate if rate else float('inf'):>9.1f} {images:>7}")
     return lines
+
+
+def _choice_line(choice: dict[str, Any] | None) -> list[str]:
+    if not choice or choice.get("torch_img_s") is None:
+        return []
+    shape = "x".join(str(s) for s in choice.get("shape") or ())
+    return [
+        f"runtime   {choice['requested']}: torch {choice['torch_img_s']} / onnx {choice['onnx_img_s']} "
+        f"images/s on {shape} ({choice['reason']}), {choice['active']} chosen"
+    ]

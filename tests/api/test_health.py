@@ -22,6 +22,7 @@ def test_health_is_ok_with_no_collections(client: TestClient):
         "device": device,
         "collections": [],
         "degraded": [],
+        "runtimes": [],  # no pretrained CNN loaded
     }
 
 

@@ -17,7 +17,7 @@ from tests.cli.test_cli import assert_clean_failure
 from tests.conftest import DATASETS_DIR
 
 HOLIDAYS = DATASETS_DIR / "inria-holidays-dev" / "jpg"
-KEYS = ["embedder", "device", "batch", "raw_img_s", "pipeline_img_s"]
+KEYS = ["embedder", "device", "batch", "raw_img_s", "pipeline_img_s", "runtime", "runtime_choice"]
 
 
 @pytest.fixture
@@ -109,7 +109,13 @@ def test_bench_efficientnet_lite0_on_real_photos(bench: Callable[..., Result], p
     assert parsed["embedder"] == "efficientnet_lite0" and parsed["batch"] == 2
     assert parsed["raw_img_s"] > 0 and parsed["pipeline_img_s"] > 0  # type: ignore[operator]
     # the default input: the whole 640x480 probe, its shorter side at 288 px
-    assert "3x288x384" in result.stdout and "runtime torch" in result.stdout
+    assert "3x288x384" in result.stdout
+    # CBIR_CNN_RUNTIME=auto: both runtimes timed on a 4:3 photo's shape, the faster one used
+    choice = parsed["runtime_choice"]
+    assert isinstance(choice, dict) and choice["requested"] == "auto" and choice["state"] == "chosen"
+    assert choice["reason"] in {"measured", "cached"} and choice["shape"] == [4, 3, 288, 384]
+    faster = "onnx" if choice["onnx_img_s"] > choice["torch_img_s"] else "torch"
+    assert parsed["runtime"] == choice["active"] == faster and f"{faster} chosen" in result.stdout
 
 
 def test_bench_reads_the_datasets_folder_by_default(bench: Callable[..., Result]):
