@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -90,17 +90,36 @@ def storage_faults(gate: WriteGate | None = None) -> Iterator[None]:
         raise fault from exc
 
 
+# Temporary names: ``.<name>.<pid>-<token>-<n>.tmp`` (``ImageStore.discard`` finds ``.<name>.*.tmp``);
+# the token tells apart processes with the same id on other machines sharing the folder.
+_TMP_TOKEN = uuid.uuid4().hex[:8]
+_tmp_numbers = itertools.count()
+
+
 def write_atomic(path: Path, data: bytes, *, fsync: bool = True, make_parent: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename: readers never see a torn file."""
+    """Write ``data`` to ``path`` via a temporary file and a rename: readers never see a torn file.
+
+    Plain ``os`` calls rather than ``tempfile.mkstemp`` and a file object: a bulk import writes
+    thousands of small files, and their Python overhead held the GIL against the writer."""
     if make_parent:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    while True:
+        tmp = f"{path.parent}/.{path.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:  # left by a killed process that had our id: take the next name
+            continue
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.catalog.collections import checkpoint_of, require_collection
@@ -331,34 +332,16 @@ def _store(
     def put(a: Accepted) -> None:
         ctx.store.put(a.item.data, sha256=a.sha256, image_format=a.format, fsync=durable)
 
-    # Creating files is system-call work that releases the GIL: a few threads overlap it with
-    # each other and with the rest of the batch's Python (a bulk batch writes hundreds).
-    if len(fresh) > 8:
-        list(ctx.workers.file_writers.map(put, (a for a, _ in fresh)))
-    else:
-        for a, _ in fresh:
-            put(a)
-    if not durable:
-        os.sync()  # one flush for the whole batch instead of one fsync per file
-
-    now = utcnow()
-    ids = session.scalars(
-        insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True),
-        [
-            {
-                "collection_id": record.id,
-                "sha256": a.sha256,
-                "byte_size": len(a.item.data),
-                "format": a.format,
-                "width": a.width,
-                "height": a.height,
-                "original_name": (a.item.name or None) and a.item.name[-512:],
-                "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
-                "created_at": now,
-            }
-            for a, _ in fresh
-        ],
-    ).all()
+    # Files and rows are written at the same time: creating files is system-call work that
+    # releases the GIL, so a few threads write them (and sync them once, for a bulk batch) while
+    # this thread inserts the rows; the transaction commits only after ``files_on_disk`` returned.
+    files_on_disk = _write_files(ctx, [a for a, _ in fresh], put=put, sync=not durable)
+    try:
+        ids = _insert_images(session, record=record, fresh=fresh, batch_aliases=batch_aliases)
+    except BaseException:
+        files_on_disk(raising=False)  # no write may outlive the clean-up of this batch's files
+        raise
+    files_on_disk()  # raises the first file error (a full disk): the transaction rolls back
     id_array = np.asarray(ids, dtype=np.int64)
     for (a, _), image_id in zip(fresh, ids, strict=True):
         results[a.index] = ItemResult(a.item.name, "added", image_id=image_id)
@@ -377,6 +360,75 @@ def _store(
         embedder_version=record.embedder_version or "",
     )
     return id_array, new_vectors
+
+
+def _insert_images(
+    session: Any,
+    *,
+    record: CollectionRecord,
+    fresh: list[tuple[Accepted, int]],
+    batch_aliases: dict[int, set[str]],
+) -> list[int]:
+    """Insert the rows of ``fresh`` and return their ids, in order."""
+    now = utcnow()
+    # One executemany of the rows, then their ids by SHA-256 (unique in the collection): an
+    # INSERT ... RETURNING that keeps the parameters' order runs one statement per row on SQLite.
+    session.connection().execute(
+        insert(cast(Table, ImageRecord.__table__)),
+        [
+            {
+                "collection_id": record.id,
+                "sha256": a.sha256,
+                "byte_size": len(a.item.data),
+                "format": a.format,
+                "width": a.width,
+                "height": a.height,
+                "original_name": (a.item.name or None) and a.item.name[-512:],
+                "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
+                "created_at": now,
+            }
+            for a, _ in fresh
+        ],
+    )
+    new_shas = [a.sha256 for a, _ in fresh]
+    id_of: dict[str, int] = {}
+    for start in range(0, len(new_shas), 500):
+        id_of.update(
+            (sha, image_id)
+            for sha, image_id in session.execute(
+                select(ImageRecord.sha256, ImageRecord.id)
+                .where(ImageRecord.collection_id == record.id)
+                .where(ImageRecord.sha256.in_(new_shas[start : start + 500]))
+            )
+        )
+    return [id_of[sha] for sha in new_shas]
+
+
+def _write_files(
+    ctx: AppContext, accepted: list[Accepted], *, put: Callable[[Accepted], None], sync: bool
+) -> Callable[..., None]:
+    """Start writing the files (on the context's file threads when there are more than a few);
+    returns ``on_disk(raising=True)``, which waits for every write, then (``sync``) flushes them all
+    at once and raises the first write's error."""
+    if len(accepted) <= 8:  # an upload or a small batch: here, now
+        for a in accepted:
+            put(a)
+        if sync and accepted:
+            os.sync()
+        return lambda raising=True: None
+    pool = ctx.workers.file_writers
+    writes = [pool.submit(put, a) for a in accepted]
+
+    def on_disk(raising: bool = True) -> None:
+        futures.wait(writes)
+        if not raising:
+            return
+        for write in writes:
+            write.result()
+        if sync:
+            os.sync()  # one flush for the whole batch instead of one fsync per file
+
+    return on_disk
 
 
 MAX_ALIASES = 64
@@ -407,8 +459,8 @@ def store_vectors(
     """Insert (n, d) float32 unit rows as blobs keyed by image id and embedder version."""
     now = utcnow()
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
-    session.execute(
-        insert(EmbeddingRecord),
+    session.connection().execute(  # Core executemany: no ORM bookkeeping per row
+        insert(cast(Table, EmbeddingRecord.__table__)),
         [
             {
                 "image_id": int(image_id),
