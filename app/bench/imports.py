@@ -20,6 +20,7 @@ folder of JPEGs, efficientnet_lite0 codes).
 from __future__ import annotations
 
 import resource
+import shutil
 import tempfile
 import time
 import zipfile
@@ -27,7 +28,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from app.bench.embedding import BenchError
 from app.catalog.collections import create_collection
@@ -37,7 +37,7 @@ from app.ingest.pipeline import Chunk, Pipeline
 from app.ingest.sources.archive import check_archive
 from app.ingest.sources.datasets import load_mnist, png_bytes
 from app.ingest.sources.kinds import DatasetSource, FolderSource, Source, members_of
-from app.ingest.stages import time_stages
+from app.ingest.stages import forward_batch, time_stages
 from app.learning.training import train_cdae
 
 WORKLOADS = ("mnist", "holidays")
@@ -54,6 +54,9 @@ class WorkloadResult:
     stage_img_s: dict[str, float]
     peak_rss_mb: float
     mode: str = ""  # how the pipeline decoded and embedded: "1 process", "2 threads"
+    # Photo sets: the forward passes alone over the run's preprocessed inputs (see forward_alone)
+    raw_forward_img_s: float | None = None
+    runtime: str | None = None  # which runtime computed the codes: torch or onnx
 
     @property
     def slowest_stage(self) -> str:
@@ -67,7 +70,20 @@ class WorkloadResult:
     def ratio(self) -> float:
         return self.end_to_end_img_s / self.slowest_stage_img_s
 
+    @property
+    def ratio_to_forward(self) -> float | None:
+        if not self.raw_forward_img_s:
+            return None
+        return self.end_to_end_img_s / self.raw_forward_img_s
+
     def as_json(self) -> dict[str, object]:
+        forward = {}
+        if self.raw_forward_img_s is not None:
+            forward = {
+                "raw_forward_img_s": round(self.raw_forward_img_s, 1),
+                "ratio_to_forward": round(self.ratio_to_forward or 0.0, 3),
+                "runtime": self.runtime,
+            }
         return {
             "name": self.name,
             "embedder": self.embedder,
@@ -79,6 +95,7 @@ class WorkloadResult:
             "stage_img_s": {k: round(v, 1) for k, v in self.stage_img_s.items()},
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "mode": self.mode,
+            **forward,
         }
 
 
@@ -137,9 +154,53 @@ def _timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int, dict[str, float]]:
-    """Each stage over all members, one stage at a time; returns (members, images/s per stage)."""
+def _runtime_ready(pipeline: Pipeline) -> str | None:
+    """Load the embedder and make its runtime choice now (the service makes it in the background,
+    torch serving until then), so that no timing mixes runtimes; returns torch or onnx, or None
+    (not a CNN, or embedded in worker processes)."""
+    if pipeline.processes:
+        return None
+    embedder = pipeline.target.embedder
+    if embedder is None:
+        return None
+    embedder.prepare_runtime()
+    runtime = getattr(embedder, "active_runtime", None)
+    return str(runtime) if runtime else None
+
+
+def forward_alone(pipeline: Pipeline, chunks: list[Chunk]) -> float | None:
+    """Images/s of the embedder's forward passes alone (``embed_prepared``: views batched by
+    shape, pooling, normalisation) over every preprocessed input of the run, held in memory: the
+    best of one image per pass and of the largest batch within the memory cap (``forward_batch``),
+    each after an untimed pass. None when nothing was preprocessed here (worker processes)."""
+    embedder = pipeline.target.embedder
+    prepared = [s.prepared for chunk in chunks for s in chunk.items if s.prepared is not None]
+    if embedder is None or not prepared:
+        return None
+    cap = forward_batch(prepared[0], limit=pipeline.ctx.settings.embed_batch_size)
+    best = 0.0
+    for step in sorted({1, cap}):
+        embedder.embed_prepared(prepared[:step])
+        began = time.perf_counter()
+        for first in range(0, len(prepared), step):
+            embedder.embed_prepared(prepared[first : first + step])
+        best = max(best, len(prepared) / max(time.perf_counter() - began, 1e-9))
+    return best
+
+
+@dataclass
+class _Alone:
+    members: int
+    stage_img_s: dict[str, float]
+    raw_forward_img_s: float | None
+    runtime: str | None
+
+
+def _stages_alone(ctx: AppContext, collection: str, source: Source) -> _Alone:
+    """Each stage over all members, one stage at a time, and the forward passes alone."""
     pipeline = Pipeline(ctx, collection)
+    runtime = _runtime_ready(pipeline)
+    raw_forward = None
     members = members_of(source, ctx.settings)
     chunks: list[Chunk] = []
     seconds = {"read": _timed(lambda: chunks.extend(pipeline.read(members)))}
@@ -158,6 +219,7 @@ def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int
                     chunk.decoding = []
 
             seconds["decode"] = _timed(decode_all)
+        raw_forward = forward_alone(pipeline, chunks)
         seconds["embed"] = _timed(lambda: [pipeline.embed(chunk) for chunk in chunks])
 
     def write_all() -> None:
@@ -171,7 +233,8 @@ def _stages_alone(ctx: AppContext, collection: str, source: Source) -> tuple[int
             pipeline.write(batch, in_transaction=None)
 
     seconds["write"] = _timed(write_all)
-    return n, {stage: n / max(seconds[stage], 1e-9) for stage in STAGES}
+    rates = {stage: n / max(seconds[stage], 1e-9) for stage in STAGES}
+    return _Alone(n, rates, raw_forward, runtime)
 
 
 def _worker_stages(pipeline: Pipeline, chunks: list[Chunk], seconds: dict[str, float]) -> None:
@@ -199,6 +262,7 @@ def _mode(pipeline: Pipeline) -> str:
 
 def _end_to_end(ctx: AppContext, collection: str, source: Source) -> tuple[int, float, str]:
     pipeline = Pipeline(ctx, collection)
+    _runtime_ready(pipeline)
     warm = pipeline.warm()  # worker processes start once per server and embedder version: not timed
     if isinstance(warm, ThreadPoolExecutor):
         warm.shutdown()
@@ -220,8 +284,12 @@ def run_workload(settings: Settings, name: str, *, images: int, say: Callable[[s
     with tempfile.TemporaryDirectory(prefix=f"cbir-bench-import-{name}-") as scratch:
         root = Path(scratch)
         source = setup.make_source(root)
-        results: dict[str, tuple[Any, ...]] = {}
+        alone: _Alone | None = None
+        e2e: tuple[int, float, str] | None = None
         for run in ("alone", "end_to_end"):
+            if run == "end_to_end" and (root / "alone" / "onnx").is_dir():
+                # the same ONNX export and runtime choice as the run of the stages alone
+                shutil.copytree(root / "alone" / "onnx", root / run / "onnx")
             ctx = _context(settings, root / run)
             try:
                 create_collection(ctx, name="bench", embedder=setup.embedder)
@@ -229,23 +297,25 @@ def run_workload(settings: Settings, name: str, *, images: int, say: Callable[[s
                 setup.prepare(ctx, "bench")
                 say(f"{name}: timing {run.replace('_', '-')}")
                 if run == "alone":
-                    results[run] = _stages_alone(ctx, "bench", source)
+                    alone = _stages_alone(ctx, "bench", source)
                 else:
-                    results[run] = _end_to_end(ctx, "bench", source)
+                    e2e = _end_to_end(ctx, "bench", source)
             finally:
                 ctx.close()
-    alone_n, stages = results["alone"]  # type: ignore[misc]
-    e2e_n, e2e_rate, mode = results["end_to_end"]  # type: ignore[misc]
-    if alone_n != e2e_n:
-        raise BenchError(f"the runs saw different members: {alone_n} alone, {e2e_n} end to end")
+    assert alone is not None and e2e is not None
+    e2e_n, e2e_rate, mode = e2e
+    if alone.members != e2e_n:
+        raise BenchError(f"the runs saw different members: {alone.members} alone, {e2e_n} end to end")
     return WorkloadResult(
         name=name,
         embedder=setup.embedder,
-        images=int(e2e_n),
-        end_to_end_img_s=float(e2e_rate),  # type: ignore[arg-type]
-        stage_img_s=dict(stages),  # type: ignore[arg-type]
+        images=e2e_n,
+        end_to_end_img_s=e2e_rate,
+        stage_img_s=alone.stage_img_s,
         peak_rss_mb=peak_rss_mb(),
         mode=mode,
+        raw_forward_img_s=alone.raw_forward_img_s,
+        runtime=alone.runtime,
     )
 
 
@@ -272,5 +342,11 @@ def format_table(results: list[WorkloadResult]) -> str:
             f"{r.name:<10} {r.embedder:<20} {r.images:>7} {r.end_to_end_img_s:>10.1f} "
             + " ".join(f"{r.stage_img_s[s]:>13.1f}" for s in STAGES)
             + f" {r.slowest_stage:>8} {r.ratio:>6.2f} {r.peak_rss_mb:>12.0f}  {r.mode}"
+            + (
+                f"; forward alone {r.raw_forward_img_s:.1f} img/s ({r.runtime}), "
+                f"ratio to forward {r.ratio_to_forward:.2f}"
+                if r.raw_forward_img_s and r.ratio_to_forward is not None
+                else ""
+            )
         )
     return "\n".join(rows)

@@ -58,3 +58,47 @@ def test_bench_import_refuses_more_digits_than_mnist_has(tmp_path, monkeypatch: 
     finally:
         get_settings.cache_clear()
     assert result.exit_code != 0 and "MNIST train has 60000 images" in result.output
+
+
+def test_bench_import_holidays_gives_the_forward_rate_alone_and_the_ratio_to_it(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Six of the Holidays photos in a datasets folder of their own, efficientnet_lite0 in torch.
+    folder = tmp_path / "datasets" / "inria-holidays-dev" / "jpg"
+    folder.mkdir(parents=True)
+    for path in sorted((DATASETS_DIR / "inria-holidays-dev" / "jpg").glob("*.jpg"))[:6]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setenv("CBIR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CBIR_DATASETS_DIR", str(tmp_path / "datasets"))
+    monkeypatch.setenv("CBIR_CNN_RUNTIME", "torch")
+    from app.core.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["bench", "import", "--workload", "holidays", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert "forward alone" in lines[2] and "ratio to forward" in lines[2]
+    (workload,) = json.loads(lines[-1])["workloads"]
+    assert workload["name"] == "holidays" and workload["images"] == 6
+    assert workload["runtime"] == "torch" and workload["raw_forward_img_s"] > 0
+    assert workload["ratio_to_forward"] == pytest.approx(
+        workload["end_to_end_img_s"] / workload["raw_forward_img_s"], rel=0.01
+    )
+
+
+def test_the_mnist_workload_has_no_forward_rate_of_its_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.bench.imports import WorkloadResult
+
+    result = WorkloadResult(
+        name="mnist",
+        embedder="cdae",
+        images=10,
+        end_to_end_img_s=5.0,
+        stage_img_s={"read": 10.0, "decode": 10.0, "embed": 10.0, "write": 6.0},
+        peak_rss_mb=1.0,
+    )
+    assert result.ratio_to_forward is None
+    assert "raw_forward_img_s" not in result.as_json() and "ratio_to_forward" not in result.as_json()
