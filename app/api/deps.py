@@ -22,7 +22,9 @@ CHUNK = 1024 * 1024
 MAX_METADATA_CHARS = 64 * 1024
 
 
-def get_context(request: Request) -> AppContext:
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in the
+# thread pool, a hop of its own (about 0.1-0.15 ms per request here).
+async def get_context(request: Request) -> AppContext:
     return request.app.state.context  # type: ignore[no-any-return]
 
 
@@ -49,10 +51,15 @@ def _query_names(dependant: Any) -> set[str]:
 def reject_unknown_parameters(request: Request) -> None:
     """422 for a query parameter the route does not declare: on a filtered listing a misspelt or
     made-up filter (``filter[label]=``, ``sort=``) must not silently return everything."""
-    dependant = getattr(request.scope.get("route"), "dependant", None)
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
     if dependant is None:
         return
-    unknown = sorted(set(request.query_params) - _query_names(dependant))
+    names = getattr(route, "_cbir_query_names", None)
+    if names is None:  # found once per route, kept on the route (it lives as long as its app)
+        names = _query_names(dependant)
+        route._cbir_query_names = names  # type: ignore[union-attr]
+    unknown = sorted(set(request.query_params) - names)
     if unknown:
         raise InvalidRequest(
             f"unknown query parameter {unknown[0][:60]!r}: filter with label=, meta=KEY:VALUE and "
@@ -60,7 +67,7 @@ def reject_unknown_parameters(request: Request) -> None:
         )
 
 
-def get_image_filter(
+async def get_image_filter(
     request: Request,
     label: Annotated[
         list[str] | None,

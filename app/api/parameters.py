@@ -57,21 +57,33 @@ def _single_query_names(dependant: Any) -> list[str]:
     return names
 
 
+def _single_names(route: Any, dependant: Any) -> tuple[list[str], list[str]]:
+    """(single-valued query parameters, single form parts) of a route; found once per route and
+    kept on it (it lives as long as its app)."""
+    found: tuple[list[str], list[str]] | None = getattr(route, "_cbir_single_names", None)
+    if found is None:
+        form_parts = [f for f in dependant.body_params if isinstance(f.field_info, params.Form | params.File)]
+        found = (_single_query_names(dependant), _single(form_parts))
+        route._cbir_single_names = found
+    return found
+
+
 async def reject_repeated_parameters(request: Request) -> None:
     """The dependency of every API router (app/main.py; pages take the first value): 422 for a
     single-valued query parameter given more than once, 400 ``bad_multipart`` for a single form
     part sent more than once."""
-    dependant = getattr(request.scope.get("route"), "dependant", None)
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
     if dependant is None:
         return
-    for name in _single_query_names(dependant):
+    query_names, form_names = _single_names(route, dependant)
+    for name in query_names:
         if (count := len(request.query_params.getlist(name))) > 1:
             raise InvalidRequest(f"the query parameter {name!r} is given {count} times; give it once")
-    form_parts = [f for f in dependant.body_params if isinstance(f.field_info, params.Form | params.File)]
-    if not form_parts:
+    if not form_names:
         return
     # FastAPI parsed the form before solving dependencies: this is its cached copy.
     form = await request.form()
-    for name in _single(form_parts):
+    for name in form_names:
         if (count := len(form.getlist(name))) > 1:
             raise BadMultipart(f"the form part {name!r} is sent {count} times; send it once")
