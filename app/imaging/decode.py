@@ -27,6 +27,7 @@ from app.core.errors import (
     UnsupportedImage,
 )
 from app.imaging.decode_cost import JPEG_SCALES, DecodeCost, fit_scale, header_mode, jpeg_frame, peak_bytes
+from app.imaging.decode_cost import jpeg_draft_scale as draft_scale
 
 if TYPE_CHECKING:
     from app.core.settings import Settings
@@ -413,17 +414,20 @@ _UPRIGHT = {
 }
 
 
-def decode_image(data: bytes, *, limits: ImageLimits, plan: DecodeCost | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, *, limits: ImageLimits, plan: DecodeCost | None = None, min_side: int | None = None
+) -> DecodedImage:
     """Decode untrusted bytes to the first frame as RGB or L.
 
     Raises EmptyUpload (400), UnsupportedImage (415), ImageTooLarge (413), TooManyFrames,
     ImageTruncated or ImageRejected (422): nothing else for any input. Size caps are checked from
     the header, before any pixel is allocated; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone.
     ``plan`` is what ``plan_decode`` returned for these bytes (computed here when not given).
+    ``min_side``: the shorter side the caller needs; a JPEG decodes at the largest DCT scale that keeps it.
     """
     if plan is None:
         plan = plan_decode(data, limits=limits)
-    flat, image_format, orientation, size = _decode_flat(data, limits=limits, plan=plan)
+    flat, image_format, orientation, size = _decode_flat(data, limits=limits, plan=plan, min_side=min_side)
     # Rotated after the conversion, once the decoded frame is released: a mode conversion and a
     # transposition commute, and the flat image is the smaller of the two.
     method = _UPRIGHT.get(orientation)
@@ -436,7 +440,7 @@ def decode_image(data: bytes, *, limits: ImageLimits, plan: DecodeCost | None = 
 
 
 def _decode_flat(
-    data: bytes, *, limits: ImageLimits, plan: DecodeCost | None
+    data: bytes, *, limits: ImageLimits, plan: DecodeCost | None, min_side: int | None = None
 ) -> tuple[Image.Image, str, int, tuple[int, int]]:
     """The first frame as RGB or L (not rotated), its format, EXIF orientation and full size.
 
@@ -460,11 +464,14 @@ def _decode_flat(
         ).scale
         if plan is not None:
             scale = max(scale, plan.scale)
+        wanted = scale  # the memory cap's, or the smallest decode the caller can use
+        if min_side and image_format == "JPEG":
+            wanted = max(scale, draft_scale(width=width, height=height, side=min_side))
         try:
-            if scale > 1:
-                image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+            if wanted > 1:
+                image.draft(image.mode, (max(1, width // wanted), max(1, height // wanted)))
                 # The decoder cannot reduce this file: refused, or (stored) decoded whole.
-                if image.size == (width, height) and limits.refuse_over_decode_bytes:
+                if scale > 1 and image.size == (width, height) and limits.refuse_over_decode_bytes:
                     raise ImageTooLarge(
                         f"the image needs more than {limits.max_decode_bytes} bytes to decode "
                         "(CBIR_MAX_DECODE_BYTES) and cannot be decoded at a reduced scale"

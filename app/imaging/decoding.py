@@ -99,15 +99,23 @@ def stored_limits(ctx: DecodeContext) -> ImageLimits:
 
 @contextmanager
 def decoding(
-    ctx: DecodeContext, data: bytes, *, stopped: Callable[[], bool] | None = None, budget: bool = True
+    ctx: DecodeContext,
+    data: bytes,
+    *,
+    stopped: Callable[[], bool] | None = None,
+    budget: bool = True,
+    min_side: int | None = None,
 ) -> Iterator[DecodedImage]:
     """Decode new input ``data`` holding its reservation for the block (preprocess inside it).
 
     A request (``stopped`` None) waits CBIR_DECODE_BUDGET_WAIT_S at most (503 overloaded); an
     import passes its stop flag and waits. The caps (413) are checked before anything is reserved.
     ``budget=False`` reserves nothing: for a decode under the write lock, which must not wait.
+    ``min_side``: as ``decode_image`` (a JPEG decoded no larger than the embedder needs).
     """
-    with _decoding(ctx, data, limits=ctx.limits, stopped=stopped, budget=budget) as decoded:
+    with _decoding(
+        ctx, data, limits=ctx.limits, stopped=stopped, budget=budget, min_side=min_side
+    ) as decoded:
         yield decoded
 
 
@@ -130,18 +138,19 @@ def _decoding(
     limits: ImageLimits,
     stopped: Callable[[], bool] | None,
     budget: bool,
+    min_side: int | None = None,
 ) -> Iterator[DecodedImage]:
     plan = plan_decode(data, limits=limits)
     nbytes = _reservation(ctx, plan) if budget else 0
     if stopped is None:
         with ctx.decode_budget.reserve(nbytes, wait_s=ctx.settings.decode_budget_wait_s):
-            decoded = decode_image(data, limits=limits, plan=plan)
+            decoded = decode_image(data, limits=limits, plan=plan, min_side=min_side)
             delay_point("decode")
             yield decoded
         return
     got = acquire_for_import(ctx, nbytes, stopped=stopped)
     try:
-        decoded = decode_image(data, limits=limits, plan=plan)
+        decoded = decode_image(data, limits=limits, plan=plan, min_side=min_side)
         delay_point("decode")
         yield decoded
     finally:

@@ -177,7 +177,7 @@ class Pipeline:
         decode_staged(
             staged,
             target or self.target,
-            opened=lambda data: decoding(self.ctx, data, stopped=self._stop.is_set),
+            opened=lambda data, side: decoding(self.ctx, data, stopped=self._stop.is_set, min_side=side),
         )
         self._count("decode", time.perf_counter() - began)
 

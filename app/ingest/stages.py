@@ -147,7 +147,9 @@ def mark_known(ctx: AppContext, target: Target, staged: Sequence[Staged]) -> Non
 
 
 # -- decode -----------------------------------------------------------------------------------
-Opener = Callable[[bytes], AbstractContextManager[DecodedImage]]
+# ``opened(data, min_side)``: decoded within the runner's memory reservation, a JPEG no larger
+# than ``min_side`` needs (None: whole).
+Opener = Callable[[bytes, int | None], AbstractContextManager[DecodedImage]]
 
 
 def plain_decoder(limits: ImageLimits) -> Opener:
@@ -155,21 +157,23 @@ def plain_decoder(limits: ImageLimits) -> Opener:
     batch of uploads) or has none to share (a worker process)."""
 
     @contextmanager
-    def opened(data: bytes) -> Iterator[DecodedImage]:
-        yield decode_image(data, limits=limits)
+    def opened(data: bytes, min_side: int | None = None) -> Iterator[DecodedImage]:
+        yield decode_image(data, limits=limits, min_side=min_side)
 
     return opened
 
 
 def decode_staged(staged: Staged, target: HasEmbedder, *, opened: Opener) -> None:
     """Decode, validate and (for a trained embedder) preprocess one image; a bad one gets its
-    rejected result. ``opened(data)`` decodes within whatever memory reservation the runner holds."""
+    rejected result. ``opened(data, min_side)`` decodes within whatever memory reservation the
+    runner holds; a JPEG is decoded no larger than the embedder's ``decode_side`` says it needs."""
     if staged.result is not None or staged.known:
         return
     try:
-        with opened(staged.item.data) as decoded:
+        embedder = target.embedder
+        min_side = getattr(embedder, "decode_side", None) if embedder is not None else None
+        with opened(staged.item.data, min_side) as decoded:
             staged.format, staged.width, staged.height = decoded.format, decoded.width, decoded.height
-            embedder = target.embedder
             if embedder is not None:
                 staged.prepared = embedder.preprocess(decoded.image)
     except CbirError as exc:

@@ -168,7 +168,7 @@ def _refresh(ctx: AppContext, target: Target, staged: list[Staged]) -> Target:
         s.known = False
         s.vector = s.version = None
         # Under the write lock: never wait for the decode budget.
-        decode_staged(s, target, opened=lambda data: decoding(ctx, data, budget=False))
+        decode_staged(s, target, opened=lambda data, side: decoding(ctx, data, budget=False, min_side=side))
     embed_staged(redo, target, version=version, limit=ctx.settings.embed_batch_size)
     for s in staged:
         if s.known and s.result is None and s.format is None:
@@ -384,7 +384,8 @@ def _insert_images(
                 "width": a.width,
                 "height": a.height,
                 "original_name": (a.item.name or None) and a.item.name[-512:],
-                "meta": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
+                # Core keys are column names: ImageRecord.meta is the column "metadata"
+                "metadata": _with_aliases(a.item.metadata, batch_aliases.get(a.index)),
                 "created_at": now,
             }
             for a, _ in fresh
