@@ -37,6 +37,7 @@ from app.imaging.image_end import strip_trailing
 from app.ingest.screening import screened
 from app.ingest.sources.base import Member
 from app.ingest.stages import (
+    ForwardSizer,
     Item,
     ItemResult,
     Staged,
@@ -117,6 +118,7 @@ class Pipeline:
         self.processes = use_processes(ctx, self.target)
         self.workers = workers or default_workers(ctx, processes=self.processes)
         self._stop = threading.Event()
+        self.sizer = ForwardSizer()  # images per forward pass, by measured throughput
         # Seconds each stage spent working (not waiting), for progress reports and benchmarks.
         self.busy: dict[str, float] = {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0}
         self._busy_lock = threading.Lock()
@@ -251,6 +253,7 @@ class Pipeline:
             target,
             version=target.record.embedder_version,
             limit=self.ctx.settings.embed_batch_size,
+            sizer=self.sizer,
         )
         self._count("embed", time.perf_counter() - began)
         return chunk
