@@ -350,7 +350,7 @@ def normalised(
     lite0: cnn.CNNEmbedder, image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
     (view,) = lite0._views(image)
-    pixels = torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = view.float() / 255.0
     return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
