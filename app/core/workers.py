@@ -36,6 +36,10 @@ class Workers:
             return self._decoders
 
     @property
+    def file_threads(self) -> int:
+        return self._file_threads
+
+    @property
     def file_writers(self) -> ThreadPoolExecutor:
         """Creating files is system-call work that releases the GIL."""
         with self._lock:

@@ -405,6 +405,18 @@ def _insert_images(
     return [id_of[sha] for sha in new_shas]
 
 
+def _put_each(put: Callable[[Accepted], None], part: list[Accepted]) -> tuple[int, Exception] | None:
+    """Write every file of ``part``; the first failure (by batch position) and its error, or None."""
+    first: tuple[int, Exception] | None = None
+    for a in part:
+        try:
+            put(a)
+        except Exception as exc:  # the other files are still written; on_disk raises this one
+            if first is None or a.index < first[0]:
+                first = (a.index, exc)
+    return first
+
+
 def _write_files(
     ctx: AppContext, accepted: list[Accepted], *, put: Callable[[Accepted], None], sync: bool
 ) -> Callable[..., None]:
@@ -417,15 +429,18 @@ def _write_files(
         if sync and accepted:
             os.sync()
         return lambda raising=True: None
-    pool = ctx.workers.file_writers
-    writes = [pool.submit(put, a) for a in accepted]
+    # One task per file thread, each writing its share in turn: a future per file cost the batch's
+    # thread more Python time (under the GIL) than the writes it handed over.
+    slices = [accepted[i :: ctx.workers.file_threads] for i in range(ctx.workers.file_threads)]
+    writes = [ctx.workers.file_writers.submit(_put_each, put, part) for part in slices if part]
 
     def on_disk(raising: bool = True) -> None:
         futures.wait(writes)
         if not raising:
             return
-        for write in writes:
-            write.result()
+        errors = [error for write in writes if (error := write.result()) is not None]
+        if errors:
+            raise min(errors, key=lambda pair: pair[0])[1]  # the first file's, as written in order
         if sync:
             os.sync()  # one flush for the whole batch instead of one fsync per file
 

@@ -110,16 +110,24 @@ class Source(Protocol):
         return []
 
 
+def _parts(name: str) -> tuple[str, ...]:
+    """``PurePosixPath(name).parts``, without building a path for a plain relative name (a
+    bulk import asks this of every member)."""
+    if name.startswith("/"):
+        return PurePosixPath(name).parts
+    return tuple(p for p in name.split("/") if p and p != ".")
+
+
 def label_from(name: str) -> dict[str, Any]:
     """The label of a file named ``name``: its parent folder's name, when it has one."""
-    parts = PurePosixPath(name).parts
+    parts = _parts(name)
     return {"label": parts[-2]} if len(parts) >= 2 else {}
 
 
 def skipped(name: str) -> bool:
     """macOS forks and hidden files or folders. Judged per path part, so "./cat/1.png" (tar of
     ".") is kept and "../evil.png" is left for the safety check to reject."""
-    parts = PurePosixPath(name).parts  # "." parts are dropped here, ".." parts kept
+    parts = _parts(name)  # "." parts are dropped here, ".." parts kept
     return not parts or parts[0] == SKIPPED_FOLDER or any(p.startswith(".") and p != ".." for p in parts)
 
 
