@@ -10,6 +10,7 @@ start would only say so in a log, and leave the container restarting).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from typing import Any
@@ -19,6 +20,7 @@ from app.core.errors import AuthRequired
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=64)  # asked on every request, of the same few addresses
 def is_loopback(host: str) -> bool | None:
     """Whether ``host`` is a loopback address; None when it is no address at all (a unix socket's
     path, a test transport's "testserver"). ``localhost`` counts as loopback."""

@@ -218,6 +218,20 @@ def presented_key(headers: dict[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+def _key_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers that may carry a key (as ``presented_key`` reads them): the last of each name
+    wins, as in a dict of all of them; the other headers are never decoded."""
+    found = {}
+    for name, value in raw:
+        if len(name) in _KEY_HEADER_LENGTHS and (lower := name.lower()) in _KEY_HEADERS:
+            found[lower.decode("latin-1")] = value.decode("latin-1")
+    return found
+
+
+_KEY_HEADERS = frozenset({b"x-api-key", b"authorization"})
+_KEY_HEADER_LENGTHS = frozenset(len(name) for name in _KEY_HEADERS)
+
+
 async def _reject(exc: CbirError, scope: AsgiScope, receive: Receive, send: Send) -> None:
     """Answer as the problem handler would (middleware runs outside the exception handlers)."""
     headers = getattr(exc, "headers", None) or ({"Retry-After": "5"} if exc.status == 503 else None)
@@ -234,15 +248,27 @@ class AccessControl:
         self.guard = guard
 
         self._rules: list[RouteRule] | None = None
+        # (path, method) -> the scope needed: a search sends the same path again and again, and the
+        # scan over every rule's regex is the cost of this middleware. Bounded: ids make paths many.
+        self._seen: dict[tuple[str, str], Scope | None] = {}
+
+    SEEN_PATHS = 4096
+    SEEN_PATH_CHARS = 200
 
     def _needed(self, scope: AsgiScope) -> Scope | None:
+        path, method = get_route_path(scope), scope["method"]
+        key = (path, method)
+        if key in self._seen:
+            return self._seen[key]
         if self._rules is None:  # built on the first request, once every route is registered
             self._rules = route_rules(self.service)
-        path, method = get_route_path(scope), scope["method"]
-        for rule in self._rules:
-            if rule.matches(path, method):
-                return rule.scope
-        return None  # a mount (static files), a 404 or a 405: nothing runs
+        # a mount (static files), a 404 or a 405 needs nothing: nothing runs
+        needed = next((rule.scope for rule in self._rules if rule.matches(path, method)), None)
+        if len(path) <= self.SEEN_PATH_CHARS:  # so that made-up long paths cannot fill memory
+            if len(self._seen) >= self.SEEN_PATHS:
+                self._seen.clear()
+            self._seen[key] = needed
+        return needed
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -252,7 +278,7 @@ class AccessControl:
         if needed is None:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _key_headers(scope["headers"])
         client = scope.get("client")
         what = f"{scope['method']} {scope['path']}"
         try:
