@@ -23,6 +23,7 @@ from index.fileformat import read_index, write_index
 from index.rows import as_ids, as_vectors
 from index.rwlock import RWLock
 from index.search_params import SearchKnobs, apply_knobs, parts, read_knobs, search_parameters, selector
+from index.threads import search_threads
 
 __all__ = ["VectorIndex"]
 
@@ -346,7 +347,8 @@ class VectorIndex:
             params = None
             if chosen is not None or knobs:
                 params = search_parameters(self._index, chosen, knobs=knobs or SearchKnobs(), keep=keep)
-            scores, found = self._index.search(arr, m, params=params)
+            with search_threads(arr.shape[0]):  # a batch of queries on every core
+                scores, found = self._index.search(arr, m, params=params)
         scores = np.asarray(scores, dtype=np.float32)
         found = np.asarray(found, dtype=np.int64)
         scores[found < 0] = -np.inf  # FAISS fills gaps with -FLT_MAX for inner product

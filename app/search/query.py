@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import select
@@ -39,12 +39,22 @@ from models.base import Embedder
 EXACT_PASS_MAX = 4096
 
 
+class HitRecord(Protocol):
+    """What a hit shows of its stored image (an ``ImageRecord``, or the row of just these columns)."""
+
+    @property
+    def meta(self) -> dict[str, Any] | None: ...
+
+    @property
+    def original_name(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Hit:
     rank: int
     image_id: int
     score: float
-    record: ImageRecord
+    record: HitRecord
 
 
 @dataclass
@@ -231,14 +241,19 @@ def _search(
     return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
 
 
-def rows_of(ctx: AppContext, *, ids: Sequence[int]) -> dict[int, ImageRecord]:
+def rows_of(ctx: AppContext, *, ids: Sequence[int]) -> dict[int, HitRecord]:
+    """The columns a hit shows, by image id: plain rows, not ORM objects (a batch's 1,000 hits
+    loaded as ``ImageRecord`` objects took 14 ms, most of it the ORM's bookkeeping)."""
     if not ids:
         return {}
+    query = select(ImageRecord.id, ImageRecord.meta, ImageRecord.original_name).where(
+        ImageRecord.id.in_(set(ids))
+    )
     with ctx.db.session() as session:
-        return {r.id: r for r in session.scalars(select(ImageRecord).where(ImageRecord.id.in_(set(ids))))}
+        return {row.id: row for row in session.execute(query)}
 
 
-def hits_of(pairs: list[tuple[int, float]], rows: dict[int, ImageRecord]) -> list[Hit]:
+def hits_of(pairs: list[tuple[int, float]], rows: dict[int, HitRecord]) -> list[Hit]:
     return [
         Hit(rank=rank, image_id=image_id, score=score, record=rows[image_id])
         for rank, (image_id, score) in enumerate(((i, s) for i, s in pairs if i in rows), start=1)
