@@ -17,9 +17,7 @@ database).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
@@ -38,6 +36,7 @@ from app.data.storage import sha256_hex, storage_faults
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import decoding, reserved_for_request
 from app.imaging.image_end import strip_trailing
+from app.ingest.file_writes import write_files
 from app.ingest.stages import (
     Item,
     ItemResult,
@@ -335,7 +334,7 @@ def _store(
     # Files and rows are written at the same time: creating files is system-call work that
     # releases the GIL, so a few threads write them (and sync them once, for a bulk batch) while
     # this thread inserts the rows; the transaction commits only after ``files_on_disk`` returned.
-    files_on_disk = _write_files(ctx, [a for a, _ in fresh], put=put, sync=not durable)
+    files_on_disk = write_files(ctx.workers, [a for a, _ in fresh], put=put, sync=not durable)
     try:
         ids = _insert_images(session, record=record, fresh=fresh, batch_aliases=batch_aliases)
     except BaseException:
@@ -403,48 +402,6 @@ def _insert_images(
             )
         )
     return [id_of[sha] for sha in new_shas]
-
-
-def _put_each(put: Callable[[Accepted], None], part: list[Accepted]) -> tuple[int, Exception] | None:
-    """Write every file of ``part``; the first failure (by batch position) and its error, or None."""
-    first: tuple[int, Exception] | None = None
-    for a in part:
-        try:
-            put(a)
-        except Exception as exc:  # the other files are still written; on_disk raises this one
-            if first is None or a.index < first[0]:
-                first = (a.index, exc)
-    return first
-
-
-def _write_files(
-    ctx: AppContext, accepted: list[Accepted], *, put: Callable[[Accepted], None], sync: bool
-) -> Callable[..., None]:
-    """Start writing the files (on the context's file threads when there are more than a few);
-    returns ``on_disk(raising=True)``, which waits for every write, then (``sync``) flushes them all
-    at once and raises the first write's error."""
-    if len(accepted) <= 8:  # an upload or a small batch: here, now
-        for a in accepted:
-            put(a)
-        if sync and accepted:
-            os.sync()
-        return lambda raising=True: None
-    # One task per file thread, each writing its share in turn: a future per file cost the batch's
-    # thread more Python time (under the GIL) than the writes it handed over.
-    slices = [accepted[i :: ctx.workers.file_threads] for i in range(ctx.workers.file_threads)]
-    writes = [ctx.workers.file_writers.submit(_put_each, put, part) for part in slices if part]
-
-    def on_disk(raising: bool = True) -> None:
-        futures.wait(writes)
-        if not raising:
-            return
-        errors = [error for write in writes if (error := write.result()) is not None]
-        if errors:
-            raise min(errors, key=lambda pair: pair[0])[1]  # the first file's, as written in order
-        if sync:
-            os.sync()  # one flush for the whole batch instead of one fsync per file
-
-    return on_disk
 
 
 MAX_ALIASES = 64
