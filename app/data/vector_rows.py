@@ -120,14 +120,8 @@ def count_vectors(db: Database, *, collection_id: int, embedder_version: str) ->
 def blob_of(db: Database, *, image_id: int, collection_id: int, embedder_version: str) -> bytes | None:
     """The stored vector blob (little-endian float32, unscreened) of one image of the collection, or
     None when it is not the collection's or has no vector of this version."""
-    with db.session() as session:
-        return session.scalar(
-            select(EmbeddingRecord.vector)
-            .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-            .where(EmbeddingRecord.image_id == image_id)
-            .where(ImageRecord.collection_id == collection_id)
-            .where(EmbeddingRecord.embedder_version == embedder_version)
-        )
+    found = blobs_of(db, ids=[image_id], embedder_version=embedder_version, collection_id=collection_id)
+    return found.get(image_id)
 
 
 def has_images(db: Database, *, collection_id: int) -> bool:
@@ -147,20 +141,26 @@ def vectors_of(
     return _usable([(i, found[i]) for i in sorted(found)], refused)
 
 
-def blobs_of(db: Database, *, ids: np.ndarray, embedder_version: str) -> dict[int, bytes]:
+def blobs_of(
+    db: Database, *, ids: Any, embedder_version: str, collection_id: int | None = None
+) -> dict[int, bytes]:
     """Image id -> the stored vector blob of one version (little-endian float32), unscreened; ids
-    without such a vector are absent."""
+    without such a vector (or, given ``collection_id``, not of that collection) are absent."""
+    ids = list(ids)
     found: dict[int, bytes] = {}
     with db.session() as session:
         for start in range(0, len(ids), CHUNK):
             chunk = [int(i) for i in ids[start : start + CHUNK]]
-            found.update(
-                session.execute(
-                    select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-                    .where(EmbeddingRecord.image_id.in_(chunk))
-                    .where(EmbeddingRecord.embedder_version == embedder_version)
-                ).all()
+            query = (
+                select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
+                .where(EmbeddingRecord.image_id.in_(chunk))
+                .where(EmbeddingRecord.embedder_version == embedder_version)
             )
+            if collection_id is not None:
+                query = query.join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id).where(
+                    ImageRecord.collection_id == collection_id
+                )
+            found.update(session.execute(query).all())
     return found
 
 

@@ -33,6 +33,7 @@ from app.core.usertext import check_metadata, check_name
 from app.data.orphans import remove_unreferenced_files
 from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord, utcnow
 from app.data.storage import sha256_hex, storage_faults
+from app.data.vector_rows import CHUNK
 from app.embedding.codes import degenerate_codes
 from app.imaging.decoding import decoding, reserved_for_request
 from app.imaging.image_end import strip_trailing
@@ -392,13 +393,13 @@ def _insert_images(
     )
     new_shas = [a.sha256 for a, _ in fresh]
     id_of: dict[str, int] = {}
-    for start in range(0, len(new_shas), 500):
+    for start in range(0, len(new_shas), CHUNK):
         id_of.update(
             (sha, image_id)
             for sha, image_id in session.execute(
                 select(ImageRecord.sha256, ImageRecord.id)
                 .where(ImageRecord.collection_id == record.id)
-                .where(ImageRecord.sha256.in_(new_shas[start : start + 500]))
+                .where(ImageRecord.sha256.in_(new_shas[start : start + CHUNK]))
             )
         )
     return [id_of[sha] for sha in new_shas]

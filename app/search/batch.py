@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from app.catalog.filters import ImageFilter
 from app.context import AppContext
 from app.core.errors import CbirError, ImageNotFound, InvalidRequest
-from app.data.records import CollectionRecord, EmbeddingRecord, ImageRecord
+from app.data.records import CollectionRecord
+from app.data.vector_rows import blobs_of
 from app.embedding.codes import degenerate_codes
 from app.search.query import (
     Clock,
@@ -143,17 +143,8 @@ def _stored_vectors(
     """Position -> the stored (d,) vector of each stored-id query, read in one query; a missing
     or set-aside one gets its entry's error instead."""
     assert record.embedder_version is not None  # _served checked it
-    wanted = {int(queries[i].image_id or 0) for i in positions}
-    with ctx.db.session() as session:
-        blobs = dict(
-            session.execute(
-                select(EmbeddingRecord.image_id, EmbeddingRecord.vector)
-                .join(ImageRecord, ImageRecord.id == EmbeddingRecord.image_id)
-                .where(EmbeddingRecord.image_id.in_(wanted))
-                .where(ImageRecord.collection_id == record.id)
-                .where(EmbeddingRecord.embedder_version == record.embedder_version)
-            ).all()
-        )
+    wanted = sorted({int(queries[i].image_id or 0) for i in positions})
+    blobs = blobs_of(ctx.db, ids=wanted, embedder_version=record.embedder_version, collection_id=record.id)
     found: dict[int, np.ndarray] = {}
     for i in positions:
         image_id = int(queries[i].image_id or 0)

@@ -223,7 +223,7 @@ def _search(
     qe: int | None = None,
     knobs: SearchKnobs | None = None,
 ) -> SearchResult:
-    """One query (a (1, d) row) through ``_ranked``, then its rows fetched."""
+    """One query (a (1, d) row) through ``ranked``, then its rows fetched."""
     (pairs,) = ranked(
         ctx,
         record=record,
@@ -319,12 +319,12 @@ def ranked(
             for row_ids, row_scores, exclude in zip(ids, scores, excludes, strict=True)
         ]
 
-    ranked = search(vectors)
+    answers = search(vectors)
     clock.lap("search")
     options = SearchOptions.of(record)
     if qe is not None:  # this search's depth, the collection's alpha
         options = SearchOptions(qe=qe, qe_alpha=options.qe_alpha)
-    if options.qe and any(ranked):
+    if options.qe and any(answers):
         expanded = np.concatenate(
             [
                 _expand(
@@ -334,12 +334,12 @@ def ranked(
                     top=pairs[: options.qe],
                     alpha=options.qe_alpha,
                 )
-                for i, pairs in enumerate(ranked)
+                for i, pairs in enumerate(answers)
             ]
         )
-        ranked = [again if pairs else pairs for again, pairs in zip(search(expanded), ranked, strict=True)]
+        answers = [again if pairs else pairs for again, pairs in zip(search(expanded), answers, strict=True)]
         clock.lap("expand")
-    return ranked
+    return answers
 
 
 def _expand(
