@@ -23,6 +23,7 @@ from app.indexing.store_manager import StoreIndexManager
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
+RUNTIME_CHOICE_WAIT_S = 120
 
 
 @dataclass
@@ -52,6 +53,10 @@ class AppContext:
         return ImageLimits.from_settings(self.settings)
 
     def close(self) -> None:
+        # A runtime choice still exporting or timing is waited for (seconds): it writes into the data
+        # folder, and a thread left behind would outlive the context that started it.
+        if not self.embedders.wait_for_runtimes(timeout=RUNTIME_CHOICE_WAIT_S):
+            log.warning("a runtime choice is still running after %d s; it goes on alone", RUNTIME_CHOICE_WAIT_S)
         self.workers.close()
         self.indexes.stop()
         if isinstance(self.indexes, StoreIndexManager):

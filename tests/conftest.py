@@ -210,6 +210,9 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         # processes per test. tests/ingest/test_pipeline_processes.py and the kill -9 test (a real
         # server) run the worker processes.
         import_processes=False,
+        # The auto runtime choice (an ONNX export and seconds of timing per embedder and data folder)
+        # is tested where it is the subject: tests/api/test_cnn_collections.py, tests/models.
+        cnn_runtime="torch",
     )
 
 

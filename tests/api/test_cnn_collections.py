@@ -134,8 +134,8 @@ def test_onnx_runtime_setting_serves_the_same_version(
 def test_auto_runtime_is_the_default_chosen_in_the_background_and_reported(
     settings: Settings, cnn_weights: Callable[[str], Path], make_png: Callable[..., bytes]
 ):
-    auto = settings.model_copy(update={"weights_dir": cnn_weights("resnet18")})
-    assert auto.cnn_runtime == "auto"
+    auto = settings.model_copy(update={"weights_dir": cnn_weights("resnet18"), "cnn_runtime": "auto"})
+    assert Settings.model_fields["cnn_runtime"].default == "auto"
     with TestClient(create_app(auto), raise_server_exceptions=False) as client:
         assert create(client, "resnet18").status_code == 201
         created = client.get(f"{API}/collections/photos").json()["runtime"]  # loaded to learn its version
