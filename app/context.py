@@ -20,6 +20,8 @@ from app.imaging.decode import ImageLimits
 from app.imaging.decode_budget import DecodeBudget
 from app.indexing.manager import IndexManager
 from app.indexing.store_manager import StoreIndexManager
+from app.metrics.instruments import Metrics
+from app.metrics.state import StateCollector
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class AppContext:
     decode_budget: DecodeBudget
     # Embedders' measured speeds and collections' mean pixel counts, for cost estimates.
     costs: CostCache
+    # What GET /metrics shows: this context's counters, and the state it reads at scrape time.
+    metrics: Metrics
     # One writer at a time: SQLite allows one anyway, and FAISS add is not thread-safe. Taken by
     # whatever changes rows, vectors or the served embedder version (ingest, training, deletes).
     write_lock: threading.RLock = field(default_factory=threading.RLock)
@@ -56,7 +60,9 @@ class AppContext:
         # A runtime choice still exporting or timing is waited for (seconds): it writes into the data
         # folder, and a thread left behind would outlive the context that started it.
         if not self.embedders.wait_for_runtimes(timeout=RUNTIME_CHOICE_WAIT_S):
-            log.warning("a runtime choice is still running after %d s; it goes on alone", RUNTIME_CHOICE_WAIT_S)
+            log.warning(
+                "a runtime choice is still running after %d s; it goes on alone", RUNTIME_CHOICE_WAIT_S
+            )
         self.workers.close()
         self.indexes.stop()
         if isinstance(self.indexes, StoreIndexManager):
@@ -80,6 +86,7 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
         settings.ensure_dirs()
     db = Database(settings.sqlalchemy_url, read_only=read_only)
     db.migrate()
+    metrics = Metrics()
     context = AppContext(
         settings=settings,
         db=db,
@@ -89,24 +96,29 @@ def open_context(settings: Settings, *, torch_threads: int | None = None) -> App
             gate=WriteGate(read_only=read_only),
         ),
         embedders=EmbedderCache(settings=settings, device=device),
-        indexes=_indexes(settings, db=db, read_only=read_only),
+        indexes=_indexes(settings, db=db, read_only=read_only, metrics=metrics),
         device=device,
         decode_budget=DecodeBudget(settings.decode_budget_bytes),
         costs=CostCache(),
+        metrics=metrics,
     )
+    metrics.registry.register(StateCollector(db=db, indexes=context.indexes))
     if not read_only:
         remove_unfinished_writes(context)
     context.indexes.start()
     return context
 
 
-def _indexes(settings: Settings, *, db: Database, read_only: bool) -> IndexManager | StoreIndexManager:
+def _indexes(
+    settings: Settings, *, db: Database, read_only: bool, metrics: Metrics
+) -> IndexManager | StoreIndexManager:
     if settings.vector_store_backend == "faiss":
         return IndexManager(
             db=db,
             index_dir=settings.index_dir,
             sync_rebuild_max=settings.index_sync_rebuild_max,
             read_only=read_only,
+            metrics=metrics,
         )
     try:
         from index.milvus_store import MilvusStore  # pymilvus: only where Milvus is asked for
@@ -117,7 +129,9 @@ def _indexes(settings: Settings, *, db: Database, read_only: bool) -> IndexManag
         store.server_version  # noqa: B018 -- a Milvus that is away fails the start, clearly
     except Exception as exc:
         raise SystemExit(f"CBIR_VECTOR_STORE: cannot reach Milvus ({type(exc).__name__}: {exc})") from None
-    return StoreIndexManager(db=db, store=store, prefix=settings.vector_store_prefix, read_only=read_only)
+    return StoreIndexManager(
+        db=db, store=store, prefix=settings.vector_store_prefix, read_only=read_only, metrics=metrics
+    )
 
 
 def remove_unfinished_writes(context: AppContext) -> None:

@@ -19,12 +19,14 @@ from app.api import (
     openapi,
     parameters,
     problems,
+    request_metrics,
     routes_collections,
     routes_evaluation,
     routes_health,
     routes_images,
     routes_jobs,
     routes_keys,
+    routes_metrics,
     security,
 )
 from app.catalog.collections import list_collections
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             module.router, prefix="/api/v1", dependencies=[Depends(parameters.reject_repeated_parameters)]
         )
     app.include_router(pages.router)
+    app.include_router(routes_metrics.router(settings))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Inside the access checks (added after it): a refused key never takes an upload's slot.
     app.add_middleware(admission.AdmissionMiddleware, limit=settings.pending_embeds_limit)
@@ -117,4 +120,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # headers on a connection that stays open for keep-alive.
     app.add_middleware(failsafe.UnexpectedErrorMiddleware)
     headers.install(app, settings)
+    request_metrics.install(app)  # outermost: every answer counted, refusals of the layers above too
     return app

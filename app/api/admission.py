@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import problem
 from app.core.errors import Overloaded
+from app.metrics.instruments import note_refusal
 
 # The requests that decode and embed images: upload, search (one query or a batch), compare.
 EMBEDDING_REQUESTS = re.compile(r"^/api/v1/collections/[^/]+/(images|search|search/batch|compare)$")
@@ -44,6 +45,7 @@ class AdmissionMiddleware:
                 code=refusal.code,
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+            note_refusal(scope, "pending_embeds")
             await response(scope, receive, send)
             return
         self.in_flight += 1

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.errors import CbirError, DatabaseUnavailable
+from app.core.errors import CbirError, DatabaseUnavailable, DecodeMemoryFull
 from app.data import db, storage
 from app.data.db import is_unavailable
+from app.metrics.instruments import note_refusal
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -55,7 +56,9 @@ def _render(exc: CbirError) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(CbirError)
-    async def _cbir(_: Request, exc: CbirError) -> JSONResponse:
+    async def _cbir(request: Request, exc: CbirError) -> JSONResponse:
+        if isinstance(exc, DecodeMemoryFull):
+            note_refusal(request.scope, "decode_memory")
         return _render(exc)
 
     @app.exception_handler(SQLAlchemyError)

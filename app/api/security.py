@@ -34,6 +34,7 @@ from app.api.problems import problem
 from app.core.errors import CbirError, DatabaseUnavailable, Forbidden, RateLimited, Unauthorized
 from app.core.settings import Settings
 from app.data.db import Database
+from app.metrics.instruments import note_refusal
 
 KEY_HEADER = "X-API-Key"
 SCHEME = "APIKeyHeader"
@@ -235,6 +236,8 @@ _KEY_HEADER_LENGTHS = frozenset(len(name) for name in _KEY_HEADERS)
 async def _reject(exc: CbirError, scope: AsgiScope, receive: Receive, send: Send) -> None:
     """Answer as the problem handler would (middleware runs outside the exception handlers)."""
     headers = getattr(exc, "headers", None) or ({"Retry-After": "5"} if exc.status == 503 else None)
+    if isinstance(exc, RateLimited):
+        note_refusal(scope, "rate_limit")
     response = problem(status=exc.status, title=exc.title, detail=exc.detail, code=exc.code, headers=headers)
     await response(scope, receive, send)
 

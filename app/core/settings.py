@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     create_admin_key: bool = False
     # Reads (GET, search, compare) need a read key too; the HTML pages and /health never do.
     search_requires_key: bool = False
+    # GET /metrics needs a read key while keys are enforced; on: open to anyone who reaches the
+    # port (a Prometheus on a private network without a key).
+    metrics_public: bool = False
     # Keys given in configuration: SCOPE:SECRET entries separated by commas, e.g.
     # "admin:s3cret-of-at-least-16-chars,read:another-long-secret".
     api_keys: SecretStr = SecretStr("")

@@ -42,6 +42,7 @@ from app.indexing.problems import (
     kept_factory,
 )
 from app.indexing.status import IndexStatus, status_of
+from app.metrics.instruments import Metrics
 from index import IndexCorrupt, VectorIndex
 from index.fileformat import stale_temp_files
 from index.kinds import AUTO, default_knobs
@@ -61,8 +62,10 @@ class IndexManager:
         save_interval: float = 2.0,
         sync_rebuild_max: int = 50_000,
         read_only: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         # CBIR_READ_ONLY: indexes are loaded or built in memory, never written.
         self.read_only = read_only
         self.index_dir = index_dir
@@ -223,6 +226,8 @@ class IndexManager:
     def _fresh(self, collection: CollectionRecord, *, factory: str | None) -> tuple[VectorIndex, float]:
         """A new index of the collection's vectors as the database holds them now, recall measured."""
         fresh = fresh_index(self.db, collection, factory=factory, problems=self.problems, stopping=self._stop)
+        if fresh.index.ntotal:  # the first, empty index of a new collection is no rebuild
+            self.metrics.index_rebuilt(collection.name)
         if fresh.error is not None:
             self._errors[collection.id] = fresh.error
         return fresh.index, fresh.seconds
@@ -452,6 +457,10 @@ class IndexManager:
     # -- reporting -------------------------------------------------------------------------
     def checkpoint_errors(self) -> dict[int, str]:  # collection id -> why its last save failed
         return self.checkpoints.errors()
+
+    def sizes(self) -> dict[int, int]:  # collection id -> vectors, of the indexes held in memory
+        with self._lock:
+            return {collection_id: index.ntotal for collection_id, index in self._indexes.items()}
 
     def unavailable(self) -> dict[str, str]:
         """Collections whose searches answer 503 index_rebuilding now (a build in progress and no

@@ -45,6 +45,7 @@ from app.indexing.problems import (
 )
 from app.indexing.status import IndexStatus, status_of
 from app.indexing.store_index import StoreIndex, build_beside, create_serving, unused_spaces
+from app.metrics.instruments import Metrics
 from index.kinds import AUTO, EXACT_MAX, default_knobs
 from index.store import Reconciled, Rows, SpaceMissing, UnsupportedKind, VectorStore, reconcile, space_name
 
@@ -65,9 +66,16 @@ def settings_of(collection: CollectionRecord) -> tuple[str | None, str, str]:
 
 class StoreIndexManager:
     def __init__(
-        self, *, db: Database, store: VectorStore, prefix: str = "cbir", read_only: bool = False
+        self,
+        *,
+        db: Database,
+        store: VectorStore,
+        prefix: str = "cbir",
+        read_only: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         self.store = store
         self.prefix = prefix
         # CBIR_READ_ONLY: the store is read, never written (reconciliation waits for a writer).
@@ -260,6 +268,7 @@ class StoreIndexManager:
                 else:  # filled beside the space that serves, which then switches to it at once
                     fill = lambda name: self._fill(collection, name, db_ids)  # noqa: E731
                     built = build_beside(self.store, space, dim=dim, kind=kind, fill=fill)
+                    self.metrics.index_rebuilt(collection.name)
                     meta["built_at"] = now()
         if not exists:
             if dim is None or self.read_only:
@@ -440,6 +449,11 @@ class StoreIndexManager:
     # -- reporting -------------------------------------------------------------------------
     def checkpoint_errors(self) -> dict[int, str]:
         return {}
+
+    def sizes(self) -> dict[int, int]:  # collection id -> vectors, of the spaces opened here
+        with self._lock:
+            indexes = list(self._indexes.items())
+        return {collection_id: index.ntotal for collection_id, index in indexes}  # counts cached a while
 
     def unavailable(self) -> dict[str, str]:
         return {}

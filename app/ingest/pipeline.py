@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from app.context import AppContext
@@ -224,7 +225,7 @@ class Pipeline:
             (future,) = chunk.decoding
             began = time.perf_counter()
             try:
-                outcomes = future.result()
+                outcomes, passes = future.result()
             except BrokenExecutor:
                 # A worker died (killed, out of memory): start fresh ones for the next chunks and
                 # do this one here.
@@ -242,6 +243,8 @@ class Pipeline:
                     staged.format, staged.width, staged.height, staged.vector = outcome[1:]
                     staged.version = target.record.embedder_version
             chunk.decoding, chunk.todo = [], []
+            for forward in passes:  # the worker's forward passes, counted here
+                self.ctx.metrics.embedded("import", **forward)
             self._count("embed", time.perf_counter() - began)
             return chunk
         for future in chunk.decoding:
@@ -254,6 +257,7 @@ class Pipeline:
             version=target.record.embedder_version,
             limit=self.ctx.settings.embed_batch_size,
             sizer=self.sizer,
+            observe=partial(self.ctx.metrics.embedded, "import"),
         )
         self._count("embed", time.perf_counter() - began)
         return chunk
@@ -274,6 +278,7 @@ class Pipeline:
 
         # A training may switch the served version meanwhile: the next chunks decode for the new one.
         self.target, results = write_staged(self.ctx, self.target, staged, durable=False, in_transaction=hook)
+        self.ctx.metrics.ingest_results("import", results)
         self._count("write", time.perf_counter() - began)
         return results
 

@@ -234,10 +234,12 @@ def embed_staged(
     version: str | None,
     limit: int,
     sizer: ForwardSizer | None = None,
+    observe: Callable[..., None] | None = None,
 ) -> None:
     """Embed the preprocessed images: each gets its (d,) float32 unit ``vector`` and ``version``,
     at most ``limit`` images per forward pass (fewer for large inputs, see forward_batch; ``sizer``
-    picks between one and that many by measured throughput)."""
+    picks between one and that many by measured throughput). ``observe(images=, seconds=)`` is
+    called after each pass (``Metrics.embedded``)."""
     ready = [s for s in staged if s.prepared is not None]
     embedder = target.embedder if ready else None
     if embedder is None:
@@ -249,8 +251,11 @@ def embed_staged(
         part = ready[first : first + step]
         began = time.perf_counter()
         vectors = embedder.embed_prepared([s.prepared for s in part])
+        seconds = time.perf_counter() - began
         if sizer is not None and len(part) == step:
-            sizer.record(step, images=len(part), seconds=time.perf_counter() - began)
+            sizer.record(step, images=len(part), seconds=seconds)
+        if observe is not None:
+            observe(images=len(part), seconds=seconds)
         for s, vector in zip(part, vectors, strict=True):
             s.vector, s.prepared, s.version = vector, None, version
         first += len(part)
@@ -299,19 +304,21 @@ def _in_worker(blobs: list[bytes]) -> tuple[list[Staged], _Fixed]:
     return [Staged(i, Item(None, data)) for i, data in enumerate(blobs)], _Fixed(_WORKER["embedder"])
 
 
-def decode_and_embed(blobs: list[bytes]) -> list[tuple[Any, ...]]:
+def decode_and_embed(blobs: list[bytes]) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
     """In a worker: per blob ("ok", format, width, height, vector or None) or ("rejected", code,
-    detail)."""
+    detail); and per forward pass its images and seconds, for the parent's metrics."""
     staged, embedder = _in_worker(blobs)
     for s in staged:
         decode_staged(s, embedder, opened=plain_decoder(_WORKER["limits"]))
-    embed_staged(staged, embedder, version=None, limit=_WORKER["batch"])
-    return [
+    passes: list[dict[str, Any]] = []
+    embed_staged(staged, embedder, version=None, limit=_WORKER["batch"], observe=lambda **p: passes.append(p))
+    outcomes = [
         ("rejected", s.result.code, s.result.detail)
         if s.result is not None
         else ("ok", s.format, s.width, s.height, s.vector)
         for s in staged
     ]
+    return outcomes, passes
 
 
 def time_stages(blobs: list[bytes]) -> tuple[float, float]:

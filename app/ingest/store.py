@@ -90,9 +90,14 @@ def ingest_batch(
         # embedder does not wait on one core's worth of JPEG decoding.
         list(ctx.workers.decoders.map(decode, staged) if len(staged) > 1 else map(decode, staged))
         embed_staged(
-            staged, target, version=target.record.embedder_version, limit=ctx.settings.embed_batch_size
+            staged,
+            target,
+            version=target.record.embedder_version,
+            limit=ctx.settings.embed_batch_size,
+            observe=partial(ctx.metrics.embedded, "upload"),
         )
         _, results = write_staged(ctx, target, staged, durable=durable)
+    ctx.metrics.ingest_results("upload", results)
     return results
 
 

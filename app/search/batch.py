@@ -99,6 +99,7 @@ def search_batch(
                 else:
                     vectors[i] = embedded[row]
         clock.lap("embed")
+        ctx.metrics.embedded("query", images=len(ready), seconds=clock.laps["embed"] / 1000)
     stored = [i for i, q in enumerate(queries) if q.error is None and q.image_id is not None]
     if stored:
         vectors.update(
@@ -122,7 +123,9 @@ def search_batch(
         for i, pairs in zip(order, answers, strict=True):
             entries[i].hits = hits_of(pairs, rows)
         clock.lap("fetch")
-    return BatchResult(collection=record.name, k=k, entries=entries, timings_ms=clock.done())
+    timings = clock.done()
+    ctx.metrics.searched("batch", timings)
+    return BatchResult(collection=record.name, k=k, entries=entries, timings_ms=timings)
 
 
 def _own(exc: CbirError) -> CbirError:

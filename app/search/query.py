@@ -122,6 +122,7 @@ def search_by_image(
     if errors := degenerate_codes(vector, embedder=record.embedder, query=True):
         raise errors[0]
     clock.lap("embed")
+    ctx.metrics.embedded("query", images=1, seconds=clock.laps["embed"] / 1000)
     return _search(
         ctx, record=record, vector=vector, k=k, clock=clock, image_filter=image_filter, qe=qe, knobs=knobs
     )
@@ -238,7 +239,9 @@ def _search(
     rows = rows_of(ctx, ids=[i for i, _ in pairs])
     hits = hits_of(pairs, rows)
     clock.lap("fetch")
-    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=clock.done())
+    timings = clock.done()
+    ctx.metrics.searched("single", timings)
+    return SearchResult(collection=record.name, k=k, hits=hits, timings_ms=timings)
 
 
 def rows_of(ctx: AppContext, *, ids: Sequence[int]) -> dict[int, HitRecord]:
