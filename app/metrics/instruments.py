@@ -99,6 +99,7 @@ class Metrics:
             ["source", "result"],
             registry=registry,
         )
+        self._per_request: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.index_rebuilds = Counter(
             "cbir_index_rebuilds",
             "Indexes (or vector-store spaces) built afresh from the database's vectors, by collection",
@@ -108,9 +109,17 @@ class Metrics:
 
     # -- the hooks -------------------------------------------------------------------------
     def request(self, *, route: str, method: str, status: int, seconds: float) -> None:
-        code = str(status)
-        self.requests.labels(route, method, code).inc()
-        self.request_seconds.labels(route, method, code).observe(seconds)
+        key = (route, method, status)
+        children = self._per_request.get(key)
+        if children is None:  # .labels() takes a lock and builds a key each time: once per series
+            code = str(status)
+            children = (
+                self.requests.labels(route, method, code),
+                self.request_seconds.labels(route, method, code),
+            )
+            self._per_request[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()

@@ -26,8 +26,7 @@ def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
     return (
         GaugeMetricFamily(
             "cbir_jobs",
-            "Jobs in the database by kind and state (every process's: imports, re-embeddings, trainings, "
-            "evaluations, ...)",
+            "Jobs in the database by kind and state, every process's (import, reembed, evaluate, whiten)",
             labels=["kind", "state"],
         ),
         GaugeMetricFamily("cbir_collection_images", "Images stored per collection", labels=["collection"]),

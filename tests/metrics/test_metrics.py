@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+from app.catalog.collections import create_collection
+from app.context import open_context
 from app.core.settings import Settings
+from app.ingest import jobs, pipeline
+from app.ingest.sources.folder import check_folder
 from app.main import create_app
 from tests.api.helpers import assert_problem
 
@@ -214,6 +220,7 @@ def test_metrics_need_a_read_key_when_keys_are_on(keyed: TestClient) -> None:
     scrape(keyed, headers={"X-API-Key": READ_KEY})
     samples = scrape(keyed, headers={"Authorization": f"Bearer {WRITE_KEY}"})
     assert value(samples, "cbir_http_requests_total", route="/metrics", method="GET", status="401") == 2
+    assert "/metrics" not in keyed.get("/openapi.json").json()["paths"]  # the JSON API's document only
 
 
 @pytest.mark.parametrize("search_requires_key", [False, True])
@@ -269,3 +276,30 @@ def test_metrics_count_pending_embeds_and_decode_memory_refusals(
         samples = scrape(client)
     assert value(samples, "cbir_admission_refusals_total", reason="pending_embeds") == 1
     assert value(samples, "cbir_admission_refusals_total", reason="decode_memory") == 2
+
+
+def test_an_import_in_worker_processes_counts_their_forward_passes(
+    settings: Settings, tmp_path: Path, make_png: Callable[..., bytes]
+) -> None:
+    """The workers' forward passes come back with their vectors and are counted in this process."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("worker processes are used on two cores or more")
+    ctx = open_context(settings.model_copy(update={"import_processes": True, "import_workers": 1}))
+    try:
+        create_collection(ctx, name="p", embedder="tiny")
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for i in range(12):
+            (folder / f"{i:02d}.png").write_bytes(make_png(i))
+        runner = jobs.JobRunner(ctx)
+        assert pipeline.use_processes(ctx)
+        job_id = runner.create_job(collection="p", source=check_folder(folder))
+        runner.run_import(job_id=job_id, collection="p", source=check_folder(folder))
+        assert jobs.get_job(ctx, job_id).record.added == 12
+        sample = ctx.metrics.registry.get_sample_value
+        assert sample("cbir_embed_images_total", {"source": "import"}) == 12
+        assert sample("cbir_embed_batch_size_sum", {"source": "import"}) == 12
+        assert (sample("cbir_embed_seconds_total", {"source": "import"}) or 0) > 0
+        assert sample("cbir_ingest_images_total", {"source": "import", "result": "added"}) == 12
+    finally:
+        ctx.close()
