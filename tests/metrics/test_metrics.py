@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -303,3 +304,27 @@ def test_an_import_in_worker_processes_counts_their_forward_passes(
         assert sample("cbir_ingest_images_total", {"source": "import", "result": "added"}) == 12
     finally:
         ctx.close()
+
+
+def test_metrics_of_a_milvus_vector_store(
+    settings: Settings, milvus_uri: str, make_png: Callable[..., bytes]
+) -> None:
+    """The vectors gauge and the rebuild counter also come from the vector-store backend."""
+    update = {
+        "vector_store": milvus_uri.replace("http://", "milvus://"),
+        "vector_store_prefix": f"t{uuid.uuid4().hex[:16]}",
+    }
+    with TestClient(create_app(settings.model_copy(update=update)), raise_server_exceptions=False) as client:
+        assert (
+            client.post(f"{API}/collections", json={"name": "shapes", "embedder": "tiny"}).status_code == 201
+        )
+        for seed in range(3):
+            upload(client, make_png(seed))
+        assert client.put(f"{API}/collections/shapes/index", json={"factory": "HNSW16"}).status_code in (
+            200,
+            202,
+        )
+        assert client.get(f"{API}/collections/shapes/index").json()["kind"] == "HNSW16"
+        samples = scrape(client)
+    assert value(samples, "cbir_collection_vectors", collection="shapes") == 3
+    assert value(samples, "cbir_index_rebuilds_total", collection="shapes") == 1
