@@ -22,9 +22,11 @@ search over the collection's codes, the examples left out of the hits as the ser
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from PIL import Image, ImageOps
 from app.imaging.decode import ImageLimits, decode_image
 from app.ingest.sources.datasets import load_mnist
 from app.search.examples import combine
+from index.rerank import fit_whitening
 from models import registry
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -89,14 +92,40 @@ def holidays(args: argparse.Namespace) -> dict[str, object]:
         codes = np.concatenate([embed([photo(n) for n in names[i : i + 8]]) for i in range(0, len(names), 8)])
         args.cache.mkdir(parents=True, exist_ok=True)
         np.save(cache, codes)
+    groups = [(row[q], [row[o] for o in others]) for q, others in sorted(truth.items()) if len(others) >= 2]
+
+    @functools.cache
+    def mirrored(negative: int) -> np.ndarray:
+        """The (d,) code of a mirrored copy of the photo in row ``negative``."""
+        return embed([ImageOps.mirror(photo(names[negative]))])[0]
+
+    # As served: the codes alone, and whitened to 128 dims (fitted on the collection's codes, as a
+    # collection of 300 or more photos has it after its import); a copy goes through the same fit.
+    whitening = fit_whitening(codes, dim=128)
+    variants = {"codes": lambda rows: rows, "whitened 128": whitening.apply}
+    return {
+        "study": "holidays",
+        "embedder": LITE0,
+        "groups": len(groups),
+        **{name: _holidays_variant(apply, codes, groups, mirrored) for name, apply in variants.items()},
+    }
+
+
+def _holidays_variant(
+    apply: Callable[[np.ndarray], np.ndarray],
+    raw: np.ndarray,
+    groups: list[tuple[int, list[int]]],
+    mirrored: Callable[[int], np.ndarray],
+) -> dict[str, object]:
+    """Per group: one and two positives; the best photo of another place as the negative, with
+    a mirrored copy of it added."""
+    codes = unit(apply(raw))
     one, two = [], []
     copy_in: dict[float, list[bool]] = {w: [] for w in WEIGHTS}
     kept: dict[float, list[float]] = {w: [] for w in WEIGHTS}
-    for query, others in sorted(truth.items()):
-        if len(others) < 2:
-            continue
-        group = {row[query], *(row[o] for o in others)}
-        positives = [row[query], row[others[0]]]
+    for query, others in groups:
+        group = {query, *others}
+        positives = [query, others[0]]
         held = group - set(positives)
         leave = set(positives)
         by_one = ranking(query_of(codes, positives[:1], [], 0), codes, leave_out=leave)
@@ -104,17 +133,13 @@ def holidays(args: argparse.Namespace) -> dict[str, object]:
         one.append((len(held & set(by_one[:10])) / len(held), average_precision(by_one, held)))
         two.append((len(held & set(by_two[:10])) / len(held), average_precision(by_two, held)))
         negative = next(i for i in by_two if i not in group)
-        mirrored = embed([ImageOps.mirror(photo(names[negative]))])
-        db = np.concatenate([codes, mirrored])
+        db = np.concatenate([codes, unit(apply(mirrored(negative)[None]))])
         copy = len(db) - 1
         for weight in WEIGHTS:
             top = ranking(query_of(db, positives, [negative], weight), db, leave_out=leave | {negative})[:10]
             copy_in[weight].append(copy in top)
             kept[weight].append(len(held & set(top)) / len(held))
     return {
-        "study": "holidays",
-        "embedder": LITE0,
-        "groups": len(one),
         "positives": {
             "one": {"recall@10": _mean([r for r, _ in one]), "AP": _mean([a for _, a in one])},
             "two": {"recall@10": _mean([r for r, _ in two]), "AP": _mean([a for _, a in two])},
