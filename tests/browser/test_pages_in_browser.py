@@ -117,30 +117,32 @@ def test_search_upload_shows_10_results_and_a_click_gets_its_neighbours(
     both_widths(page, "search")
 
     # A click opens the image with its metadata; "More like this" searches with it.
-    first.locator("button").click()
+    first.locator("button.hit-button").click()
     dialog = page.locator("dialog.detail[open]")
     dialog.locator(".meta-list dt", has_text="index").wait_for()
     assert "similarity" in dialog.inner_text() and "mnist-train-" in dialog.inner_text()
     settle(page)
     shot(page, "search-dialog-1440", full_page=False)
-    clicked_id = int(first.locator("button").get_attribute("data-id"))
+    clicked_id = int(first.locator("button.hit-button").get_attribute("data-id"))
     dialog.get_by_role("button", name="More like this").click()
     page.wait_for_function("() => document.getElementById('status').textContent.includes('for image #')")
     assert f"for image #{clicked_id}" in status_text(page)
     assert results.count() == 10
-    assert clicked_id not in [int(b.get_attribute("data-id")) for b in page.locator("#results button").all()]
+    assert clicked_id not in [
+        int(b.get_attribute("data-id")) for b in page.locator("#results button.hit-button").all()
+    ]
     assert page.url.endswith(f"image={clicked_id}")
     both_widths(page, "search-neighbours")
 
     # Keyboard: Enter on a result opens the dialog, Escape closes it and gives the focus back.
-    page.locator("#results button").nth(1).focus()
+    page.locator("#results button.hit-button").nth(1).focus()
     page.keyboard.press("Enter")
     page.locator("dialog.detail[open]").wait_for()
     page.keyboard.press("Escape")
     page.locator("dialog.detail[open]").wait_for(state="detached")
-    assert page.evaluate("document.activeElement.dataset.id") == page.locator("#results button").nth(
-        1
-    ).get_attribute("data-id")
+    assert page.evaluate("document.activeElement.dataset.id") == page.locator(
+        "#results button.hit-button"
+    ).nth(1).get_attribute("data-id")
 
 
 def test_search_by_id_with_a_label_filter_and_a_crop(page: Page, live_server: LiveServer) -> None:
@@ -416,7 +418,7 @@ def test_uploaded_names_and_metadata_render_as_text_on_every_page(
     page.wait_for_function("() => document.querySelectorAll('#results > li').length > 0")
     text_shown(f"Label {HOSTILE_LABEL}")
     text_shown(HOSTILE_NAME)
-    page.locator("#results button").first.click()
+    page.locator("#results button.hit-button").first.click()
     page.locator("dialog.detail[open] .meta-list dt", has_text=HOSTILE_LABEL).wait_for()
     text_shown(HOSTILE_NOTE)
     settle(page)
