@@ -514,6 +514,7 @@ def test_search_by_examples_drops_a_negative_and_its_near_copy(
     page.click(f"#results button.example-add[data-kind='negative'][data-id='{negative}']")
     chips = page.locator("#example-chips > li")
     assert chips.count() == 4  # the query itself, two positives, one negative
+    assert f"7 · #{query}" in chips.nth(0).inner_text() and "positive" in chips.nth(0).get_attribute("class")
     assert page.locator("#example-chips > li.negative").inner_text().startswith("−")
     shot(page, "search-examples-chosen-1440", full_page=False)
 

@@ -558,12 +558,20 @@
     ui.exampleChips.replaceChildren(
       ...chosen.map((example) =>
         el("li", { className: `chip example-chip ${example.kind}` }, [
-          el("span", { className: "example-sign", text: example.kind === "positive" ? "+" : "−", attrs: { "aria-hidden": "true" } }),
+          el("span", {
+            className: "example-sign",
+            text: example.kind === "positive" ? "+" : "−",
+            attrs: { "aria-hidden": "true" },
+          }),
           el("span", { className: "chip-text", text: example.text }),
           el("button", {
             className: "chip-remove",
             text: "×",
-            attrs: { type: "button", "data-key": example.key, "aria-label": `Remove the ${example.kind} example ${example.text}` },
+            attrs: {
+              type: "button",
+              "data-key": example.key,
+              "aria-label": `Remove the ${example.kind} example ${example.text}`,
+            },
           }),
         ]),
       ),
@@ -583,7 +591,9 @@
   function addExample(kind, hit) {
     if (!hit) return;
     if (chosen.length === 0 && query && query.kind === "image") {
-      choose("positive", { key: `id:${query.id}`, id: query.id, text: `#${query.id}` });
+      const line = query.lines[0];
+      const text = line.startsWith("Label ") ? `${line.slice("Label ".length)} · #${query.id}` : `#${query.id}`;
+      choose("positive", { key: `id:${query.id}`, id: query.id, text });
     } else if (chosen.length === 0 && query && query.kind === "file") {
       choose("positive", { key: "file", file: query.file, text: query.file.name || "your image" });
     }
