@@ -45,6 +45,9 @@ FORM_LIMITS: FormLimits = {"max_files": 4, "max_fields": 16, "max_part_size": 10
 # The batch search (app/api/routes_images.py) takes up to 100 files: the parser counts more, so
 # that 101 queries get the route's 422 rather than the parser's 400; the body cap bounds the rest.
 BATCH_FORM_LIMITS: FormLimits = {"max_files": 1000, "max_fields": 1000, "max_part_size": 1024 * 1024}
+# The search by examples (app/search/examples.py) takes up to 16 files and ids: the parser counts
+# more, so that 17 examples get the route's 422 rather than the parser's 400.
+EXAMPLE_FORM_LIMITS: FormLimits = {"max_files": 64, "max_fields": 64, "max_part_size": 1024 * 1024}
 # A batch search's whole body: this many times CBIR_MAX_UPLOAD_BYTES (each file is held to that).
 BATCH_UPLOADS = 5
 MAX_CONTENT_TYPE = 512

@@ -16,7 +16,7 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import Path, Request, params
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 
 from app.core.errors import BadMultipart, InvalidRequest
 
@@ -34,6 +34,8 @@ def _decimal(value: object) -> object:
 
 
 ImageId = Annotated[int, BeforeValidator(_decimal), Path(ge=1, le=MAX_ID)]
+# The same in a form part (the stored examples of a search).
+FormId = Annotated[int, BeforeValidator(_decimal), Field(ge=1, le=MAX_ID)]
 
 
 def _repeatable(annotation: Any) -> bool:

@@ -12,6 +12,8 @@ from app.api.schemas import (
     CollectionOut,
     CompareResponse,
     CompareSide,
+    ExampleOut,
+    ExamplesQueryOut,
     HitOut,
     ImageOut,
     JobError,
@@ -30,6 +32,7 @@ from app.embedding.embedders import EmbedderCache
 from app.ingest.jobs import JobInfo
 from app.learning.evaluation_runs import EvaluationStatus
 from app.search.compare import Comparison
+from app.search.examples import ExamplesResult, UsedExample
 from app.search.maps import CollectionMap
 from app.search.query import SearchResult
 
@@ -102,6 +105,28 @@ def search_out(result: SearchResult) -> SearchResponse:
         query_image_id=result.query_image_id,
         hits=hits_out(result),
         timings_ms=result.timings_ms,
+    )
+
+
+def examples_out(result: ExamplesResult) -> SearchResponse:
+    out = search_out(result)
+    out.query = ExamplesQueryOut(
+        positive=[_example_out(used) for used in result.positive],
+        negative=[_example_out(used) for used in result.negative],
+        positive_weight=result.positive_weight,
+        negative_weight=result.negative_weight,
+    )
+    return out
+
+
+def _example_out(used: UsedExample) -> ExampleOut:
+    name = used.example.name
+    if used.example.image_id is None and name is None:
+        name = ""  # an upload without a file name: still not an id
+    return ExampleOut(
+        image_id=used.example.image_id,
+        file=None if name is None else printable(name),
+        weight=used.weight,
     )
 
 

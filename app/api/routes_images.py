@@ -13,8 +13,9 @@ from app.api.deps import MAX_ID, ContextDep, FilterDep, ImageId, parse_metadata,
 from app.api.disconnect import run_cancellable
 from app.api.forms import Utf8FormRoute
 from app.api.headers import IMAGE_CSP, download_name
-from app.api.limits import BATCH_FORM_LIMITS
-from app.api.presenters import compare_out, hits_out, image_out, search_out
+from app.api.limits import BATCH_FORM_LIMITS, EXAMPLE_FORM_LIMITS
+from app.api.parameters import FormId
+from app.api.presenters import compare_out, examples_out, hits_out, image_out, search_out
 from app.api.schemas import (
     BatchEntryOut,
     BatchSearchResponse,
@@ -28,9 +29,10 @@ from app.catalog import images
 from app.core.errors import CbirError, InvalidRequest
 from app.data.storage import EXTENSIONS
 from app.ingest.store import add_image
-from app.search import batch, compare
+from app.search import batch, compare, examples
 from app.search import query as search
 from app.search.batch import BatchQuery
+from app.search.examples import Example
 from app.search.query import SearchResult
 from index import SearchKnobs
 
@@ -153,32 +155,103 @@ def similar(
     )
 
 
+POSITIVE_WEIGHT = Form(
+    gt=0,
+    le=examples.MAX_WEIGHT,
+    allow_inf_nan=False,
+    description=f"the positives' weight in the combined query (default {examples.POSITIVE_WEIGHT:g})",
+)
+NEGATIVE_WEIGHT = Form(
+    ge=0,
+    le=examples.MAX_WEIGHT,
+    allow_inf_nan=False,
+    description=f"the negatives' weight in the combined query (default {examples.NEGATIVE_WEIGHT:g})",
+)
+
+
+async def _upload_example(upload: UploadFile, *, limit: int) -> Example:
+    return Example(data=await read_upload(upload, limit=limit), name=upload.filename)
+
+
 @router.post(
-    "/collections/{name}/search", response_model=SearchResponse, tags=["search"], openapi_extra=security.READ
+    "/collections/{name}/search",
+    response_model=SearchResponse,
+    tags=["search"],
+    openapi_extra=security.READ,
+    form_limits=EXAMPLE_FORM_LIMITS,
 )
 async def search_by_image(
     name: str,
     ctx: ContextDep,
-    file: Annotated[UploadFile, File(description="the query image: PNG, JPEG, GIF or WebP")],
     image_filter: FilterDep,
+    file: Annotated[
+        UploadFile | None, File(description="the query image: PNG, JPEG, GIF or WebP (a positive example)")
+    ] = None,
+    positive_file: Annotated[
+        list[UploadFile] | None, File(description="more positive examples: images (repeat the part)")
+    ] = None,
+    positive: Annotated[
+        list[FormId] | None, Form(description="stored images of the collection as positive examples")
+    ] = None,
+    negative_file: Annotated[
+        list[UploadFile] | None, File(description="negative examples: images (repeat the part)")
+    ] = None,
+    negative: Annotated[
+        list[FormId] | None, Form(description="stored images of the collection as negative examples")
+    ] = None,
+    positive_weight: Annotated[float | None, POSITIVE_WEIGHT] = None,
+    negative_weight: Annotated[float | None, NEGATIVE_WEIGHT] = None,
     k: int = Query(10, ge=1, description="number of hits, at most CBIR_MAX_K (100)"),
     qe: int | None = QE,
     ef_search: int | None = EF_SEARCH,
     nprobe: int | None = NPROBE,
     k_factor: float | None = K_FACTOR,
 ) -> SearchResponse:
-    data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
-    result = await run_in_threadpool(
-        search.search_by_image,
+    """The images most like one query image (``file``), or like several examples: positive
+    ones (``file``, ``positive_file``, ``positive`` ids) and negative ones (``negative_file``,
+    ``negative`` ids), combined into one query
+    ``normalize(positive_weight * mean(positives) - negative_weight * mean(negatives))`` over
+    their L2-normalised codes; the stored examples are left out of the hits and the response's
+    ``query`` says what was combined. At most 16 examples; the uploads of one search share the
+    body limit (CBIR_MAX_UPLOAD_BYTES)."""
+    knobs = _knobs(ef_search, nprobe, k_factor)
+    several = positive_file or positive or negative_file or negative
+    if not several and positive_weight is None and negative_weight is None:
+        if file is None:
+            raise InvalidRequest("send the query image as the file part (or examples: see the docs)")
+        data = await read_upload(file, limit=ctx.settings.max_upload_bytes)
+        result = await run_in_threadpool(
+            search.search_by_image,
+            ctx,
+            collection=name,
+            data=data,
+            k=k,
+            image_filter=image_filter,
+            qe=qe,
+            knobs=knobs,
+        )
+        return search_out(result)
+    limit = ctx.settings.max_upload_bytes
+    positives = [
+        await _upload_example(f, limit=limit) for f in [*([file] if file else []), *(positive_file or [])]
+    ]
+    positives += [Example(image_id=i) for i in positive or []]
+    negatives = [await _upload_example(f, limit=limit) for f in negative_file or []]
+    negatives += [Example(image_id=i) for i in negative or []]
+    found = await run_in_threadpool(
+        examples.search_by_examples,
         ctx,
         collection=name,
-        data=data,
+        positives=positives,
+        negatives=negatives,
+        positive_weight=examples.POSITIVE_WEIGHT if positive_weight is None else positive_weight,
+        negative_weight=examples.NEGATIVE_WEIGHT if negative_weight is None else negative_weight,
         k=k,
         image_filter=image_filter,
         qe=qe,
-        knobs=_knobs(ef_search, nprobe, k_factor),
+        knobs=knobs,
     )
-    return search_out(result)
+    return examples_out(found)
 
 
 BATCH_PARTS = ("file", "image_id")

@@ -186,10 +186,31 @@ class HitOut(BaseModel):
     thumbnail_url: str
 
 
+class ExampleOut(BaseModel):
+    """One example of a search by examples: a stored image's id or an upload's file name."""
+
+    image_id: int | None = None
+    file: str | None = None
+    weight: float = Field(description="its factor in the combined query: its side's weight / count")
+
+
+class ExamplesQueryOut(BaseModel):
+    """What a search by examples combined: normalize(sum of weight x code, negatives subtracted)."""
+
+    positive: list[ExampleOut]
+    negative: list[ExampleOut]
+    positive_weight: float
+    negative_weight: float
+
+
 class SearchResponse(BaseModel):
     collection: str
     k: int
     query_image_id: int | None = None
+    # Only in the answer of a search by examples: a single-image search's answer is unchanged.
+    query: ExamplesQueryOut | None = Field(
+        None, exclude_if=lambda value: value is None, description="a search by examples: what it combined"
+    )
     hits: list[HitOut]
     timings_ms: dict[str, float] = Field(description="decode, embed, search, fetch and total")
 

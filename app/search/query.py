@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -270,15 +270,16 @@ def ranked(
     vectors: np.ndarray,
     k: int,
     clock: Clock,
-    excludes: Sequence[int | None],
+    excludes: Sequence[int | Collection[int] | None],
     image_filter: ImageFilter | None = None,
     qe: int | None = None,
     knobs: SearchKnobs | None = None,
 ) -> list[list[tuple[int, float]]]:
     """The (id, score) pairs, best first, of each of ``vectors`` ((n, d) float32 unit rows), all
     searched in one index call; row i leaves out ``excludes[i]`` (its own image, for a stored
-    query). With a filter, only among the ids that pass it: an exact pass over their stored
-    vectors when they are few, else the index with a FAISS id selector.
+    query; the stored examples of a search by examples). With a filter, only among the ids that
+    pass it: an exact pass over their stored vectors when they are few, else the index with a
+    FAISS id selector.
 
     With query expansion (the collection's ``qe`` option, or ``qe`` here) each query is averaged
     with its first results' stored codes, weighted by similarity^alpha, and searched again.
@@ -306,7 +307,11 @@ def ranked(
             assert record.embedder_version is not None
             exact = vectors_of(ctx.db, ids=allowed, embedder_version=record.embedder_version)
         clock.lap("filter")
-    extra = 1 if any(e is not None for e in excludes) else 0
+    left_out = [
+        frozenset() if e is None else frozenset((e,)) if isinstance(e, int) else frozenset(e)
+        for e in excludes
+    ]
+    extra = max((len(ids) for ids in left_out), default=0)
 
     def search(queries: np.ndarray) -> list[list[tuple[int, float]]]:
         if exact is not None:
@@ -316,10 +321,10 @@ def ranked(
         else:
             scores, ids = index.search(queries, k + extra, allowed_ids=allowed, knobs=knobs)
         return [
-            [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0 and i != exclude][
+            [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0 and i not in out][
                 :k
             ]
-            for row_ids, row_scores, exclude in zip(ids, scores, excludes, strict=True)
+            for row_ids, row_scores, out in zip(ids, scores, left_out, strict=True)
         ]
 
     answers = search(vectors)

@@ -15,6 +15,7 @@ import time
 import zipfile
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -116,30 +117,32 @@ def test_search_upload_shows_10_results_and_a_click_gets_its_neighbours(
     both_widths(page, "search")
 
     # A click opens the image with its metadata; "More like this" searches with it.
-    first.locator("button").click()
+    first.locator("button.hit-button").click()
     dialog = page.locator("dialog.detail[open]")
     dialog.locator(".meta-list dt", has_text="index").wait_for()
     assert "similarity" in dialog.inner_text() and "mnist-train-" in dialog.inner_text()
     settle(page)
     shot(page, "search-dialog-1440", full_page=False)
-    clicked_id = int(first.locator("button").get_attribute("data-id"))
+    clicked_id = int(first.locator("button.hit-button").get_attribute("data-id"))
     dialog.get_by_role("button", name="More like this").click()
     page.wait_for_function("() => document.getElementById('status').textContent.includes('for image #')")
     assert f"for image #{clicked_id}" in status_text(page)
     assert results.count() == 10
-    assert clicked_id not in [int(b.get_attribute("data-id")) for b in page.locator("#results button").all()]
+    assert clicked_id not in [
+        int(b.get_attribute("data-id")) for b in page.locator("#results button.hit-button").all()
+    ]
     assert page.url.endswith(f"image={clicked_id}")
     both_widths(page, "search-neighbours")
 
     # Keyboard: Enter on a result opens the dialog, Escape closes it and gives the focus back.
-    page.locator("#results button").nth(1).focus()
+    page.locator("#results button.hit-button").nth(1).focus()
     page.keyboard.press("Enter")
     page.locator("dialog.detail[open]").wait_for()
     page.keyboard.press("Escape")
     page.locator("dialog.detail[open]").wait_for(state="detached")
-    assert page.evaluate("document.activeElement.dataset.id") == page.locator("#results button").nth(
-        1
-    ).get_attribute("data-id")
+    assert page.evaluate("document.activeElement.dataset.id") == page.locator(
+        "#results button.hit-button"
+    ).nth(1).get_attribute("data-id")
 
 
 def test_search_by_id_with_a_label_filter_and_a_crop(page: Page, live_server: LiveServer) -> None:
@@ -415,7 +418,7 @@ def test_uploaded_names_and_metadata_render_as_text_on_every_page(
     page.wait_for_function("() => document.querySelectorAll('#results > li').length > 0")
     text_shown(f"Label {HOSTILE_LABEL}")
     text_shown(HOSTILE_NAME)
-    page.locator("#results button").first.click()
+    page.locator("#results button.hit-button").first.click()
     page.locator("dialog.detail[open] .meta-list dt", has_text=HOSTILE_LABEL).wait_for()
     text_shown(HOSTILE_NOTE)
     settle(page)
@@ -459,3 +462,75 @@ def test_uploaded_names_and_metadata_render_as_text_on_every_page(
     page.locator("#map-tip strong", has_text=HOSTILE_LABEL).wait_for()
     settle(page)
     shot(page, "xss-map-1440")
+
+
+# -- search by examples ---------------------------------------------------------------------------
+def near_copy(pixels) -> bytes:  # type: ignore[no-untyped-def]
+    """The digit shrunk to 24 px and back: other bytes, nearly the same picture."""
+    small = Image.fromarray(pixels).resize((24, 24), Image.Resampling.BILINEAR)
+    return png(np.asarray(small.resize((28, 28), Image.Resampling.BILINEAR)))
+
+
+def test_search_by_examples_drops_a_negative_and_its_near_copy(
+    page: Page, live_server: LiveServer, test_digits: tuple
+) -> None:  # type: ignore[type-arg]
+    """A collection of digits (raw pixels) with only four sevens: more like one seven shows the
+    other sevens and some other digit with a near copy of it; two sevens marked +, that digit
+    marked −, and the search by these examples shows neither that digit nor its copy."""
+    images, labels = test_digits
+    api = live_server.api
+    assert api("POST", "/collections", json={"name": "examples", "embedder": "pixels"}).status_code == 201
+    label_of: dict[int, int] = {}
+    pixels_of = {}
+    sevens = 0
+    for pixels, label in zip(images[:240], labels[:240], strict=True):
+        if label == 7 and (sevens := sevens + 1) > 4:
+            continue
+        meta = {"metadata": json.dumps({"label": str(label)})}
+        created = api(
+            "POST", "/collections/examples/images", files={"file": ("d.png", png(pixels))}, data=meta
+        )
+        assert created.status_code == 201, created.text
+        label_of[created.json()["id"]] = int(label)
+        pixels_of[created.json()["id"]] = pixels
+    query = next(i for i, label in label_of.items() if label == 7)
+    similar = api("GET", f"/collections/examples/images/{query}/similar?k=10").json()["hits"]
+    negative = next(hit["id"] for hit in similar if label_of[hit["id"]] != 7)  # the best other digit
+    copy = api(
+        "POST", "/collections/examples/images", files={"file": ("copy.png", near_copy(pixels_of[negative]))}
+    )
+    assert copy.status_code == 201, copy.text
+    copy_id = copy.json()["id"]
+
+    page.goto(f"/?collection=examples&image={query}")
+    page.wait_for_function("() => document.querySelectorAll('#results > li').length === 10")
+    shown = [int(b.get_attribute("data-id")) for b in page.locator("#results button.hit-button").all()]
+    assert negative in shown and copy_id in shown, (shown, negative, copy_id)
+    positives = [i for i in shown if label_of.get(i) == 7][:2]
+    assert len(positives) == 2, shown
+
+    for image_id in positives:
+        page.click(f"#results button.example-add[data-kind='positive'][data-id='{image_id}']")
+    page.click(f"#results button.example-add[data-kind='negative'][data-id='{negative}']")
+    chips = page.locator("#example-chips > li")
+    assert chips.count() == 4  # the query itself, two positives, one negative
+    assert f"7 · #{query}" in chips.nth(0).inner_text() and "positive" in chips.nth(0).get_attribute("class")
+    assert page.locator("#example-chips > li.negative").inner_text().startswith("−")
+    shot(page, "search-examples-chosen-1440", full_page=False)
+
+    page.click("#examples-search")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('4 examples')")
+    assert "3 positive, 1 negative" in status_text(page)
+    after = [int(b.get_attribute("data-id")) for b in page.locator("#results button.hit-button").all()]
+    assert len(after) == 10
+    assert negative not in after and copy_id not in after
+    assert not {query, *positives} & set(after)  # the examples themselves are left out
+    both_widths(page, "search-examples")
+
+    # A chip removed: the negative is gone from the examples, and the next search shows it again.
+    page.click(f"#example-chips button.chip-remove[data-key='id:{negative}']")
+    assert page.locator("#example-chips > li").count() == 3
+    page.click("#examples-search")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('3 examples')")
+    again = [int(b.get_attribute("data-id")) for b in page.locator("#results button.hit-button").all()]
+    assert negative in again

@@ -37,6 +37,10 @@
     cropHint: byId("crop-hint"),
     idForm: byId("id-form"),
     idInput: byId("image-id"),
+    examples: byId("examples"),
+    exampleChips: byId("example-chips"),
+    examplesSearch: byId("examples-search"),
+    examplesClear: byId("examples-clear"),
     timings: byId("timings"),
     status: byId("status"),
     results: byId("results"),
@@ -49,6 +53,10 @@
   let dragDepth = 0;
   let labelRequest = 0; // the newest request for the label filter's choices
   const hitsById = new Map();
+  // Search by examples: the chosen examples, each {key, kind: "positive" | "negative", id or file,
+  // text}; while `byExamples` is true the searches send them instead of the query.
+  let chosen = [];
+  let byExamples = false;
 
   // ---- collection, k and filters -------------------------------------------------------------
 
@@ -147,6 +155,7 @@
   function clearQuery() {
     endCrop();
     query = null;
+    clearExamples();
     if (objectUrl) URL.revokeObjectURL(objectUrl);
     objectUrl = null;
     ui.figure.hidden = true;
@@ -396,7 +405,13 @@
     const k = currentK();
     const filterText = C.filterQuery(filter);
     let request;
-    if (query.kind === "file") {
+    if (byExamples) {
+      request = C.api(`/collections/${name}/search?k=${k}${filterText}`, {
+        method: "POST",
+        body: examplesForm(),
+        signal: controller.signal,
+      });
+    } else if (query.kind === "file") {
       const form = new FormData();
       form.append("file", query.file, query.file.name || "pasted.png");
       request = C.api(`/collections/${name}/search?k=${k}${filterText}`, {
@@ -456,10 +471,17 @@
     if (hits.length === 0) {
       setStatus(filtered ? `No image${filtered} in ${data.collection}.` : "No results: this collection has no indexed images yet.");
     } else {
-      const what = data.query_image_id != null ? `image #${data.query_image_id}` : "your image";
+      const what = data.query
+        ? describeExamples(data.query)
+        : data.query_image_id != null
+          ? `image #${data.query_image_id}`
+          : "your image";
       const n = hits.length;
       const shown = n < data.k ? `Only ${n} result${n === 1 ? "" : "s"}` : `The top ${n}`;
-      setStatus(`${shown}${filtered} in ${data.collection} for ${what}. Choose one to see it and find more like it.`);
+      setStatus(
+        `${shown}${filtered} in ${data.collection} for ${what}. Choose one to see it and find more like it, ` +
+          "or mark results with + and − to search by examples.",
+      );
     }
   }
 
@@ -494,8 +516,113 @@
         summary ? el("span", { className: "hit-meta", text: summary, attrs: { title: summary } }) : null,
       ],
     );
-    return el("li", { className: "hit" }, [button]);
+    const mark = (kind, sign, what) =>
+      el("button", {
+        className: `example-add ${kind}`,
+        text: sign,
+        attrs: {
+          type: "button",
+          "data-id": hit.id,
+          "data-kind": kind,
+          "aria-label": `Add result ${hit.rank} as a ${kind} example (${what})`,
+          title: what,
+        },
+      });
+    const marks = el("span", { className: "hit-examples" }, [
+      mark("positive", "+", "more like this"),
+      mark("negative", "−", "less like this"),
+    ]);
+    return el("li", { className: "hit" }, [button, marks]);
   }
+
+  // ---- search by examples --------------------------------------------------------------------
+
+  function describeExamples(combined) {
+    const p = combined.positive.length;
+    const n = combined.negative.length;
+    const parts = [`${p} positive`];
+    if (n) parts.push(`${n} negative`);
+    return `${p + n} example${p + n === 1 ? "" : "s"} (${parts.join(", ")})`;
+  }
+
+  function examplesForm() {
+    const form = new FormData();
+    for (const example of chosen) {
+      if (example.file) form.append(`${example.kind}_file`, example.file, example.file.name || "pasted.png");
+      else form.append(example.kind, String(example.id));
+    }
+    return form;
+  }
+
+  function renderExamples() {
+    ui.exampleChips.replaceChildren(
+      ...chosen.map((example) =>
+        el("li", { className: `chip example-chip ${example.kind}` }, [
+          el("span", {
+            className: "example-sign",
+            text: example.kind === "positive" ? "+" : "−",
+            attrs: { "aria-hidden": "true" },
+          }),
+          el("span", { className: "chip-text", text: example.text }),
+          el("button", {
+            className: "chip-remove",
+            text: "×",
+            attrs: {
+              type: "button",
+              "data-key": example.key,
+              "aria-label": `Remove the ${example.kind} example ${example.text}`,
+            },
+          }),
+        ]),
+      ),
+    );
+    ui.examples.hidden = chosen.length === 0;
+    ui.examplesSearch.disabled = !chosen.some((example) => example.kind === "positive");
+    if (chosen.length === 0) byExamples = false;
+  }
+
+  function choose(kind, example) {
+    chosen = chosen.filter((other) => other.key !== example.key);
+    chosen.push({ ...example, kind });
+    renderExamples();
+  }
+
+  /** A result as an example; the first one brings the query along as a positive example. */
+  function addExample(kind, hit) {
+    if (!hit) return;
+    if (chosen.length === 0 && query && query.kind === "image") {
+      const line = query.lines[0];
+      const text = line.startsWith("Label ") ? `${line.slice("Label ".length)} · #${query.id}` : `#${query.id}`;
+      choose("positive", { key: `id:${query.id}`, id: query.id, text });
+    } else if (chosen.length === 0 && query && query.kind === "file") {
+      choose("positive", { key: "file", file: query.file, text: query.file.name || "your image" });
+    }
+    const label = hitLabel(hit);
+    choose(kind, { key: `id:${hit.id}`, id: hit.id, text: label ? `${label} · #${hit.id}` : `#${hit.id}` });
+  }
+
+  function clearExamples() {
+    chosen = [];
+    byExamples = false;
+    renderExamples();
+  }
+
+  ui.exampleChips.addEventListener("click", (event) => {
+    const remove = event.target.closest("button.chip-remove");
+    if (!remove) return;
+    chosen = chosen.filter((example) => example.key !== remove.dataset.key);
+    renderExamples();
+    ui.examplesSearch.focus();
+  });
+  ui.examplesSearch.addEventListener("click", () => {
+    byExamples = true;
+    runQuery({ focusResults: true });
+  });
+  ui.examplesClear.addEventListener("click", () => {
+    const was = byExamples;
+    clearExamples();
+    if (was) runQuery();
+  });
 
   function renderTimings(timings, roundTrip) {
     const parts = STAGES.filter((s) => typeof timings[s] === "number").map((s) => `${s} ${timings[s].toFixed(1)}`);
@@ -630,6 +757,11 @@
 
   // Results are <button>s, so Enter and Space work like a click: the dialog opens on the image.
   ui.results.addEventListener("click", (event) => {
+    const mark = event.target.closest("button.example-add");
+    if (mark) {
+      addExample(mark.dataset.kind, hitsById.get(Number(mark.dataset.id)));
+      return;
+    }
     const button = event.target.closest("button.hit-button");
     if (!button) return;
     const id = Number(button.dataset.id);
@@ -646,6 +778,7 @@
     C.clearError();
     describeCollection();
     loadLabelChoices("");
+    clearExamples(); // stored examples belong to the collection they came from
     if (query && query.kind === "image") {
       // A stored image belongs to the collection it came from.
       clearQuery();
