@@ -18,6 +18,7 @@ although the rows usually still end up in one component through the kept ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -58,10 +59,12 @@ def similar_pairs(
     exact_limit: int = EXACT_LIMIT,
     nprobe: int = NPROBE,
     seed: int = 0,
+    check: Callable[[], None] | None = None,
 ) -> Pairs:
     """The pairs of ``ids`` ((n,) int64, distinct) whose rows of ``vectors`` ((n, d) float32, unit
     rows) have an inner product (cosine similarity) of at least ``threshold`` (in [-1, 1]), at most
-    ``k`` per row (its best). Exact up to ``exact_limit`` rows, an inverted-file k-NN graph above."""
+    ``k`` per row (its best). Exact up to ``exact_limit`` rows, an inverted-file k-NN graph above.
+    ``check`` is called between blocks (a fraction of a second apart): what it raises stops the work."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
     if k < 1:
@@ -72,13 +75,18 @@ def similar_pairs(
     if vectors.ndim != 2 or len(vectors) != n:
         raise ValueError(f"vectors {vectors.shape} do not match {n} ids")
     best = _Best(n, k)
+    check = check or _nothing
     if n < 2:
         return best.pairs(ids, method="exact")
     if n <= exact_limit:
-        _exact(vectors, best, threshold=float(threshold))
+        _exact(vectors, best, threshold=float(threshold), check=check)
         return best.pairs(ids, method="exact")
-    _inverted(vectors, best, threshold=float(threshold), nprobe=nprobe, seed=seed)
+    _inverted(vectors, best, threshold=float(threshold), nprobe=nprobe, seed=seed, check=check)
     return best.pairs(ids, method="ivf")
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Best:
@@ -137,12 +145,13 @@ def _block_hits(
     return q, m, scores[q, m]
 
 
-def _exact(vectors: np.ndarray, best: _Best, *, threshold: float) -> None:
+def _exact(vectors: np.ndarray, best: _Best, *, threshold: float, check: Callable[[], None]) -> None:
     """Every pair i < j, scored in blocks of rows against the rows after them; each hit is offered
     to both of its rows."""
     n = len(vectors)
     step = max(1, BLOCK_VALUES // n)
     for start in range(0, n, step):
+        check()
         stop = min(n, start + step)
         q, m, s = _block_hits(vectors[start:stop], vectors[start:], threshold=threshold)
         later = m > q  # member position start + m after query position start + q
@@ -150,7 +159,9 @@ def _exact(vectors: np.ndarray, best: _Best, *, threshold: float) -> None:
         best.offer(np.concatenate([q, m]), np.concatenate([m, q]), np.concatenate([s, s]))
 
 
-def _cells(vectors: np.ndarray, *, nprobe: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _cells(
+    vectors: np.ndarray, *, nprobe: int, seed: int, check: Callable[[], None]
+) -> tuple[np.ndarray, np.ndarray]:
     """Spherical k-means cells of the rows: ((n,) the cell of each row, (n, nprobe) the cells each
     row scans, its own first)."""
     n, d = vectors.shape
@@ -173,15 +184,24 @@ def _cells(vectors: np.ndarray, *, nprobe: int, seed: int) -> tuple[np.ndarray, 
     probes = np.empty((n, nprobe), dtype=np.int64)
     step = max(1, BLOCK_VALUES // nlist)
     for start in range(0, n, step):
+        check()
         _, found = centroids.search(vectors[start : start + step], nprobe)
         probes[start : start + step] = found
     return probes[:, 0].copy(), probes
 
 
-def _inverted(vectors: np.ndarray, best: _Best, *, threshold: float, nprobe: int, seed: int) -> None:
+def _inverted(
+    vectors: np.ndarray,
+    best: _Best,
+    *,
+    threshold: float,
+    nprobe: int,
+    seed: int,
+    check: Callable[[], None],
+) -> None:
     """Each row against the members of the cells it scans, a cell at a time; each hit is offered to
     its query row only (the other row finds it again when it scans this row's cell)."""
-    own, probes = _cells(vectors, nprobe=nprobe, seed=seed)
+    own, probes = _cells(vectors, nprobe=nprobe, seed=seed, check=check)
     nlist = int(probes.max()) + 1
     members_of = np.argsort(own, kind="stable")
     member_bounds = np.searchsorted(own[members_of], np.arange(nlist + 1))
@@ -196,6 +216,7 @@ def _inverted(vectors: np.ndarray, best: _Best, *, threshold: float, nprobe: int
         member_vectors = vectors[members]
         step = max(1, BLOCK_VALUES // len(members))
         for start in range(0, len(scanners), step):
+            check()
             rows = scanners[start : start + step]
             q, m, s = _block_hits(vectors[rows], member_vectors, threshold=threshold)
             rows, others = rows[q], members[m]
