@@ -21,6 +21,7 @@ from app.api import (
     problems,
     request_metrics,
     routes_collections,
+    routes_duplicates,
     routes_evaluation,
     routes_health,
     routes_images,
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     openapi.install(app)  # declares the problem+json error responses on every operation
     for module in (
         routes_collections,
+        routes_duplicates,
         routes_images,
         routes_jobs,
         routes_evaluation,
