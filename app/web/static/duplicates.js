@@ -42,8 +42,19 @@
     return Math.max(1, Math.ceil(state.total / PER_PAGE));
   }
 
+  /** Four decimals, cut (not rounded): a near copy at 0.99996 is not shown as a perfect 1. */
   function score(value) {
-    return Number(value).toFixed(3);
+    return (Math.floor(Number(value) * 10000) / 10000).toFixed(4);
+  }
+
+  /** A bar from the run's threshold (empty) to 1 (full): every pair of a group is above the
+   *  threshold, so a bar from 0 would be full for all of them. */
+  function thresholdBar(value) {
+    const threshold = state.run ? Number(state.run.threshold) : 0;
+    const share = threshold < 1 ? (Number(value) - threshold) / (1 - threshold) : 1;
+    const fill = el("span", { className: "bar-fill" });
+    fill.style.width = `${Math.min(1, Math.max(0.02, share)) * 100}%`;
+    return el("span", { className: "bar", attrs: { "aria-hidden": "true" } }, [fill]);
   }
 
   // ---- the run: its facts, starting one, polling its job --------------------------------------
@@ -305,13 +316,13 @@
         el("span", { className: "label", text: member.label || member.original_name || "no label" }),
         el("span", { className: "rank", text: `#${member.id}` }),
       ]),
-      el("span", { className: "dup-score", attrs: { title: pairText ? `Pairs: ${pairText}` : null } }, [
+      el("span", { className: "dup-score", attrs: { title: pairText ? `Its pairs in the group (the bar runs from the threshold to 1): ${pairText}` : null } }, [
         el("span", { className: "dup-score-line" }, [
           el("span", { className: "visually-hidden", text: "best pair score " }),
           el("span", { className: "score", text: best === null ? "–" : score(best) }),
           ...tags,
         ]),
-        C.scoreBar(best === null ? 0 : best),
+        thresholdBar(best === null ? 0 : best),
       ]),
     ];
     if (open) {
@@ -323,7 +334,7 @@
             type: "button",
             "data-action": "keep",
             "data-keep": member.id,
-            "aria-label": `Keep ${described}; the other ${C.plural(group.size - 1, "image")} of group ${group.id} become its duplicates`,
+            "aria-label": `Keep this: ${described}; the other ${C.plural(group.size - 1, "image")} of group ${group.id} become its duplicates`,
           },
         }),
       );
@@ -367,7 +378,7 @@
         el("button", {
           className: "button",
           text: "Not duplicates",
-          attrs: { type: "button", "data-action": "not_duplicates", "aria-label": `Group ${group.id}: not duplicates` },
+          attrs: { type: "button", "data-action": "not_duplicates", "aria-label": `Not duplicates: the images of group ${group.id} only look alike` },
         }),
       );
     } else {
