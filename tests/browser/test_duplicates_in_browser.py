@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]  # the first brows
 # Codes of the tiny embedder (8x8 greyscale): a digit and its dimmed or enlarged copy score above
 # 0.999; the first test digits of labels 0-5 score at most 0.76 with each other.
 THRESHOLD = "0.99"
+COLLECTION = "near-copies"  # after "mnist" by name, in case it outlives the test
 HOSTILE_LABEL = '"><img src=x onerror=alert(1)>'
 
 
@@ -56,17 +58,26 @@ def wait_for_run(live_server: LiveServer, collection: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.fixture
+def near_copies(live_server: LiveServer) -> Iterator[str]:
+    """A collection of the session's server, gone after the test: the other browser tests expect
+    the demo's ``mnist`` to be the first collection a page selects."""
+    created = live_server.api("POST", "/collections", json={"name": COLLECTION, "embedder": "tiny"})
+    assert created.status_code == 201, created.text
+    yield COLLECTION
+    assert live_server.api("DELETE", f"/collections/{COLLECTION}").status_code == 204
+
+
 def test_duplicates_page_runs_resolves_and_reopens_a_group(
-    page: Page, live_server: LiveServer, tmp_path: Path
+    page: Page, live_server: LiveServer, near_copies: str, tmp_path: Path
 ) -> None:
     images, labels = load_mnist("test", datasets_dir=DATASETS_DIR, download_dir=tmp_path)
     api = live_server.api
-    assert api("POST", "/collections", json={"name": "dups", "embedder": "tiny"}).status_code == 201
 
     def upload(name: str, pixels: np.ndarray, label: str | None = None) -> int:
         response = api(
             "POST",
-            "/collections/dups/images",
+            f"/collections/{COLLECTION}/images",
             files={"file": (name, png(pixels), "image/png")},
             data={"metadata": json.dumps({"label": label} if label else {})},
         )
@@ -79,7 +90,7 @@ def test_duplicates_page_runs_resolves_and_reopens_a_group(
     ids["digit-0-big"] = upload("digit-0-big.png", enlarged(images[first[0]]), label=HOSTILE_LABEL)
     ids["digit-1-big"] = upload("digit-1-big.png", enlarged(images[first[1]]))
 
-    page.goto("/duplicates?collection=dups")
+    page.goto(f"/duplicates?collection={COLLECTION}")
     page.wait_for_function(
         "() => document.getElementById('status').textContent.startsWith('No duplicate run')"
     )
@@ -147,11 +158,11 @@ def test_duplicates_page_runs_resolves_and_reopens_a_group(
 
     # A new copy joins the resolved group: the next run reopens it with the newcomer marked.
     ids["digit-0-darker"] = upload("digit-0-darker.png", dimmed(images[first[0]], 0.6))
-    page.goto("/duplicates?collection=dups&status=all")
+    page.goto(f"/duplicates?collection={COLLECTION}&status=all")
     page.fill("#threshold", THRESHOLD)
     page.click("#run-start")
     page.wait_for_function("() => document.getElementById('run-status').textContent.startsWith('Done')")
-    wait_for_run(live_server, "dups")
+    wait_for_run(live_server, COLLECTION)
     reopened = groups.nth(0)
     assert reopened.locator(".dup-state").text_content() == "reopened"
     assert reopened.locator(".dup-member").count() == 4
