@@ -122,7 +122,8 @@ def test_duplicates_page_runs_resolves_and_reopens_a_group(
         assert float(text) >= 0.99
     assert group.get_by_role("button", name="Keep this").count() == 3
     assert group.get_by_role("button", name="Not duplicates").count() == 1
-    group.locator("summary").click()
+    group.locator("summary").click()  # the pair list is built when first unfolded
+    group.locator(".dup-pairs tbody tr").nth(2).wait_for()
     assert group.locator(".dup-pairs tbody tr").count() == 3
     both_widths(page, "duplicates")
 

@@ -13,6 +13,7 @@
   const PER_PAGE = 10;
   const POLL_MS = 500;
   const STATUSES = ["open", "resolved", "all"];
+  const TITLE_PAIRS = 8; // pairs named in a member's tooltip; the group's pair list has them all
   const ui = {
     runWhen: byId("run-when"),
     runForm: byId("run-form"),
@@ -293,7 +294,9 @@
     const isNew = group.new_members.includes(member.id);
     const described = memberName(member);
     const best = pairs.length ? pairs[0][1] : null;
-    const pairText = pairs.map(([other, s]) => `#${other}: ${score(s)}`).join(", ");
+    const listed = pairs.slice(0, TITLE_PAIRS).map(([other, s]) => `#${other}: ${score(s)}`);
+    if (pairs.length > TITLE_PAIRS) listed.push(`${C.count(pairs.length - TITLE_PAIRS)} more`);
+    const pairText = listed.join(", ");
     const classes = ["dup-member"];
     if (isNew) classes.push("new");
     if (member.role) classes.push(`role-${member.role}`);
@@ -342,6 +345,18 @@
     return el("li", { className: classes.join(" "), attrs: { "data-id": member.id } }, children);
   }
 
+  /** The group's pairs, folded; the table is built when first unfolded (a large group has
+   *  thousands of pairs). */
+  function pairList(group) {
+    const details = el("details", { className: "dup-pairs" }, [
+      el("summary", { text: `${C.plural(group.pairs.length, "pair")} with their scores` }),
+    ]);
+    details.addEventListener("toggle", () => {
+      if (details.open && details.children.length === 1) details.append(pairTable(group));
+    });
+    return details;
+  }
+
   function pairTable(group) {
     const rows = group.pairs.map((pair) =>
       el("tr", {}, [
@@ -350,20 +365,17 @@
         el("td", { className: "num", text: score(pair.score) }),
       ]),
     );
-    return el("details", { className: "dup-pairs" }, [
-      el("summary", { text: `${C.plural(group.pairs.length, "pair")} with their scores` }),
-      el("div", { className: "table-wrap" }, [
-        el("table", { className: "data-table" }, [
-          el("caption", { className: "visually-hidden", text: `Pairs of group ${group.id}, best first` }),
-          el("thead", {}, [
-            el("tr", {}, [
-              el("th", { text: "Image", attrs: { scope: "col" } }),
-              el("th", { text: "Image", attrs: { scope: "col" } }),
-              el("th", { text: "Cosine", attrs: { scope: "col" } }),
-            ]),
+    return el("div", { className: "table-wrap" }, [
+      el("table", { className: "data-table" }, [
+        el("caption", { className: "visually-hidden", text: `Pairs of group ${group.id}, best first` }),
+        el("thead", {}, [
+          el("tr", {}, [
+            el("th", { text: "Image", attrs: { scope: "col" } }),
+            el("th", { text: "Image", attrs: { scope: "col" } }),
+            el("th", { text: "Cosine", attrs: { scope: "col" } }),
           ]),
-          el("tbody", {}, rows),
         ]),
+        el("tbody", {}, rows),
       ]),
     ]);
   }
@@ -397,7 +409,7 @@
       ]),
       el("p", { className: "dup-summary", text: summary(group) }),
       el("ol", { className: "dup-members" }, group.members.map((m) => memberItem(group, m, by.get(m.id) || []))),
-      pairTable(group),
+      pairList(group),
       actions,
     ]);
   }
