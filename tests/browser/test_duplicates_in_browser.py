@@ -182,3 +182,16 @@ def test_duplicates_page_runs_resolves_and_reopens_a_group(
     other.get_by_role("button", name="Reopen").click()
     other.locator(".dup-state", has_text="open").wait_for()
     assert other.locator("button.keep").count() == 2
+
+    # A run started elsewhere changed the groups shown: the page refuses to act on a stale group.
+    upload("digit-1-dim.png", dimmed(images[first[1]]))
+    assert api("POST", f"/collections/{COLLECTION}/duplicates", json={"threshold": 0.99}).status_code == 202
+    wait_for_run(live_server, COLLECTION)
+    other.get_by_role("button", name="Not duplicates").click()
+    alert = page.locator("#alert")
+    alert.wait_for()
+    # SQLite gives the new groups the old ids (the page sees other members), PostgreSQL new ones (404)
+    told = alert.inner_text() + page.locator("#status").inner_text()
+    assert "A newer run has replaced the groups shown: reload the page" in told
+    assert other.get_by_role("button", name="Not duplicates").is_enabled()
+    assert api("GET", f"/collections/{COLLECTION}/duplicates?status=resolved").json()["total"] == 0

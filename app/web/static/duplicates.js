@@ -414,20 +414,36 @@
     ]);
   }
 
+  const STALE = "A newer run has replaced the groups shown: reload the page to see its groups.";
+
+  /** The group as the server has it now, if it still has the members shown; else null (a newer
+   *  run replaced the groups, and a group id of an earlier run may name another group now). */
+  async function stillShown(item, path) {
+    const group = await C.api(path);
+    const shown = [...item.querySelectorAll("li.dup-member")].map((m) => Number(m.dataset.id)).sort((a, b) => a - b);
+    const now = group.members.map((m) => m.id).sort((a, b) => a - b);
+    return shown.length === now.length && shown.every((id, i) => id === now[i]) ? group : null;
+  }
+
   async function act(item, action, keep) {
     const groupId = Number(item.dataset.group);
-    const url = `/collections/${name()}/duplicates/${groupId}/resolution`;
+    const path = `/collections/${name()}/duplicates/${groupId}`;
     const init = action === "reopen" ? { method: "DELETE" } : { method: "POST", json: action === "keep" ? { action, keep } : { action } };
     C.clearError();
     item.setAttribute("aria-busy", "true");
-    for (const button of item.querySelectorAll("button[data-action]")) button.disabled = true;
-    let group;
+    const buttons = [...item.querySelectorAll("button[data-action]")];
+    for (const button of buttons) button.disabled = true;
+    let group = null;
     try {
-      group = await C.api(url, init);
+      if (await stillShown(item, path)) group = await C.api(`${path}/resolution`, init);
+      else C.showError({ title: "Groups changed", detail: STALE });
     } catch (error) {
       C.showError(error);
+      if (error.code === "duplicate_group_not_found") ui.status.textContent = STALE;
+    }
+    if (!group) {
       item.setAttribute("aria-busy", "false");
-      for (const button of item.querySelectorAll("button[data-action]")) button.disabled = false;
+      for (const button of buttons) button.disabled = false;
       return;
     }
     // The group stays in place (also under the filter it left) until the next load.
