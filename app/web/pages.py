@@ -15,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import ContextDep
 from app.catalog.collections import CollectionInfo, list_collections
+from app.duplicates.defaults import default_threshold
 from app.embedding.embedders import embedder_choices
 from app.ingest.sources.datasets import DATASETS
 from index.projection import available_methods
@@ -28,6 +29,7 @@ NAV = (
     ("import", "/import", "Import"),
     ("evaluate", "/evaluate", "Evaluate"),
     ("map", "/map", "Map"),
+    ("duplicates", "/duplicates", "Duplicates"),
 )
 
 
@@ -113,4 +115,17 @@ def evaluate(request: Request, ctx: ContextDep, collection: ChosenCollection) ->
 def map_page(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
     return _render(
         request, ctx, template="map.html", page="map", collection=collection, methods=available_methods()
+    )
+
+
+@router.get("/duplicates", response_class=HTMLResponse)
+def duplicates_page(request: Request, ctx: ContextDep, collection: ChosenCollection) -> HTMLResponse:
+    # the default threshold depends on the selected collection's embedder: the template asks
+    return _render(
+        request,
+        ctx,
+        template="duplicates.html",
+        page="duplicates",
+        collection=collection,
+        default_threshold=default_threshold,
     )

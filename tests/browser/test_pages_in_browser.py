@@ -349,7 +349,7 @@ def test_map_draws_the_codes_by_label_and_a_click_searches(page: Page) -> None:
 
 
 # -- quality --------------------------------------------------------------------------------------
-PAGES = ["/", "/browse", "/import", "/evaluate", "/map"]
+PAGES = ["/", "/browse", "/import", "/evaluate", "/map", "/duplicates"]
 
 
 def test_every_page_renders_in_under_300_ms_for_60000_images(page: Page, live_server: LiveServer) -> None:

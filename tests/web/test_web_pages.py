@@ -16,7 +16,7 @@ from app.main import create_app
 from app.web.pages import NAV, templates
 from tests.web.test_pages import HTML_SINKS, PAYLOAD, STATIC, Tags
 
-PAGES = ["/", "/browse", "/import", "/evaluate", "/map"]
+PAGES = ["/", "/browse", "/import", "/evaluate", "/map", "/duplicates"]
 
 
 def upload(client: TestClient, collection: str, data: bytes, *, name: str, metadata: dict) -> int:
