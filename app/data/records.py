@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -165,3 +166,90 @@ class ApiKeyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Revoked keys stay (so `auth=auto` stays on once a key ever existed, and the list shows them).
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# -- near-duplicate groups (app/duplicates) ---------------------------------------------------------
+_IMAGE_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
+class DuplicateRunRecord(Base):
+    """The latest near-duplicate run of a collection: its groups replace the previous run's."""
+
+    __tablename__ = "duplicate_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), unique=True)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    embedder_version: Mapped[str] = mapped_column(String(128))
+    threshold: Mapped[float] = mapped_column(Float)
+    images: Mapped[int] = mapped_column(Integer)
+    pairs: Mapped[int] = mapped_column(Integer)
+    groups: Mapped[int] = mapped_column(Integer)
+    truncated_rows: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(16))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DuplicateResolutionRecord(Base):
+    """A person's decision on a group, kept with the member set it was made on (``members``, image
+    ids): ``keep`` (``keep_image_id`` stays, the others are its duplicates) or ``not_duplicates``.
+    Runs never delete one; resolving a group again replaces those it overlaps."""
+
+    __tablename__ = "duplicate_resolutions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    keep_image_id: Mapped[int | None] = mapped_column(_IMAGE_ID)
+    members: Mapped[list[int]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DuplicateGroupRecord(Base):
+    """A connected component of the run's pairs; ``rank`` 0 is the largest. ``status``: open or
+    resolved; ``resolution_id``: the resolution that covers it, or (reopened) the one it outgrew."""
+
+    __tablename__ = "duplicate_groups"
+    __table_args__ = (Index("ix_duplicate_groups_run_rank", "run_id", "rank"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("duplicate_runs.id", ondelete="CASCADE"))
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    reopened: Mapped[bool] = mapped_column(Boolean, default=False)
+    resolution_id: Mapped[int | None] = mapped_column(
+        ForeignKey("duplicate_resolutions.id", ondelete="SET NULL"), index=True
+    )
+
+
+class DuplicateMemberRecord(Base):
+    """An image of a group; ``new``: it joined the group after the resolution the group outgrew."""
+
+    __tablename__ = "duplicate_members"
+
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("duplicate_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        _IMAGE_ID, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    new: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DuplicatePairRecord(Base):
+    """Two images of a group within the run's threshold, ``left_id < right_id``, with their cosine."""
+
+    __tablename__ = "duplicate_pairs"
+
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("duplicate_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    left_id: Mapped[int] = mapped_column(
+        _IMAGE_ID, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    right_id: Mapped[int] = mapped_column(
+        _IMAGE_ID, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    score: Mapped[float] = mapped_column(Float)

@@ -19,7 +19,13 @@ from app.data.db import Database, alembic_config
 from app.data.records import Base
 from tests.conftest import ON_POSTGRES
 
-TABLES = {"collections", "images", "embeddings", "checkpoints", "jobs", "api_keys"}
+TABLES = {"collections", "images", "embeddings", "checkpoints", "jobs", "api_keys"} | {
+    "duplicate_runs",
+    "duplicate_resolutions",
+    "duplicate_groups",
+    "duplicate_members",
+    "duplicate_pairs",
+}
 
 
 @pytest.fixture
