@@ -20,6 +20,7 @@ from app.api import (
     parameters,
     problems,
     routes_collections,
+    routes_duplicates,
     routes_evaluation,
     routes_health,
     routes_images,
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     openapi.install(app)  # declares the problem+json error responses on every operation
     for module in (
         routes_collections,
+        routes_duplicates,
         routes_images,
         routes_jobs,
         routes_evaluation,

@@ -30,8 +30,9 @@ from app.learning.tasks import KINDS as TASK_KINDS
 
 # Utf8FormRoute: a form part or file name that is not UTF-8 is refused, never read as Latin-1.
 router = APIRouter(tags=["imports"], route_class=Utf8FormRoute)
-# Imports and embedder switches (app/ingest/jobs.py), evaluations and whitening (tasks.py).
-JobKind = Literal["import", "reembed", "evaluate", "whiten"]
+# Imports and embedder switches (app/ingest/jobs.py), evaluations, whitening and near-duplicate
+# runs (tasks.py).
+JobKind = Literal["import", "reembed", "evaluate", "whiten", "duplicates"]
 
 IMPORT_BODY = {
     "requestBody": {

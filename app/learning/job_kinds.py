@@ -1,5 +1,6 @@
 """The job runner as the service and the CLI use it: import jobs (app/ingest/jobs.py) plus what the
-learning layer adds, the ``reembed``, ``whiten`` and ``evaluate`` job kinds and the automatic
+learning layer adds, the ``reembed``, ``whiten`` and ``evaluate`` job kinds (and the
+``duplicates`` runs of app/duplicates) and the automatic
 tuning at the end of each import.
 
 The ingest layer runs jobs and knows none of these; this module hands them to it. A whitening or
@@ -15,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from app.context import AppContext
+from app.duplicates.job import find_duplicates
 from app.embedding import cost
 from app.ingest.jobs import JobRunner
 from app.learning import autotune, tuning
@@ -47,6 +49,18 @@ def _whiten(
     work = partial(
         tuning.whitening_job, ctx, collection=collection, dim=params["dim"], shrinkage=params["shrinkage"]
     )
+    return run_claimed(ctx, job_id=job_id, work=work, should_stop=should_stop)
+
+
+def _duplicates(
+    ctx: AppContext,
+    *,
+    job_id: str,
+    collection: str,
+    params: dict[str, Any],
+    should_stop: Callable[[], bool],
+) -> bool:
+    work = partial(find_duplicates, ctx, collection=collection, threshold=params["threshold"], job_id=job_id)
     return run_claimed(ctx, job_id=job_id, work=work, should_stop=should_stop)
 
 
@@ -106,7 +120,7 @@ def job_runner(ctx: AppContext, *, runs_jobs: bool = True) -> JobRunner:
     replica)."""
     return JobRunner(
         ctx,
-        kinds={"reembed": _reembed, "whiten": _whiten, "evaluate": _evaluate},
+        kinds={"reembed": _reembed, "whiten": _whiten, "evaluate": _evaluate, "duplicates": _duplicates},
         after_import=autotune.after_import_logged,
         runs_jobs=runs_jobs,
     )

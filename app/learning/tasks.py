@@ -45,7 +45,7 @@ from app.ingest.leases import LeaseKeeper, Leases
 
 log = logging.getLogger(__name__)
 
-KINDS = ("evaluate", "whiten")
+KINDS = ("evaluate", "whiten", "duplicates")
 INTERRUPTED = "interrupted by a restart or shutdown before it finished; start it again"
 LIVE = ("queued", "running")
 CANCELLED = "the job was cancelled"
