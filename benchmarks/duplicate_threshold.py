@@ -102,11 +102,10 @@ def score_table(*, originals: np.ndarray, copies: dict[str, np.ndarray], groups:
     return table
 
 
-def pair_counts(vectors: np.ndarray, *, family: np.ndarray, threshold: float) -> tuple[int, int, int]:
+def pair_counts(sims: np.ndarray, *, family: np.ndarray, threshold: float) -> tuple[int, int, int]:
     """(true positive pairs, predicted pairs, true pairs) of same-component at cosine >= threshold."""
-    sims = vectors @ vectors.T
     left, right = np.nonzero(np.triu(sims >= threshold, k=1))
-    n = len(vectors)
+    n = len(sims)
     graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
 
@@ -144,8 +143,9 @@ def sweep(
                 fam = np.concatenate(family)
                 whitened = fit_whitening(raw, dim=128).apply(raw)
                 for kind, vectors in (("raw", raw), ("whitened", whitened)):
+                    sims = vectors @ vectors.T
                     for threshold in thresholds:
-                        tp, predicted, true = pair_counts(vectors, family=fam, threshold=threshold)
+                        tp, predicted, true = pair_counts(sims, family=fam, threshold=threshold)
                         rows.append(
                             {
                                 "strength": strength,

@@ -19,6 +19,7 @@ components the same way (``index.pairs.components``).
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -103,14 +104,24 @@ def default_folder(settings: Settings) -> Path:
     return (settings.datasets_dir or Path("../shared/datasets")) / HOLIDAYS_FOLDER
 
 
-def photos_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, by name."""
+def photos_in(folder: Path) -> tuple[list[Path], int]:
+    """The image files directly in ``folder``, by name, each content once (an import stores
+    identical files once: Holidays dev has three pairs); and how many identical files were left out."""
     if not folder.is_dir():
         raise BenchError(f"no folder of photos at {folder}")
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    seen: set[str] = set()
+    found: list[Path] = []
+    skipped = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            skipped += 1
+            continue
+        seen.add(digest)
+        found.append(path)
     if len(found) < 2:
         raise BenchError(f"{folder} holds {len(found)} image files; the benchmark needs at least 2")
-    return found
+    return found, skipped
 
 
 def make_folder(
@@ -258,19 +269,24 @@ def _names_of(ctx: Any, *, collection: str) -> dict[int, str]:
     return {int(i): Path(str(name)).name for i, name in rows}
 
 
-def _run_job(ctx: Any, *, collection: str, threshold: float | None) -> tuple[float, dict[int, int], float]:
-    """The duplicates job on the collection: (threshold used, image id -> group, seconds)."""
-    from app.core.cancel import CancelToken
-    from app.duplicates import find_duplicates, stored_groups
+def _run_job(ctx: Any, *, collection: str, threshold: float | None) -> tuple[float, dict[str, int], float]:
+    """The duplicates job on the collection: (threshold used, file name -> group, seconds)."""
+    from app.duplicates.groups import list_groups
+    from app.duplicates.job import find_duplicates
 
     began = time.perf_counter()
-    summary = find_duplicates(ctx, collection=collection, threshold=threshold, token=CancelToken())
+    summary = find_duplicates(ctx, collection=collection, threshold=threshold)
     seconds = time.perf_counter() - began
-    group_of = {
-        int(image_id): number
-        for number, members in enumerate(stored_groups(ctx, collection=collection))
-        for image_id in members
-    }
+    group_of: dict[str, int] = {}
+    page = 1
+    while True:
+        found = list_groups(ctx, collection=collection, status="all", page=page, per_page=500)
+        for group in found.groups:
+            for member in group.members:
+                group_of[Path(str(member.original_name)).name] = group.id
+        if page * 500 >= found.total:
+            break
+        page += 1
     return float(summary["threshold"]), group_of, seconds
 
 
@@ -289,7 +305,7 @@ def run_bench(
     from app.catalog.collections import create_collection
     from app.context import open_context
 
-    photos = photos_in(folder)
+    photos, identical = photos_in(folder)
     with tempfile.TemporaryDirectory(prefix="cbir-bench-duplicates-") as scratch:
         files = Path(scratch) / "photos"
         say(f"altering {min(sample, len(photos))} of {len(photos)} photos of {folder}")
@@ -302,12 +318,11 @@ def run_bench(
             say(f"importing {len(entries)} images ({embedder})")
             imported_s = _import(ctx, collection="bench", folder=files)
             say("running the duplicates job")
-            used, by_id, job_s = _run_job(ctx, collection="bench", threshold=threshold)
+            used, group_of, job_s = _run_job(ctx, collection="bench", threshold=threshold)
             names = _names_of(ctx, collection="bench")
             codes = _served_version(ctx, collection="bench")
         finally:
             ctx.close()
-        group_of = {names[image_id]: group for image_id, group in by_id.items()}
         if len(names) != len(entries):
             raise BenchError(f"{len(entries)} files imported as {len(names)} images (identical files?)")
         result = BenchResult(
@@ -317,7 +332,12 @@ def run_bench(
             copies=sum(e.alteration != ORIGINAL for e in entries),
             sample=min(sample, len(photos)),
             seed=seed,
-            notes={"strength": strength, "codes": codes, "import_seconds": round(imported_s, 1)},
+            notes={
+                "strength": strength,
+                "codes": codes,
+                "identical_files_skipped": identical,
+                "import_seconds": round(imported_s, 1),
+            },
         )
         result.methods.append(
             score_groups(entries, group_of=group_of, name=embedder, threshold=used, seconds=job_s)
