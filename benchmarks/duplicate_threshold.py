@@ -69,6 +69,13 @@ def codes(spec: str, *, strength: str, cache: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def first_of_each_content(names: list[str]) -> np.ndarray:
+    """(n,) bool: identical files are imported once, so keep the first of each content (Holidays
+    dev has three pairs of identical files in different groups)."""
+    digests = [hashlib.sha256((ROOT / n).read_bytes()).hexdigest() for n in names]
+    return np.asarray([digests.index(d) == i for i, d in enumerate(digests)])
+
+
 def groups_of(names: list[str]) -> np.ndarray:
     return np.asarray([int(n[:4]) for n in names], dtype=np.int64)
 
@@ -128,9 +135,10 @@ def sweep(
     groups = groups_of(names)
     rows = []
     originals = data["standard"]["original"]
+    first = first_of_each_content(names)
     for strength in STRENGTHS:
         for half, span in {"all": range(0, 10_000), **HALVES}.items():
-            keep = np.flatnonzero(np.isin(groups, list(span)))
+            keep = np.flatnonzero(np.isin(groups, list(span)) & first)
             for seed in range(seeds):
                 rng = np.random.default_rng(seed)
                 chosen = rng.choice(keep, size=min(sample, len(keep)), replace=False)
@@ -180,7 +188,12 @@ def main() -> None:
             for strength in STRENGTHS:
                 apply = whitening.apply if kind == "whitened" else (lambda x: x)
                 copies = {k: apply(v) for k, v in data[strength].items() if k != "original"}
-                table = score_table(originals=apply(originals), copies=copies, groups=groups_of(names))
+                keep = first_of_each_content(names)
+                table = score_table(
+                    originals=apply(originals)[keep],
+                    copies={k: v[keep] for k, v in copies.items()},
+                    groups=groups_of(names)[keep],
+                )
                 out[f"{kind} {strength}"] = table  # type: ignore[index]
                 print(f"== {kind} codes, {strength} alterations", file=sys.stderr)
                 for row, values in table.items():

@@ -318,9 +318,22 @@ def bench_search_command(
     help="cosine threshold of the job (default: the job's default for the collection)",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="which photos are copied")
+@click.option(
+    "--strength",
+    type=click.Choice(["weak", "standard", "strong"]),
+    default="standard",
+    show_default=True,
+    help="how far the copies are altered",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def bench_duplicates_command(
-    folder: Path | None, sample: int, embedder: str, threshold: float | None, seed: int, as_json: bool
+    folder: Path | None,
+    sample: int,
+    embedder: str,
+    threshold: float | None,
+    seed: int,
+    strength: str,
+    as_json: bool,
 ) -> None:
     """Pair precision and recall of the near-duplicate job on altered copies of photos, beside a
     perceptual-hash baseline (pHash, Hamming <= 10), per alteration."""
@@ -335,6 +348,7 @@ def bench_duplicates_command(
             embedder=embedder,
             threshold=threshold,
             seed=seed,
+            strength=strength,
             say=lambda text: click.echo(text, err=True),
         )
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from app.bench.alterations import ALTERATIONS, STRENGTHS, alter, encode
-from app.bench.duplicates import ORIGINAL, Entry, hamming_pairs, make_folder, score_groups
+from app.bench.duplicates import ORIGINAL, Entry, hamming_pairs, make_folder, photos_in, score_groups
 from app.cli import main
 from tests.conftest import DATASETS_DIR
 
@@ -93,6 +93,17 @@ def test_the_scratch_folder_holds_every_photo_and_the_copies_of_the_sample(tmp_p
     assert len(entries) == 4 + 2 * len(ALTERATIONS)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(e.name for e in entries)
     assert len({e.family for e in entries if e.alteration != ORIGINAL}) == 2
+
+
+def test_identical_files_count_once_as_the_import_stores_them(tmp_path: Path) -> None:
+    for name, shade in (("a.png", 0), ("b.png", 90), ("c.png", 0), ("notes.txt", 1)):
+        path = tmp_path / name
+        if name.endswith(".png"):
+            Image.fromarray(np.full((8, 8, 3), shade, dtype=np.uint8), "RGB").save(path)
+        else:
+            path.write_text("not a photo")
+    photos, skipped = photos_in(tmp_path)
+    assert [p.name for p in photos] == ["a.png", "b.png"] and skipped == 1
 
 
 def test_bench_duplicates_runs_the_import_and_the_job_and_prints_the_json_line(
