@@ -23,6 +23,8 @@ from app.api.duplicates_schemas import (
 from app.api.parameters import _decimal
 from app.api.presenters import image_urls
 from app.api.schemas import JobAccepted
+from app.context import AppContext
+from app.core.cancel import CancelToken
 from app.core.usertext import printable, servable
 from app.duplicates import groups as duplicate_groups
 from app.duplicates.groups import GroupInfo, GroupPage
@@ -61,7 +63,9 @@ def find(
     )
 
 
-def _work(ctx: Any, *, collection: str, threshold: float, ref: dict[str, str], token: Any) -> dict[str, Any]:
+def _work(
+    ctx: AppContext, *, collection: str, threshold: float, ref: dict[str, str], token: CancelToken
+) -> dict[str, Any]:
     # the job's id is known once submit returns, long before the run is stored
     return find_duplicates(
         ctx, collection=collection, threshold=threshold, token=token, job_id=lambda: ref.get("job_id")

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from app.cli.bench import bench
 from app.cli.common import command_context, epoch_bars, progress_bar
+from app.cli.duplicates import duplicates
 from app.cli.roles import shared_parts_problem, worker
 from app.cli.train import train
 from app.core.errors import CbirError
@@ -433,6 +434,7 @@ def _row_name(row: dict[str, Any]) -> str:
 
 
 main.add_command(bench)
+main.add_command(duplicates)
 main.add_command(train)
 main.add_command(worker)
 

@@ -14,6 +14,7 @@ from app.data.vector_rows import count_vectors, stored_dim
 from index.rows import unusable_rows
 
 CHUNK_VALUES = 1 << 22  # floats read per query: 16 MB of blobs whatever the dimension
+MIN_ROWS = 256  # rows read per query at least
 
 
 def read_codes(
@@ -30,7 +31,7 @@ def read_codes(
     ids = np.empty(expected, dtype=np.int64)
     filled = refused = 0
     last = -1
-    step = max(256, CHUNK_VALUES // dim)
+    step = max(MIN_ROWS, CHUNK_VALUES // dim)
     while True:
         check()
         with db.session() as session:

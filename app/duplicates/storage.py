@@ -87,10 +87,17 @@ def _without_deleted(session: Session, collection_id: int, pairs: Pairs) -> Pair
     return Pairs(pairs.left[keep], pairs.right[keep], pairs.score[keep], pairs.truncated_rows, pairs.method)
 
 
-def _insert(session: Session, table: Any, rows: list[dict[str, Any]], check: Callable[[], None]) -> None:
-    for start in range(0, len(rows), ROWS):
+def _insert(
+    session: Session,
+    table: Any,
+    rows: Callable[[int, int], list[dict[str, Any]]],
+    count: int,
+    check: Callable[[], None],
+) -> None:
+    """Insert ``count`` rows made ``ROWS`` at a time by ``rows(start, stop)``: never all at once."""
+    for start in range(0, count, ROWS):
         check()
-        session.execute(insert(table), rows[start : start + ROWS])
+        session.execute(insert(table), rows(start, min(count, start + ROWS)))
 
 
 def save_run(
@@ -140,22 +147,23 @@ def save_run(
             )
         )
     ids = np.asarray(group_ids, dtype=np.int64)
-    member_rows = [
-        {"group_id": int(ids[g]), "image_id": int(i), "new": i in verdicts[g].new}
-        for i, g in zip(grouped.members.tolist(), grouped.member_group.tolist(), strict=True)
-    ]
-    _insert(session, DuplicateMemberRecord, member_rows, check)
-    pair_rows = [
-        {"group_id": int(ids[g]), "left_id": a, "right_id": b, "score": s}
-        for a, b, s, g in zip(
-            pairs.left.tolist(),
-            pairs.right.tolist(),
-            pairs.score.tolist(),
-            grouped.pair_group.tolist(),
-            strict=True,
-        )
-    ]
-    _insert(session, DuplicatePairRecord, pair_rows, check)
+
+    def member_rows(start: int, stop: int) -> list[dict[str, Any]]:
+        members, groups = grouped.members[start:stop].tolist(), grouped.member_group[start:stop].tolist()
+        return [
+            {"group_id": int(ids[g]), "image_id": i, "new": i in verdicts[g].new}
+            for i, g in zip(members, groups, strict=True)
+        ]
+
+    def pair_rows(start: int, stop: int) -> list[dict[str, Any]]:
+        columns = (pairs.left, pairs.right, pairs.score, grouped.pair_group)
+        return [
+            {"group_id": int(ids[g]), "left_id": a, "right_id": b, "score": s}
+            for a, b, s, g in zip(*(c[start:stop].tolist() for c in columns), strict=True)
+        ]
+
+    _insert(session, DuplicateMemberRecord, member_rows, len(grouped.members), check)
+    _insert(session, DuplicatePairRecord, pair_rows, len(pairs), check)
     counts = {"groups": grouped.count, "open": 0, "resolved": 0, "reopened": 0}
     for v in verdicts:
         counts[v.status] += 1
