@@ -296,3 +296,66 @@ def bench_search_command(
         raise click.ClickException(exc.detail) from None
     if as_json:
         click.echo(json.dumps(summary))
+
+
+@bench.command("duplicates")
+@click.option(
+    "--folder",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="distinct photos (default: CBIR_DATASETS_DIR/inria-holidays-dev/jpg)",
+)
+@click.option(
+    "--sample", type=click.IntRange(min=1), default=100, show_default=True, help="photos given altered copies"
+)
+@click.option(
+    "--embedder", default="efficientnet_lite0", show_default=True, help="the collection's embedder spec"
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=-1.0, max=1.0),
+    default=None,
+    help="cosine threshold of the job (default: the job's default for the collection)",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="which photos are copied")
+@click.option(
+    "--strength",
+    type=click.Choice(["weak", "standard", "strong"]),
+    default="standard",
+    show_default=True,
+    help="how far the copies are altered",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def bench_duplicates_command(
+    folder: Path | None,
+    sample: int,
+    embedder: str,
+    threshold: float | None,
+    seed: int,
+    strength: str,
+    as_json: bool,
+) -> None:
+    """Pair precision and recall of the near-duplicate job on altered copies of photos, beside a
+    perceptual-hash baseline (pHash, Hamming <= 10), per alteration."""
+    from app.bench import duplicates as service
+
+    try:
+        settings = get_settings()
+        result = service.run_bench(
+            settings,
+            folder=folder or service.default_folder(settings),
+            sample=sample,
+            embedder=embedder,
+            threshold=threshold,
+            seed=seed,
+            strength=strength,
+            say=lambda text: click.echo(text, err=True),
+        )
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid CBIR_* setting: {exc}") from None
+    except CbirError as exc:
+        raise click.ClickException(exc.detail) from None
+    for line in service.format_table(result):
+        click.echo(line)
+    if as_json:
+        click.echo(json.dumps(result.summary()))
