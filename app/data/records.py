@@ -176,6 +176,7 @@ class DuplicateRunRecord(Base):
     """The latest near-duplicate run of a collection: its groups replace the previous run's."""
 
     __tablename__ = "duplicate_runs"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), unique=True)
@@ -197,6 +198,7 @@ class DuplicateResolutionRecord(Base):
     Runs never delete one; resolving a group again replaces those it overlaps."""
 
     __tablename__ = "duplicate_resolutions"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
@@ -211,7 +213,9 @@ class DuplicateGroupRecord(Base):
     resolved; ``resolution_id``: the resolution that covers it, or (reopened) the one it outgrew."""
 
     __tablename__ = "duplicate_groups"
-    __table_args__ = (Index("ix_duplicate_groups_run_rank", "run_id", "rank"),)
+    # ids are never reused (a run replaces the groups of the last): a client's group id of an earlier
+    # run finds nothing rather than another group
+    __table_args__ = (Index("ix_duplicate_groups_run_rank", "run_id", "rank"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("duplicate_runs.id", ondelete="CASCADE"))

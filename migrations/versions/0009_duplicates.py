@@ -52,6 +52,7 @@ def upgrade() -> None:
         _collection_fk("duplicate_runs"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_duplicate_runs")),
         sa.UniqueConstraint("collection_id", name=op.f("uq_duplicate_runs_collection_id")),
+        sqlite_autoincrement=True,  # ids never reused: a client's id of a deleted row finds nothing
     )
     op.create_table(
         "duplicate_resolutions",
@@ -63,6 +64,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         _collection_fk("duplicate_resolutions"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_duplicate_resolutions")),
+        sqlite_autoincrement=True,  # ids never reused: a client's id of a deleted row finds nothing
     )
     op.create_index(
         op.f("ix_duplicate_resolutions_collection_id"), "duplicate_resolutions", ["collection_id"]
@@ -90,6 +92,7 @@ def upgrade() -> None:
             ondelete="SET NULL",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_duplicate_groups")),
+        sqlite_autoincrement=True,  # ids never reused: a client's id of a deleted row finds nothing
     )
     op.create_index(op.f("ix_duplicate_groups_collection_id"), "duplicate_groups", ["collection_id"])
     op.create_index(op.f("ix_duplicate_groups_resolution_id"), "duplicate_groups", ["resolution_id"])

@@ -120,6 +120,9 @@ def test_groups_resolve_and_survive_a_rerun_with_a_new_copy(client: TestClient) 
     assert (page["open"], page["resolved"]) == (1, 1)
     reopened, still = page["groups"]
     assert member_ids(reopened) == family_a | {ids["a_bright"]}
+    # a run's groups replace the last run's, under new ids: an old id finds nothing (404)
+    assert not {reopened["id"], still["id"]} & {first["id"], second["id"]}
+    assert client.get(f"{url}/{first['id']}").status_code == 404
     assert reopened["status"] == "open" and reopened["reopened"] is True
     assert reopened["new_members"] == [ids["a_bright"]]
     assert reopened["resolution"]["action"] == "keep" and reopened["resolution"]["keep"] == ids["a"]
