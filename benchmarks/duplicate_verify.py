@@ -8,27 +8,31 @@ connected component of the accepted pairs; pair precision / recall over all pair
 
 Stages:
 
-1. candidates: raw efficientnet_lite0 cosine >= --candidate (codes from the threshold script's
-   cache, /tmp/cbir-dup-cache);
-2. verification of each candidate pair, on grey images at their stored size:
-   - ``sift``: OpenCV SIFT, ratio-test matches (0.8), RANSAC similarity model
-     (``cv2.estimateAffinePartial2D``, 3 px reprojection threshold in the larger image's pixels),
-     also against the mirrored image (for a flip), the better of the two kept; features: inlier
-     count, inlier ratio (inliers / matches), scale, rotation, median residual, and the inliers of
-     a homography for comparison;
-   - ``blocks``: the second image warped onto the first with that similarity, both at 256 px
-     width; normalised cross-correlation per 32 px block over the blocks inside both images; the
-     score is the share of textured blocks with NCC >= 0.8 (copies: nearly all; other shots:
-     blocks that moved).
-3. a rule ``inliers >= N and ratio >= r`` (sift) or ``blocks >= b`` chosen on one half of the
-   groups (best recall at precision >= 0.99), checked on the other.
+1. candidates: raw efficientnet_lite0 cosine >= --candidate (0.70: 99.9 % of the true pairs;
+   codes from the threshold script's cache, /tmp/cbir-dup-cache);
+2. verification of each candidate pair, on grey images at their stored size (400 px wide):
+   - ``sift``: OpenCV SIFT (1500 features, RootSIFT), ratio-test matches (0.8), RANSAC similarity
+     (``cv2.estimateAffinePartial2D``, 3 px in the larger image's pixels), also against the
+     mirrored image (for a flip), the one with more inliers kept. Verdict: inliers, ratio
+     (inliers / matches), scale, angle, median residual, the inliers of a RANSAC homography;
+     ``coherence`` (mean cosine between an inlier's residual vector and its nearest inlier's: a
+     copy's residuals are keypoint noise, another shot's a parallax field), ``h_gain`` (residual
+     drop under a least-squares homography), ``contain`` (share of one frame inside the other);
+     ``structured`` = residual x max(coherence, 0), ``*_px``: divided by the zoom between them;
+   - ``blocks``: the second image warped onto the first with that similarity, at 256 px width;
+     the share of textured 32 px blocks with normalised cross-correlation >= 0.8.
+3. rules (``key >= t``, ``max_key: key <= t``) on a grid, the one with the best recall at
+   precision >= 0.99 (both seeds) chosen on one half of the groups and checked on the other; and
+   ``learned``: gradient-boosted trees on the verdict's features (not scale or angle), a ceiling.
 
-    python benchmarks/duplicate_verify.py features      # per-image SIFT + grey, cached
-    python benchmarks/duplicate_verify.py evaluate --json
-    python benchmarks/duplicate_verify.py sheet         # top same-scene pairs by verifier score
+    python benchmarks/duplicate_verify.py features --part 0 & ... --part 1   # per-image SIFT
+    python benchmarks/duplicate_verify.py pairs --part 0 & ... --part 1      # candidate verdicts
+    python benchmarks/duplicate_verify.py evaluate --json --sheet /tmp/dupverify_hard.png \
+        --sheet-by max_structured   # table, distributions, the hardest same-scene pairs
 
-Per-image features are cached under --cache (one .npz per image and kind), pair verdicts in
-pairs.json there.
+Per-image features are cached under --cache (one .npz per image and kind), verdicts in
+pairs-<part>.json there (``pairs --gate``: recomputed for those passing a loose SIFT gate into
+extras-<part>.json, which evaluate prefers).
 """
 
 from __future__ import annotations
@@ -45,236 +49,23 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from app.bench.alterations import ALTERATIONS, alter, encode
+from app.bench.alterations import ALTERATIONS
 from benchmarks.duplicate_threshold import (
     DEFAULT,
     HALVES,
     ROOT,
-    _decode,
     codes,
     first_of_each_content,
     groups_of,
 )
-
-KINDS = ("original", *ALTERATIONS)
-RATIO = 0.8
-SIM_PX = 3.0
-BLOCK_WIDTH = 256
-BLOCK = 32
-NCC_OK = 0.8
-
-
-def _grey(kind: str, row: int, names: list[str]) -> np.ndarray:
-    image = _decode((ROOT / names[row]).read_bytes())
-    if kind != "original":
-        image = _decode(encode(alter(image, name=kind, strength="standard")))
-    return np.asarray(image.convert("L"))
-
-
-def _sift(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sift = cv2.SIFT_create(nfeatures=1500)
-    keypoints, desc = sift.detectAndCompute(grey, None)
-    pts = np.asarray([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
-    if desc is None:
-        desc = np.zeros((0, 128), np.float32)
-    # RootSIFT
-    desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
-    return pts, np.sqrt(desc).astype(np.float32)
-
-
-def feature_path(cache: Path, kind: str, row: int) -> Path:
-    return cache / kind / f"{row}.npz"
-
-
-def build_features(names: list[str], rows: list[int], cache: Path) -> None:
-    started = time.perf_counter()
-    done = 0
-    for row in rows:
-        for kind in KINDS:
-            path = feature_path(cache, kind, row)
-            if path.is_file():
-                continue
-            grey = _grey(kind, row, names)
-            pts, desc = _sift(grey)
-            mpts, mdesc = _sift(np.ascontiguousarray(grey[:, ::-1]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, grey=grey, pts=pts, desc=desc, mpts=mpts, mdesc=mdesc)
-            done += 1
-    print(f"features: {done} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-
-
-class Features:
-    def __init__(self, cache: Path) -> None:
-        self.cache = cache
-        self.memo: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-
-    def __call__(self, kind: str, row: int) -> dict[str, np.ndarray]:
-        key = (kind, row)
-        if key not in self.memo:
-            with np.load(feature_path(self.cache, kind, row)) as archive:
-                self.memo[key] = {k: archive[k] for k in archive.files}
-        return self.memo[key]
-
-
-def _match(da: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ratio-test nearest neighbours of a's descriptors among b's (unit RootSIFT: one matmul)."""
-    if len(da) < 2 or len(db) < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    sims = da @ db.T
-    rows = np.arange(len(da))
-    nearest = sims.argmax(1)
-    best = sims[rows, nearest].copy()
-    sims[rows, nearest] = -2.0
-    second = sims.max(1)
-    d1 = np.sqrt(np.maximum(2 - 2 * best, 0))
-    d2 = np.sqrt(np.maximum(2 - 2 * second, 0))
-    ia = np.flatnonzero(d1 < RATIO * d2)
-    return ia, nearest[ia]
-
-
-def _structure(src: np.ndarray, dst: np.ndarray, residuals: np.ndarray) -> tuple[float, float]:
-    """How structured the similarity's residuals are, on its inliers: (coherence, h_gain).
-
-    coherence: mean cosine between an inlier's residual vector and its nearest inlier's (a copy's
-    residuals are keypoint noise, ~0; another shot's are a smooth parallax / perspective field);
-    h_gain: 1 - median residual of a least-squares homography / the similarity's.
-    """
-    if len(src) < 8:
-        return 1.0, 1.0
-    from scipy.spatial import cKDTree
-
-    # the nearest inlier at least 2 px away (SIFT puts several orientations on one point)
-    dist, nn = cKDTree(dst).query(dst, k=min(16, len(dst)))
-    far = dist >= 2.0
-    has = far.any(1)
-    pick = nn[np.arange(len(dst)), far.argmax(1)]
-    r, rn = residuals[has], residuals[pick[has]]
-    cos = np.sum(r * rn, axis=1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(rn, axis=1) + 1e-9)
-    hom, _ = cv2.findHomography(src, dst, 0)
-    coherence = float(cos.mean()) if len(cos) else 0.0
-    if hom is None:
-        return coherence, 0.0
-    proj = cv2.perspectiveTransform(src.reshape(-1, 1, 2).astype(np.float64), hom).reshape(-1, 2)
-    res_h = float(np.median(np.linalg.norm(proj - dst, axis=1)))
-    res_s = float(np.median(np.linalg.norm(residuals, axis=1)))
-    return coherence, 1.0 - res_h / max(res_s, 1e-9)
-
-
-def verify(fa: dict[str, np.ndarray], fb: dict[str, np.ndarray]) -> dict[str, float]:
-    """SIFT + similarity RANSAC of b onto a, plain and mirrored b; the better (more inliers)."""
-    best: dict[str, float] = {
-        "inliers": 0,
-        "matches": 0,
-        "ratio": 0.0,
-        "scale": 0.0,
-        "angle": 0.0,
-        "residual": 99.0,
-        "h_inliers": 0,
-        "mirror": 0,
-        "M": [0.0] * 6,
-        "coherence": 1.0,
-        "h_gain": 0.0,
-    }
-    wa = fa["grey"].shape[1]
-    wb = fb["grey"].shape[1]
-    # threshold in the larger image's pixels: map the smaller onto the larger
-    for mirror, (pb, db) in enumerate(((fb["pts"], fb["desc"]), (fb["mpts"], fb["mdesc"]))):
-        ia, ib = _match(fa["desc"], db)
-        if len(ia) < 4:
-            continue
-        src, dst = pb[ib], fa["pts"][ia]
-        swap = wb > wa
-        if swap:
-            src, dst = dst, src
-        model, mask = cv2.estimateAffinePartial2D(
-            src, dst, method=cv2.RANSAC, ransacReprojThreshold=SIM_PX, maxIters=2000, confidence=0.995
-        )
-        if model is None:
-            continue
-        inl = mask.ravel().astype(bool)
-        n = int(inl.sum())
-        if n <= best["inliers"]:
-            continue
-        proj = src @ model[:, :2].T + model[:, 2]
-        resid = np.linalg.norm(proj - dst, axis=1)[inl]
-        scale = float(np.hypot(model[0, 0], model[1, 0]))
-        angle = float(np.degrees(np.arctan2(model[1, 0], model[0, 0])))
-        hom, hmask = cv2.findHomography(src, dst, cv2.RANSAC, SIM_PX)
-        coherence, h_gain = _structure(src[inl], dst[inl], (proj - dst)[inl])
-        if swap:  # keep M as the map of b onto a
-            model = cv2.invertAffineTransform(model)
-        best = {
-            "coherence": coherence,
-            "h_gain": h_gain,
-            "inliers": n,
-            "matches": len(ia),
-            "ratio": n / len(ia),
-            "scale": scale if not swap else 1 / max(scale, 1e-9),
-            "angle": angle,
-            "residual": float(np.median(resid)) if n else 99.0,
-            "h_inliers": int(hmask.sum()) if hmask is not None else 0,
-            "mirror": mirror,
-            "M": [float(v) for v in model.ravel()],
-        }
-    return best
-
-
-def block_score(fa: dict[str, np.ndarray], fb: dict[str, np.ndarray], v: dict) -> float:
-    """Share of textured blocks (of a, at 256 px width) whose NCC with warped b is >= NCC_OK."""
-    if v["inliers"] < 4:
-        return 0.0
-    ga = fa["grey"].astype(np.float32)
-    gb = fb["grey"].astype(np.float32)
-    if v["mirror"]:
-        gb = np.ascontiguousarray(gb[:, ::-1])
-    M = np.asarray(v["M"], np.float64).reshape(2, 3)  # b (possibly mirrored) -> a pixels
-    s = BLOCK_WIDTH / ga.shape[1]
-    S = np.diag([s, s, 1.0])
-    Mfull = S @ np.vstack([M, [0, 0, 1]])
-    h = round(ga.shape[0] * s)
-    a_small = cv2.resize(ga, (BLOCK_WIDTH, h), interpolation=cv2.INTER_AREA)
-    b_warp = cv2.warpAffine(gb, Mfull[:2], (BLOCK_WIDTH, h), flags=cv2.INTER_AREA)
-    valid = cv2.warpAffine(np.ones_like(gb), Mfull[:2], (BLOCK_WIDTH, h), flags=cv2.INTER_NEAREST)
-    ok = total = 0
-    for y in range(0, h - BLOCK + 1, BLOCK):
-        for x in range(0, BLOCK_WIDTH - BLOCK + 1, BLOCK):
-            if valid[y : y + BLOCK, x : x + BLOCK].min() < 1:
-                continue
-            pa = a_small[y : y + BLOCK, x : x + BLOCK].ravel()
-            pb = b_warp[y : y + BLOCK, x : x + BLOCK].ravel()
-            if pa.std() < 4 and pb.std() < 4:
-                continue  # flat in both: says nothing
-            total += 1
-            pa = pa - pa.mean()
-            pb = pb - pb.mean()
-            ncc = float(pa @ pb / (np.linalg.norm(pa) * np.linalg.norm(pb) + 1e-6))
-            ok += ncc >= NCC_OK
-    return ok / total if total else 0.0
-
-
-def image_size(kind: str, row: int, names: list[str]) -> tuple[int, int]:
-    """(width, height) of an original or its standard-strength copy, as stored."""
-    with Image.open(ROOT / names[row]) as image:
-        w, h = image.size
-    if kind == "half":
-        return max(1, round(w * 0.5)), max(1, round(h * 0.5))
-    if kind == "crop80":
-        return round(w * 0.8), round(h * 0.8)
-    return w, h
-
-
-def containment(verdict: dict, size_a: tuple[int, int], size_b: tuple[int, int]) -> float:
-    """How much one frame lies inside the other under the similarity: max over the two images of
-    the share of its area inside the other's frame (a copy: ~1, rotate5 ~0.9; a reframed shot: less)."""
-    if verdict["inliers"] < 4:
-        return 0.0
-    M = np.asarray(verdict["M"], np.float64).reshape(2, 3)
-    (wa, ha), (wb, hb) = size_a, size_b
-    frame_a = np.asarray([[0, 0], [wa, 0], [wa, ha], [0, ha]], np.float32)
-    frame_b = np.asarray([[0, 0], [wb, 0], [wb, hb], [0, hb]], np.float64)
-    b_in_a = (frame_b @ M[:, :2].T + M[:, 2]).astype(np.float32)
-    inter, _ = cv2.intersectConvexConvex(frame_a, b_in_a)
-    return float(max(inter / (wa * ha), inter / max(cv2.contourArea(b_in_a), 1e-9)))
+from benchmarks.duplicate_verify_pairs import (
+    Features,
+    block_score,
+    build_features,
+    containment,
+    image_size,
+    verify,
+)
 
 
 def accepts(verdict: dict, rule: dict[str, float]) -> bool:
@@ -287,15 +78,13 @@ FEATURES = ("inliers", "ratio", "residual", "h_inliers", "blocks", "coherence", 
 
 def learned(runs: dict, half_names: list[str], seeds: int) -> list[dict]:
     """A ceiling for any rule on these features: gradient-boosted trees on the candidate pairs'
-    features and cosine (same family or not), trained on one half of the groups, the probability
+    features and cosine (same family or not; not the transform's scale or angle, which on this
+    bench take the alterations' exact values), trained on one half of the groups, the probability
     threshold chosen there (best recall at precision >= 0.99), checked on the other half."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     def matrix(run: dict) -> np.ndarray:
-        rows = [
-            [v[f] for f in FEATURES] + [abs(np.log(max(v["scale"], 1e-3))), abs(v["angle"])]
-            for v in run["rows"]
-        ]
+        rows = [[v[f] for f in FEATURES] for v in run["rows"]]
         return np.column_stack([np.asarray(rows, np.float64), run["sims"]])
 
     def labels(run: dict) -> np.ndarray:
@@ -420,8 +209,8 @@ def main() -> None:
         verdicts: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
         started = time.perf_counter()
         for count, ((ka, ra), (kb, rb)) in enumerate(mine):
-            key = f"{ka}:{ra}|{kb}:{rb}"
-            if key in verdicts:
+            pair_key = f"{ka}:{ra}|{kb}:{rb}"
+            if pair_key in verdicts:
                 continue
             t0 = time.perf_counter()
             fa, fb = feats(ka, ra), feats(kb, rb)
@@ -430,7 +219,7 @@ def main() -> None:
             v["blocks"] = block_score(fa, fb, v)
             t2 = time.perf_counter()
             v["t_sift"], v["t_blocks"] = t1 - t0, t2 - t1
-            verdicts[key] = v
+            verdicts[pair_key] = v
             if count % 2000 == 1999:
                 path.write_text(json.dumps(verdicts))
                 print(
@@ -464,6 +253,10 @@ def main() -> None:
             if "contain" not in v:
                 v["contain"] = containment(v, sizes(*items[i]), sizes(*items[j]))
                 v["structured"] = v["residual"] * max(v["coherence"], 0.0)
+                # in the smaller image's pixels: its keypoints' noise is what the residual measures
+                zoom = max(v["scale"], 1 / max(v["scale"], 1e-9))
+                v["structured_px"] = v["structured"] / zoom
+                v["residual_px"] = v["residual"] / zoom
         family = np.asarray([r for _, r in items])
         kinds = [k for k, _ in items]
         same_scene = groups[family[left]] == groups[family[right]]
@@ -506,6 +299,20 @@ def main() -> None:
             for n in (8, 16, 30)
             for r in (0.0, 0.3, 0.5)
             for b in (0.5, 0.6, 0.7, 0.8, 0.9)
+        ],
+        "sift+residual_px": [
+            {"inliers": n, "ratio": r, "max_residual_px": x, "contain": c}
+            for n in (16, 30, 60)
+            for r in (0.5, 0.8, 0.9)
+            for x in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+            for c in (0.0, 0.85, 0.9, 0.95)
+        ],
+        "sift+structure_px": [
+            {"inliers": n, "ratio": r, "max_structured_px": x, "contain": c}
+            for n in (16, 30, 60)
+            for r in (0.5, 0.8, 0.9)
+            for x in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.12)
+            for c in (0.0, 0.85, 0.9, 0.95)
         ],
         "sift+structure": [
             {"inliers": n, "ratio": r, "max_structured": x, "contain": c}
@@ -554,8 +361,9 @@ def main() -> None:
     }
     # distributions: true family pairs vs same-scene other shots among candidates
     dist = {}
-    for feat in (*FEATURES, "structured"):
-        pos, neg = [], []
+    for feat in (*FEATURES, "structured", "structured_px", "residual_px"):
+        pos: list[float] = []
+        neg: list[float] = []
         for run in runs.values():
             fam = run["family"][run["left"]] == run["family"][run["right"]]
             for v, f, s in zip(run["rows"], fam, run["same_scene"], strict=True):
@@ -588,17 +396,22 @@ def main() -> None:
 
 def contact_sheet(runs: dict, feats: Features, names: list[str], *, key: str, path: Path) -> None:
     """The 12 same-scene photo pairs (other shots, not copies) with the highest verifier ``key``,
-    one verdict per pair of photos (the best over the candidate pairs of their copies), drawn as
-    the two originals."""
+    one verdict per pair of photos (the best over the candidate pairs of them and their copies),
+    drawn as the two images of that candidate pair."""
     from PIL import ImageDraw
 
+    # "max_<name>": lower is more copy-like; only pairs with >= 30 inliers and ratio >= 0.8 count
+    sign, name = (-1.0, key[4:]) if key.startswith("max_") else (1.0, key)
     seen: dict[str, tuple[float, tuple, tuple, dict]] = {}
     for run in runs.values():
         for i, j, v, neg in zip(run["left"], run["right"], run["rows"], run["same_scene"], strict=True):
-            if neg:
+            if sign < 0 and not (v["inliers"] >= 30 and v["ratio"] >= 0.8):
+                continue
+            if neg and np.isfinite(v[name]):
                 a, b = sorted((run["items"][i][1], run["items"][j][1]))
-                if f"{a}|{b}" not in seen or v[key] > seen[f"{a}|{b}"][0]:
-                    seen[f"{a}|{b}"] = (v[key], ("original", a), ("original", b), v)
+                score = sign * v[name]
+                if f"{a}|{b}" not in seen or score > seen[f"{a}|{b}"][0]:
+                    seen[f"{a}|{b}"] = (score, run["items"][i], run["items"][j], v)
     top = sorted(seen.values(), key=lambda t: -t[0])[:12]
     cell = 200
     sheet = Image.new("L", (3 * (2 * cell + 10), 4 * (cell + 20)), 255)
@@ -611,13 +424,16 @@ def contact_sheet(runs: dict, feats: Features, names: list[str], *, key: str, pa
             sheet.paste(grey, (x0 + k * cell, y0 + 18))
         draw.text(
             (x0, y0 + 2),
-            f"{names[a[1]][:6]}/{names[b[1]][:6]} inl {v['inliers']} r {v['ratio']:.2f} "
-            f"res {v['residual']:.2f} bl {v['blocks']:.2f}",
+            f"{names[a[1]][:6]}:{a[0][:5]}/{names[b[1]][:6]}:{b[0][:5]} "
+            f"inl {v['inliers']} r {v['ratio']:.2f} res {v['residual']:.2f} "
+            f"st {v.get('structured', 0):.3f} bl {v['blocks']:.2f}",
             fill=0,
         )
         print(
-            f"sheet {n}: {names[a[1]]} {names[b[1]]} "
-            + " ".join(f"{k} {v[k]:.3f}" for k in ("inliers", "ratio", "residual", "blocks")),
+            f"sheet {n}: {names[a[1]]} {a[0]} / {names[b[1]]} {b[0]} "
+            + " ".join(
+                f"{k} {v[k]:.3f}" for k in ("inliers", "ratio", "residual", "structured", "contain", "blocks")
+            ),
             file=sys.stderr,
         )
     sheet.save(path)
