@@ -416,8 +416,8 @@
 
   const STALE = "A newer run has replaced the groups shown: reload the page to see its groups.";
 
-  /** The group as the server has it now, if it still has the members shown; else null (a newer
-   *  run replaced the groups, and a group id of an earlier run may name another group now). */
+  /** The group as the server has it now, if it still has the members shown; else null. A newer
+   *  run gives its groups new ids, so a stale id answers 404 (caught by the caller). */
   async function stillShown(item, path) {
     const group = await C.api(path);
     const shown = [...item.querySelectorAll("li.dup-member")].map((m) => Number(m.dataset.id)).sort((a, b) => a - b);
