@@ -11,9 +11,8 @@ import numpy as np
 
 from app.catalog.filters import ImageFilter
 from app.context import AppContext
-from app.core.errors import CbirError, ImageNotFound, InvalidRequest
+from app.core.errors import CbirError, InvalidRequest
 from app.data.records import CollectionRecord
-from app.data.vector_rows import blobs_of
 from app.embedding.codes import degenerate_codes
 from app.search.query import (
     Clock,
@@ -22,9 +21,9 @@ from app.search.query import (
     hits_of,
     prepare,
     ranked,
-    refuse_set_aside,
     rows_of,
     served_collection,
+    stored_codes,
 )
 from index import SearchKnobs
 
@@ -144,23 +143,13 @@ def _stored_vectors(
     entries: list[BatchEntry],
 ) -> dict[int, np.ndarray]:
     """Position -> the stored (d,) vector of each stored-id query, read in one query; a missing
-    or set-aside one gets its entry's error instead."""
-    assert record.embedder_version is not None  # _served checked it
-    wanted = sorted({int(queries[i].image_id or 0) for i in positions})
-    blobs = blobs_of(ctx.db, ids=wanted, embedder_version=record.embedder_version, collection_id=record.id)
+    or set-aside one gets its entry's error instead (``stored_codes``)."""
+    codes = stored_codes(ctx, record=record, image_ids=[int(queries[i].image_id or 0) for i in positions])
     found: dict[int, np.ndarray] = {}
     for i in positions:
-        image_id = int(queries[i].image_id or 0)
-        blob = blobs.get(image_id)
-        if blob is None:
-            entries[i].error = ImageNotFound(
-                f"image {image_id} is not in collection {record.name!r} (or not embedded yet)"
-            )
-            continue
-        vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
-        try:
-            refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
-            found[i] = vector[0]
-        except CbirError as exc:
-            entries[i].error = _own(exc)
+        code = codes[int(queries[i].image_id or 0)]
+        if isinstance(code, CbirError):
+            entries[i].error = _own(code)
+        else:
+            found[i] = code
     return found

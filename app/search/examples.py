@@ -17,9 +17,8 @@ import numpy as np
 
 from app.catalog.filters import ImageFilter
 from app.context import AppContext
-from app.core.errors import ImageNotFound, InvalidRequest
+from app.core.errors import CbirError, InvalidRequest
 from app.data.records import CollectionRecord
-from app.data.vector_rows import blobs_of
 from app.embedding.codes import degenerate_codes
 from app.search.query import (
     Clock,
@@ -28,9 +27,9 @@ from app.search.query import (
     hits_of,
     prepare,
     ranked,
-    refuse_set_aside,
     rows_of,
     served_collection,
+    stored_codes,
 )
 from index import SearchKnobs
 
@@ -178,20 +177,13 @@ def search_by_examples(
 def _stored_codes(
     ctx: AppContext, *, record: CollectionRecord, examples: Sequence[Example], positions: list[int]
 ) -> dict[int, np.ndarray]:
-    """Position -> the stored (d,) code of each stored example, read in one query; 404 for an id
-    not in this collection (another collection's image is not found either, as for /similar)."""
-    assert record.embedder_version is not None  # served_collection checked it
-    wanted = sorted({int(examples[i].image_id or 0) for i in positions})
-    blobs = blobs_of(ctx.db, ids=wanted, embedder_version=record.embedder_version, collection_id=record.id)
+    """Position -> the stored (d,) code of each stored example, read in one query; the first
+    example that cannot be one raises its error (``stored_codes``)."""
+    codes = stored_codes(ctx, record=record, image_ids=[int(examples[i].image_id or 0) for i in positions])
     found: dict[int, np.ndarray] = {}
     for i in positions:
-        image_id = int(examples[i].image_id or 0)
-        blob = blobs.get(image_id)
-        if blob is None:
-            raise ImageNotFound(
-                f"image {image_id} is not in collection {record.name!r} (or not embedded yet)"
-            )
-        vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
-        refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
-        found[i] = vector[0]
+        code = codes[int(examples[i].image_id or 0)]
+        if isinstance(code, CbirError):
+            raise code
+        found[i] = code
     return found

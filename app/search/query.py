@@ -14,6 +14,7 @@ from app.catalog.collections import checkpoint_of, require_collection
 from app.catalog.filters import ImageFilter, matching_ids
 from app.context import AppContext
 from app.core.errors import (
+    CbirError,
     DegenerateImage,
     EmbedderNotReady,
     ImageNotFound,
@@ -195,6 +196,33 @@ def refuse_set_aside(ctx: AppContext, *, record: CollectionRecord, image_id: int
         f"image {image_id} is set aside from the index of {record.name!r} ({why}), so it cannot be a "
         "query; see GET /api/v1/ready (vectors_refused)"
     )
+
+
+def stored_codes(
+    ctx: AppContext, *, record: CollectionRecord, image_ids: Collection[int]
+) -> dict[int, np.ndarray | CbirError]:
+    """Image id -> its stored (d,) code as a query, read in one query, or the error that id gets:
+    404 for an image not in this collection or not embedded yet (another collection's image is not
+    found either, as for /similar), 422 for a row the index set aside (``refuse_set_aside``)."""
+    assert record.embedder_version is not None  # the caller checked that it serves
+    wanted = sorted(set(image_ids))
+    blobs = blobs_of(ctx.db, ids=wanted, embedder_version=record.embedder_version, collection_id=record.id)
+    out: dict[int, np.ndarray | CbirError] = {}
+    for image_id in wanted:
+        blob = blobs.get(image_id)
+        if blob is None:
+            out[image_id] = ImageNotFound(
+                f"image {image_id} is not in collection {record.name!r} (or not embedded yet)"
+            )
+            continue
+        vector = np.frombuffer(blob, dtype="<f4").reshape(1, -1).astype(np.float32)
+        try:
+            refuse_set_aside(ctx, record=record, image_id=image_id, vector=vector)
+        except CbirError as exc:
+            out[image_id] = exc
+        else:
+            out[image_id] = vector[0]
+    return out
 
 
 def store_where(image_filter: ImageFilter) -> Where | None:
