@@ -1,7 +1,9 @@
 """`cbir demo` (what `make run` does first): the whole MNIST collection, end to end.
 
 On SQLite the first build is the session's shared one (``demo_build``, ``tests/demo.py``), which
-this test copies; on PostgreSQL the demo is built here, in this test's schema.
+this test copies; on PostgreSQL the demo is built here, in this test's schema, from the first
+``PG_TRAIN`` training digits (a datasets folder of its own): the same command end to end on
+PostgreSQL, without a second 60,000-digit build in one `make test`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from app.cli import main
 from app.core.settings import Settings, get_settings
 from app.data.db import Database
 from app.data.records import CheckpointRecord, JobRecord
-from app.ingest.sources.datasets import load_mnist
+from app.ingest.sources.datasets import MNIST_FILES, load_mnist, read_idx
 from app.main import create_app
 from tests import demo
 from tests.conftest import ON_POSTGRES
+from tests.ingest.test_sources import write_idx
+
+PG_TRAIN, PG_TEST = 6_000, 1_000
 
 # Imports 60,000 images, screens the candidates and trains the winner an epoch: about 4 minutes on 2
 # quiet cores, far more on a loaded one (once per session: the build is shared).
@@ -47,9 +52,23 @@ def counts(settings: Settings) -> tuple[int, int]:
     return jobs, checkpoints
 
 
+def first_digits(source: Path, target: Path) -> Path:
+    """A datasets folder whose MNIST holds the first ``PG_TRAIN`` / ``PG_TEST`` digits of ``source``'s."""
+    (target / "mnist").mkdir(parents=True)
+    for (images, labels), n in zip(MNIST_FILES.values(), (PG_TRAIN, PG_TEST), strict=True):
+        for name in (images, labels):
+            write_idx(target / "mnist" / f"{name}.gz", read_idx(source / "mnist" / f"{name}.gz")[:n])
+    return target
+
+
 def test_demo_builds_mnist_once_and_serves_top_10(
     tmp_path: Path, settings: Settings, request: pytest.FixtureRequest
 ) -> None:
+    if ON_POSTGRES:
+        settings = settings.model_copy(
+            update={"datasets_dir": first_digits(settings.datasets_dir, tmp_path / "datasets")}
+        )
+    stored = PG_TRAIN if ON_POSTGRES else 60_000
     env = {
         "CBIR_DATA_DIR": str(settings.data_dir),
         "CBIR_DATASETS_DIR": str(settings.datasets_dir),
@@ -78,7 +97,7 @@ def test_demo_builds_mnist_once_and_serves_top_10(
     test, _ = load_mnist("test", datasets_dir=settings.datasets_dir, download_dir=tmp_path)
     with TestClient(create_app(settings)) as client:
         info = client.get("/api/v1/collections/mnist").json()
-        assert info["image_count"] == info["index_size"] == info["embedded_count"] == 60_000
+        assert info["image_count"] == info["index_size"] == info["embedded_count"] == stored
         assert info["checkpoint"] is not None
         selection = info["selection"]  # MNIST train has labels: the embedder was chosen on them
         assert selection["validated"] and selection["winner"] in {r["name"] for r in selection["table"]}
