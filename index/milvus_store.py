@@ -144,7 +144,10 @@ class MilvusStore:
         timeout: float = 10.0,
         consistency: str = "Strong",
     ) -> None:
-        kwargs: dict[str, Any] = {"uri": uri, "timeout": timeout}
+        # dedicated: a channel of this store's own, closed with it; pymilvus would otherwise share one
+        # per address across clients of the process, whose recovery after a server's GOAWAY (idle
+        # keepalive pings) can fail the next client's start
+        kwargs: dict[str, Any] = {"uri": uri, "timeout": timeout, "dedicated": True}
         if token:
             kwargs["token"] = token
         if db_name:
