@@ -136,3 +136,21 @@ def test_bench_duplicates_runs_the_import_and_the_job_and_prints_the_json_line(
         assert set(method["per_alteration"]) == set(ALTERATIONS)
         assert 0.0 <= method["pair_precision"] <= 1.0 and 0.0 <= method["pair_recall"] <= 1.0
         assert method["true_pairs"] == 2 * (len(ALTERATIONS) + 1) * len(ALTERATIONS) // 2
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--folder", "{missing}"], "no folder of photos"),
+        (["--folder", "{empty}"], "needs at least 2"),
+        (["--sample", "0"], "Invalid value for '--sample'"),
+    ],
+)
+def test_bench_duplicates_refuses_bad_input_with_a_clear_message(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    filled = [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    result = CliRunner().invoke(main, ["bench", "duplicates", *filled, "--json"])
+    assert result.exit_code != 0 and says in result.output
+    assert "Traceback" not in result.output
