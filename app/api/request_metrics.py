@@ -24,25 +24,21 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class RequestMetrics:
-    SEEN_PATHS = 4096
-    SEEN_PATH_CHARS = 200
-
     def __init__(self, app: ASGIApp, *, service: FastAPI) -> None:
         self.app = app
         self.service = service
         self._rules: list[security.RouteRule] | None = None
         self._mounts: list[str] = []
-        # (path, method) -> template, as in the access checks: ids make paths many, so bounded.
-        self._seen: dict[tuple[str, str], str] = {}
+        self._seen: security.PathMemo[str] = security.PathMemo()  # (path, method) -> template
 
     def _metrics(self) -> Metrics | None:
         context = getattr(self.service.state, "context", None)
         return getattr(context, "metrics", None)
 
     def route_of(self, path: str, method: str) -> str:
-        key = (path, method)
-        if (known := self._seen.get(key)) is not None:
-            return known
+        return self._seen.get(path, method, lambda: self._work_out(path, method))
+
+    def _work_out(self, path: str, method: str) -> str:
         if self._rules is None:  # on the first request, once every route is registered
             self._rules = security.route_rules(self.service)
             self._mounts = [route.path for route in self.service.routes if isinstance(route, Mount)]
@@ -52,10 +48,6 @@ class RequestMetrics:
         if template is None:
             mount = next((m for m in self._mounts if path.startswith(m + "/")), None)
             template = f"{mount}/{{path}}" if mount is not None else UNMATCHED
-        if len(path) <= self.SEEN_PATH_CHARS:
-            if len(self._seen) >= self.SEEN_PATHS:
-                self._seen.clear()
-            self._seen[key] = template
         return template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import fastapi.routing
 from fastapi import FastAPI, Request
@@ -242,6 +242,32 @@ async def _reject(exc: CbirError, scope: AsgiScope, receive: Receive, send: Send
     await response(scope, receive, send)
 
 
+T = TypeVar("T")
+
+
+class PathMemo(Generic[T]):
+    """(path, method) -> what a middleware worked out for it (the scan over every route's regex is
+    its cost, and a client sends the same path again and again). Bounded: ids make paths many, so
+    it starts afresh when full, and a made-up long path is never kept."""
+
+    SEEN_PATHS = 4096
+    SEEN_PATH_CHARS = 200
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], T] = {}
+
+    def get(self, path: str, method: str, work: Callable[[], T]) -> T:
+        key = (path, method)
+        if key in self._seen:
+            return self._seen[key]
+        found = work()
+        if len(path) <= self.SEEN_PATH_CHARS:
+            if len(self._seen) >= self.SEEN_PATHS:
+                self._seen.clear()
+            self._seen[key] = found
+        return found
+
+
 class AccessControl:
     """ASGI middleware: find the route, decide, answer 401/403/429 before the body is read."""
 
@@ -251,27 +277,17 @@ class AccessControl:
         self.guard = guard
 
         self._rules: list[RouteRule] | None = None
-        # (path, method) -> the scope needed: a search sends the same path again and again, and the
-        # scan over every rule's regex is the cost of this middleware. Bounded: ids make paths many.
-        self._seen: dict[tuple[str, str], Scope | None] = {}
-
-    SEEN_PATHS = 4096
-    SEEN_PATH_CHARS = 200
+        self._seen: PathMemo[Scope | None] = PathMemo()  # (path, method) -> the scope needed
 
     def _needed(self, scope: AsgiScope) -> Scope | None:
         path, method = get_route_path(scope), scope["method"]
-        key = (path, method)
-        if key in self._seen:
-            return self._seen[key]
+        return self._seen.get(path, method, lambda: self._work_out(path, method))
+
+    def _work_out(self, path: str, method: str) -> Scope | None:
         if self._rules is None:  # built on the first request, once every route is registered
             self._rules = route_rules(self.service)
         # a mount (static files), a 404 or a 405 needs nothing: nothing runs
-        needed = next((rule.scope for rule in self._rules if rule.matches(path, method)), None)
-        if len(path) <= self.SEEN_PATH_CHARS:  # so that made-up long paths cannot fill memory
-            if len(self._seen) >= self.SEEN_PATHS:
-                self._seen.clear()
-            self._seen[key] = needed
-        return needed
+        return next((rule.scope for rule in self._rules if rule.matches(path, method)), None)
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
